@@ -9,3 +9,6 @@
 pub mod error;
 
 pub use error::{Error, Result};
+pub mod tensor;
+
+pub use tensor::{DType, HostTensor};
