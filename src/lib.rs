@@ -12,3 +12,7 @@ pub use error::{Error, Result};
 pub mod tensor;
 
 pub use tensor::{DType, HostTensor};
+pub mod backend;
+pub mod exec;
+pub mod graph;
+pub mod ops;
