@@ -7,6 +7,7 @@
 //! [`backend`], and [`train`] drives the loop.
 
 pub mod error;
+pub mod model;
 
 pub use error::{Error, Result};
 pub mod tensor;
