@@ -11,6 +11,7 @@ pub mod model;
 
 pub use error::{Error, Result};
 pub mod tensor;
+pub mod train;
 
 pub use tensor::{DType, HostTensor};
 pub mod backend;

@@ -29,8 +29,7 @@ fn matmul_batched_every_transpose() {
         let (m, k, n) = (3, 4, 5);
         let a: Vec<usize> = if ta { vec![2, k, m] } else { vec![2, m, k] };
         let b: Vec<usize> = if tb { vec![2, n, k] } else { vec![2, k, n] };
-        let err = GradCheck::new(&[("a", &a), ("b", &b)])
-            .run(|g, p, _| vec![g.matmul(p[0], p[1], ta, tb).unwrap()]);
+        let err = GradCheck::new(&[("a", &a), ("b", &b)]).run(|g, p, _| vec![g.matmul(p[0], p[1], ta, tb).unwrap()]);
         check(err);
     }
 }
@@ -53,9 +52,7 @@ fn scale_reshape_reduce_broadcast() {
         let s = g.scale(p[0], -1.75).unwrap();
         let r = g.reshape(s, &[3, 4]).unwrap();
         let red = g.apply1(Op::ReduceSum { shape: vec![4] }, &[r]).unwrap();
-        let b = g
-            .apply1(Op::Broadcast { shape: vec![2, 4] }, &[red])
-            .unwrap();
+        let b = g.apply1(Op::Broadcast { shape: vec![2, 4] }, &[red]).unwrap();
         let sq = g.mul(b, b).unwrap();
         vec![sq, g.sum(p[0]).unwrap()]
     });
@@ -86,17 +83,15 @@ fn embedding_with_repeated_ids() {
 
 #[test]
 fn rms_norm() {
-    let err = GradCheck::new(&[("x", &[3, 2, 9]), ("w", &[9])])
-        .run(|g, p, _| vec![g.rms_norm(p[0], p[1], 1e-5).unwrap()]);
+    let err =
+        GradCheck::new(&[("x", &[3, 2, 9]), ("w", &[9])]).run(|g, p, _| vec![g.rms_norm(p[0], p[1], 1e-5).unwrap()]);
     check(err);
 }
 
 #[test]
 fn rope_with_restarting_positions() {
     let pos = HostTensor::from_i32(&[5], &[0, 1, 2, 0, 1]);
-    let inv: Vec<f32> = (0..3)
-        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / 6.0))
-        .collect();
+    let inv: Vec<f32> = (0..3).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / 6.0)).collect();
     let inv = HostTensor::from_f32(&[3], &inv);
     let err = GradCheck::new(&[("x", &[5, 12])])
         .input("pos", pos)
@@ -107,8 +102,7 @@ fn rope_with_restarting_positions() {
 
 #[test]
 fn swiglu() {
-    let err = GradCheck::new(&[("gate", &[4, 7]), ("up", &[4, 7])])
-        .run(|g, p, _| vec![g.swiglu(p[0], p[1]).unwrap()]);
+    let err = GradCheck::new(&[("gate", &[4, 7]), ("up", &[4, 7])]).run(|g, p, _| vec![g.swiglu(p[0], p[1]).unwrap()]);
     check(err);
 }
 
@@ -117,23 +111,19 @@ fn dropout_is_linear_in_x_for_a_fixed_mask() {
     let err = GradCheck::new(&[("x", &[6, 9])])
         .input("seed", HostTensor::from_u32(&[1], &[1234]))
         .input("p", HostTensor::from_f32(&[1], &[0.3]))
-        .run(|g, p, i| vec![g.apply1(Op::Dropout, &[p[0], i[0], i[1]]).unwrap()]);
+        .run(|g, p, i| vec![g.apply1(Op::Dropout { salt: 5 }, &[p[0], i[0], i[1]]).unwrap()]);
     check(err);
 }
 
 fn attn_case(spec: AttnSpec, seg: Vec<i32>) {
     let n = seg.len();
     let (hq, hk, d) = (spec.n_heads, spec.n_kv_heads, spec.head_dim);
-    let err = GradCheck::new(&[
-        ("q", &[n, hq * d]),
-        ("k", &[n, hk * d]),
-        ("v", &[n, hk * d]),
-    ])
-    .input("seg", HostTensor::from_i32(&[n], &seg))
-    .run(|g, p, i| {
-        let (o, _lse) = g.attention(spec.clone(), p[0], p[1], p[2], i[0]).unwrap();
-        vec![o]
-    });
+    let err = GradCheck::new(&[("q", &[n, hq * d]), ("k", &[n, hk * d]), ("v", &[n, hk * d])])
+        .input("seg", HostTensor::from_i32(&[n], &seg))
+        .run(|g, p, i| {
+            let (o, _lse) = g.attention(spec.clone(), p[0], p[1], p[2], i[0]).unwrap();
+            vec![o]
+        });
     check(err);
 }
 
@@ -197,18 +187,13 @@ fn sum_squares_of_several_tensors() {
 
 #[test]
 fn lora_linear_with_dropout() {
-    let err = GradCheck::new(&[
-        ("x", &[2, 3, 6]),
-        ("w", &[5, 6]),
-        ("a", &[2, 6]),
-        ("b", &[5, 2]),
-    ])
-    .input("seed", HostTensor::from_u32(&[1], &[99]))
-    .input("p", HostTensor::from_f32(&[1], &[0.25]))
-    .run(|g, p, i| {
-        vec![g
-            .lora_linear(p[0], p[1], p[2], p[3], 1.5, Some((i[0], i[1])))
-            .unwrap()]
-    });
+    let err = GradCheck::new(&[("x", &[2, 3, 6]), ("w", &[5, 6]), ("a", &[2, 6]), ("b", &[5, 2])])
+        .input("seed", HostTensor::from_u32(&[1], &[99]))
+        .input("p", HostTensor::from_f32(&[1], &[0.25]))
+        .run(|g, p, i| {
+            vec![g
+                .lora_linear(p[0], p[1], p[2], p[3], 1.5, Some((i[0], i[1], 3)))
+                .unwrap()]
+        });
     check(err);
 }

@@ -9,15 +9,7 @@ use ferrotune::ops::{AdamWSpec, Op};
 use ferrotune::{DType, HostTensor};
 
 /// torch.optim.AdamW's single-tensor update, written out in f64.
-fn torch_adamw(
-    p: &mut [f64],
-    g: &[f64],
-    m: &mut [f64],
-    v: &mut [f64],
-    t: i32,
-    lr: f64,
-    s: &AdamWSpec,
-) {
+fn torch_adamw(p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64], t: i32, lr: f64, s: &AdamWSpec) {
     let bc1 = 1.0 - s.beta1.powi(t);
     let bc2 = 1.0 - s.beta2.powi(t);
     for i in 0..p.len() {
@@ -63,8 +55,7 @@ fn accumulate_clip_and_adamw_match_torch() {
     let mut upd = Vec::new();
     for (k, &p) in params.iter().enumerate() {
         let (acc, m, v) = states[k];
-        g.apply(Op::AdamW(spec.clone()), &[p, acc, m, v, hyper, nc[1]])
-            .unwrap();
+        g.apply(Op::AdamW(spec.clone()), &[p, acc, m, v, hyper, nc[1]]).unwrap();
         upd.push(NodeId(g.nodes.len() as u32 - 1));
     }
     let mut ex = cpu_executor(
@@ -88,10 +79,7 @@ fn accumulate_clip_and_adamw_match_torch() {
         // Two micro-batches per step.
         let mut total: Vec<Vec<f64>> = p_ref.iter().map(|p| vec![0.0; p.len()]).collect();
         for _ in 0..2 {
-            let gs: Vec<HostTensor> = shapes
-                .iter()
-                .map(|s| rand_tensor(&mut r, s, DType::F64))
-                .collect();
+            let gs: Vec<HostTensor> = shapes.iter().map(|s| rand_tensor(&mut r, s, DType::F64)).collect();
             for (k, gk) in gs.iter().enumerate() {
                 for (a, b) in total[k].iter_mut().zip(gk.to_f64()) {
                     *a += b;
@@ -105,10 +93,7 @@ fn accumulate_clip_and_adamw_match_torch() {
         let (bc1, bc2) = (1.0 - spec.beta1.powi(t), 1.0 - spec.beta2.powi(t));
         let h = HostTensor::from_f32(&[3], &[lr as f32, bc1 as f32, bc2.sqrt() as f32]);
         let out = ex.run(1, &[(hyper, &h)]).unwrap();
-        assert!(
-            (out[0].to_f64()[0] - norm).abs() < 1e-12 * norm,
-            "grad norm"
-        );
+        assert!((out[0].to_f64()[0] - norm).abs() < 1e-12 * norm, "grad norm");
         for k in 0..shapes.len() {
             let clipped: Vec<f64> = total[k].iter().map(|x| x * coef).collect();
             torch_adamw(
@@ -129,8 +114,6 @@ fn accumulate_clip_and_adamw_match_torch() {
         }
         // The update consumed the accumulated gradient.
         let accs_now = ex.get_tensors(&accs).unwrap();
-        assert!(accs_now
-            .iter()
-            .all(|a| a.to_f64().iter().all(|&x| x == 0.0)));
+        assert!(accs_now.iter().all(|a| a.to_f64().iter().all(|&x| x == 0.0)));
     }
 }

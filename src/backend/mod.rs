@@ -45,12 +45,7 @@ pub trait Backend {
     fn read(&mut self, src: &[Loc]) -> Result<Vec<Vec<u8>>>;
     /// Called once per distinct op and operand shapes when a program is compiled, so
     /// kernels are created before the first step.
-    fn prepare(
-        &mut self,
-        _op: &Op,
-        _inputs: &[&TensorInfo],
-        _outputs: &[&TensorInfo],
-    ) -> Result<()> {
+    fn prepare(&mut self, _op: &Op, _inputs: &[&TensorInfo], _outputs: &[&TensorInfo]) -> Result<()> {
         Ok(())
     }
     /// Records or runs one op. In-place ops write the inputs listed by `Op::writes`.

@@ -103,11 +103,7 @@ fn select_nodes(g: &Graph, spec: &ProgramSpec) -> Result<Vec<NodeId>> {
     let mut stack: Vec<TensorId> = spec.outputs.clone();
     for &n in &spec.effects {
         if n.idx() >= g.nodes.len() {
-            return Err(crate::msg!(
-                "program {}: node {} does not exist",
-                spec.name,
-                n.0
-            ));
+            return Err(crate::msg!("program {}: node {} does not exist", spec.name, n.0));
         }
         needed.insert(n.0);
         stack.extend(&g.node(n).inputs);
@@ -181,11 +177,7 @@ impl Executor {
             }
         }
         for spec in specs {
-            persist.extend(
-                spec.outputs
-                    .iter()
-                    .filter(|t| g.info(**t).role.is_persistent()),
-            );
+            persist.extend(spec.outputs.iter().filter(|t| g.info(**t).role.is_persistent()));
         }
         let persist: Vec<TensorId> = persist.into_iter().collect();
         for &t in &persist {
@@ -220,11 +212,7 @@ impl Executor {
                 if g.info(r).role.is_persistent() {
                     return;
                 }
-                let first = if def || g.info(r).role != Role::Input {
-                    time
-                } else {
-                    0
-                };
+                let first = if def || g.info(r).role != Role::Input { time } else { 0 };
                 let e = live.entry(r).or_insert((first, time));
                 e.0 = e.0.min(first);
                 e.1 = e.1.max(time);
@@ -257,10 +245,7 @@ impl Executor {
                 name: spec.name.clone(),
                 nodes: sched.len(),
                 transient_peak: peak,
-                transient_sum: items
-                    .iter()
-                    .map(|i| plan::align_up(i.bytes.max(1), align))
-                    .sum(),
+                transient_sum: items.iter().map(|i| plan::align_up(i.bytes.max(1), align)).sum(),
             });
             transient_plans.push((roots, offs));
         }
@@ -441,9 +426,10 @@ impl Executor {
         let mut locs = Vec::new();
         for &t in ts {
             locs.push(
-                *self.persistent.get(&t).ok_or_else(|| {
-                    crate::msg!("{} has no device memory", self.graph.info(t).name)
-                })?,
+                *self
+                    .persistent
+                    .get(&t)
+                    .ok_or_else(|| crate::msg!("{} has no device memory", self.graph.info(t).name))?,
             );
         }
         self.backend.flush()?;
@@ -463,11 +449,7 @@ impl Executor {
     }
 
     /// Runs one program: uploads `inputs`, runs every node, reads back the outputs.
-    pub fn run(
-        &mut self,
-        program: usize,
-        inputs: &[(TensorId, &HostTensor)],
-    ) -> Result<Vec<HostTensor>> {
+    pub fn run(&mut self, program: usize, inputs: &[(TensorId, &HostTensor)]) -> Result<Vec<HostTensor>> {
         let p = &self.programs[program];
         let g = &self.graph;
         let given: HashMap<TensorId, &HostTensor> = inputs.iter().map(|(t, v)| (*t, *v)).collect();
@@ -523,15 +505,13 @@ impl Executor {
                     info: g.info(*t),
                 })
                 .collect();
-            self.backend
-                .launch(&node.op, &ins, &outs)
-                .map_err(|e| match e {
-                    Error::Backend { backend, msg } => Error::Backend {
-                        backend,
-                        msg: format!("{} (node {}): {msg}", node.op.name(), n.0),
-                    },
-                    e => e,
-                })?;
+            self.backend.launch(&node.op, &ins, &outs).map_err(|e| match e {
+                Error::Backend { backend, msg } => Error::Backend {
+                    backend,
+                    msg: format!("{} (node {}): {msg}", node.op.name(), n.0),
+                },
+                e => e,
+            })?;
         }
         self.backend.flush()?;
         let locs: Vec<Loc> = p

@@ -63,12 +63,7 @@ pub fn layout_intervals(items: &[Interval], align: u64, chunk: u64) -> (Vec<u64>
         let mut busy: Vec<(u64, u64)> = placed
             .iter()
             .filter(|&&j| items[j].first <= it.last && it.first <= items[j].last)
-            .map(|&j| {
-                (
-                    offsets[j],
-                    offsets[j] + align_up(items[j].bytes.max(1), align),
-                )
-            })
+            .map(|&j| (offsets[j], offsets[j] + align_up(items[j].bytes.max(1), align)))
             .collect();
         busy.sort_unstable();
         let mut off = fit_chunk(0, size, chunk);

@@ -58,8 +58,7 @@ pub fn backward(
     let result = (|| -> Result<()> {
         for ni in (0..forward_nodes).rev() {
             let node = g.nodes[ni].clone();
-            let dout: Vec<Option<TensorId>> =
-                node.outputs.iter().map(|o| grads.get(o).copied()).collect();
+            let dout: Vec<Option<TensorId>> = node.outputs.iter().map(|o| grads.get(o).copied()).collect();
             if dout.iter().all(Option::is_none) {
                 continue;
             }
@@ -88,10 +87,7 @@ pub fn backward(
     })();
     g.output_role = saved_role;
     result?;
-    Ok(wrt
-        .iter()
-        .filter_map(|t| grads.get(t).map(|&d| (*t, d)))
-        .collect())
+    Ok(wrt.iter().filter_map(|t| grads.get(t).map(|&d| (*t, d))).collect())
 }
 
 /// Gradients carry their tensor's dtype (a bf16 weight gets a bf16 gradient).

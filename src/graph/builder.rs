@@ -22,13 +22,7 @@ impl Graph {
         self.leaf(name, shape, dtype, Role::OptimizerState)
     }
 
-    pub fn matmul(
-        &mut self,
-        a: TensorId,
-        b: TensorId,
-        trans_a: bool,
-        trans_b: bool,
-    ) -> Result<TensorId> {
+    pub fn matmul(&mut self, a: TensorId, b: TensorId, trans_a: bool, trans_b: bool) -> Result<TensorId> {
         self.apply1(Op::MatMul { trans_a, trans_b }, &[a, b])
     }
     /// `x @ W^T` for a weight stored `[out, in]`.
@@ -44,11 +38,11 @@ impl Graph {
         a: TensorId,
         b: TensorId,
         scale: f64,
-        dropout: Option<(TensorId, TensorId)>,
+        dropout: Option<(TensorId, TensorId, u32)>,
     ) -> Result<TensorId> {
         let base = self.linear(x, w)?;
         let xd = match dropout {
-            Some((seed, p)) => self.apply1(Op::Dropout, &[x, seed, p])?,
+            Some((seed, p, salt)) => self.apply1(Op::Dropout { salt }, &[x, seed, p])?,
             None => x,
         };
         let xa = self.linear(xd, a)?;
@@ -72,12 +66,7 @@ impl Graph {
         self.apply1(Op::Cast { dtype }, &[x])
     }
     pub fn reshape(&mut self, x: TensorId, shape: &[usize]) -> Result<TensorId> {
-        self.apply1(
-            Op::Reshape {
-                shape: shape.to_vec(),
-            },
-            &[x],
-        )
+        self.apply1(Op::Reshape { shape: shape.to_vec() }, &[x])
     }
     pub fn sum(&mut self, x: TensorId) -> Result<TensorId> {
         self.apply1(Op::ReduceSum { shape: vec![1] }, &[x])
@@ -121,11 +110,7 @@ impl Graph {
         Ok((o[0], o[1]))
     }
     /// Returns `(loss_sum, label_count)`.
-    pub fn cross_entropy(
-        &mut self,
-        logits: TensorId,
-        labels: TensorId,
-    ) -> Result<(TensorId, TensorId)> {
+    pub fn cross_entropy(&mut self, logits: TensorId, labels: TensorId) -> Result<(TensorId, TensorId)> {
         let o = self.apply(Op::CrossEntropy { ignore_index: -100 }, &[logits, labels])?;
         Ok((o[0], o[1]))
     }

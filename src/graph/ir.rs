@@ -107,13 +107,7 @@ impl Graph {
     }
 
     /// Adds a leaf tensor (input, weight, constant or state).
-    pub fn leaf(
-        &mut self,
-        name: impl Into<String>,
-        shape: &[usize],
-        dtype: DType,
-        role: Role,
-    ) -> TensorId {
+    pub fn leaf(&mut self, name: impl Into<String>, shape: &[usize], dtype: DType, role: Role) -> TensorId {
         let id = TensorId(self.tensors.len() as u32);
         self.tensors.push(TensorInfo {
             name: name.into(),
@@ -129,10 +123,7 @@ impl Graph {
     pub fn apply(&mut self, op: Op, inputs: &[TensorId]) -> Result<Vec<TensorId>> {
         for &t in inputs {
             if t.idx() >= self.tensors.len() {
-                return Err(Error::shape(
-                    op.name(),
-                    format!("input tensor {t:?} does not exist"),
-                ));
+                return Err(Error::shape(op.name(), format!("input tensor {t:?} does not exist")));
             }
         }
         let infos: Vec<&TensorInfo> = inputs.iter().map(|&t| self.info(t)).collect();
@@ -151,11 +142,7 @@ impl Graph {
                 "{}.{}{}",
                 op.name(),
                 nid.0,
-                if k > 0 {
-                    format!(".{k}")
-                } else {
-                    String::new()
-                }
+                if k > 0 { format!(".{k}") } else { String::new() }
             );
             let id = self.leaf(name, &shape, dtype, role);
             self.producer[id.idx()] = Some(nid);

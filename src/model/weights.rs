@@ -88,13 +88,19 @@ impl WeightStore {
                 format!("no {SINGLE_FILE} or {INDEX_FILE} in this folder; is it a Hugging Face checkpoint?"),
             ));
         }
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if name.ends_with(".index.json") {
             Self::open_index(path)
         } else if path.is_file() {
             Self::open_files(&[path.to_path_buf()])
         } else {
-            Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")))
+            Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+            ))
         }
     }
 
@@ -126,7 +132,10 @@ impl WeightStore {
             if !p.is_file() {
                 return Err(Error::format(
                     index,
-                    format!("names shard {} which does not exist; the checkpoint is incomplete", p.display()),
+                    format!(
+                        "names shard {} which does not exist; the checkpoint is incomplete",
+                        p.display()
+                    ),
                 ));
             }
         }
@@ -160,15 +169,27 @@ impl WeightStore {
                 if base + e > mmap.len() {
                     return Err(Error::format(
                         path,
-                        format!("tensor `{name}` ends at byte {} but the file has {} bytes; truncated?", base + e, mmap.len()),
+                        format!(
+                            "tensor `{name}` ends at byte {} but the file has {} bytes; truncated?",
+                            base + e,
+                            mmap.len()
+                        ),
                     ));
                 }
-                let entry =
-                    Entry { file: fi, dtype: info.dtype, shape: info.shape.clone(), start: base + s, end: base + e };
+                let entry = Entry {
+                    file: fi,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: base + s,
+                    end: base + e,
+                };
                 if let Some(prev) = entries.insert(name.clone(), entry) {
                     return Err(Error::format(
                         path,
-                        format!("tensor `{name}` is also in {}; each tensor must be stored once", paths[prev.file].display()),
+                        format!(
+                            "tensor `{name}` is also in {}; each tensor must be stored once",
+                            paths[prev.file].display()
+                        ),
                     ));
                 }
             }
@@ -177,7 +198,11 @@ impl WeightStore {
             }
             files.push((path.clone(), mmap));
         }
-        Ok(WeightStore { files, entries, metadata })
+        Ok(WeightStore {
+            files,
+            entries,
+            metadata,
+        })
     }
 
     /// Tensor names, sorted.
@@ -215,7 +240,11 @@ impl WeightStore {
     fn describe(&self) -> String {
         match self.files.as_slice() {
             [(p, _)] => p.display().to_string(),
-            fs => format!("{} shards in {}", fs.len(), fs[0].0.parent().unwrap_or(Path::new(".")).display()),
+            fs => format!(
+                "{} shards in {}",
+                fs.len(),
+                fs[0].0.parent().unwrap_or(Path::new(".")).display()
+            ),
         }
     }
 
@@ -245,7 +274,11 @@ impl WeightStore {
     pub fn get_raw(&self, name: &str) -> Result<HostTensor> {
         let dtype = self.dtype(name)?;
         let e = self.entry(name)?;
-        Ok(HostTensor { shape: e.shape.clone(), dtype, data: self.files[e.file].1[e.start..e.end].to_vec() })
+        Ok(HostTensor {
+            shape: e.shape.clone(),
+            dtype,
+            data: self.files[e.file].1[e.start..e.end].to_vec(),
+        })
     }
 
     /// The tensor converted to `dtype` (f32, f16 or bf16; from any of f32, f16, bf16 stored),
@@ -254,7 +287,9 @@ impl WeightStore {
         let stored = self.dtype(name)?;
         let float16 = [DType::F32, DType::F16, DType::BF16];
         if !float16.contains(&dtype) {
-            return Err(crate::msg!("cannot load `{name}` as {dtype}: weights load as f32, f16 or bf16"));
+            return Err(crate::msg!(
+                "cannot load `{name}` as {dtype}: weights load as f32, f16 or bf16"
+            ));
         }
         if !float16.contains(&stored) {
             return Err(crate::msg!(
@@ -285,7 +320,11 @@ impl WeightStore {
 /// The known name closest to `name` by edit distance, if it is close enough to be a likely typo.
 pub fn closest_name<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
     let limit = (name.len() / 4).max(3);
-    known.map(|k| (levenshtein(name, k), k)).filter(|(d, _)| *d <= limit).min_by_key(|(d, _)| *d).map(|(_, k)| k)
+    known
+        .map(|k| (levenshtein(name, k), k))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
 }
 
 fn levenshtein(a: &str, b: &str) -> usize {

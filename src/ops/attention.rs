@@ -51,26 +51,15 @@ impl AttnSpec {
             return Err(format!("bad heads {hq}/{hk}, head dim {d} or seq len {t}"));
         }
         if q.shape.len() != 2 || q.shape[1] != hq * d || q.shape[0] % t != 0 {
-            return Err(format!(
-                "q must be [rows*{t}, {}], got {:?}",
-                hq * d,
-                q.shape
-            ));
+            return Err(format!("q must be [rows*{t}, {}], got {:?}", hq * d, q.shape));
         }
         let n = q.shape[0];
         for (name, x) in [("k", k), ("v", v)] {
             if x.shape != [n, hk * d] {
-                return Err(format!(
-                    "{name} must be [{n}, {}], got {:?}",
-                    hk * d,
-                    x.shape
-                ));
+                return Err(format!("{name} must be [{n}, {}], got {:?}", hk * d, x.shape));
             }
             if x.dtype != q.dtype {
-                return Err(format!(
-                    "{name} dtype {} differs from q's {}",
-                    x.dtype, q.dtype
-                ));
+                return Err(format!("{name} dtype {} differs from q's {}", x.dtype, q.dtype));
             }
         }
         if seg.shape != [n] || seg.dtype != DType::I32 {
@@ -136,15 +125,7 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> f64 {
 /// One (row, query head) task's result: its output columns and its log-sum-exps.
 type HeadOut = (Vec<f64>, Vec<f64>);
 
-pub fn cpu<T: Real>(
-    s: &AttnSpec,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    seg: &[i32],
-    o: &mut [T],
-    lse: &mut [T],
-) {
+pub fn cpu<T: Real>(s: &AttnSpec, q: &[T], k: &[T], v: &[T], seg: &[i32], o: &mut [T], lse: &mut [T]) {
     let (hq, hk, d, t) = (s.n_heads, s.n_kv_heads, s.head_dim, s.seq_len);
     let rows = seg.len() / t;
     let group = hq / hk;

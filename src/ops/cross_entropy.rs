@@ -30,19 +30,10 @@ pub fn infer(logits: &TensorInfo, labels: &TensorInfo) -> Infer {
         ));
     }
     let dt = out_dtype(logits);
-    Ok(vec![
-        (vec![1], dt),
-        (vec![1], dt),
-        (vec![logits.shape[0]], dt),
-    ])
+    Ok(vec![(vec![1], dt), (vec![1], dt), (vec![logits.shape[0]], dt)])
 }
 
-pub fn infer_backward(
-    logits: &TensorInfo,
-    labels: &TensorInfo,
-    lse: &TensorInfo,
-    dloss: &TensorInfo,
-) -> Infer {
+pub fn infer_backward(logits: &TensorInfo, labels: &TensorInfo, lse: &TensorInfo, dloss: &TensorInfo) -> Infer {
     infer(logits, labels)?;
     if lse.shape != [logits.shape[0]] || dloss.numel() != 1 {
         return Err("lse must be [N] and dloss one element".into());
@@ -71,19 +62,10 @@ pub fn cpu<T: Real>(logits: &[T], labels: &[i32], lse: &mut [T], ignore: i32) ->
             }
         })
         .collect();
-    per_row
-        .iter()
-        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y))
+    per_row.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y))
 }
 
-pub fn cpu_backward<T: Real>(
-    logits: &[T],
-    labels: &[i32],
-    lse: &[T],
-    dloss: f64,
-    dlogits: &mut [T],
-    ignore: i32,
-) {
+pub fn cpu_backward<T: Real>(logits: &[T], labels: &[i32], lse: &[T], dloss: f64, dlogits: &mut [T], ignore: i32) {
     let v = logits.len() / labels.len().max(1);
     dlogits
         .par_chunks_mut(v)

@@ -29,11 +29,7 @@ pub fn infer(table: &TensorInfo, ids: &TensorInfo) -> Infer {
 }
 
 pub fn infer_backward(dy: &TensorInfo, ids: &TensorInfo, vocab: usize) -> Infer {
-    if dy.shape.len() != 2
-        || ids.shape.len() != 1
-        || ids.shape[0] != dy.shape[0]
-        || ids.dtype != DType::I32
-    {
+    if dy.shape.len() != 2 || ids.shape.len() != 1 || ids.shape[0] != dy.shape[0] || ids.dtype != DType::I32 {
         return Err(format!(
             "expects dy [N, H] and ids [N] i32, got {:?} and {:?}",
             dy.shape, ids.shape
@@ -42,24 +38,14 @@ pub fn infer_backward(dy: &TensorInfo, ids: &TensorInfo, vocab: usize) -> Infer 
     Ok(vec![(vec![vocab, dy.shape[1]], dy.dtype)])
 }
 
-pub fn backward(
-    g: &mut Graph,
-    i: &[TensorId],
-    dy: TensorId,
-    need: &[bool],
-) -> Result<Vec<Option<TensorId>>> {
+pub fn backward(g: &mut Graph, i: &[TensorId], dy: TensorId, need: &[bool]) -> Result<Vec<Option<TensorId>>> {
     if !need[0] {
         return Ok(vec![None, None]);
     }
     let vocab = g.shape(i[0])[0];
     let d = g.apply1(Op::EmbeddingBackward { vocab }, &[dy, i[1]])?;
     let d = if g.dtype(d) != g.dtype(i[0]) {
-        g.apply1(
-            Op::Cast {
-                dtype: g.dtype(i[0]),
-            },
-            &[d],
-        )?
+        g.apply1(Op::Cast { dtype: g.dtype(i[0]) }, &[d])?
     } else {
         d
     };
@@ -87,10 +73,7 @@ pub fn cpu_backward<T: Real>(dy: &[T], ids: &[i32], dtable: &mut [T], h: usize) 
     dtable.fill(T::zero());
     for (i, &id) in ids.iter().enumerate() {
         if let Some(r) = row(id, vocab) {
-            for (d, &g) in dtable[r * h..(r + 1) * h]
-                .iter_mut()
-                .zip(&dy[i * h..(i + 1) * h])
-            {
+            for (d, &g) in dtable[r * h..(r + 1) * h].iter_mut().zip(&dy[i * h..(i + 1) * h]) {
                 *d = *d + g;
             }
         }

@@ -18,12 +18,7 @@ pub struct MatmulDims {
     pub shared_b: bool,
 }
 
-pub fn dims(
-    a: &[usize],
-    b: &[usize],
-    trans_a: bool,
-    trans_b: bool,
-) -> std::result::Result<MatmulDims, String> {
+pub fn dims(a: &[usize], b: &[usize], trans_a: bool, trans_b: bool) -> std::result::Result<MatmulDims, String> {
     if a.len() < 2 || b.len() < 2 {
         return Err(format!("needs at least 2-D operands, got {a:?} and {b:?}"));
     }
@@ -42,9 +37,7 @@ pub fn dims(
             (a[..a.len() - 1].iter().product(), a[a.len() - 1])
         };
         if k != bk {
-            return Err(format!(
-                "inner sizes differ: A {a:?} has K={k}, B {b:?} has K={bk}"
-            ));
+            return Err(format!("inner sizes differ: A {a:?} has K={k}, B {b:?} has K={bk}"));
         }
         return Ok(MatmulDims {
             batch: 1,
@@ -63,9 +56,7 @@ pub fn dims(
         (a[a.len() - 2], a[a.len() - 1])
     };
     if k != bk {
-        return Err(format!(
-            "inner sizes differ: A {a:?} has K={k}, B {b:?} has K={bk}"
-        ));
+        return Err(format!("inner sizes differ: A {a:?} has K={k}, B {b:?} has K={bk}"));
     }
     let batch = a[..a.len() - 2].iter().product();
     Ok(MatmulDims {
@@ -79,10 +70,7 @@ pub fn dims(
 
 pub fn infer(a: &TensorInfo, b: &TensorInfo, trans_a: bool, trans_b: bool) -> Infer {
     if !a.dtype.is_float() || !b.dtype.is_float() {
-        return Err(format!(
-            "needs float operands, got {} and {}",
-            a.dtype, b.dtype
-        ));
+        return Err(format!("needs float operands, got {} and {}", a.dtype, b.dtype));
     }
     let d = dims(&a.shape, &b.shape, trans_a, trans_b)?;
     let mut shape = if d.shared_b {
@@ -109,8 +97,7 @@ pub fn backward(
     tb: bool,
 ) -> Result<Vec<Option<TensorId>>> {
     let (a, b) = (i[0], i[1]);
-    let mm =
-        |g: &mut Graph, x, y, trans_a, trans_b| g.apply1(Op::MatMul { trans_a, trans_b }, &[x, y]);
+    let mm = |g: &mut Graph, x, y, trans_a, trans_b| g.apply1(Op::MatMul { trans_a, trans_b }, &[x, y]);
     let d = dims(g.shape(a), g.shape(b), ta, tb).map_err(|e| crate::Error::shape("matmul", e))?;
     let mut da = None;
     let mut db = None;
@@ -119,18 +106,8 @@ pub fn backward(
             da = Some(mm(g, dc, b, false, !tb)?);
         }
         if need[1] {
-            let a2 = g.apply1(
-                Op::Reshape {
-                    shape: vec![d.m, d.k],
-                },
-                &[a],
-            )?;
-            let dc2 = g.apply1(
-                Op::Reshape {
-                    shape: vec![d.m, d.n],
-                },
-                &[dc],
-            )?;
+            let a2 = g.apply1(Op::Reshape { shape: vec![d.m, d.k] }, &[a])?;
+            let dc2 = g.apply1(Op::Reshape { shape: vec![d.m, d.n] }, &[dc])?;
             db = Some(if tb {
                 mm(g, dc2, a2, true, false)?
             } else {
@@ -163,27 +140,11 @@ pub fn backward(
 
 /// `c = op(a) @ op(b)` (or `c += ...` when `accumulate`), row-major, through the `gemm` crate.
 #[allow(clippy::too_many_arguments)]
-pub fn cpu<T: Real>(
-    a: &[T],
-    b: &[T],
-    c: &mut [T],
-    d: MatmulDims,
-    trans_a: bool,
-    trans_b: bool,
-    accumulate: bool,
-) {
+pub fn cpu<T: Real>(a: &[T], b: &[T], c: &mut [T], d: MatmulDims, trans_a: bool, trans_b: bool, accumulate: bool) {
     let (m, n, k) = (d.m, d.n, d.k);
     // (row stride, column stride) of op(X) for X stored row-major.
-    let (a_rs, a_cs) = if trans_a {
-        (1, m as isize)
-    } else {
-        (k as isize, 1)
-    };
-    let (b_rs, b_cs) = if trans_b {
-        (1, k as isize)
-    } else {
-        (n as isize, 1)
-    };
+    let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
     for bi in 0..d.batch {
         let a = &a[bi * m * k..(bi + 1) * m * k];
         let b = if d.shared_b {

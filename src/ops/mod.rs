@@ -57,17 +57,14 @@ pub enum Op {
     RmsNormBackward { eps: f64 },
     /// Rotary embedding, rotate-half convention: `(x [N, heads*head_dim], pos [N] i32,
     /// inv_freq [head_dim/2] f32) -> y`; `inverse` rotates by the negative angle.
-    Rope {
-        head_dim: usize,
-        inverse: bool,
-        scale: f64,
-    },
+    Rope { head_dim: usize, inverse: bool, scale: f64 },
     /// `(gate, up) -> silu(gate) * up`
     Swiglu,
     /// `(gate, up, dy) -> (dgate, dup)`
     SwigluBackward,
-    /// `(x, seed [1] u32, p [1] f32) -> x * mask / (1 - p)`, mask from a counter-based hash.
-    Dropout,
+    /// `(x, seed [1] u32, p [1] f32) -> x * mask / (1 - p)`, mask from a counter-based hash
+    /// of (seed, salt, element index); the salt makes each call site's mask independent.
+    Dropout { salt: u32 },
     /// `(q, k, v, seg) -> (o, lse)`; see [`attention`].
     Attention(AttnSpec),
     /// `(q, k, v, seg, o, lse, do) -> (dq, dk, dv)`
@@ -104,7 +101,7 @@ impl Op {
             Op::Rope { .. } => "rope",
             Op::Swiglu => "swiglu",
             Op::SwigluBackward => "swiglu_backward",
-            Op::Dropout => "dropout",
+            Op::Dropout { .. } => "dropout",
             Op::Attention(_) => "attention",
             Op::AttentionBackward(_) => "attention_backward",
             Op::CrossEntropy { .. } => "cross_entropy",
@@ -196,7 +193,7 @@ impl Op {
                 want(3)?;
                 swiglu::infer_backward(x[0], x[1], x[2])
             }
-            Op::Dropout => {
+            Op::Dropout { .. } => {
                 want(3)?;
                 elementwise::infer_dropout(x[0], x[1], x[2])
             }
@@ -283,8 +280,8 @@ impl Op {
                 Ok(vec![Some(g.apply1(op, &[dy, i[1], i[2]])?), None, None])
             }
             Op::Swiglu => swiglu::backward(g, i, dy),
-            Op::Dropout => Ok(vec![
-                Some(g.apply1(Op::Dropout, &[dy, i[1], i[2]])?),
+            Op::Dropout { salt } => Ok(vec![
+                Some(g.apply1(Op::Dropout { salt: *salt }, &[dy, i[1], i[2]])?),
                 None,
                 None,
             ]),

@@ -46,16 +46,10 @@ pub fn infer_adamw(x: &[&TensorInfo]) -> Infer {
     let (p, g, m, v, hyper, coef) = (x[0], x[1], x[2], x[3], x[4], x[5]);
     for (name, t) in [("grad", g), ("m", m), ("v", v)] {
         if t.shape != p.shape {
-            return Err(format!(
-                "{name} {:?} must match the parameter {:?}",
-                t.shape, p.shape
-            ));
+            return Err(format!("{name} {:?} must match the parameter {:?}", t.shape, p.shape));
         }
     }
-    if [p, g, m, v]
-        .iter()
-        .any(|t| !matches!(t.dtype, DType::F32 | DType::F64))
-    {
+    if [p, g, m, v].iter().any(|t| !matches!(t.dtype, DType::F32 | DType::F64)) {
         return Err("parameter, gradient and moments must be f32 (or f64)".into());
     }
     if hyper.shape != [3] || hyper.dtype != DType::F32 || coef.shape != [1] {
@@ -87,15 +81,7 @@ pub fn clip_coef(sumsq: f64, max_norm: f64) -> (f64, f64) {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn adamw<T: Real>(
-    s: &AdamWSpec,
-    p: &mut [T],
-    g: &mut [T],
-    m: &mut [T],
-    v: &mut [T],
-    hyper: [f64; 3],
-    coef: f64,
-) {
+pub fn adamw<T: Real>(s: &AdamWSpec, p: &mut [T], g: &mut [T], m: &mut [T], v: &mut [T], hyper: [f64; 3], coef: f64) {
     let [lr, bc1, bc2_sqrt] = hyper;
     let (b1, b2) = (T::of(s.beta1), T::of(s.beta2));
     let (one, decay) = (T::one(), T::of(1.0 - lr * s.weight_decay));

@@ -25,20 +25,11 @@ pub fn infer_backward(x: &TensorInfo, w: &TensorInfo, dy: &TensorInfo) -> Infer 
     if dy.shape != x.shape {
         return Err(format!("dy {:?} must match x {:?}", dy.shape, x.shape));
     }
-    let wdt = if w.dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let wdt = if w.dtype == DType::F64 { DType::F64 } else { DType::F32 };
     Ok(vec![(x.shape.clone(), dy.dtype), (w.shape.clone(), wdt)])
 }
 
-pub fn backward(
-    g: &mut Graph,
-    i: &[TensorId],
-    dy: TensorId,
-    eps: f64,
-) -> Result<Vec<Option<TensorId>>> {
+pub fn backward(g: &mut Graph, i: &[TensorId], dy: TensorId, eps: f64) -> Result<Vec<Option<TensorId>>> {
     let outs = g.apply(Op::RmsNormBackward { eps }, &[i[0], i[1], dy])?;
     Ok(vec![Some(outs[0]), Some(outs[1])])
 }
@@ -65,10 +56,7 @@ pub fn cpu_backward<T: Real>(x: &[T], w: &[T], dy: &[T], dx: &mut [T], dw: &mut 
         .zip(dy.par_chunks(h))
         .for_each(|((dx, x), dy)| {
             let r = inv_rms(x, eps);
-            let dot: f64 = (0..h)
-                .map(|j| dy[j].f64() * w[j].f64() * x[j].f64() * r)
-                .sum::<f64>()
-                / h as f64;
+            let dot: f64 = (0..h).map(|j| dy[j].f64() * w[j].f64() * x[j].f64() * r).sum::<f64>() / h as f64;
             for j in 0..h {
                 let xh = x[j].f64() * r;
                 dx[j] = T::of(r * (dy[j].f64() * w[j].f64() - xh * dot));

@@ -39,15 +39,7 @@ pub fn infer(x: &TensorInfo, pos: &TensorInfo, inv_freq: &TensorInfo, head_dim: 
     Ok(vec![(x.shape.clone(), x.dtype)])
 }
 
-pub fn cpu<T: Real>(
-    x: &[T],
-    pos: &[i32],
-    inv_freq: &[f32],
-    y: &mut [T],
-    head_dim: usize,
-    inverse: bool,
-    scale: f64,
-) {
+pub fn cpu<T: Real>(x: &[T], pos: &[i32], inv_freq: &[f32], y: &mut [T], head_dim: usize, inverse: bool, scale: f64) {
     let d = x.len() / pos.len().max(1);
     let half = head_dim / 2;
     y.par_chunks_mut(d)

@@ -21,10 +21,7 @@ pub fn infer_backward(g: &TensorInfo, u: &TensorInfo, dy: &TensorInfo) -> Infer 
     if dy.shape != g.shape {
         return Err(format!("dy {:?} must match {:?}", dy.shape, g.shape));
     }
-    Ok(vec![
-        (g.shape.clone(), dy.dtype),
-        (g.shape.clone(), dy.dtype),
-    ])
+    Ok(vec![(g.shape.clone(), dy.dtype), (g.shape.clone(), dy.dtype)])
 }
 
 pub fn backward(gr: &mut Graph, i: &[TensorId], dy: TensorId) -> Result<Vec<Option<TensorId>>> {

@@ -35,12 +35,7 @@ pub fn cpu_executor(g: Graph, specs: &[ProgramSpec]) -> Executor {
 /// ||a - b|| / ||b||
 pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f64>()
-        .sqrt();
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
     let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     num / den.max(1e-300)
 }
@@ -62,10 +57,7 @@ pub struct GradCheck {
 impl GradCheck {
     pub fn new(params: &[(&str, &[usize])]) -> Self {
         GradCheck {
-            params: params
-                .iter()
-                .map(|(n, s)| (n.to_string(), s.to_vec()))
-                .collect(),
+            params: params.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect(),
             inputs: Vec::new(),
             seed: 7,
             h: 1.0 / 65536.0,
@@ -78,22 +70,11 @@ impl GradCheck {
     }
 
     /// Runs the check and returns the worst relative error over the parameters.
-    pub fn run(
-        &self,
-        build: impl Fn(&mut Graph, &[TensorId], &[TensorId]) -> Vec<TensorId>,
-    ) -> f64 {
+    pub fn run(&self, build: impl Fn(&mut Graph, &[TensorId], &[TensorId]) -> Vec<TensorId>) -> f64 {
         let mut r = rng(self.seed);
         let mut g = Graph::new();
-        let params: Vec<TensorId> = self
-            .params
-            .iter()
-            .map(|(n, s)| g.parameter(n, s, DType::F64))
-            .collect();
-        let inputs: Vec<TensorId> = self
-            .inputs
-            .iter()
-            .map(|(n, v)| g.input(n, &v.shape, v.dtype))
-            .collect();
+        let params: Vec<TensorId> = self.params.iter().map(|(n, s)| g.parameter(n, s, DType::F64)).collect();
+        let inputs: Vec<TensorId> = self.inputs.iter().map(|(n, v)| g.input(n, &v.shape, v.dtype)).collect();
         let outs = build(&mut g, &params, &inputs);
         let mut loss: Option<TensorId> = None;
         let mut consts = Vec::new();
@@ -130,11 +111,8 @@ impl GradCheck {
             ex.set_tensor(*t, v).unwrap();
         }
         let one = HostTensor::from_f64(&[1], &[1.0]);
-        let mut feed: Vec<(TensorId, &HostTensor)> = inputs
-            .iter()
-            .zip(&self.inputs)
-            .map(|(t, (_, v))| (*t, v))
-            .collect();
+        let mut feed: Vec<(TensorId, &HostTensor)> =
+            inputs.iter().zip(&self.inputs).map(|(t, (_, v))| (*t, v)).collect();
         feed.push((seed, &one));
         let analytic = ex.run(1, &feed).unwrap();
         let mut worst: f64 = 0.0;
@@ -153,8 +131,7 @@ impl GradCheck {
                 let mut eval = |delta: f64| {
                     let mut v = base.clone();
                     v[e] += delta;
-                    ex.set_tensor(p, &HostTensor::from_f64(&values[pi].shape, &v))
-                        .unwrap();
+                    ex.set_tensor(p, &HostTensor::from_f64(&values[pi].shape, &v)).unwrap();
                     ex.run(0, &feed).unwrap()[0].to_f64()[0]
                 };
                 let d = (eval(self.h) - eval(-self.h)) / (2.0 * self.h);

@@ -5,10 +5,7 @@
 //! stored in another float type (f16, bf16) are widened into a temporary first.
 
 use super::{Arg, Backend, BufferId, Loc};
-use crate::ops::{
-    attention, cross_entropy, elementwise, embedding, matmul, optim, rmsnorm, rope, swiglu, Op,
-    Real,
-};
+use crate::ops::{attention, cross_entropy, elementwise, embedding, matmul, optim, rmsnorm, rope, swiglu, Op, Real};
 use crate::tensor::{DType, HostTensor};
 use crate::{Error, Result};
 use std::borrow::Cow;
@@ -205,11 +202,11 @@ impl CpuBackend {
                 elementwise::broadcast(&self.src::<T>(&i[0]), y.get());
                 y.finish();
             }
-            Op::Dropout => {
+            Op::Dropout { salt } => {
                 let seed = self.ints(&i[1])[0] as u32;
                 let p = self.scalar(&i[2]) as f32;
                 let mut y = self.dst::<T>(&o[0]);
-                elementwise::dropout(&self.src::<T>(&i[0]), seed, p, y.get());
+                elementwise::dropout(&self.src::<T>(&i[0]), seed, *salt, p, y.get());
                 y.finish();
             }
             Op::RmsNorm { eps } => {
@@ -219,11 +216,7 @@ impl CpuBackend {
             }
             Op::RmsNormBackward { eps } => {
                 let (mut dx, mut dw) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]));
-                let (x, w, dy) = (
-                    self.src::<T>(&i[0]),
-                    self.src::<T>(&i[1]),
-                    self.src::<T>(&i[2]),
-                );
+                let (x, w, dy) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]), self.src::<T>(&i[2]));
                 rmsnorm::cpu_backward(&x, &w, &dy, dx.get(), dw.get(), *eps);
                 dx.finish();
                 dw.finish();
@@ -253,42 +246,22 @@ impl CpuBackend {
             }
             Op::SwigluBackward => {
                 let (mut dg, mut du) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]));
-                let (g, u, dy) = (
-                    self.src::<T>(&i[0]),
-                    self.src::<T>(&i[1]),
-                    self.src::<T>(&i[2]),
-                );
+                let (g, u, dy) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]), self.src::<T>(&i[2]));
                 swiglu::cpu_backward(&g, &u, &dy, dg.get(), du.get());
                 dg.finish();
                 du.finish();
             }
             Op::Attention(s) => {
                 let (mut out, mut lse) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]));
-                let (q, k, v) = (
-                    self.src::<T>(&i[0]),
-                    self.src::<T>(&i[1]),
-                    self.src::<T>(&i[2]),
-                );
+                let (q, k, v) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]), self.src::<T>(&i[2]));
                 attention::cpu(s, &q, &k, &v, self.ints(&i[3]), out.get(), lse.get());
                 out.finish();
                 lse.finish();
             }
             Op::AttentionBackward(s) => {
-                let (mut dq, mut dk, mut dv) = (
-                    self.dst::<T>(&o[0]),
-                    self.dst::<T>(&o[1]),
-                    self.dst::<T>(&o[2]),
-                );
-                let (q, k, v) = (
-                    self.src::<T>(&i[0]),
-                    self.src::<T>(&i[1]),
-                    self.src::<T>(&i[2]),
-                );
-                let (out, lse, d_o) = (
-                    self.src::<T>(&i[4]),
-                    self.src::<T>(&i[5]),
-                    self.src::<T>(&i[6]),
-                );
+                let (mut dq, mut dk, mut dv) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]), self.dst::<T>(&o[2]));
+                let (q, k, v) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]), self.src::<T>(&i[2]));
+                let (out, lse, d_o) = (self.src::<T>(&i[4]), self.src::<T>(&i[5]), self.src::<T>(&i[6]));
                 attention::cpu_backward(
                     s,
                     &q,
@@ -307,17 +280,8 @@ impl CpuBackend {
                 dv.finish();
             }
             Op::CrossEntropy { ignore_index } => {
-                let (mut loss, mut count, mut lse) = (
-                    self.dst::<T>(&o[0]),
-                    self.dst::<T>(&o[1]),
-                    self.dst::<T>(&o[2]),
-                );
-                let (l, c) = cross_entropy::cpu(
-                    &self.src::<T>(&i[0]),
-                    self.ints(&i[1]),
-                    lse.get(),
-                    *ignore_index,
-                );
+                let (mut loss, mut count, mut lse) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]), self.dst::<T>(&o[2]));
+                let (l, c) = cross_entropy::cpu(&self.src::<T>(&i[0]), self.ints(&i[1]), lse.get(), *ignore_index);
                 loss.get()[0] = T::of(l);
                 count.get()[0] = T::of(c);
                 loss.finish();
@@ -328,21 +292,11 @@ impl CpuBackend {
                 let dloss = self.scalar(&i[3]);
                 let mut d = self.dst::<T>(&o[0]);
                 let (logits, lse) = (self.src::<T>(&i[0]), self.src::<T>(&i[2]));
-                cross_entropy::cpu_backward(
-                    &logits,
-                    self.ints(&i[1]),
-                    &lse,
-                    dloss,
-                    d.get(),
-                    *ignore_index,
-                );
+                cross_entropy::cpu_backward(&logits, self.ints(&i[1]), &lse, dloss, d.get(), *ignore_index);
                 d.finish();
             }
             Op::SumSquares => {
-                let total: f64 = i
-                    .iter()
-                    .map(|a| optim::sum_squares(&self.src::<T>(a)))
-                    .sum();
+                let total: f64 = i.iter().map(|a| optim::sum_squares(&self.src::<T>(a))).sum();
                 let mut y = self.dst::<T>(&o[0]);
                 y.get()[0] = T::of(total);
                 y.finish();
@@ -401,12 +355,8 @@ impl Backend for CpuBackend {
     fn alloc(&mut self, bytes: u64) -> Result<BufferId> {
         let words = bytes.div_ceil(8) as usize;
         let mut v: Vec<u64> = Vec::new();
-        v.try_reserve_exact(words).map_err(|_| {
-            Error::backend(
-                "cpu",
-                format!("cannot allocate {bytes} bytes of host memory"),
-            )
-        })?;
+        v.try_reserve_exact(words)
+            .map_err(|_| Error::backend("cpu", format!("cannot allocate {bytes} bytes of host memory")))?;
         v.resize(words, 0);
         let mut b = v.into_boxed_slice();
         self.bases.push(b.as_mut_ptr() as *mut u8);
@@ -421,11 +371,7 @@ impl Backend for CpuBackend {
         if data.len() as u64 != dst.bytes {
             return Err(Error::backend(
                 "cpu",
-                format!(
-                    "write of {} bytes into a {}-byte tensor",
-                    data.len(),
-                    dst.bytes
-                ),
+                format!("write of {} bytes into a {}-byte tensor", data.len(), dst.bytes),
             ));
         }
         // SAFETY: the destination range lies inside an allocated buffer.
@@ -447,10 +393,7 @@ impl Backend for CpuBackend {
                 Ok(())
             }
             _ => {
-                let f64_mode = inputs
-                    .iter()
-                    .chain(outputs)
-                    .any(|a| a.info.dtype == DType::F64);
+                let f64_mode = inputs.iter().chain(outputs).any(|a| a.info.dtype == DType::F64);
                 if f64_mode {
                     self.run::<f64>(op, inputs, outputs)
                 } else {

@@ -92,11 +92,18 @@ pub fn config_from_gguf(g: &GgufFile, dtype: DType) -> Result<ModelConfig> {
         head_dim,
         vocab_size,
         rms_norm_eps: g.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
-        rope_theta: g.get(&key("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0),
+        rope_theta: g
+            .get(&key("rope.freq_base"))
+            .and_then(|v| v.as_f64())
+            .unwrap_or(10000.0),
         rope_scaling,
         max_position_embeddings: usize_of("context_length")?,
         tie_word_embeddings: tied,
-        sliding_window: if arch == Arch::Mistral { opt_usize("attention.sliding_window") } else { None },
+        sliding_window: if arch == Arch::Mistral {
+            opt_usize("attention.sliding_window")
+        } else {
+            None
+        },
         max_window_layers: None,
         attention_bias: arch == Arch::Qwen2,
         o_proj_bias: false,
@@ -125,9 +132,16 @@ pub fn convert_tensors(
                 "tensor rope_freqs.weight (Llama 3.1 RoPE factors) is not supported by the converter",
             ));
         }
-        let mapped = map_name(&info.name, cfg.num_attention_heads, cfg.num_key_value_heads, permute).ok_or_else(|| {
-            Error::format(&g.path, format!("tensor `{}` has no Hugging Face name known to this converter", info.name))
-        })?;
+        let mapped =
+            map_name(&info.name, cfg.num_attention_heads, cfg.num_key_value_heads, permute).ok_or_else(|| {
+                Error::format(
+                    &g.path,
+                    format!(
+                        "tensor `{}` has no Hugging Face name known to this converter",
+                        info.name
+                    ),
+                )
+            })?;
         let t = g.tensor_f32(&info.name)?;
         let t = match mapped.unpermute_heads {
             None => t,
@@ -137,7 +151,10 @@ pub fn convert_tensors(
                 if n_head == 0 || rows % (2 * n_head) != 0 {
                     return Err(Error::format(
                         &g.path,
-                        format!("tensor `{}` has {rows} rows, which do not split into {n_head} heads of even size", info.name),
+                        format!(
+                            "tensor `{}` has {rows} rows, which do not split into {n_head} heads of even size",
+                            info.name
+                        ),
                     ));
                 }
                 HostTensor::from_f32(&t.shape, &unpermute_rows(&t.to_f32(), rows, cols, n_head))
@@ -204,7 +221,12 @@ pub fn convert_gguf(input: &Path, out_dir: &Path, dtype: DType) -> Result<()> {
 }
 
 /// [`convert_gguf`] with a callback told `(tensors done, tensors total)`.
-pub fn convert_gguf_with_progress(input: &Path, out_dir: &Path, dtype: DType, progress: Option<Progress>) -> Result<()> {
+pub fn convert_gguf_with_progress(
+    input: &Path,
+    out_dir: &Path,
+    dtype: DType,
+    progress: Option<Progress>,
+) -> Result<()> {
     if ![DType::F32, DType::BF16, DType::F16].contains(&dtype) {
         return Err(crate::msg!("cannot convert to {dtype}: choose f32, bf16 or f16"));
     }
@@ -214,12 +236,18 @@ pub fn convert_gguf_with_progress(input: &Path, out_dir: &Path, dtype: DType, pr
     if tok.vocab_size != cfg.vocab_size {
         return Err(Error::format(
             input,
-            format!("the tokenizer has {} tokens but the model a vocabulary of {}", tok.vocab_size, cfg.vocab_size),
+            format!(
+                "the tokenizer has {} tokens but the model a vocabulary of {}",
+                tok.vocab_size, cfg.vocab_size
+            ),
         ));
     }
     let tensors = convert_tensors(&g, &cfg, dtype, progress)?;
 
-    let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let tmp: PathBuf = temp_sibling(out_dir);
     if tmp.exists() {

@@ -13,7 +13,12 @@ pub struct Mapped {
 /// The HF name of a GGUF tensor, or `None` for a name this converter does not know.
 /// `permute` is true for llama-family files, whose q/k rows llama.cpp permuted.
 pub fn map_name(gguf: &str, n_head: usize, n_kv_head: usize, permute: bool) -> Option<Mapped> {
-    let plain = |s: &str| Some(Mapped { hf_name: s.to_string(), unpermute_heads: None });
+    let plain = |s: &str| {
+        Some(Mapped {
+            hf_name: s.to_string(),
+            unpermute_heads: None,
+        })
+    };
     match gguf {
         "token_embd.weight" => return plain("model.embed_tokens.weight"),
         "output_norm.weight" => return plain("model.norm.weight"),

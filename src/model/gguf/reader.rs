@@ -206,9 +206,8 @@ impl<'a> Cursor<'a> {
         let n = self.count(1, &|| format!("the length of {}", what()))?;
         let at = self.pos;
         let bytes = self.take(n, what)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| {
-            Error::format(self.path, format!("{} at byte offset {at} is not valid UTF-8", what()))
-        })
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| Error::format(self.path, format!("{} at byte offset {at} is not valid UTF-8", what())))
     }
 
     fn value(&mut self, ty: u32, what: &dyn Fn() -> String, depth: usize) -> Result<GgufValue> {
@@ -236,7 +235,10 @@ impl<'a> Cursor<'a> {
             8 => GgufValue::String(self.string(what)?),
             9 => {
                 if depth > 4 {
-                    return Err(Error::format(self.path, format!("{}: arrays nested too deeply", what())));
+                    return Err(Error::format(
+                        self.path,
+                        format!("{}: arrays nested too deeply", what()),
+                    ));
                 }
                 let elem = self.u32(&|| format!("the element type of {}", what()))?;
                 let n = self.count(1, &|| format!("the length of {}", what()))?;
@@ -252,7 +254,11 @@ impl<'a> Cursor<'a> {
             other => {
                 return Err(Error::format(
                     self.path,
-                    format!("{} at byte offset {}: unknown GGUF value type {other} (known: 0..=12)", what(), self.pos - 4),
+                    format!(
+                        "{} at byte offset {}: unknown GGUF value type {other} (known: 0..=12)",
+                        what(),
+                        self.pos - 4
+                    ),
                 ))
             }
         })
@@ -268,19 +274,39 @@ impl GgufFile {
     }
 
     fn parse(path: &Path, mmap: Mmap) -> Result<GgufFile> {
-        let mut c = Cursor { buf: &mmap, pos: 0, path };
+        let mut c = Cursor {
+            buf: &mmap,
+            pos: 0,
+            path,
+        };
         let magic = c.arr::<4>(&|| "the magic number".into())?;
         if &magic != b"GGUF" {
-            return Err(Error::format(path, format!("not a GGUF file: it starts with {magic:?}, not \"GGUF\"")));
+            return Err(Error::format(
+                path,
+                format!("not a GGUF file: it starts with {magic:?}, not \"GGUF\""),
+            ));
         }
         let version = c.u32(&|| "the version".into())?;
         match version {
             2 | 3 => {}
-            1 => return Err(Error::format(path, "GGUF version 1 is not supported; re-export the model with a current llama.cpp")),
-            v if v.swap_bytes() <= 3 => {
-                return Err(Error::format(path, "this is a big-endian GGUF file; only little-endian files are supported"))
+            1 => {
+                return Err(Error::format(
+                    path,
+                    "GGUF version 1 is not supported; re-export the model with a current llama.cpp",
+                ))
             }
-            v => return Err(Error::format(path, format!("unsupported GGUF version {v} (supported: 2, 3)"))),
+            v if v.swap_bytes() <= 3 => {
+                return Err(Error::format(
+                    path,
+                    "this is a big-endian GGUF file; only little-endian files are supported",
+                ))
+            }
+            v => {
+                return Err(Error::format(
+                    path,
+                    format!("unsupported GGUF version {v} (supported: 2, 3)"),
+                ))
+            }
         }
         // Each tensor info takes at least 8+4+4+8 bytes, each metadata entry at least 8+4+1.
         let n_tensors = c.count(24, &|| "the tensor count".into())?;
@@ -315,7 +341,10 @@ impl GgufFile {
             let name = c.string(&|| format!("the name of tensor {i}"))?;
             let n_dims = c.u32(&|| format!("the dimension count of tensor `{name}`"))? as usize;
             if n_dims > 4 {
-                return Err(Error::format(path, format!("tensor `{name}` has {n_dims} dimensions; GGUF allows at most 4")));
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}` has {n_dims} dimensions; GGUF allows at most 4"),
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims);
             for d in 0..n_dims {
@@ -362,11 +391,19 @@ impl GgufFile {
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
                 return Err(Error::format(path, format!("tensor `{name}` appears twice")));
             }
-            tensors.push(GgufTensorInfo { name, dims, ggml_type, offset, n_bytes });
+            tensors.push(GgufTensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+                n_bytes,
+            });
         }
         let data_offset = c.pos.div_ceil(alignment) * alignment;
         for t in &tensors {
-            let end = (data_offset as u64).saturating_add(t.offset).saturating_add(t.n_bytes as u64);
+            let end = (data_offset as u64)
+                .saturating_add(t.offset)
+                .saturating_add(t.n_bytes as u64);
             if end > mmap.len() as u64 {
                 return Err(Error::format(
                     path,
@@ -407,7 +444,10 @@ impl GgufFile {
     }
 
     fn wrong(&self, key: &str, want: &str, v: &GgufValue) -> Error {
-        Error::format(&self.path, format!("GGUF metadata `{key}` should be {want}, found {}", v.type_name()))
+        Error::format(
+            &self.path,
+            format!("GGUF metadata `{key}` should be {want}, found {}", v.type_name()),
+        )
     }
 
     pub fn get_str(&self, key: &str) -> Result<&str> {
@@ -461,9 +501,8 @@ impl GgufFile {
     pub fn tensor_f32(&self, name: &str) -> Result<HostTensor> {
         let info = self.tensor_info(name)?;
         let mut out = vec![0f32; info.numel()];
-        dequantize(info.ggml_type, self.tensor_data(info), &mut out).map_err(|e| {
-            Error::format(&self.path, format!("tensor `{name}`: {e}"))
-        })?;
+        dequantize(info.ggml_type, self.tensor_data(info), &mut out)
+            .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))?;
         Ok(HostTensor::from_f32(&info.shape(), &out))
     }
 }

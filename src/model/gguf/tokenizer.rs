@@ -22,7 +22,8 @@ const TOKEN_USER_DEFINED: i64 = 4;
 pub const SUPPORTED_PRE: &str = "default, gpt2, smollm, llama-bpe (llama3), qwen2";
 
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Special tokens found in the metadata (ids and their text).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -102,7 +103,10 @@ fn spm_merges(tokens: &[&str], scores: &[f32]) -> Vec<(String, String)> {
     }
     // Stable sort, descending score, as Python's sorted(..., reverse=True) on the score key.
     merges.sort_by(|a, b| b.2.partial_cmp(&a.2).unwrap_or(std::cmp::Ordering::Equal));
-    merges.into_iter().map(|(l, r, _)| (tokens[l].to_string(), tokens[r].to_string())).collect()
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (tokens[l].to_string(), tokens[r].to_string()))
+        .collect()
 }
 
 fn token_at(tokens: &[&str], id: Option<u64>) -> Option<(u32, String)> {
@@ -115,13 +119,21 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<TokenizerFiles> {
     let model = g.get_str("tokenizer.ggml.model")?;
     let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
     let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
-        Some(_) => g.get_array("tokenizer.ggml.token_type")?.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
+        Some(_) => g
+            .get_array("tokenizer.ggml.token_type")?
+            .iter()
+            .map(|v| v.as_i64().unwrap_or(1))
+            .collect(),
         None => vec![1; tokens.len()],
     };
     if types.len() != tokens.len() {
         return Err(Error::format(
             &g.path,
-            format!("tokenizer.ggml.token_type has {} entries for {} tokens", types.len(), tokens.len()),
+            format!(
+                "tokenizer.ggml.token_type has {} entries for {} tokens",
+                types.len(),
+                tokens.len()
+            ),
         ));
     }
     let opt_id = |k: &str| g.get(k).and_then(|v| v.as_u64());
@@ -135,10 +147,16 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<TokenizerFiles> {
         add_eos: opt_bool("tokenizer.ggml.add_eos_token").unwrap_or(false),
     };
 
-    let vocab: serde_json::Map<String, Value> =
-        tokens.iter().enumerate().map(|(i, t)| (t.to_string(), json!(i))).collect();
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
     if vocab.len() != tokens.len() {
-        return Err(Error::format(&g.path, "tokenizer.ggml.tokens contains the same token twice"));
+        return Err(Error::format(
+            &g.path,
+            "tokenizer.ggml.tokens contains the same token twice",
+        ));
     }
 
     let (normalizer, pre_tokenizer, bpe_model, decoder) = match model {
@@ -230,7 +248,10 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<TokenizerFiles> {
     // Our own output must load; a failure here is a bug in this file, reported as such.
     let text = serde_json::to_string(&tokenizer_json).expect("JSON values always serialize");
     text.parse::<tokenizers::Tokenizer>().map_err(|e| {
-        Error::format(&g.path, format!("the tokenizer.json rebuilt from this file does not load: {e}"))
+        Error::format(
+            &g.path,
+            format!("the tokenizer.json rebuilt from this file does not load: {e}"),
+        )
     })?;
 
     let arch = g.get_str("general.architecture").unwrap_or("llama");
@@ -250,7 +271,12 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<TokenizerFiles> {
     if let Some(t) = g.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
         cfg["chat_template"] = json!(t);
     }
-    Ok(TokenizerFiles { tokenizer_json, tokenizer_config: cfg, special, vocab_size: tokens.len() })
+    Ok(TokenizerFiles {
+        tokenizer_json,
+        tokenizer_config: cfg,
+        special,
+        vocab_size: tokens.len(),
+    })
 }
 
 /// BOS/EOS insertion when the model asks for it; otherwise the byte-level (or no) processor.
@@ -282,7 +308,11 @@ fn post_processor(special: &SpecialTokens, model: &str) -> Value {
         add(&special.eos, &mut pair, 1);
     }
     if specials.is_empty() {
-        return if model == "gpt2" { byte_level(true, false, true) } else { Value::Null };
+        return if model == "gpt2" {
+            byte_level(true, false, true)
+        } else {
+            Value::Null
+        };
     }
     json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials})
 }
