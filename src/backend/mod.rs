@@ -4,6 +4,9 @@
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod cpu;
+pub mod plan;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod select;
 
 use crate::graph::TensorInfo;
 use crate::ops::Op;
@@ -50,6 +53,10 @@ pub trait Backend {
     }
     /// Records or runs one op. In-place ops write the inputs listed by `Op::writes`.
     fn launch(&mut self, op: &Op, inputs: &[Arg], outputs: &[Arg]) -> Result<()>;
+    /// The storage type this device prefers for frozen half-precision weights.
+    fn preferred_weight_dtype(&self) -> crate::tensor::DType {
+        crate::tensor::DType::F32
+    }
     /// Submits recorded work (a no-op on synchronous backends).
     fn flush(&mut self) -> Result<()> {
         Ok(())

@@ -320,7 +320,7 @@ impl Executor {
         for p in &programs {
             for &n in &p.schedule {
                 let node = g.node(n);
-                if node.op.is_alias() {
+                if node.op.is_view() {
                     continue;
                 }
                 let ins: Vec<&TensorInfo> = node.inputs.iter().map(|&t| g.info(t)).collect();
@@ -479,7 +479,7 @@ impl Executor {
         }
         for &n in &p.schedule {
             let node = g.node(n);
-            if node.op.is_alias() {
+            if node.op.is_view() {
                 continue;
             }
             let loc = |t: &TensorId| -> Loc {
