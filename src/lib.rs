@@ -10,6 +10,7 @@ pub mod error;
 pub mod model;
 
 pub use error::{Error, Result};
+pub mod data;
 pub mod tensor;
 pub mod train;
 
