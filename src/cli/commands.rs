@@ -372,22 +372,20 @@ fn fetch(name: &str, dir: &Path) -> Result<()> {
 }
 
 fn data(what: DataCommand) -> Result<()> {
+    use ferrotune::data::generate::{arithmetic, wordnet};
     match what {
         DataCommand::Arithmetic { digits, train, eval, seed, out } => {
-            let files = ferrotune::data::generate::arithmetic::write(&out, digits, train, eval, seed)?;
-            for f in files {
-                println!("{}", f.display());
-            }
-            Ok(())
+            let opts = arithmetic::AdditionOptions { digits, n_train: train, n_eval: eval, seed };
+            let f = arithmetic::write_addition(&out, &opts)?;
+            println!("{}\n{}", f.train.display(), f.eval.display());
         }
         DataCommand::Wordnet { wordnet_dir, train, eval, seed, out } => {
-            let files = ferrotune::data::generate::wordnet::write(&wordnet_dir, &out, train, eval, seed)?;
-            for f in files {
-                println!("{}", f.display());
-            }
-            Ok(())
+            let opts = wordnet::WordnetOptions { max_train: Some(train), max_eval: Some(eval), seed };
+            let f = wordnet::write_wordnet(&wordnet_dir, &out, &opts)?;
+            println!("{} ({} rows)\n{} ({} rows)\n{}", f.train.display(), f.n_train, f.eval.display(), f.n_eval, f.licence.display());
         }
     }
+    Ok(())
 }
 
 fn devices() -> Result<()> {

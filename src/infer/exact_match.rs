@@ -88,7 +88,7 @@ pub fn references(spec: &DatasetSpec, tok: &Tokenizer, limit: usize) -> Result<V
         DatasetType::Alpaca => {
             for row in rows(Path::new(&spec.path))?.into_iter().take(limit) {
                 let s = |k: &str| row[k].as_str().unwrap_or("").to_string();
-                let text = crate::data::formats::alpaca::prompt(&s("instruction"), &s("input"));
+                let text = crate::data::formats::alpaca::prompt(&s("instruction"), Some(s("input").as_str()).filter(|i| !i.is_empty()));
                 out.push(Reference { prompt: tok.encode(&text, true)?, answer: s("output") });
             }
         }
