@@ -12,3 +12,4 @@ pub use error::{Error, Result};
 pub mod tensor;
 
 pub use tensor::{DType, HostTensor};
+pub mod backend;

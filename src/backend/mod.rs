@@ -1,0 +1,3 @@
+//! Backends: the devices a compiled graph runs on.
+
+pub mod wgsl;
