@@ -114,7 +114,10 @@ impl AdapterConfig {
         let c: AdapterConfig =
             serde_json::from_str(&text).map_err(|e| Error::format(&p, format!("not a PEFT LoRA config: {e}")))?;
         if c.peft_type != "LORA" {
-            return Err(Error::format(&p, format!("peft_type is {:?}; only LORA adapters are supported", c.peft_type)));
+            return Err(Error::format(
+                &p,
+                format!("peft_type is {:?}; only LORA adapters are supported", c.peft_type),
+            ));
         }
         if c.use_dora {
             return Err(Error::format(&p, "DoRA adapters are not supported yet"));
@@ -138,7 +141,9 @@ pub fn saved_module_key(weight_name: &str) -> String {
 pub fn init_pair(pair: &LoraPair, r: usize, seed: u64, index: usize, dtype: DType) -> (HostTensor, HostTensor) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let bound = 1.0 / (pair.in_features as f64).sqrt();
-    let a: Vec<f64> = (0..r * pair.in_features).map(|_| rng.random_range(-bound..bound)).collect();
+    let a: Vec<f64> = (0..r * pair.in_features)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect();
     let a = HostTensor::from_f64(&[r, pair.in_features], &a).cast(dtype);
     let b = HostTensor::zeros(&[pair.out_features, r], dtype);
     (a, b)

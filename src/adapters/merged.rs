@@ -44,12 +44,17 @@ impl WeightSource for MergedWeights<'_> {
     fn get_shaped(&self, name: &str, shape: &[usize], dtype: DType) -> Result<HostTensor> {
         if let Some(t) = self.tensors.get(&saved_module_key(name)) {
             if t.shape != shape {
-                return Err(crate::msg!("adapter tensor {name}: expected {shape:?}, found {:?}", t.shape));
+                return Err(crate::msg!(
+                    "adapter tensor {name}: expected {shape:?}, found {:?}",
+                    t.shape
+                ));
             }
             return Ok(t.cast(dtype));
         }
         let base = self.base.get_shaped(name, shape, DType::F32)?;
-        match Self::module(name).and_then(|m| Some((self.tensors.get(&lora_a_key(m))?, self.tensors.get(&lora_b_key(m))?))) {
+        match Self::module(name)
+            .and_then(|m| Some((self.tensors.get(&lora_a_key(m))?, self.tensors.get(&lora_b_key(m))?)))
+        {
             Some((a, b)) => Ok(merge_weight(&base, a, b, self.config.scale())?.cast(dtype)),
             None => Ok(base.cast(dtype)),
         }

@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod plan;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod select;
+pub mod wgsl;
 
 use crate::graph::TensorInfo;
 use crate::ops::Op;

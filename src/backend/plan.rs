@@ -16,7 +16,13 @@ pub struct PlanBackend {
 impl PlanBackend {
     /// Mirrors a device's alignment and largest buffer.
     pub fn like(real: &dyn Backend) -> Self {
-        PlanBackend { name: real.name(), alignment: real.alignment(), max_buffer: real.max_buffer_bytes(), allocated: 0, buffers: 0 }
+        PlanBackend {
+            name: real.name(),
+            alignment: real.alignment(),
+            max_buffer: real.max_buffer_bytes(),
+            allocated: 0,
+            buffers: 0,
+        }
     }
 }
 

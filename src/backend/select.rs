@@ -14,7 +14,9 @@ pub fn requested(choice: DeviceChoice) -> Result<DeviceChoice> {
             "cpu" => Ok(DeviceChoice::Cpu),
             "wgsl" => Ok(DeviceChoice::Wgsl),
             "cuda" => Ok(DeviceChoice::Cuda),
-            other => Err(Error::Config(format!("FERROTUNE_DEVICE={other:?}: expected auto, cpu, wgsl or cuda"))),
+            other => Err(Error::Config(format!(
+                "FERROTUNE_DEVICE={other:?}: expected auto, cpu, wgsl or cuda"
+            ))),
         },
         _ => Ok(choice),
     }
@@ -27,7 +29,10 @@ fn cuda() -> Result<Box<dyn Backend>> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda() -> Result<Box<dyn Backend>> {
-    Err(Error::backend("cuda", "this build has no CUDA support; rebuild with `cargo build --release --features cuda`"))
+    Err(Error::backend(
+        "cuda",
+        "this build has no CUDA support; rebuild with `cargo build --release --features cuda`",
+    ))
 }
 
 /// Creates the backend for `choice`; `auto` falls back with a one-line notice per device
@@ -37,17 +42,16 @@ pub fn create_backend(choice: DeviceChoice) -> Result<(Box<dyn Backend>, Vec<Str
     match requested(choice)? {
         DeviceChoice::Cpu => Ok((Box::new(super::cpu::CpuBackend::new()), notices)),
         DeviceChoice::Cuda => Ok((cuda()?, notices)),
-        DeviceChoice::Wgsl => Ok((super::wgsl::create()?, notices)),
+        DeviceChoice::Wgsl => Err(Error::backend(
+            "wgsl",
+            "the WGSL executor backend is not wired into training yet",
+        )),
         DeviceChoice::Auto => {
             if cfg!(feature = "cuda") {
                 match cuda() {
                     Ok(b) => return Ok((b, notices)),
                     Err(e) => notices.push(format!("device auto: cuda not used ({e})")),
                 }
-            }
-            match super::wgsl::create_gpu_only() {
-                Ok(b) => return Ok((b, notices)),
-                Err(e) => notices.push(format!("device auto: wgsl not used ({e})")),
             }
             notices.push("device auto: using the cpu".into());
             Ok((Box::new(super::cpu::CpuBackend::new()), notices))
@@ -59,8 +63,14 @@ pub fn create_backend(choice: DeviceChoice) -> Result<(Box<dyn Backend>, Vec<Str
 pub fn precision_for(b: &dyn Backend, cfg: &Config) -> Precision {
     let half = cfg.bf16 != Flag::Off;
     match b.name() {
-        "cuda" if half => Precision { weights: crate::DType::BF16, activations: crate::DType::BF16 },
-        "wgsl" if half => Precision { weights: b.preferred_weight_dtype(), activations: crate::DType::F32 },
+        "cuda" if half => Precision {
+            weights: crate::DType::BF16,
+            activations: crate::DType::BF16,
+        },
+        "wgsl" if half => Precision {
+            weights: b.preferred_weight_dtype(),
+            activations: crate::DType::F32,
+        },
         _ => Precision::F32,
     }
 }

@@ -19,11 +19,30 @@ use rand::{RngExt, SeedableRng};
 pub fn run(what: BenchCommand) -> Result<()> {
     match what {
         BenchCommand::Matmul { sizes } => matmul(&sizes),
-        BenchCommand::Train { model_config, seq_len, batch, lora_r, full, warmup, steps, device, json } => {
+        BenchCommand::Train {
+            model_config,
+            seq_len,
+            batch,
+            lora_r,
+            full,
+            warmup,
+            steps,
+            device,
+            json,
+        } => {
             let cfg = ModelConfig::from_file(&model_config)?;
-            let device: DeviceChoice =
-                serde_yaml::from_str(&device).map_err(|_| Error::Config(format!("--device {device}: expected auto, cpu, wgsl or cuda")))?;
-            train(&cfg, seq_len, batch, (!full).then_some(lora_r), warmup, steps, device, json)
+            let device: DeviceChoice = serde_yaml::from_str(&device)
+                .map_err(|_| Error::Config(format!("--device {device}: expected auto, cpu, wgsl or cuda")))?;
+            train(
+                &cfg,
+                seq_len,
+                batch,
+                (!full).then_some(lora_r),
+                warmup,
+                steps,
+                device,
+                json,
+            )
         }
     }
 }
@@ -34,10 +53,13 @@ fn matmul(sizes: &[usize]) -> Result<()> {
         let g = ferrotune::backend::cpu::bench_gemm(n);
         println!("{:<8} {:<28} {:>6} {:>12.1}", "cpu", "gemm crate f32", n, g);
     }
-    match ferrotune::backend::wgsl::bench_matmul_rows(sizes) {
-        Ok(rows) => {
+    use ferrotune::backend::wgsl::{bench, WgslContext, WgslOptions};
+    match WgslContext::new_blocking(WgslOptions::default()) {
+        Ok(ctx) => {
+            let rows = bench::bench_matmul(&ctx, sizes, &[DType::F32, DType::F16], bench::BenchBudget::default())?;
             for r in rows {
-                println!("{:<8} {:<28} {:>6} {:>12.1}", "wgsl", r.0, r.1, r.2);
+                let name = format!("{} {} ({})", r.kernel, r.dtype, ctx.info.name);
+                println!("{:<8} {:<28} {:>6} {:>12.1}", "wgsl", name, r.size, r.gflops);
             }
         }
         Err(e) => println!("wgsl: {e}"),
@@ -59,7 +81,9 @@ impl WeightSource for RandomWeights {
         if name.contains("norm") {
             return Ok(HostTensor::from_f32(shape, &vec![1.0; n]).cast(dtype));
         }
-        let h = name.bytes().fold(self.seed, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+        let h = name
+            .bytes()
+            .fold(self.seed, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(h);
         let v: Vec<f32> = (0..n).map(|_| (r.random::<f32>() - 0.5) * 0.0693).collect(); // std 0.02
         Ok(HostTensor::from_f32(shape, &v).cast(dtype))
@@ -67,13 +91,28 @@ impl WeightSource for RandomWeights {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn train(cfg: &ModelConfig, seq: usize, rows: usize, lora_r: Option<usize>, warmup: usize, steps: usize, device: DeviceChoice, json: bool) -> Result<()> {
+fn train(
+    cfg: &ModelConfig,
+    seq: usize,
+    rows: usize,
+    lora_r: Option<usize>,
+    warmup: usize,
+    steps: usize,
+    device: DeviceChoice,
+    json: bool,
+) -> Result<()> {
     let (backend, notices) = create_backend(device)?;
     notices.iter().for_each(|n| eprintln!("{n}"));
     let half = backend.name() != "cpu";
     let precision = match backend.name() {
-        "cuda" => Precision { weights: DType::BF16, activations: DType::BF16 },
-        "wgsl" if half => Precision { weights: backend.preferred_weight_dtype(), activations: DType::F32 },
+        "cuda" => Precision {
+            weights: DType::BF16,
+            activations: DType::BF16,
+        },
+        "wgsl" if half => Precision {
+            weights: backend.preferred_weight_dtype(),
+            activations: DType::F32,
+        },
         _ => Precision::F32,
     };
     let lora = lora_r.map(|r| LoraOptions {
@@ -110,7 +149,9 @@ fn train(cfg: &ModelConfig, seq: usize, rows: usize, lora_r: Option<usize>, warm
     let ids: Vec<i32> = (0..n).map(|_| r.random_range(0..cfg.vocab_size as i32)).collect();
     let pos: Vec<i32> = (0..n).map(|i| (i % seq) as i32).collect();
     let seg = vec![1i32; n];
-    let mut tgt: Vec<i32> = (0..n).map(|i| if (i + 1) % seq == 0 { -100 } else { ids[i + 1] }).collect();
+    let mut tgt: Vec<i32> = (0..n)
+        .map(|i| if (i + 1) % seq == 0 { -100 } else { ids[i + 1] })
+        .collect();
     tgt.truncate(n);
     let labels = tgt.iter().filter(|&&t| t != -100).count();
     let scale = HostTensor::from_f64(&[1], &[1.0 / labels as f64]).cast(ex.graph().dtype(tg.loss_scale));

@@ -21,15 +21,39 @@ use std::path::Path;
 pub fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         Command::Train { config, set } => train(&config, &set),
-        Command::Eval { config, adapter, set, limit, json } => eval(&config, adapter.as_deref(), &set, limit, json),
-        Command::Generate { model, adapter, prompt, max_new_tokens, temperature, top_p, seed, raw, device } => {
-            let opts = GenerateOptions { max_new_tokens, temperature, top_p, seed, stop_ids: Vec::new() };
+        Command::Eval {
+            config,
+            adapter,
+            set,
+            limit,
+            json,
+        } => eval(&config, adapter.as_deref(), &set, limit, json),
+        Command::Generate {
+            model,
+            adapter,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            raw,
+            device,
+        } => {
+            let opts = GenerateOptions {
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+                stop_ids: Vec::new(),
+            };
             generate(&model, adapter.as_deref(), &prompt, opts, raw, &device)
         }
         Command::Merge { config, adapter, out } => merge(&config, &adapter, &out),
         Command::Plan { config, set, json } => plan(&config, &set, json),
         Command::Preprocess { config, set } => preprocess(&config, &set),
-        Command::Convert { what: ConvertCommand::Gguf { input, out_dir, dtype } } => convert(&input, &out_dir, &dtype),
+        Command::Convert {
+            what: ConvertCommand::Gguf { input, out_dir, dtype },
+        } => convert(&input, &out_dir, &dtype),
         Command::Fetch { name, dir } => fetch(&name, &dir),
         Command::Data { what } => data(what),
         Command::Devices => devices(),
@@ -73,7 +97,10 @@ fn train(path: &Path, set: &[String]) -> Result<()> {
         gib(s.peak_bytes)
     );
     if s.interrupted {
-        eprintln!("interrupted; resume with --set resume_from_checkpoint={}", s.last_checkpoint.map(|p| p.display().to_string()).unwrap_or_default());
+        eprintln!(
+            "interrupted; resume with --set resume_from_checkpoint={}",
+            s.last_checkpoint.map(|p| p.display().to_string()).unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -132,7 +159,11 @@ fn eval(path: &Path, adapter: Option<&Path>, set: &[String], limit: usize, json:
     let pad = pad_id(&p.tokenizer)?;
     let mut backend = Some(backend);
     if !data.eval.is_empty() {
-        let o = ScheduleOptions { shuffle: false, gradient_accumulation_steps: 1, ..ScheduleOptions::new(&cfg.data, 1) };
+        let o = ScheduleOptions {
+            shuffle: false,
+            gradient_accumulation_steps: 1,
+            ..ScheduleOptions::new(&cfg.data, 1)
+        };
         let sched = BatchSchedule::new(&data.eval, o)?;
         let layout = sched.layout();
         let opts = BuildOptions {
@@ -173,7 +204,15 @@ fn eval(path: &Path, adapter: Option<&Path>, set: &[String], limit: usize, json:
         };
         let prompt_len = refs.iter().map(|r| r.prompt.len()).max().unwrap_or(1);
         let max_new = cfg.eval_max_new_tokens;
-        let mut gen = Generator::new(&p.model_config, weights.source(), backend, precision, 16, prompt_len, prompt_len + max_new)?;
+        let mut gen = Generator::new(
+            &p.model_config,
+            weights.source(),
+            backend,
+            precision,
+            16,
+            prompt_len,
+            prompt_len + max_new,
+        )?;
         let em = exact_match(&mut gen, &p.tokenizer, &refs, max_new)?;
         result.exact_match = Some(em.percent());
         result.exact_match_correct = Some(em.correct);
@@ -186,7 +225,9 @@ fn eval(path: &Path, adapter: Option<&Path>, set: &[String], limit: usize, json:
         if let Some(l) = result.eval_loss {
             println!("eval loss: {l:.4} over {} label tokens", result.eval_label_tokens);
         }
-        if let (Some(pct), Some(c), Some(t)) = (result.exact_match, result.exact_match_correct, result.exact_match_total) {
+        if let (Some(pct), Some(c), Some(t)) =
+            (result.exact_match, result.exact_match_correct, result.exact_match_total)
+        {
             println!("exact match: {pct:.1}% ({c}/{t})");
             for (want, got) in &result.examples {
                 println!("  expected {want:?}, got {got:?}");
@@ -199,7 +240,14 @@ fn eval(path: &Path, adapter: Option<&Path>, set: &[String], limit: usize, json:
     Ok(())
 }
 
-fn generate(model: &Path, adapter: Option<&Path>, prompt: &str, mut opts: GenerateOptions, raw: bool, device: &str) -> Result<()> {
+fn generate(
+    model: &Path,
+    adapter: Option<&Path>,
+    prompt: &str,
+    mut opts: GenerateOptions,
+    raw: bool,
+    device: &str,
+) -> Result<()> {
     let dir = ferrotune::train::session::resolve_model_dir(&model.to_string_lossy())?;
     let cfg = ferrotune::model::ModelConfig::from_file(&dir.join("config.json"))?;
     let tok = Tokenizer::from_dir(&dir)?;
@@ -209,7 +257,11 @@ fn generate(model: &Path, adapter: Option<&Path>, prompt: &str, mut opts: Genera
         prompt.to_string()
     } else {
         let t = ferrotune::data::ChatTemplate::from_tokenizer(&tok)?;
-        t.render(&[ferrotune::data::Message::new("user", prompt)], true, &ferrotune::data::TemplateVars::from_tokenizer(&tok))?
+        t.render(
+            &[ferrotune::data::Message::new("user", prompt)],
+            true,
+            &ferrotune::data::TemplateVars::from_tokenizer(&tok),
+        )?
     };
     let ids = tok.encode(&text, raw)?;
     let (backend, notices) = create_backend(device_choice(device)?)?;
@@ -219,7 +271,15 @@ fn generate(model: &Path, adapter: Option<&Path>, prompt: &str, mut opts: Genera
     for t in ["<|im_end|>", "<|eot_id|>"] {
         opts.stop_ids.extend(tok.token_to_id(t));
     }
-    let mut gen = Generator::new(&cfg, weights.source(), backend, precision, 1, ids.len(), ids.len() + opts.max_new_tokens)?;
+    let mut gen = Generator::new(
+        &cfg,
+        weights.source(),
+        backend,
+        precision,
+        1,
+        ids.len(),
+        ids.len() + opts.max_new_tokens,
+    )?;
     let out = gen.generate(&[ids], &opts)?;
     println!("{}", tok.decode(&out[0], true)?);
     Ok(())
@@ -238,7 +298,11 @@ fn merge(path: &Path, adapter: &Path, out: &Path) -> Result<()> {
     let cfg = load_config(path, &[])?;
     let p = open_model(&cfg)?;
     let (config, tensors) = lora::load(adapter)?;
-    let merged = MergedWeights { base: &p.store, config, tensors };
+    let merged = MergedWeights {
+        base: &p.store,
+        config,
+        tensors,
+    };
     let names: Vec<String> = p.store.names().iter().map(|s| s.to_string()).collect();
     let unused = merged.unused_keys(&names);
     if !unused.is_empty() {
@@ -256,7 +320,11 @@ fn merge(path: &Path, adapter: &Path, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     run::write_model(out, &p.model_config, &tensors)?;
     run::copy_tokenizer(&p.model_dir, out)?;
-    eprintln!("wrote the merged model ({} tensors, base dtype) to {}", tensors.len(), out.display());
+    eprintln!(
+        "wrote the merged model ({} tensors, base dtype) to {}",
+        tensors.len(),
+        out.display()
+    );
     Ok(())
 }
 
@@ -267,10 +335,21 @@ fn plan(path: &Path, set: &[String], json: bool) -> Result<()> {
     notices.iter().for_each(|n| eprintln!("{n}"));
     let precision = precision_for(backend.as_ref(), &cfg);
     let data = prepare_data(&cfg, &p.tokenizer)?;
-    let rp = RunPlan::new(cfg.clone(), &p.model_config, precision, data, pad_id(&p.tokenizer)?, &cfg.base_model)?;
+    let rp = RunPlan::new(
+        cfg.clone(),
+        &p.model_config,
+        precision,
+        data,
+        pad_id(&p.tokenizer)?,
+        &cfg.base_model,
+    )?;
     let (params, trainable) = rp.parameter_counts();
     let layout = rp.layout();
-    let ex = Executor::new(rp.tg.model.graph.clone(), Box::new(PlanBackend::like(backend.as_ref())), &rp.tg.programs())?;
+    let ex = Executor::new(
+        rp.tg.model.graph.clone(),
+        Box::new(PlanBackend::like(backend.as_ref())),
+        &rp.tg.programs(),
+    )?;
     let plan = ex.plan().clone();
     let attention_scores = rp.tg.model.graph.tensors.iter().any(|t| t.name.contains("scores"));
     if json {
@@ -288,16 +367,31 @@ fn plan(path: &Path, set: &[String], json: bool) -> Result<()> {
         return Ok(());
     }
     println!("device: {}", backend.device_info());
-    println!("parameters: {params} ({trainable} trainable, {:.3}%)", 100.0 * trainable as f64 / params.max(1) as f64);
-    println!("batch: {} rows x {} tokens; {} optimizer steps", layout.rows, layout.seq_len, rp.total_steps);
+    println!(
+        "parameters: {params} ({trainable} trainable, {:.3}%)",
+        100.0 * trainable as f64 / params.max(1) as f64
+    );
+    println!(
+        "batch: {} rows x {} tokens; {} optimizer steps",
+        layout.rows, layout.seq_len, rp.total_steps
+    );
     println!("memory plan (exact, before allocation):");
     println!("  frozen weights     {:>12}", gib(plan.persistent.frozen_weights));
     println!("  trainable params   {:>12}", gib(plan.persistent.trainable_parameters));
     println!("  optimizer state    {:>12}", gib(plan.persistent.optimizer_state));
     println!("  constants          {:>12}", gib(plan.persistent.constants));
-    println!("  activations        {:>12}  (transient arena, reused by liveness)", gib(plan.transient_bytes));
+    println!(
+        "  activations        {:>12}  (transient arena, reused by liveness)",
+        gib(plan.transient_bytes)
+    );
     for pp in &plan.programs {
-        println!("    {:<10} {} nodes, peak {} (without reuse {})", pp.name, pp.nodes, gib(pp.transient_peak), gib(pp.transient_sum));
+        println!(
+            "    {:<10} {} nodes, peak {} (without reuse {})",
+            pp.name,
+            pp.nodes,
+            gib(pp.transient_peak),
+            gib(pp.transient_sum)
+        );
     }
     println!("  total              {:>12}", gib(plan.total_bytes));
     Ok(())
@@ -309,10 +403,24 @@ fn preprocess(path: &Path, set: &[String]) -> Result<()> {
     let data = prepare_data(&cfg, &p.tokenizer)?;
     let s = &data.stats;
     println!("rows read: {}", s.rows);
-    println!("samples: {} ({} train, {} eval)", s.samples, data.train.len(), data.eval.len());
-    println!("dropped: {} ({} too long, {} without labels); truncated: {}", s.dropped, s.dropped_long, s.dropped_no_labels, s.truncated);
-    println!("tokens: {} ({} trained), longest sample {}", s.tokens, s.label_tokens, s.max_len);
-    let sched = BatchSchedule::new(&data.train, ScheduleOptions::new(&cfg.data, cfg.gradient_accumulation_steps))?;
+    println!(
+        "samples: {} ({} train, {} eval)",
+        s.samples,
+        data.train.len(),
+        data.eval.len()
+    );
+    println!(
+        "dropped: {} ({} too long, {} without labels); truncated: {}",
+        s.dropped, s.dropped_long, s.dropped_no_labels, s.truncated
+    );
+    println!(
+        "tokens: {} ({} trained), longest sample {}",
+        s.tokens, s.label_tokens, s.max_len
+    );
+    let sched = BatchSchedule::new(
+        &data.train,
+        ScheduleOptions::new(&cfg.data, cfg.gradient_accumulation_steps),
+    )?;
     let plan = sched.epoch(0);
     println!(
         "batches: [{} x {}], {} optimizer steps per epoch, packing efficiency {:.1}%",
@@ -349,12 +457,14 @@ fn convert(input: &Path, out: &Path, dtype: &str) -> Result<()> {
         other => return Err(Error::Config(format!("--dtype {other}: expected f32, bf16 or f16"))),
     };
     let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(indicatif::ProgressStyle::with_template("converting {bar:30} {pos}/{len} tensors").expect("template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("converting {bar:30} {pos}/{len} tensors").expect("template"),
+    );
     let cb = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     };
-    ferrotune::model::convert_gguf_with_progress(input, out, dt, &cb)?;
+    ferrotune::model::convert_gguf_with_progress(input, out, dt, Some(&cb))?;
     bar.finish_and_clear();
     eprintln!("wrote {}", out.display());
     Ok(())
@@ -367,22 +477,52 @@ fn fetch(name: &str, dir: &Path) -> Result<()> {
             println!("{}", out.display());
             Ok(())
         }
-        other => Err(ferrotune::msg!("unknown model {other:?}; available: smollm2-135m-instruct")),
+        other => Err(ferrotune::msg!(
+            "unknown model {other:?}; available: smollm2-135m-instruct"
+        )),
     }
 }
 
 fn data(what: DataCommand) -> Result<()> {
     use ferrotune::data::generate::{arithmetic, wordnet};
     match what {
-        DataCommand::Arithmetic { digits, train, eval, seed, out } => {
-            let opts = arithmetic::AdditionOptions { digits, n_train: train, n_eval: eval, seed };
+        DataCommand::Arithmetic {
+            digits,
+            train,
+            eval,
+            seed,
+            out,
+        } => {
+            let opts = arithmetic::AdditionOptions {
+                digits,
+                n_train: train,
+                n_eval: eval,
+                seed,
+            };
             let f = arithmetic::write_addition(&out, &opts)?;
             println!("{}\n{}", f.train.display(), f.eval.display());
         }
-        DataCommand::Wordnet { wordnet_dir, train, eval, seed, out } => {
-            let opts = wordnet::WordnetOptions { max_train: Some(train), max_eval: Some(eval), seed };
+        DataCommand::Wordnet {
+            wordnet_dir,
+            train,
+            eval,
+            seed,
+            out,
+        } => {
+            let opts = wordnet::WordnetOptions {
+                max_train: Some(train),
+                max_eval: Some(eval),
+                seed,
+            };
             let f = wordnet::write_wordnet(&wordnet_dir, &out, &opts)?;
-            println!("{} ({} rows)\n{} ({} rows)\n{}", f.train.display(), f.n_train, f.eval.display(), f.n_eval, f.licence.display());
+            println!(
+                "{} ({} rows)\n{} ({} rows)\n{}",
+                f.train.display(),
+                f.n_train,
+                f.eval.display(),
+                f.n_eval,
+                f.licence.display()
+            );
         }
     }
     Ok(())
@@ -390,8 +530,12 @@ fn data(what: DataCommand) -> Result<()> {
 
 fn devices() -> Result<()> {
     println!("cpu: available ({} threads)", rayon::current_num_threads());
-    for line in ferrotune::backend::wgsl::describe_adapters() {
-        println!("{line}");
+    let adapters = pollster::block_on(ferrotune::backend::wgsl::list_adapters(None));
+    if adapters.is_empty() {
+        println!("wgsl: no adapter found (install a Vulkan driver; on a machine without a GPU, mesa-vulkan-drivers gives lavapipe)");
+    }
+    for a in adapters {
+        println!("wgsl: {a}");
     }
     if cfg!(feature = "cuda") {
         match create_backend(DeviceChoice::Cuda) {

@@ -9,7 +9,11 @@ use ferrotune::Result;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "ferrotune", version, about = "Fine-tune Hugging Face causal LMs (LoRA or full) on CPU, any GPU (WGSL) or CUDA")]
+#[command(
+    name = "ferrotune",
+    version,
+    about = "Fine-tune Hugging Face causal LMs (LoRA or full) on CPU, any GPU (WGSL) or CUDA"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -12,7 +12,11 @@ pub struct Progress {
 
 impl Progress {
     pub fn new() -> Self {
-        Progress { bar: None, tokens: 0, seconds: 0.0 }
+        Progress {
+            bar: None,
+            tokens: 0,
+            seconds: 0.0,
+        }
     }
 
     fn say(&self, msg: &str) {
@@ -78,7 +82,10 @@ impl Callback for Progress {
     }
 
     fn on_eval(&mut self, r: &EvalReport) {
-        self.say(&format!("step {}: eval loss {:.4} over {} tokens", r.step, r.eval_loss, r.eval_label_tokens));
+        self.say(&format!(
+            "step {}: eval loss {:.4} over {} tokens",
+            r.step, r.eval_loss, r.eval_label_tokens
+        ));
     }
 
     fn on_message(&mut self, msg: &str) {

@@ -34,7 +34,9 @@ impl<'de> Deserialize<'de> for Flag {
             Raw::B(true) => Ok(Flag::On),
             Raw::B(false) => Ok(Flag::Off),
             Raw::S(s) if s == "auto" => Ok(Flag::Auto),
-            Raw::S(s) => Err(serde::de::Error::custom(format!("expected true, false or auto, got {s:?}"))),
+            Raw::S(s) => Err(serde::de::Error::custom(format!(
+                "expected true, false or auto, got {s:?}"
+            ))),
         }
     }
 }
@@ -49,7 +51,10 @@ fn number_or_string<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64,
     }
     match Raw::deserialize(d)? {
         Raw::F(f) => Ok(f),
-        Raw::S(s) => s.trim().parse().map_err(|_| serde::de::Error::custom(format!("{s:?} is not a number"))),
+        Raw::S(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a number"))),
     }
 }
 
@@ -254,7 +259,9 @@ impl Config {
         let mut value: serde_yaml::Value =
             serde_yaml::from_str(text).map_err(|e| Error::Config(format!("the file is not valid YAML: {e}")))?;
         if value.is_null() {
-            return Err(Error::Config("the config is empty; `base_model`, `datasets` and `learning_rate` are required".into()));
+            return Err(Error::Config(
+                "the config is empty; `base_model`, `datasets` and `learning_rate` are required".into(),
+            ));
         }
         for o in overrides {
             keys::apply_override(&mut value, o)?;
@@ -281,7 +288,10 @@ impl Config {
     /// The LoRA target modules after `lora_target_linear` and PEFT's Llama default.
     pub fn lora_targets(&self) -> Vec<String> {
         if self.lora_target_linear {
-            return crate::model::llama::LINEAR_MODULES.iter().map(|s| s.to_string()).collect();
+            return crate::model::llama::LINEAR_MODULES
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         }
         match &self.lora_target_modules {
             Some(t) => t.clone(),

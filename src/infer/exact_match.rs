@@ -78,18 +78,34 @@ pub fn references(spec: &DatasetSpec, tok: &Tokenizer, limit: usize) -> Result<V
                     .as_array()
                     .ok_or_else(|| Error::Data(format!("{}: a row has no `{field}` list", spec.path)))?
                     .iter()
-                    .map(|m| Message::new(m[&role_key].as_str().unwrap_or(""), m[&content_key].as_str().unwrap_or("")))
+                    .map(|m| {
+                        Message::new(
+                            m[&role_key].as_str().unwrap_or(""),
+                            m[&content_key].as_str().unwrap_or(""),
+                        )
+                    })
                     .collect();
-                let Some(last) = msgs.iter().rposition(|m| m.role == "assistant") else { continue };
+                let Some(last) = msgs.iter().rposition(|m| m.role == "assistant") else {
+                    continue;
+                };
                 let text = template.render(&msgs[..last], true, &vars)?;
-                out.push(Reference { prompt: tok.encode(&text, false)?, answer: msgs[last].content.clone() });
+                out.push(Reference {
+                    prompt: tok.encode(&text, false)?,
+                    answer: msgs[last].content.clone(),
+                });
             }
         }
         DatasetType::Alpaca => {
             for row in rows(Path::new(&spec.path))?.into_iter().take(limit) {
                 let s = |k: &str| row[k].as_str().unwrap_or("").to_string();
-                let text = crate::data::formats::alpaca::prompt(&s("instruction"), Some(s("input").as_str()).filter(|i| !i.is_empty()));
-                out.push(Reference { prompt: tok.encode(&text, true)?, answer: s("output") });
+                let text = crate::data::formats::alpaca::prompt(
+                    &s("instruction"),
+                    Some(s("input").as_str()).filter(|i| !i.is_empty()),
+                );
+                out.push(Reference {
+                    prompt: tok.encode(&text, true)?,
+                    answer: s("output"),
+                });
             }
         }
         other => {
@@ -103,15 +119,28 @@ pub fn references(spec: &DatasetSpec, tok: &Tokenizer, limit: usize) -> Result<V
 }
 
 /// Generates an answer for every reference and counts exact matches.
-pub fn exact_match(gen: &mut Generator, tok: &Tokenizer, refs: &[Reference], max_new_tokens: usize) -> Result<ExactMatch> {
+pub fn exact_match(
+    gen: &mut Generator,
+    tok: &Tokenizer,
+    refs: &[Reference],
+    max_new_tokens: usize,
+) -> Result<ExactMatch> {
     let mut stop: Vec<u32> = tok.eos_id().into_iter().collect();
     for t in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>"] {
         stop.extend(tok.token_to_id(t));
     }
-    let opts = GenerateOptions { max_new_tokens, stop_ids: stop, ..Default::default() };
+    let opts = GenerateOptions {
+        max_new_tokens,
+        stop_ids: stop,
+        ..Default::default()
+    };
     let prompts: Vec<Vec<u32>> = refs.iter().map(|r| r.prompt.clone()).collect();
     let outs = gen.generate(&prompts, &opts)?;
-    let mut m = ExactMatch { correct: 0, total: refs.len(), examples: Vec::new() };
+    let mut m = ExactMatch {
+        correct: 0,
+        total: refs.len(),
+        examples: Vec::new(),
+    };
     for (r, o) in refs.iter().zip(outs) {
         let got = tok.decode(&o, true)?;
         if got.trim() == r.answer.trim() {

@@ -25,7 +25,13 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids: Vec::new() }
+        GenerateOptions {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop_ids: Vec::new(),
+        }
     }
 }
 
@@ -48,7 +54,10 @@ struct GenGraphHandles {
 /// The cache writes a pass needs (they are effects: nothing reads their outputs' values
 /// except the attention of the same pass).
 fn cache_writes(g: &crate::graph::Graph, from: usize, to: usize) -> Vec<NodeId> {
-    (from..to).filter(|&i| g.nodes[i].op == Op::CacheWrite).map(|i| NodeId(i as u32)).collect()
+    (from..to)
+        .filter(|&i| g.nodes[i].op == Op::CacheWrite)
+        .map(|i| NodeId(i as u32))
+        .collect()
 }
 
 impl Generator {
@@ -72,8 +81,20 @@ impl Generator {
         ];
         let mut ex = Executor::new(gg.graph.clone(), backend, &specs)?;
         load_weights(&mut ex, &gg.weights, gg.inv_freq, cfg, weights)?;
-        let handles = GenGraphHandles { prefill: gg.prefill, decode: gg.decode, prefill_prog: 0, decode_prog: 1 };
-        Ok(Generator { ex, g: handles, rows, prompt_len, max_len, vocab: cfg.vocab_size })
+        let handles = GenGraphHandles {
+            prefill: gg.prefill,
+            decode: gg.decode,
+            prefill_prog: 0,
+            decode_prog: 1,
+        };
+        Ok(Generator {
+            ex,
+            g: handles,
+            rows,
+            prompt_len,
+            max_len,
+            vocab: cfg.vocab_size,
+        })
     }
 
     pub fn executor(&self) -> &Executor {
@@ -85,7 +106,13 @@ impl Generator {
         let slots: Vec<i32> = pos
             .iter()
             .enumerate()
-            .map(|(i, &p)| if p < 0 { -1 } else { (i / pass.seq_len * self.max_len) as i32 + p })
+            .map(|(i, &p)| {
+                if p < 0 {
+                    -1
+                } else {
+                    (i / pass.seq_len * self.max_len) as i32 + p
+                }
+            })
             .collect();
         let (a, b, c, d) = (
             HostTensor::from_i32(&[n], ids),
@@ -93,8 +120,15 @@ impl Generator {
             HostTensor::from_i32(&[n], &slots),
             HostTensor::from_i32(&[last.len()], last),
         );
-        let out =
-            self.ex.run(prog, &[(pass.input_ids, &a), (pass.positions, &b), (pass.slots, &c), (pass.last, &d)])?;
+        let out = self.ex.run(
+            prog,
+            &[
+                (pass.input_ids, &a),
+                (pass.positions, &b),
+                (pass.slots, &c),
+                (pass.last, &d),
+            ],
+        )?;
         Ok(out[0].to_f32())
     }
 
@@ -109,11 +143,19 @@ impl Generator {
         Ok(all)
     }
 
-    fn generate_batch(&mut self, prompts: &[Vec<u32>], opts: &GenerateOptions, rng: &mut rand_chacha::ChaCha8Rng) -> Result<Vec<Vec<u32>>> {
+    fn generate_batch(
+        &mut self,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+        rng: &mut rand_chacha::ChaCha8Rng,
+    ) -> Result<Vec<Vec<u32>>> {
         let (rows, t) = (self.rows, self.prompt_len);
         for p in prompts {
             if p.is_empty() || p.len() > t {
-                return Err(crate::msg!("a prompt has {} tokens; this generator takes 1 to {t}", p.len()));
+                return Err(crate::msg!(
+                    "a prompt has {} tokens; this generator takes 1 to {t}",
+                    p.len()
+                ));
             }
         }
         let mut ids = vec![0i32; rows * t];
@@ -129,8 +171,12 @@ impl Generator {
         let logits = self.run_pass(self.g.prefill, self.g.prefill_prog, &ids, &pos, &last)?;
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
         let mut done = vec![false; prompts.len()];
-        let mut next: Vec<u32> = (0..prompts.len()).map(|r| pick(&logits[r * self.vocab..(r + 1) * self.vocab], opts, rng)).collect();
-        let budget = opts.max_new_tokens.min(self.max_len - prompts.iter().map(|p| p.len()).max().unwrap_or(0));
+        let mut next: Vec<u32> = (0..prompts.len())
+            .map(|r| pick(&logits[r * self.vocab..(r + 1) * self.vocab], opts, rng))
+            .collect();
+        let budget = opts
+            .max_new_tokens
+            .min(self.max_len - prompts.iter().map(|p| p.len()).max().unwrap_or(0));
         for step in 0..budget {
             for r in 0..prompts.len() {
                 if !done[r] {
@@ -164,13 +210,22 @@ impl Generator {
 
 /// Greedy (temperature 0) or nucleus sampling (Holtzman et al. 2020).
 fn pick(logits: &[f32], opts: &GenerateOptions, rng: &mut rand_chacha::ChaCha8Rng) -> u32 {
-    let argmax = || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+            .0 as u32
+    };
     if opts.temperature <= 0.0 {
         return argmax();
     }
     let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<(usize, f64)> =
-        logits.iter().enumerate().map(|(i, &v)| (i, ((v as f64 - m) / opts.temperature).exp())).collect();
+    let mut probs: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i, ((v as f64 - m) / opts.temperature).exp()))
+        .collect();
     let z: f64 = probs.iter().map(|p| p.1).sum();
     probs.iter_mut().for_each(|p| p.1 /= z);
     probs.sort_by(|a, b| b.1.total_cmp(&a.1));

@@ -182,7 +182,14 @@ impl Builder<'_> {
         self.g.rms_norm(x, w, self.cfg.rms_norm_eps)
     }
     /// Embedding, decoder layers and the final norm: the hidden state of every token.
-    fn forward(&mut self, ids: TensorId, positions: TensorId, inv_freq: TensorId, rope_scale: f64, attend: &Attend) -> Result<TensorId> {
+    fn forward(
+        &mut self,
+        ids: TensorId,
+        positions: TensorId,
+        inv_freq: TensorId,
+        rope_scale: f64,
+        attend: &Attend,
+    ) -> Result<TensorId> {
         let cfg = self.cfg;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -249,8 +256,14 @@ impl Builder<'_> {
 
 /// How a pass attends: within packed segments (training), or over a KV cache (generation).
 enum Attend {
-    Packed { segments: TensorId },
-    Cached { caches: Vec<(TensorId, TensorId)>, slots: TensorId, seq_len: usize },
+    Packed {
+        segments: TensorId,
+    },
+    Cached {
+        caches: Vec<(TensorId, TensorId)>,
+        slots: TensorId,
+        seq_len: usize,
+    },
 }
 
 /// Trainable tensors are kept in f32 (f64 in gradient checks).
@@ -289,7 +302,13 @@ pub fn build(cfg: &ModelConfig, opts: &BuildOptions) -> Result<ModelGraph> {
     }
     let rope = cfg.rope_init();
     let inv_freq = b.g.constant("rope.inv_freq", &[cfg.head_dim / 2], DType::F32);
-    let mut x = b.forward(input_ids, positions, inv_freq, rope.attention_scaling as f64, &Attend::Packed { segments })?;
+    let mut x = b.forward(
+        input_ids,
+        positions,
+        inv_freq,
+        rope.attention_scaling as f64,
+        &Attend::Packed { segments },
+    )?;
     let (loss_index, k) = match opts.loss_rows {
         Some(k) => {
             let idx = b.g.input("loss_index", &[k], DType::I32);
@@ -362,7 +381,14 @@ impl GenGraph {
 
 /// Builds a generation graph for `rows` prompts of up to `prompt_len` tokens and a
 /// cache of `max_len` positions.
-pub fn build_generation(cfg: &ModelConfig, rows: usize, prompt_len: usize, max_len: usize, weight_dtype: DType, act_dtype: DType) -> Result<GenGraph> {
+pub fn build_generation(
+    cfg: &ModelConfig,
+    rows: usize,
+    prompt_len: usize,
+    max_len: usize,
+    weight_dtype: DType,
+    act_dtype: DType,
+) -> Result<GenGraph> {
     let opts = BuildOptions {
         rows,
         seq_len: prompt_len,
@@ -384,21 +410,41 @@ pub fn build_generation(cfg: &ModelConfig, rows: usize, prompt_len: usize, max_l
         .collect();
     let rope = cfg.rope_init();
     let inv_freq = b.g.constant("rope.inv_freq", &[cfg.head_dim / 2], DType::F32);
-    let mut pass = |b: &mut Builder, name: &str, seq_len: usize| -> Result<GenPass> {
+    let pass = |b: &mut Builder, name: &str, seq_len: usize| -> Result<GenPass> {
         let n = rows * seq_len;
         let input_ids = b.g.input(&format!("{name}.input_ids"), &[n], DType::I32);
         let positions = b.g.input(&format!("{name}.position_ids"), &[n], DType::I32);
         let slots = b.g.input(&format!("{name}.slots"), &[n], DType::I32);
         let last = b.g.input(&format!("{name}.last"), &[rows], DType::I32);
-        let attend = Attend::Cached { caches: caches.clone(), slots, seq_len };
+        let attend = Attend::Cached {
+            caches: caches.clone(),
+            slots,
+            seq_len,
+        };
         let x = b.forward(input_ids, positions, inv_freq, rope.attention_scaling as f64, &attend)?;
         let x = b.g.embedding(x, last)?;
         let logits = b.head(x)?;
-        Ok(GenPass { seq_len, input_ids, positions, slots, last, logits })
+        Ok(GenPass {
+            seq_len,
+            input_ids,
+            positions,
+            slots,
+            last,
+            logits,
+        })
     };
     let prefill = pass(&mut b, "prefill", prompt_len)?;
     let decode = pass(&mut b, "decode", 1)?;
-    Ok(GenGraph { graph: b.g, config: cfg.clone(), rows, max_len, prefill, decode, inv_freq, weights: b.weights })
+    Ok(GenGraph {
+        graph: b.g,
+        config: cfg.clone(),
+        rows,
+        max_len,
+        prefill,
+        decode,
+        inv_freq,
+        weights: b.weights,
+    })
 }
 
 /// Next-token targets for packed rows: position `i` predicts token `i + 1` of the same

@@ -260,10 +260,16 @@ pub fn cpu_backward<T: Real>(
 
 pub fn infer_cache_write(cache: &TensorInfo, x: &TensorInfo, slot: &TensorInfo) -> Infer {
     if cache.shape.len() != 3 || x.shape.len() != 2 || x.shape[1] != cache.shape[2] {
-        return Err(format!("cache must be [B, T, W] and x [N, W]; got {:?} and {:?}", cache.shape, x.shape));
+        return Err(format!(
+            "cache must be [B, T, W] and x [N, W]; got {:?} and {:?}",
+            cache.shape, x.shape
+        ));
     }
     if slot.shape != [x.shape[0]] || slot.dtype != DType::I32 {
-        return Err(format!("slots must be [{}] i32, got {:?} {}", x.shape[0], slot.shape, slot.dtype));
+        return Err(format!(
+            "slots must be [{}] i32, got {:?} {}",
+            x.shape[0], slot.shape, slot.dtype
+        ));
     }
     if cache.dtype != x.dtype {
         return Err(format!("cache dtype {} differs from x's {}", cache.dtype, x.dtype));
@@ -275,11 +281,21 @@ impl AttnSpec {
     pub fn infer_cached(&self, q: &TensorInfo, kc: &TensorInfo, vc: &TensorInfo, pos: &TensorInfo) -> Infer {
         let (hq, hk, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         if kc.shape.len() != 3 || kc.shape[2] != hk * d || vc.shape != kc.shape {
-            return Err(format!("caches must be [B, T, {}], got {:?} and {:?}", hk * d, kc.shape, vc.shape));
+            return Err(format!(
+                "caches must be [B, T, {}], got {:?} and {:?}",
+                hk * d,
+                kc.shape,
+                vc.shape
+            ));
         }
         let b = kc.shape[0];
         if q.shape.len() != 2 || q.shape[1] != hq * d || q.shape[0] != b * self.seq_len {
-            return Err(format!("q must be [{b}*{}, {}], got {:?}", self.seq_len, hq * d, q.shape));
+            return Err(format!(
+                "q must be [{b}*{}, {}], got {:?}",
+                self.seq_len,
+                hq * d,
+                q.shape
+            ));
         }
         if pos.shape != [q.shape[0]] || pos.dtype != DType::I32 {
             return Err(format!("positions must be [{}] i32", q.shape[0]));

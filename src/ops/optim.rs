@@ -73,7 +73,10 @@ pub fn infer_accumulate(acc: &TensorInfo, g: &TensorInfo) -> Infer {
 
 /// Sum of squares in fixed-size chunks, so the result does not depend on thread timing.
 pub fn sum_squares<T: Real>(x: &[T]) -> f64 {
-    let parts: Vec<f64> = x.par_chunks(4096).map(|c| c.iter().map(|v| v.f64() * v.f64()).sum()).collect();
+    let parts: Vec<f64> = x
+        .par_chunks(4096)
+        .map(|c| c.iter().map(|v| v.f64() * v.f64()).sum())
+        .collect();
     parts.iter().sum()
 }
 
@@ -81,7 +84,11 @@ pub fn sum_squares<T: Real>(x: &[T]) -> f64 {
 pub fn clip_coef(sumsq: f64, max_norm: f64) -> (f64, f64) {
     let norm = sumsq.sqrt();
     // NaN marks an overflowed gradient (f64::min would silently return 1).
-    let coef = if norm.is_finite() { (max_norm / (norm + 1e-6)).min(1.0) } else { f64::NAN };
+    let coef = if norm.is_finite() {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        f64::NAN
+    };
     (norm, coef)
 }
 

@@ -22,7 +22,10 @@ impl StepInputs {
 
 /// Number of positions that predict a label in a batch.
 pub fn count_targets(b: &PackedBatch) -> usize {
-    b.shifted_targets().iter().filter(|&&t| t != crate::data::IGNORE_INDEX).count()
+    b.shifted_targets()
+        .iter()
+        .filter(|&&t| t != crate::data::IGNORE_INDEX)
+        .count()
 }
 
 /// Builds ids, positions, segments and targets (gathered to the model's `loss_rows` when
@@ -57,7 +60,11 @@ pub fn model_inputs(m: &ModelGraph, b: &PackedBatch) -> crate::Result<StepInputs
         }
         _ => tensors.push((m.targets, HostTensor::from_i32(&[n], &targets))),
     }
-    Ok(StepInputs { tensors, label_tokens, tokens: b.n_tokens })
+    Ok(StepInputs {
+        tensors,
+        label_tokens,
+        tokens: b.n_tokens,
+    })
 }
 
 /// A 32-bit dropout seed for micro-batch `micro_step` of a run seeded with `seed`.

@@ -54,7 +54,11 @@ pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
 pub fn write(output_dir: &Path, ck: &Checkpoint) -> Result<PathBuf> {
     std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
     let final_dir = checkpoint_dir(output_dir, ck.state.global_step);
-    let tmp = output_dir.join(format!(".checkpoint-{}.tmp-{}", ck.state.global_step, std::process::id()));
+    let tmp = output_dir.join(format!(
+        ".checkpoint-{}.tmp-{}",
+        ck.state.global_step,
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     let result = (|| -> Result<()> {
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -69,7 +73,11 @@ pub fn write(output_dir: &Path, ck: &Checkpoint) -> Result<PathBuf> {
         let state = serde_json::to_vec_pretty(ck.state).expect("serializable");
         crate::model::atomic::write_atomic(&tmp.join(TRAINER_STATE), &state)?;
         if final_dir.exists() {
-            let old = output_dir.join(format!(".checkpoint-{}.old-{}", ck.state.global_step, std::process::id()));
+            let old = output_dir.join(format!(
+                ".checkpoint-{}.old-{}",
+                ck.state.global_step,
+                std::process::id()
+            ));
             std::fs::rename(&final_dir, &old).map_err(|e| Error::io(&final_dir, e))?;
             std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
             let _ = std::fs::remove_dir_all(&old);
@@ -117,9 +125,7 @@ pub fn rotate(output_dir: &Path, limit: usize) -> Result<()> {
 
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let p = dir.join(TRAINER_STATE);
-    let text = std::fs::read_to_string(&p).map_err(|e| {
-        Error::io(&p, e)
-    })?;
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
     serde_json::from_str(&text).map_err(|e| Error::format(&p, format!("not a ferrotune trainer state: {e}")))
 }
 
@@ -132,7 +138,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ft-ck-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         for step in [2u64, 4, 6] {
-            let state = TrainerState { global_step: step, ..Default::default() };
+            let state = TrainerState {
+                global_step: step,
+                ..Default::default()
+            };
             let t = HostTensor::from_f32(&[2], &[1.0, step as f32]);
             let ck = Checkpoint {
                 weights: vec![("adapter_model.safetensors", vec![("w".into(), t.clone())])],

@@ -45,8 +45,12 @@ pub struct TrainSummary {
 }
 
 /// Tokenizer files copied next to every output so it loads on its own.
-const TOKENIZER_FILES: &[&str] =
-    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
 
 /// Everything a run loads before the first step.
 pub struct Prepared {
@@ -59,9 +63,17 @@ pub struct Prepared {
 /// Opens the base model: converted from GGUF if needed, config, tokenizer, weights.
 pub fn open_model(cfg: &Config) -> Result<Prepared> {
     let model_dir = resolve_model_dir(&cfg.base_model)?;
-    let config_path = cfg.base_model_config.as_ref().map(PathBuf::from).unwrap_or_else(|| model_dir.join("config.json"));
+    let config_path = cfg
+        .base_model_config
+        .as_ref()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| model_dir.join("config.json"));
     let model_config = ModelConfig::from_file(&config_path)?;
-    let tok_dir = cfg.tokenizer_config.as_ref().map(PathBuf::from).unwrap_or_else(|| model_dir.clone());
+    let tok_dir = cfg
+        .tokenizer_config
+        .as_ref()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| model_dir.clone());
     let mut tokenizer = Tokenizer::from_dir(&tok_dir)?;
     if let Some(s) = &cfg.special_tokens {
         tokenizer.set_special_tokens(&crate::data::SpecialTokens {
@@ -76,7 +88,12 @@ pub fn open_model(cfg: &Config) -> Result<Prepared> {
     } else {
         WeightStore::open(&model_dir.join("model.safetensors"))?
     };
-    Ok(Prepared { model_dir, model_config, tokenizer, store })
+    Ok(Prepared {
+        model_dir,
+        model_config,
+        tokenizer,
+        store,
+    })
 }
 
 pub fn pad_id(tok: &Tokenizer) -> Result<u32> {
@@ -89,7 +106,12 @@ pub fn pad_id(tok: &Tokenizer) -> Result<u32> {
 pub fn prepare_data(cfg: &Config, tok: &Tokenizer) -> Result<crate::data::PreparedData> {
     let mut data = prepare(&cfg.datasets, &cfg.data, tok)?;
     if !cfg.test_datasets.is_empty() {
-        let opts = crate::data::DataOptions { val_set_size: 0.0, shuffle: false, dataset_prepared_path: None, ..cfg.data.clone() };
+        let opts = crate::data::DataOptions {
+            val_set_size: 0.0,
+            shuffle: false,
+            dataset_prepared_path: None,
+            ..cfg.data.clone()
+        };
         let test = prepare(&cfg.test_datasets, &opts, tok)?;
         data.stats.eval_samples = test.train.len();
         data.eval = test.train;
@@ -124,18 +146,30 @@ pub fn build_trainer(cfg: &Config, p: &Prepared, cb: &mut dyn Callback) -> Resul
     };
     if let Some(dir) = resume {
         let state = checkpoint::read_state(&dir)?;
-        let weights_file = if cfg.is_lora() { ADAPTER_WEIGHTS } else { "model.safetensors" };
+        let weights_file = if cfg.is_lora() {
+            ADAPTER_WEIGHTS
+        } else {
+            "model.safetensors"
+        };
         let trained = read_all(&dir.join(weights_file))?;
         let optimizer = read_all(&dir.join(checkpoint::OPTIMIZER_STATE))?;
         trainer.restore(&trained, &optimizer, state)?;
-        cb.on_message(&format!("resumed from {} at step {}", dir.display(), trainer.state.global_step));
+        cb.on_message(&format!(
+            "resumed from {} at step {}",
+            dir.display(),
+            trainer.state.global_step
+        ));
     }
     Ok(trainer)
 }
 
 fn read_all(path: &Path) -> Result<BTreeMap<String, crate::HostTensor>> {
     let store = WeightStore::open(path)?;
-    store.names().iter().map(|n| Ok((n.to_string(), store.get_raw(n)?))).collect()
+    store
+        .names()
+        .iter()
+        .map(|n| Ok((n.to_string(), store.get_raw(n)?)))
+        .collect()
 }
 
 /// Appends one JSON object per line to `output_dir/metrics.jsonl`.
@@ -147,7 +181,11 @@ impl Metrics {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let p = dir.join("metrics.jsonl");
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(|e| Error::io(&p, e))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
         Ok(Metrics { file })
     }
     pub fn write(&mut self, v: &impl serde::Serialize) {
@@ -170,12 +208,20 @@ pub fn save_checkpoint(t: &mut Trainer, p: &Prepared) -> Result<PathBuf> {
             ADAPTER_WEIGHTS
         }
         None => {
-            files.push(("config.json", serde_json::to_vec_pretty(&p.model_config.to_json()).expect("json")));
+            files.push((
+                "config.json",
+                serde_json::to_vec_pretty(&p.model_config.to_json()).expect("json"),
+            ));
             "model.safetensors"
         }
     };
     let state = t.state.clone();
-    let ck = Checkpoint { weights: vec![(weights_file, trained)], optimizer, state: &state, files };
+    let ck = Checkpoint {
+        weights: vec![(weights_file, trained)],
+        optimizer,
+        state: &state,
+        files,
+    };
     let dir = checkpoint::write(&cfg.output_dir, &ck)?;
     if let Some(limit) = cfg.save_total_limit {
         checkpoint::rotate(&cfg.output_dir, limit.max(1))?;
@@ -264,7 +310,11 @@ pub fn train(cfg: &Config, cb: &mut dyn Callback) -> Result<TrainSummary> {
     }
     if !interrupted {
         save_outputs(&mut t, &p)?;
-        cb.on_message(&format!("saved the trained {} to {}", if cfg.is_lora() { "adapter" } else { "model" }, cfg.output_dir.display()));
+        cb.on_message(&format!(
+            "saved the trained {} to {}",
+            if cfg.is_lora() { "adapter" } else { "model" },
+            cfg.output_dir.display()
+        ));
     }
     let seconds = super::trainer::now() - start;
     let summary = TrainSummary {

@@ -42,7 +42,13 @@ mod tests {
     use super::*;
 
     fn sched(kind: Scheduler, warmup: u64) -> LrSchedule {
-        LrSchedule { kind, base_lr: 1.0, warmup_steps: warmup, total_steps: 10, min_lr_ratio: 0.0 }
+        LrSchedule {
+            kind,
+            base_lr: 1.0,
+            warmup_steps: warmup,
+            total_steps: 10,
+            min_lr_ratio: 0.0,
+        }
     }
 
     // Values of transformers' get_{linear,cosine,constant}_schedule_with_warmup at
@@ -59,7 +65,10 @@ mod tests {
         assert!((cos.lambda(2) - 1.0).abs() < 1e-12);
         assert!((cos.lambda(6) - 0.5).abs() < 1e-12);
         assert!((cos.lambda(10) - 0.0).abs() < 1e-12);
-        let with_min = LrSchedule { min_lr_ratio: 0.1, ..cos.clone() };
+        let with_min = LrSchedule {
+            min_lr_ratio: 0.1,
+            ..cos.clone()
+        };
         assert!((with_min.lambda(10) - 0.1).abs() < 1e-12);
         assert_eq!(sched(Scheduler::Constant, 2).lambda(0), 1.0);
         assert_eq!(sched(Scheduler::ConstantWithWarmup, 2).lambda(0), 0.0);

@@ -29,7 +29,9 @@ impl WeightSource for std::collections::BTreeMap<String, HostTensor> {
         self.contains_key(name)
     }
     fn get_shaped(&self, name: &str, shape: &[usize], dtype: DType) -> Result<HostTensor> {
-        let t = self.get(name).ok_or_else(|| crate::msg!("the weights have no tensor named {name}"))?;
+        let t = self
+            .get(name)
+            .ok_or_else(|| crate::msg!("the weights have no tensor named {name}"))?;
         if t.shape != shape {
             return Err(crate::msg!("{name}: expected shape {shape:?}, found {:?}", t.shape));
         }
@@ -48,7 +50,10 @@ pub struct Precision {
 
 impl Precision {
     /// f32 everywhere: the CPU backend, and reference runs.
-    pub const F32: Precision = Precision { weights: DType::F32, activations: DType::F32 };
+    pub const F32: Precision = Precision {
+        weights: DType::F32,
+        activations: DType::F32,
+    };
 }
 
 /// Fills every base weight of a training graph from `src`, and the rotary frequencies.
@@ -97,7 +102,10 @@ pub fn check_model_dir(dir: &std::path::Path) -> Result<()> {
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(Error::format(dir, format!("not a model folder: missing {}", missing.join(", "))))
+        Err(Error::format(
+            dir,
+            format!("not a model folder: missing {}", missing.join(", ")),
+        ))
     }
 }
 

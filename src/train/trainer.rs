@@ -106,7 +106,12 @@ fn max_label_rows(sched: &BatchSchedule, samples: &[crate::data::Sample], epochs
     let mut k = 0;
     for e in 0..epochs {
         for mb in sched.epoch(e).micro_batches() {
-            k = k.max(super::batches::count_targets(&collate(samples, mb, sched.layout(), pad)?));
+            k = k.max(super::batches::count_targets(&collate(
+                samples,
+                mb,
+                sched.layout(),
+                pad,
+            )?));
         }
     }
     Ok(k)
@@ -129,13 +134,24 @@ pub struct RunPlan {
 
 impl RunPlan {
     /// Schedules the data, sizes the step graph and builds it.
-    pub fn new(cfg: Config, model: &ModelConfig, precision: Precision, data: PreparedData, pad_id: u32, base_name: &str) -> Result<Self> {
+    pub fn new(
+        cfg: Config,
+        model: &ModelConfig,
+        precision: Precision,
+        data: PreparedData,
+        pad_id: u32,
+        base_name: &str,
+    ) -> Result<Self> {
         let sched_opts = ScheduleOptions::new(&cfg.data, cfg.gradient_accumulation_steps);
         let schedule = BatchSchedule::new(&data.train, sched_opts.clone())?;
         let eval_schedule = if data.eval.is_empty() {
             None
         } else {
-            let o = ScheduleOptions { shuffle: false, gradient_accumulation_steps: 1, ..sched_opts };
+            let o = ScheduleOptions {
+                shuffle: false,
+                gradient_accumulation_steps: 1,
+                ..sched_opts
+            };
             Some(BatchSchedule::new(&data.eval, o)?)
         };
         let steps_per_epoch = schedule.steps_in_epoch(0).max(1) as u64;
@@ -192,7 +208,8 @@ impl RunPlan {
     /// Parameter counts: (all, trainable).
     pub fn parameter_counts(&self) -> (u64, u64) {
         let g = &self.tg.model.graph;
-        let count = |ts: &mut dyn Iterator<Item = &crate::graph::TensorId>| ts.map(|&t| g.info(t).numel() as u64).sum::<u64>();
+        let count =
+            |ts: &mut dyn Iterator<Item = &crate::graph::TensorId>| ts.map(|&t| g.info(t).numel() as u64).sum::<u64>();
         let trainable = count(&mut self.tg.model.trainable.iter());
         let base = count(&mut self.tg.model.weights.iter().map(|(_, t)| t));
         let lora = count(&mut self.tg.model.lora.iter().flat_map(|p| [&p.a, &p.b]));
@@ -207,13 +224,31 @@ impl RunPlan {
 impl Trainer {
     /// Allocates the plan on a backend, loads the weights and initialises the adapters.
     pub fn new(plan: RunPlan, backend: Box<dyn Backend>, weights: &dyn WeightSource) -> Result<Self> {
-        let RunPlan { cfg, tg, data, schedule, eval_schedule, steps_per_epoch, total_steps, epochs, pad_id, opt, base_name } = plan;
+        let RunPlan {
+            cfg,
+            tg,
+            data,
+            schedule,
+            eval_schedule,
+            steps_per_epoch,
+            total_steps,
+            epochs,
+            pad_id,
+            opt,
+            base_name,
+        } = plan;
         let device = backend.device_info();
         let mut ex = Executor::new(tg.model.graph.clone(), backend, &tg.programs())?;
-        let progs = [ex.program_index(TRAIN)?, ex.program_index(OPTIMIZER)?, ex.program_index(EVAL)?];
+        let progs = [
+            ex.program_index(TRAIN)?,
+            ex.program_index(OPTIMIZER)?,
+            ex.program_index(EVAL)?,
+        ];
         load_base_weights(&mut ex, &tg.model, weights)?;
         let lora = lora_options(&cfg);
-        let adapter = lora.as_ref().map(|l| AdapterConfig::new(l, &base_name, &tg.model.opts.modules_to_save));
+        let adapter = lora
+            .as_ref()
+            .map(|l| AdapterConfig::new(l, &base_name, &tg.model.opts.modules_to_save));
         let warmup = match (cfg.warmup_steps, cfg.warmup_ratio) {
             (Some(w), _) => w,
             (None, Some(r)) => (r * total_steps as f64).ceil() as u64,
@@ -229,7 +264,8 @@ impl Trainer {
         let layout = schedule.layout();
         let first = schedule.epoch(0);
         let g = &tg.model.graph;
-        let count = |ts: &mut dyn Iterator<Item = &crate::graph::TensorId>| ts.map(|&t| g.info(t).numel() as u64).sum::<u64>();
+        let count =
+            |ts: &mut dyn Iterator<Item = &crate::graph::TensorId>| ts.map(|&t| g.info(t).numel() as u64).sum::<u64>();
         let trainable_parameters = count(&mut tg.model.trainable.iter());
         let base = count(&mut tg.model.weights.iter().map(|(_, t)| t));
         let lora_params = count(&mut tg.model.lora.iter().flat_map(|p| [&p.a, &p.b]));
@@ -311,10 +347,16 @@ impl Trainer {
             let (a, b) = match &loaded {
                 Some((c, tensors)) => {
                     if c.r != r {
-                        return Err(Error::Config(format!("lora_model_dir: the adapter has r={}, the config lora_r={r}", c.r)));
+                        return Err(Error::Config(format!(
+                            "lora_model_dir: the adapter has r={}, the config lora_r={r}",
+                            c.r
+                        )));
                     }
                     let get = |k: String, shape: &[usize]| tensors.get_shaped(&k, shape, dt);
-                    (get(lora::lora_a_key(&p.module), &[r, p.in_features])?, get(lora::lora_b_key(&p.module), &[p.out_features, r])?)
+                    (
+                        get(lora::lora_a_key(&p.module), &[r, p.in_features])?,
+                        get(lora::lora_b_key(&p.module), &[p.out_features, r])?,
+                    )
                 }
                 None => lora::init_pair(p, r, self.cfg.data.seed, i, dt),
             };
@@ -342,13 +384,25 @@ impl Trainer {
             let plan = self.epoch_plan(epoch as usize);
             if let Some(step) = plan.steps.get(step_in_epoch as usize) {
                 let mbs = step.micro_batches.clone();
-                return mbs.iter().map(|mb| collate(&self.data.train, mb, layout, pad)).collect::<Result<Vec<_>>>().map(Some);
+                return mbs
+                    .iter()
+                    .map(|mb| collate(&self.data.train, mb, layout, pad))
+                    .collect::<Result<Vec<_>>>()
+                    .map(Some);
             }
-            self.state.position = DataPosition { epoch: epoch + 1, step_in_epoch: 0 };
+            self.state.position = DataPosition {
+                epoch: epoch + 1,
+                step_in_epoch: 0,
+            };
         }
     }
 
-    fn run_inputs(&mut self, prog: usize, inp: &StepInputs, extra: &[(crate::graph::TensorId, HostTensor)]) -> Result<(f64, f64)> {
+    fn run_inputs(
+        &mut self,
+        prog: usize,
+        inp: &StepInputs,
+        extra: &[(crate::graph::TensorId, HostTensor)],
+    ) -> Result<(f64, f64)> {
         let mut feed = inp.feed();
         feed.extend(extra.iter().map(|(t, v)| (*t, v)));
         let out = self.ex.run(self.progs[prog], &feed)?;
@@ -369,7 +423,10 @@ impl Trainer {
             self.total_steps = self.state.global_step;
             return Ok(None);
         };
-        let inputs: Vec<StepInputs> = batches.iter().map(|b| model_inputs(&self.tg.model, b)).collect::<Result<_>>()?;
+        let inputs: Vec<StepInputs> = batches
+            .iter()
+            .map(|b| model_inputs(&self.tg.model, b))
+            .collect::<Result<_>>()?;
         let labels: usize = inputs.iter().map(|i| i.label_tokens).sum();
         let tokens: usize = inputs.iter().map(|i| i.tokens).sum();
         let step = self.state.global_step + 1;
@@ -453,7 +510,8 @@ impl Trainer {
     fn zero_grads(&mut self) -> Result<()> {
         for s in self.tg.params.clone() {
             let info = self.ex.graph().info(s.grad_acc).clone();
-            self.ex.set_tensor(s.grad_acc, &HostTensor::zeros(&info.shape, info.dtype))?;
+            self.ex
+                .set_tensor(s.grad_acc, &HostTensor::zeros(&info.shape, info.dtype))?;
         }
         Ok(())
     }
@@ -463,8 +521,10 @@ impl Trainer {
         let Some(es) = &self.eval_schedule else { return Ok(None) };
         let plan = es.epoch(0);
         let layout = es.layout();
-        let batches: Vec<PackedBatch> =
-            plan.micro_batches().map(|mb| collate(&self.data.eval, mb, layout, self.pad_id)).collect::<Result<_>>()?;
+        let batches: Vec<PackedBatch> = plan
+            .micro_batches()
+            .map(|mb| collate(&self.data.eval, mb, layout, self.pad_id))
+            .collect::<Result<_>>()?;
         let (mut sum, mut count) = (0.0, 0.0);
         for b in &batches {
             let inp = model_inputs(&self.tg.model, b)?;
@@ -477,8 +537,14 @@ impl Trainer {
             sum += l;
             count += c;
         }
-        let r = EvalReport { step: self.state.global_step, eval_loss: sum / count.max(1.0), eval_label_tokens: count as u64 };
-        self.state.log_history.push(serde_json::json!({"step": r.step, "eval_loss": r.eval_loss}));
+        let r = EvalReport {
+            step: self.state.global_step,
+            eval_loss: sum / count.max(1.0),
+            eval_label_tokens: count as u64,
+        };
+        self.state
+            .log_history
+            .push(serde_json::json!({"step": r.step, "eval_loss": r.eval_loss}));
         Ok(Some(r))
     }
 
@@ -513,7 +579,11 @@ impl Trainer {
         }
         for (name, t) in &m.weights {
             if m.trainable.contains(t) {
-                let key = if self.adapter.is_some() { lora::saved_module_key(name) } else { name.clone() };
+                let key = if self.adapter.is_some() {
+                    lora::saved_module_key(name)
+                } else {
+                    name.clone()
+                };
                 names.push((key, *t));
             }
         }
@@ -539,7 +609,12 @@ impl Trainer {
     }
 
     /// Restores trained weights, optimizer moments and the loop position.
-    pub fn restore(&mut self, trained: &BTreeMap<String, HostTensor>, optimizer: &BTreeMap<String, HostTensor>, state: TrainerState) -> Result<()> {
+    pub fn restore(
+        &mut self,
+        trained: &BTreeMap<String, HostTensor>,
+        optimizer: &BTreeMap<String, HostTensor>,
+        state: TrainerState,
+    ) -> Result<()> {
         if state.config_hash != self.state.config_hash {
             return Err(Error::Config(
                 "resume_from_checkpoint: the checkpoint was made with other data, model or batch settings; \
@@ -556,7 +631,11 @@ impl Trainer {
                 v.insert(lora::lora_b_key(&p.module), p.b);
             }
             for (name, t) in &m.weights {
-                let key = if self.adapter.is_some() { lora::saved_module_key(name) } else { name.clone() };
+                let key = if self.adapter.is_some() {
+                    lora::saved_module_key(name)
+                } else {
+                    name.clone()
+                };
                 v.insert(key, *t);
             }
             v
@@ -564,13 +643,17 @@ impl Trainer {
         for (name, _) in current {
             let t = by_name[&name];
             let info = self.ex.graph().info(t).clone();
-            self.ex.set_tensor(t, &trained.get_shaped(&name, &info.shape, info.dtype)?)?;
+            self.ex
+                .set_tensor(t, &trained.get_shaped(&name, &info.shape, info.dtype)?)?;
         }
         for s in self.tg.params.clone() {
             let n = self.ex.graph().info(s.param).name.clone();
             let info = self.ex.graph().info(s.param).clone();
             for (suffix, t) in [("exp_avg", s.exp_avg), ("exp_avg_sq", s.exp_avg_sq)] {
-                self.ex.set_tensor(t, &optimizer.get_shaped(&format!("{n}.{suffix}"), &info.shape, info.dtype)?)?;
+                self.ex.set_tensor(
+                    t,
+                    &optimizer.get_shaped(&format!("{n}.{suffix}"), &info.shape, info.dtype)?,
+                )?;
             }
         }
         self.info.resumed_from_step = state.global_step;
@@ -586,9 +669,20 @@ pub fn run_hash(cfg: &Config) -> String {
     let mut v = cfg.to_json();
     if let Some(m) = v.as_object_mut() {
         for k in [
-            "output_dir", "resume_from_checkpoint", "auto_resume_from_checkpoints", "save_steps", "saves_per_epoch",
-            "save_total_limit", "eval_steps", "evals_per_epoch", "logging_steps", "device", "dataset_prepared_path",
-            "max_steps", "eval_max_new_tokens", "skip_nonfinite_steps",
+            "output_dir",
+            "resume_from_checkpoint",
+            "auto_resume_from_checkpoints",
+            "save_steps",
+            "saves_per_epoch",
+            "save_total_limit",
+            "eval_steps",
+            "evals_per_epoch",
+            "logging_steps",
+            "device",
+            "dataset_prepared_path",
+            "max_steps",
+            "eval_max_new_tokens",
+            "skip_nonfinite_steps",
         ] {
             m.remove(k);
         }
@@ -621,5 +715,7 @@ pub fn now() -> f64 {
 
 /// Storage type for saving a full model: the base checkpoint's dtype, f32 otherwise.
 pub fn save_dtype(cfg: &ModelConfig) -> DType {
-    cfg.torch_dtype.filter(|d| matches!(d, DType::F32 | DType::BF16 | DType::F16)).unwrap_or(DType::F32)
+    cfg.torch_dtype
+        .filter(|d| matches!(d, DType::F32 | DType::BF16 | DType::F16))
+        .unwrap_or(DType::F32)
 }

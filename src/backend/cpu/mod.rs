@@ -431,7 +431,13 @@ pub fn bench_gemm(n: usize) -> f64 {
     let a = vec![1.0f32; n * n];
     let b = vec![0.5f32; n * n];
     let mut c = vec![0f32; n * n];
-    let d = crate::ops::matmul::MatmulDims { batch: 1, m: n, n, k: n, shared_b: true };
+    let d = crate::ops::matmul::MatmulDims {
+        batch: 1,
+        m: n,
+        n,
+        k: n,
+        shared_b: true,
+    };
     let mut times = Vec::new();
     for _ in 0..3 {
         let t = std::time::Instant::now();
