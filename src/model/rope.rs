@@ -127,16 +127,16 @@ impl ModelConfig {
 
 /// Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend between.
 fn llama3(inv_freq: Vec<f32>, factor: f64, low_freq_factor: f64, high_freq_factor: f64, old_context_len: f64) -> Vec<f32> {
-    let low_freq_wavelen = old_context_len / low_freq_factor;
-    let high_freq_wavelen = old_context_len / high_freq_factor;
+    // Python scalars meet f32 tensors here, so comparisons happen in f32.
+    let low_freq_wavelen = (old_context_len / low_freq_factor) as f32;
+    let high_freq_wavelen = (old_context_len / high_freq_factor) as f32;
     inv_freq
         .into_iter()
         .map(|f| {
             let wavelen = 2.0 * std::f32::consts::PI / f;
-            let scaled = if wavelen as f64 > low_freq_wavelen { f / factor as f32 } else { f };
-            // `~(wavelen < high) * ~(wavelen > low)` in transformers; NaN-free here, so this is high <= w <= low.
-            let w = wavelen as f64;
-            let is_medium = w >= high_freq_wavelen && w <= low_freq_wavelen;
+            let scaled = if wavelen > low_freq_wavelen { f / factor as f32 } else { f };
+            // transformers: `~(wavelen < high) * ~(wavelen > low)`; no NaN here, so high <= w <= low.
+            let is_medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
             if is_medium {
                 let smooth =
                     (old_context_len as f32 / wavelen - low_freq_factor as f32) / (high_freq_factor - low_freq_factor) as f32;

@@ -192,8 +192,9 @@ fn check_shapes(g: &GgufFile, cfg: &ModelConfig, tensors: &[(String, HostTensor)
     Ok(())
 }
 
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).expect("JSON values always serialize");
+fn write_json(path: &Path, v: &serde_json::Value, pretty: bool) -> Result<()> {
+    let text = if pretty { serde_json::to_string_pretty(v) } else { serde_json::to_string(v) };
+    let text = text.expect("JSON values always serialize");
     write_atomic(path, format!("{text}\n").as_bytes())
 }
 
@@ -229,14 +230,14 @@ pub fn convert_gguf_with_progress(input: &Path, out_dir: &Path, dtype: DType, pr
     let result = (|| {
         write_safetensors(&tmp.join("model.safetensors"), &tensors, None)?;
         cfg.write(&tmp.join("config.json"))?;
-        write_json(&tmp.join("tokenizer.json"), &tok.tokenizer_json)?;
-        write_json(&tmp.join("tokenizer_config.json"), &tok.tokenizer_config)?;
+        write_json(&tmp.join("tokenizer.json"), &tok.tokenizer_json, false)?;
+        write_json(&tmp.join("tokenizer_config.json"), &tok.tokenizer_config, true)?;
         let gen = json!({
             "bos_token_id": cfg.bos_token_id,
             "eos_token_id": cfg.eos_token_id.first(),
             "pad_token_id": cfg.pad_token_id,
         });
-        write_json(&tmp.join("generation_config.json"), &gen)?;
+        write_json(&tmp.join("generation_config.json"), &gen, true)?;
         replace_dir(&tmp, out_dir)
     })();
     if result.is_err() {
