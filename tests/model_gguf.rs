@@ -8,7 +8,9 @@ use ferrotune::model::{convert_gguf, convert_gguf_with_progress, Arch, ModelConf
 use ferrotune::DType;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/model")
+        .join(name)
 }
 
 fn scratch(tag: &str) -> PathBuf {
@@ -29,9 +31,12 @@ fn metadata_of_every_value_type_and_tensor_infos() {
     assert_eq!(g.alignment, 64);
     assert_eq!(g.data_offset % 64, 0);
     let spec: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("quant_types.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture("quant_types.json")).unwrap())
+            .unwrap();
     for (key, want) in spec["metadata"].as_object().unwrap() {
-        let got = g.get(key).unwrap_or_else(|| panic!("metadata {key} missing"));
+        let got = g
+            .get(key)
+            .unwrap_or_else(|| panic!("metadata {key} missing"));
         let value = &want["value"];
         match want["type"].as_str().unwrap() {
             "uint8" => assert_eq!(got, &GgufValue::U8(value.as_u64().unwrap() as u8)),
@@ -66,7 +71,12 @@ fn metadata_of_every_value_type_and_tensor_infos() {
     for want in infos {
         let t = g.tensor_info(want["name"].as_str().unwrap()).unwrap();
         assert_eq!(t.ggml_type.name, want["type"].as_str().unwrap());
-        let dims: Vec<u64> = want["dims"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
+        let dims: Vec<u64> = want["dims"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .collect();
         assert_eq!(t.dims, dims);
         assert_eq!(t.offset % 64, 0);
     }
@@ -89,7 +99,10 @@ fn dequantisation_of_every_supported_type_matches_gguf_python() {
             assert_eq!(a.to_bits(), b.to_bits(), "{name}[{i}]: {a} vs {b}");
         }
         // The fixture is not trivial: values differ and are not all zero.
-        assert!(want.iter().any(|&v| v != 0.0) && want.iter().any(|&v| v < 0.0), "{name}");
+        assert!(
+            want.iter().any(|&v| v != 0.0) && want.iter().any(|&v| v < 0.0),
+            "{name}"
+        );
         seen.push(name);
     }
     assert_eq!(seen.len(), 8);
@@ -101,14 +114,24 @@ fn unsupported_quant_type_is_named_with_the_supported_list() {
     assert_eq!(g.tensor_info("t_q4_k").unwrap().ggml_type.name, "Q4_K");
     let err = g.tensor_f32("t_q4_k").unwrap_err().to_string();
     assert!(err.contains("t_q4_k") && err.contains("Q4_K"), "{err}");
-    assert!(err.contains("F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1"), "{err}");
+    assert!(
+        err.contains("F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1"),
+        "{err}"
+    );
 }
 
 /// Byte position of the ggml type field of tensor `name` in a GGUF header.
 fn type_field_of(bytes: &[u8], name: &str) -> usize {
     let key = name.as_bytes();
-    let at = bytes.windows(key.len()).position(|w| w == key).expect("tensor name in header");
-    let n_dims = u32::from_le_bytes(bytes[at + key.len()..at + key.len() + 4].try_into().unwrap()) as usize;
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("tensor name in header");
+    let n_dims = u32::from_le_bytes(
+        bytes[at + key.len()..at + key.len() + 4]
+            .try_into()
+            .unwrap(),
+    ) as usize;
     at + key.len() + 4 + 8 * n_dims
 }
 
@@ -117,12 +140,18 @@ fn unknown_type_id_is_an_error_naming_tensor_and_offset() {
     let dir = scratch("unknown");
     let mut bytes = std::fs::read(fixture("quant_types.gguf")).unwrap();
     let at = type_field_of(&bytes, "t_q4_k");
-    assert_eq!(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()), 12);
+    assert_eq!(
+        u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()),
+        12
+    );
     bytes[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
     let p = dir.join("unknown.gguf");
     std::fs::write(&p, &bytes).unwrap();
     let err = GgufFile::open(&p).unwrap_err().to_string();
-    assert!(err.contains("t_q4_k") && err.contains("unknown ggml type id 99"), "{err}");
+    assert!(
+        err.contains("t_q4_k") && err.contains("unknown ggml type id 99"),
+        "{err}"
+    );
     assert!(err.contains(&format!("byte offset {at}")), "{err}");
     assert!(err.contains("Q4_1"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
@@ -138,19 +167,28 @@ fn truncated_files_are_clear_errors() {
     std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
     let err = GgufFile::open(&p).unwrap_err().to_string();
     assert!(err.contains("truncated") && err.contains("t_q4_k"), "{err}");
-    assert!(err.contains(&format!("file has {} bytes", bytes.len() - 100)), "{err}");
+    assert!(
+        err.contains(&format!("file has {} bytes", bytes.len() - 100)),
+        "{err}"
+    );
     // Cut inside the metadata: in the value of `test.array_str`.
     let key = b"test.array_str";
     let cut = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 20;
     let p = dir.join("short-meta.gguf");
     std::fs::write(&p, &bytes[..cut]).unwrap();
     let err = GgufFile::open(&p).unwrap_err().to_string();
-    assert!(err.contains("truncated") && err.contains("metadata `test.array_str`"), "{err}");
+    assert!(
+        err.contains("truncated") && err.contains("metadata `test.array_str`"),
+        "{err}"
+    );
     // Cut inside the fixed header.
     let p = dir.join("short-header.gguf");
     std::fs::write(&p, &bytes[..12]).unwrap();
     let err = GgufFile::open(&p).unwrap_err().to_string();
-    assert!(err.contains("truncated") && err.contains("tensor count"), "{err}");
+    assert!(
+        err.contains("truncated") && err.contains("tensor count"),
+        "{err}"
+    );
     // Not a GGUF at all.
     let p = dir.join("not.gguf");
     std::fs::write(&p, b"PK\x03\x04 a zip file").unwrap();
@@ -169,7 +207,10 @@ fn version_2_files_read_like_version_3() {
     let g = GgufFile::open(&p).unwrap();
     assert_eq!(g.version, 2);
     let v3 = GgufFile::open(&fixture("quant_types.gguf")).unwrap();
-    assert_eq!(g.tensor_f32("t_q5_1").unwrap(), v3.tensor_f32("t_q5_1").unwrap());
+    assert_eq!(
+        g.tensor_f32("t_q5_1").unwrap(),
+        v3.tensor_f32("t_q5_1").unwrap()
+    );
     bytes[4..8].copy_from_slice(&1u32.to_le_bytes());
     std::fs::write(&p, &bytes).unwrap();
     let err = GgufFile::open(&p).unwrap_err().to_string();
@@ -182,9 +223,18 @@ fn check_converted(arch: &str, dtype: DType) -> (PathBuf, ModelConfig) {
     let out = dir.join("hf");
     let calls = std::cell::RefCell::new(Vec::new());
     let progress = |done: usize, total: usize| calls.borrow_mut().push((done, total));
-    convert_gguf_with_progress(&fixture(&format!("tiny_{arch}.gguf")), &out, dtype, Some(&progress)).unwrap();
+    convert_gguf_with_progress(
+        &fixture(&format!("tiny_{arch}.gguf")),
+        &out,
+        dtype,
+        Some(&progress),
+    )
+    .unwrap();
     let calls = calls.into_inner();
-    let n = GgufFile::open(&fixture(&format!("tiny_{arch}.gguf"))).unwrap().tensors().len();
+    let n = GgufFile::open(&fixture(&format!("tiny_{arch}.gguf")))
+        .unwrap()
+        .tensors()
+        .len();
     assert_eq!(calls.len(), n);
     assert_eq!(calls.last(), Some(&(n, n)));
 
@@ -201,11 +251,18 @@ fn check_converted(arch: &str, dtype: DType) -> (PathBuf, ModelConfig) {
         assert_eq!(g, w, "{name}");
     }
     let cfg = ModelConfig::from_file(&out.join("config.json")).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert!(out.join(f).is_file(), "{f}");
     }
     // No temporary folder is left beside the output.
-    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(left, vec![std::ffi::OsString::from("hf")]);
     (dir, cfg)
 }
@@ -215,15 +272,30 @@ fn tiny_llama_converts_to_the_original_hf_tensors() {
     let (dir, cfg) = check_converted("llama", DType::F32);
     assert_eq!(cfg.arch, Arch::Llama);
     assert_eq!(
-        (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim),
+        (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim
+        ),
         (64, 4, 2, 16)
     );
-    assert_eq!((cfg.intermediate_size, cfg.num_hidden_layers, cfg.max_position_embeddings), (128, 2, 256));
+    assert_eq!(
+        (
+            cfg.intermediate_size,
+            cfg.num_hidden_layers,
+            cfg.max_position_embeddings
+        ),
+        (128, 2, 256)
+    );
     assert_eq!(cfg.vocab_size, 3 + 256 + 8);
     assert!(cfg.tie_word_embeddings);
     assert_eq!(cfg.rope_theta, 10000.0);
     assert_eq!(cfg.rms_norm_eps, 1e-5f32 as f64);
-    assert_eq!((cfg.bos_token_id, cfg.eos_token_id.clone(), cfg.pad_token_id), (Some(1), vec![2], Some(2)));
+    assert_eq!(
+        (cfg.bos_token_id, cfg.eos_token_id.clone(), cfg.pad_token_id),
+        (Some(1), vec![2], Some(2))
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -250,9 +322,16 @@ fn tiny_qwen2_converts_with_biases_and_untied_head_in_bf16() {
 fn conversion_errors_leave_no_output() {
     let dir = scratch("conv-err");
     let out = dir.join("hf");
-    let err = convert_gguf(&fixture("quant_types.gguf"), &out, DType::F32).unwrap_err().to_string();
-    assert!(err.contains("\"test\"") && err.contains("llama, mistral, qwen2"), "{err}");
-    let err = convert_gguf(&fixture("tiny_llama.gguf"), &out, DType::I32).unwrap_err().to_string();
+    let err = convert_gguf(&fixture("quant_types.gguf"), &out, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"test\"") && err.contains("llama, mistral, qwen2"),
+        "{err}"
+    );
+    let err = convert_gguf(&fixture("tiny_llama.gguf"), &out, DType::I32)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("f32, bf16 or f16"), "{err}");
     assert!(!out.exists());
     std::fs::remove_dir_all(dir).unwrap();

@@ -45,7 +45,11 @@ impl Arch {
     }
     /// "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM", for error messages.
     pub fn supported_list() -> String {
-        Arch::ALL.iter().map(|a| a.hf_class()).collect::<Vec<_>>().join(", ")
+        Arch::ALL
+            .iter()
+            .map(|a| a.hf_class())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -68,7 +72,12 @@ pub enum RopeScaling {
         truncate: Option<bool>,
     },
     /// Llama 3.1 frequency-dependent scaling.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
 }
 
 impl RopeScaling {
@@ -103,7 +112,10 @@ impl RopeScaling {
             } => {
                 m.insert("factor".into(), json!(factor));
                 let opt = [
-                    ("original_max_position_embeddings", original_max_position_embeddings.map(|v| json!(v))),
+                    (
+                        "original_max_position_embeddings",
+                        original_max_position_embeddings.map(|v| json!(v)),
+                    ),
                     ("attention_factor", attention_factor.map(|v| json!(v))),
                     ("beta_fast", beta_fast.map(|v| json!(v))),
                     ("beta_slow", beta_slow.map(|v| json!(v))),
@@ -117,11 +129,19 @@ impl RopeScaling {
                     }
                 }
             }
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 m.insert("factor".into(), json!(factor));
                 m.insert("low_freq_factor".into(), json!(low_freq_factor));
                 m.insert("high_freq_factor".into(), json!(high_freq_factor));
-                m.insert("original_max_position_embeddings".into(), json!(original_max_position_embeddings));
+                m.insert(
+                    "original_max_position_embeddings".into(),
+                    json!(original_max_position_embeddings),
+                );
             }
         }
         Value::Object(m)
@@ -180,12 +200,16 @@ impl Obj<'_> {
         match self.present(key) {
             None => Ok(None),
             Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                cfg_err(self.src, format!("`{key}` must be a non-negative integer, found {v}"))
+                cfg_err(
+                    self.src,
+                    format!("`{key}` must be a non-negative integer, found {v}"),
+                )
             }),
         }
     }
     fn usize_req(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?.ok_or_else(|| cfg_err(self.src, format!("missing required key `{key}`")))
+        self.usize_opt(key)?
+            .ok_or_else(|| cfg_err(self.src, format!("missing required key `{key}`")))
     }
     fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
         match self.present(key) {
@@ -199,25 +223,36 @@ impl Obj<'_> {
     fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
         match self.present(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| cfg_err(self.src, format!("`{key}` must be true or false, found {v}"))),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| {
+                cfg_err(
+                    self.src,
+                    format!("`{key}` must be true or false, found {v}"),
+                )
+            }),
         }
     }
     fn str_opt(&self, key: &str) -> Result<Option<&str>> {
         match self.present(key) {
             None => Ok(None),
-            Some(v) => {
-                v.as_str().map(Some).ok_or_else(|| cfg_err(self.src, format!("`{key}` must be a string, found {v}")))
-            }
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| cfg_err(self.src, format!("`{key}` must be a string, found {v}"))),
         }
     }
     fn ids(&self, key: &str) -> Result<Vec<u32>> {
-        let bad = |v: &Value| cfg_err(self.src, format!("`{key}` must be a token id or a list of ids, found {v}"));
+        let bad = |v: &Value| {
+            cfg_err(
+                self.src,
+                format!("`{key}` must be a token id or a list of ids, found {v}"),
+            )
+        };
         match self.present(key) {
             None => Ok(vec![]),
-            Some(Value::Array(a)) => a.iter().map(|x| x.as_u64().map(|i| i as u32).ok_or_else(|| bad(x))).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_u64().map(|i| i as u32).ok_or_else(|| bad(x)))
+                .collect(),
             Some(v) => Ok(vec![v.as_u64().ok_or_else(|| bad(v))? as u32]),
         }
     }
@@ -232,12 +267,15 @@ impl ModelConfig {
 
     /// Parse the text of a `config.json`; `src` names it in error messages.
     pub fn parse(text: &str, src: &str) -> Result<ModelConfig> {
-        let v: Value = serde_json::from_str(text).map_err(|e| cfg_err(src, format!("not valid JSON: {e}")))?;
+        let v: Value =
+            serde_json::from_str(text).map_err(|e| cfg_err(src, format!("not valid JSON: {e}")))?;
         Self::from_value(&v, src)
     }
 
     pub fn from_value(v: &Value, src: &str) -> Result<ModelConfig> {
-        let map = v.as_object().ok_or_else(|| cfg_err(src, "config.json must be a JSON object"))?;
+        let map = v
+            .as_object()
+            .ok_or_else(|| cfg_err(src, "config.json must be a JSON object"))?;
         let o = Obj { map, src };
         let arch = parse_arch(&o)?;
 
@@ -246,7 +284,9 @@ impl ModelConfig {
         if num_attention_heads == 0 {
             return Err(cfg_err(src, "`num_attention_heads` must be at least 1"));
         }
-        let num_key_value_heads = o.usize_opt("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let num_key_value_heads = o
+            .usize_opt("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(cfg_err(
                 src,
@@ -268,12 +308,18 @@ impl ModelConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(cfg_err(src, format!("`head_dim` must be even for rotary embeddings, found {head_dim}")));
+            return Err(cfg_err(
+                src,
+                format!("`head_dim` must be even for rotary embeddings, found {head_dim}"),
+            ));
         }
 
         if let Some(act) = o.str_opt("hidden_act")? {
             if act != "silu" && act != "swish" {
-                return Err(cfg_err(src, format!("`hidden_act` is \"{act}\"; only \"silu\" is supported")));
+                return Err(cfg_err(
+                    src,
+                    format!("`hidden_act` is \"{act}\"; only \"silu\" is supported"),
+                ));
             }
         }
 
@@ -291,9 +337,15 @@ impl ModelConfig {
             Arch::Qwen2 => {
                 if o.bool_opt("use_sliding_window")?.unwrap_or(false) {
                     let w = o.usize_opt("sliding_window")?.ok_or_else(|| {
-                        cfg_err(src, "`use_sliding_window` is true but `sliding_window` is missing or null")
+                        cfg_err(
+                            src,
+                            "`use_sliding_window` is true but `sliding_window` is missing or null",
+                        )
                     })?;
-                    (Some(w), Some(o.usize_opt("max_window_layers")?.unwrap_or(28)))
+                    (
+                        Some(w),
+                        Some(o.usize_opt("max_window_layers")?.unwrap_or(28)),
+                    )
                 } else {
                     (None, None)
                 }
@@ -309,11 +361,18 @@ impl ModelConfig {
             Arch::Qwen2 => (true, false, false),
         };
 
-        let dtype_key = if o.present("dtype").is_some() { "dtype" } else { "torch_dtype" };
+        let dtype_key = if o.present("dtype").is_some() {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
         let torch_dtype = match o.str_opt(dtype_key)? {
             None | Some("auto") => None,
             Some(s) => Some(DType::parse(s).filter(|d| d.is_float()).ok_or_else(|| {
-                cfg_err(src, format!("`{dtype_key}` \"{s}\" is not one of float32, float16, bfloat16"))
+                cfg_err(
+                    src,
+                    format!("`{dtype_key}` \"{s}\" is not one of float32, float16, bfloat16"),
+                )
             })?),
         };
 
@@ -334,7 +393,9 @@ impl ModelConfig {
             rms_norm_eps: o.f64_opt("rms_norm_eps")?.unwrap_or(default_eps),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: o.usize_opt("max_position_embeddings")?.unwrap_or(default_max_pos),
+            max_position_embeddings: o
+                .usize_opt("max_position_embeddings")?
+                .unwrap_or(default_max_pos),
             tie_word_embeddings: o.bool_opt("tie_word_embeddings")?.unwrap_or(false),
             sliding_window,
             max_window_layers,
@@ -366,13 +427,25 @@ impl ModelConfig {
         m.insert("hidden_size".into(), json!(self.hidden_size));
         m.insert("intermediate_size".into(), json!(self.intermediate_size));
         m.insert("num_hidden_layers".into(), json!(self.num_hidden_layers));
-        m.insert("num_attention_heads".into(), json!(self.num_attention_heads));
-        m.insert("num_key_value_heads".into(), json!(self.num_key_value_heads));
+        m.insert(
+            "num_attention_heads".into(),
+            json!(self.num_attention_heads),
+        );
+        m.insert(
+            "num_key_value_heads".into(),
+            json!(self.num_key_value_heads),
+        );
         m.insert("head_dim".into(), json!(self.head_dim));
         m.insert("vocab_size".into(), json!(self.vocab_size));
         m.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
-        m.insert("max_position_embeddings".into(), json!(self.max_position_embeddings));
-        m.insert("tie_word_embeddings".into(), json!(self.tie_word_embeddings));
+        m.insert(
+            "max_position_embeddings".into(),
+            json!(self.max_position_embeddings),
+        );
+        m.insert(
+            "tie_word_embeddings".into(),
+            json!(self.tie_word_embeddings),
+        );
         m.insert("initializer_range".into(), json!(0.02));
         m.insert("use_cache".into(), json!(true));
         m.insert("attention_dropout".into(), json!(0.0));
@@ -397,9 +470,15 @@ impl ModelConfig {
                 m.insert("sliding_window".into(), json!(self.sliding_window));
             }
             Arch::Qwen2 => {
-                m.insert("use_sliding_window".into(), json!(self.sliding_window.is_some()));
+                m.insert(
+                    "use_sliding_window".into(),
+                    json!(self.sliding_window.is_some()),
+                );
                 m.insert("sliding_window".into(), json!(self.sliding_window));
-                m.insert("max_window_layers".into(), json!(self.max_window_layers.unwrap_or(self.num_hidden_layers)));
+                m.insert(
+                    "max_window_layers".into(),
+                    json!(self.max_window_layers.unwrap_or(self.num_hidden_layers)),
+                );
             }
         }
         if let Some(d) = self.torch_dtype {
@@ -426,7 +505,8 @@ impl ModelConfig {
     /// Write `config.json` atomically.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn write(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(&self.to_json()).expect("JSON values always serialize");
+        let text =
+            serde_json::to_string_pretty(&self.to_json()).expect("JSON values always serialize");
         crate::model::atomic::write_atomic(path, format!("{text}\n").as_bytes())
     }
 }
@@ -434,22 +514,40 @@ impl ModelConfig {
 fn parse_arch(o: &Obj) -> Result<Arch> {
     let supported = Arch::supported_list();
     if let Some(list) = o.present("architectures") {
-        let names: Vec<&str> = list.as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+        let names: Vec<&str> = list
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
         if names.is_empty() {
-            return Err(cfg_err(o.src, format!("`architectures` must be a list of class names, found {list}")));
-        }
-        return names.iter().find_map(|n| Arch::from_hf_class(n)).ok_or_else(|| {
-            cfg_err(
+            return Err(cfg_err(
                 o.src,
-                format!("unsupported architecture {}; supported architectures: {supported}", names.join(", ")),
-            )
-        });
+                format!("`architectures` must be a list of class names, found {list}"),
+            ));
+        }
+        return names
+            .iter()
+            .find_map(|n| Arch::from_hf_class(n))
+            .ok_or_else(|| {
+                cfg_err(
+                    o.src,
+                    format!(
+                        "unsupported architecture {}; supported architectures: {supported}",
+                        names.join(", ")
+                    ),
+                )
+            });
     }
     match o.str_opt("model_type")? {
         Some(t) => Arch::from_model_type(t).ok_or_else(|| {
-            cfg_err(o.src, format!("unsupported model_type \"{t}\"; supported architectures: {supported}"))
+            cfg_err(
+                o.src,
+                format!("unsupported model_type \"{t}\"; supported architectures: {supported}"),
+            )
         }),
-        None => Err(cfg_err(o.src, format!("no `architectures` key; expected one of {supported}"))),
+        None => Err(cfg_err(
+            o.src,
+            format!("no `architectures` key; expected one of {supported}"),
+        )),
     }
 }
 
@@ -465,7 +563,9 @@ fn parse_rope(o: &Obj) -> Result<(f64, Option<RopeScaling>)> {
     let scaling = match params {
         None => None,
         Some((key, p)) => {
-            let map = p.as_object().ok_or_else(|| cfg_err(src, format!("`{key}` must be an object, found {p}")))?;
+            let map = p
+                .as_object()
+                .ok_or_else(|| cfg_err(src, format!("`{key}` must be an object, found {p}")))?;
             let po = Obj { map, src };
             if let Some(t) = po.f64_opt("rope_theta")? {
                 theta = Some(t);
@@ -475,7 +575,12 @@ fn parse_rope(o: &Obj) -> Result<(f64, Option<RopeScaling>)> {
                 None => po.str_opt("type")?,
             };
             let factor = || {
-                po.f64_opt("factor")?.ok_or_else(|| cfg_err(src, format!("`{key}.factor` is required for this rope_type")))
+                po.f64_opt("factor")?.ok_or_else(|| {
+                    cfg_err(
+                        src,
+                        format!("`{key}.factor` is required for this rope_type"),
+                    )
+                })
             };
             match ty.unwrap_or("default") {
                 "default" => None,
@@ -483,7 +588,8 @@ fn parse_rope(o: &Obj) -> Result<(f64, Option<RopeScaling>)> {
                 "dynamic" => Some(RopeScaling::Dynamic { factor: factor()? }),
                 "yarn" => Some(RopeScaling::Yarn {
                     factor: factor()?,
-                    original_max_position_embeddings: po.usize_opt("original_max_position_embeddings")?,
+                    original_max_position_embeddings: po
+                        .usize_opt("original_max_position_embeddings")?,
                     attention_factor: po.f64_opt("attention_factor")?,
                     beta_fast: po.f64_opt("beta_fast")?,
                     beta_slow: po.f64_opt("beta_slow")?,
@@ -493,7 +599,9 @@ fn parse_rope(o: &Obj) -> Result<(f64, Option<RopeScaling>)> {
                 }),
                 "llama3" => {
                     let need = |k: &str| -> Result<f64> {
-                        po.f64_opt(k)?.ok_or_else(|| cfg_err(src, format!("`{key}.{k}` is required for rope_type llama3")))
+                        po.f64_opt(k)?.ok_or_else(|| {
+                            cfg_err(src, format!("`{key}.{k}` is required for rope_type llama3"))
+                        })
                     };
                     Some(RopeScaling::Llama3 {
                         factor: factor()?,
@@ -507,7 +615,10 @@ fn parse_rope(o: &Obj) -> Result<(f64, Option<RopeScaling>)> {
                 other => {
                     return Err(cfg_err(
                         src,
-                        format!("unsupported rope_type \"{other}\" in `{key}`; supported: {}", RopeScaling::SUPPORTED),
+                        format!(
+                            "unsupported rope_type \"{other}\" in `{key}`; supported: {}",
+                            RopeScaling::SUPPORTED
+                        ),
                     ))
                 }
             }

@@ -18,7 +18,10 @@ pub struct RopeInit {
 
 /// `1 / base^(2i/dim)` for i in 0..dim/2, in f32 like `torch.arange(0, dim, 2).float() / dim`.
 fn default_inv_freq(base: f64, dim: usize) -> Vec<f32> {
-    (0..dim).step_by(2).map(|i| 1.0f32 / (base as f32).powf(i as f32 / dim as f32)).collect()
+    (0..dim)
+        .step_by(2)
+        .map(|i| 1.0f32 / (base as f32).powf(i as f32 / dim as f32))
+        .collect()
 }
 
 impl ModelConfig {
@@ -28,31 +31,45 @@ impl ModelConfig {
         let dim = self.head_dim;
         let base = self.rope_theta;
         match &self.rope_scaling {
-            None => RopeInit { inv_freq: default_inv_freq(base, dim), attention_scaling: 1.0 },
+            None => RopeInit {
+                inv_freq: default_inv_freq(base, dim),
+                attention_scaling: 1.0,
+            },
             // Scaling positions by 1/factor equals scaling inv_freq by 1/factor (freqs = inv_freq * pos).
             Some(RopeScaling::Linear { factor }) => RopeInit {
-                inv_freq: default_inv_freq(base, dim).into_iter().map(|f| f / *factor as f32).collect(),
+                inv_freq: default_inv_freq(base, dim)
+                    .into_iter()
+                    .map(|f| f / *factor as f32)
+                    .collect(),
                 attention_scaling: 1.0,
             },
             Some(RopeScaling::Dynamic { factor }) => {
                 // base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2)), seq_len = max_pos.
                 let seq_len = self.max_position_embeddings as f64;
                 let max_pos = self.max_position_embeddings as f64;
-                let b = base * ((factor * seq_len / max_pos) - (factor - 1.0)).powf(dim as f64 / (dim as f64 - 2.0));
-                RopeInit { inv_freq: default_inv_freq(b, dim), attention_scaling: 1.0 }
-            }
-            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+                let b = base
+                    * ((factor * seq_len / max_pos) - (factor - 1.0))
+                        .powf(dim as f64 / (dim as f64 - 2.0));
                 RopeInit {
-                    inv_freq: llama3(
-                        default_inv_freq(base, dim),
-                        *factor,
-                        *low_freq_factor,
-                        *high_freq_factor,
-                        *original_max_position_embeddings as f64,
-                    ),
+                    inv_freq: default_inv_freq(b, dim),
                     attention_scaling: 1.0,
                 }
             }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => RopeInit {
+                inv_freq: llama3(
+                    default_inv_freq(base, dim),
+                    *factor,
+                    *low_freq_factor,
+                    *high_freq_factor,
+                    *original_max_position_embeddings as f64,
+                ),
+                attention_scaling: 1.0,
+            },
             Some(y @ RopeScaling::Yarn { .. }) => self.yarn(y),
         }
     }
@@ -85,12 +102,21 @@ impl ModelConfig {
         let base = self.rope_theta;
         let factor = *factor;
         // transformers 5 fills a missing original_max_position_embeddings with max_position_embeddings.
-        let orig_max = original_max_position_embeddings.unwrap_or(self.max_position_embeddings) as f64;
+        let orig_max =
+            original_max_position_embeddings.unwrap_or(self.max_position_embeddings) as f64;
 
-        let get_mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+        let get_mscale = |scale: f64, m: f64| {
+            if scale <= 1.0 {
+                1.0
+            } else {
+                0.1 * m * scale.ln() + 1.0
+            }
+        };
         let attention = match (attention_factor, mscale, mscale_all_dim) {
             (Some(a), _, _) => *a,
-            (None, Some(m), Some(ma)) if *m != 0.0 && *ma != 0.0 => get_mscale(factor, *m) / get_mscale(factor, *ma),
+            (None, Some(m), Some(ma)) if *m != 0.0 && *ma != 0.0 => {
+                get_mscale(factor, *m) / get_mscale(factor, *ma)
+            }
             _ => get_mscale(factor, 1.0),
         };
         let beta_fast = beta_fast.filter(|b| *b != 0.0).unwrap_or(32.0);
@@ -98,7 +124,8 @@ impl ModelConfig {
 
         // Inverse of the rotation count: the dimension whose wavelength fits num_rotations times.
         let correction_dim = |num_rot: f64| {
-            (dim as f64 * (orig_max / (num_rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln())
+            (dim as f64 * (orig_max / (num_rot * 2.0 * std::f64::consts::PI)).ln())
+                / (2.0 * base.ln())
         };
         let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
         if truncate.unwrap_or(true) {
@@ -109,7 +136,10 @@ impl ModelConfig {
         let high = high.min(dim as f64 - 1.0);
         let high = if low == high { high + 0.001 } else { high };
 
-        let pos_freqs: Vec<f32> = (0..dim).step_by(2).map(|i| (base as f32).powf(i as f32 / dim as f32)).collect();
+        let pos_freqs: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| (base as f32).powf(i as f32 / dim as f32))
+            .collect();
         let inv_freq = pos_freqs
             .iter()
             .enumerate()
@@ -121,12 +151,21 @@ impl ModelConfig {
                 interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
             })
             .collect();
-        RopeInit { inv_freq, attention_scaling: attention as f32 }
+        RopeInit {
+            inv_freq,
+            attention_scaling: attention as f32,
+        }
     }
 }
 
 /// Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend between.
-fn llama3(inv_freq: Vec<f32>, factor: f64, low_freq_factor: f64, high_freq_factor: f64, old_context_len: f64) -> Vec<f32> {
+fn llama3(
+    inv_freq: Vec<f32>,
+    factor: f64,
+    low_freq_factor: f64,
+    high_freq_factor: f64,
+    old_context_len: f64,
+) -> Vec<f32> {
     // Python scalars meet f32 tensors here, so comparisons happen in f32.
     let low_freq_wavelen = (old_context_len / low_freq_factor) as f32;
     let high_freq_wavelen = (old_context_len / high_freq_factor) as f32;
@@ -134,12 +173,16 @@ fn llama3(inv_freq: Vec<f32>, factor: f64, low_freq_factor: f64, high_freq_facto
         .into_iter()
         .map(|f| {
             let wavelen = 2.0 * std::f32::consts::PI / f;
-            let scaled = if wavelen > low_freq_wavelen { f / factor as f32 } else { f };
+            let scaled = if wavelen > low_freq_wavelen {
+                f / factor as f32
+            } else {
+                f
+            };
             // transformers: `~(wavelen < high) * ~(wavelen > low)`; no NaN here, so high <= w <= low.
             let is_medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
             if is_medium {
-                let smooth =
-                    (old_context_len as f32 / wavelen - low_freq_factor as f32) / (high_freq_factor - low_freq_factor) as f32;
+                let smooth = (old_context_len as f32 / wavelen - low_freq_factor as f32)
+                    / (high_freq_factor - low_freq_factor) as f32;
                 (1.0 - smooth) * scaled / factor as f32 + smooth * scaled
             } else {
                 scaled

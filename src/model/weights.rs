@@ -33,7 +33,10 @@ pub struct WeightStore {
 impl std::fmt::Debug for WeightStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WeightStore")
-            .field("files", &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            )
             .field("tensors", &self.entries.len())
             .finish()
     }
@@ -88,13 +91,19 @@ impl WeightStore {
                 format!("no {SINGLE_FILE} or {INDEX_FILE} in this folder; is it a Hugging Face checkpoint?"),
             ));
         }
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if name.ends_with(".index.json") {
             Self::open_index(path)
         } else if path.is_file() {
             Self::open_files(&[path.to_path_buf()])
         } else {
-            Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")))
+            Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+            ))
         }
     }
 
@@ -102,8 +111,8 @@ impl WeightStore {
     /// `{"metadata": {"total_size": N}, "weight_map": {tensor: shard file}}`).
     pub fn open_index(index: &Path) -> Result<WeightStore> {
         let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(index, format!("not valid JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(index, format!("not valid JSON: {e}")))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -112,9 +121,12 @@ impl WeightStore {
         let mut shard_names: Vec<String> = Vec::new();
         let mut wanted: Vec<(String, String)> = Vec::new();
         for (tensor, file) in map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| Error::format(index, format!("weight_map[\"{tensor}\"] must be a file name")))?;
+            let file = file.as_str().ok_or_else(|| {
+                Error::format(
+                    index,
+                    format!("weight_map[\"{tensor}\"] must be a file name"),
+                )
+            })?;
             if !shard_names.iter().any(|s| s == file) {
                 shard_names.push(file.to_string());
             }
@@ -126,7 +138,10 @@ impl WeightStore {
             if !p.is_file() {
                 return Err(Error::format(
                     index,
-                    format!("names shard {} which does not exist; the checkpoint is incomplete", p.display()),
+                    format!(
+                        "names shard {} which does not exist; the checkpoint is incomplete",
+                        p.display()
+                    ),
                 ));
             }
         }
@@ -134,12 +149,12 @@ impl WeightStore {
         for (tensor, file) in wanted {
             match store.entries.get(&tensor) {
                 Some(e) if store.files[e.file].0 == dir.join(&file) => {}
-                _ => {
-                    return Err(Error::format(
-                        index,
-                        format!("weight_map says `{tensor}` is in {file}, but that shard does not hold it"),
-                    ))
-                }
+                _ => return Err(Error::format(
+                    index,
+                    format!(
+                        "weight_map says `{tensor}` is in {file}, but that shard does not hold it"
+                    ),
+                )),
             }
         }
         Ok(store)
@@ -160,15 +175,27 @@ impl WeightStore {
                 if base + e > mmap.len() {
                     return Err(Error::format(
                         path,
-                        format!("tensor `{name}` ends at byte {} but the file has {} bytes; truncated?", base + e, mmap.len()),
+                        format!(
+                            "tensor `{name}` ends at byte {} but the file has {} bytes; truncated?",
+                            base + e,
+                            mmap.len()
+                        ),
                     ));
                 }
-                let entry =
-                    Entry { file: fi, dtype: info.dtype, shape: info.shape.clone(), start: base + s, end: base + e };
+                let entry = Entry {
+                    file: fi,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: base + s,
+                    end: base + e,
+                };
                 if let Some(prev) = entries.insert(name.clone(), entry) {
                     return Err(Error::format(
                         path,
-                        format!("tensor `{name}` is also in {}; each tensor must be stored once", paths[prev.file].display()),
+                        format!(
+                            "tensor `{name}` is also in {}; each tensor must be stored once",
+                            paths[prev.file].display()
+                        ),
                     ));
                 }
             }
@@ -177,7 +204,11 @@ impl WeightStore {
             }
             files.push((path.clone(), mmap));
         }
-        Ok(WeightStore { files, entries, metadata })
+        Ok(WeightStore {
+            files,
+            entries,
+            metadata,
+        })
     }
 
     /// Tensor names, sorted.
@@ -208,14 +239,21 @@ impl WeightStore {
                 Some(c) => format!("; did you mean `{c}`?"),
                 None => String::new(),
             };
-            crate::msg!("tensor `{name}` is not in the checkpoint ({}){hint}", self.describe())
+            crate::msg!(
+                "tensor `{name}` is not in the checkpoint ({}){hint}",
+                self.describe()
+            )
         })
     }
 
     fn describe(&self) -> String {
         match self.files.as_slice() {
             [(p, _)] => p.display().to_string(),
-            fs => format!("{} shards in {}", fs.len(), fs[0].0.parent().unwrap_or(Path::new(".")).display()),
+            fs => format!(
+                "{} shards in {}",
+                fs.len(),
+                fs[0].0.parent().unwrap_or(Path::new(".")).display()
+            ),
         }
     }
 
@@ -245,7 +283,11 @@ impl WeightStore {
     pub fn get_raw(&self, name: &str) -> Result<HostTensor> {
         let dtype = self.dtype(name)?;
         let e = self.entry(name)?;
-        Ok(HostTensor { shape: e.shape.clone(), dtype, data: self.files[e.file].1[e.start..e.end].to_vec() })
+        Ok(HostTensor {
+            shape: e.shape.clone(),
+            dtype,
+            data: self.files[e.file].1[e.start..e.end].to_vec(),
+        })
     }
 
     /// The tensor converted to `dtype` (f32, f16 or bf16; from any of f32, f16, bf16 stored),
@@ -254,7 +296,9 @@ impl WeightStore {
         let stored = self.dtype(name)?;
         let float16 = [DType::F32, DType::F16, DType::BF16];
         if !float16.contains(&dtype) {
-            return Err(crate::msg!("cannot load `{name}` as {dtype}: weights load as f32, f16 or bf16"));
+            return Err(crate::msg!(
+                "cannot load `{name}` as {dtype}: weights load as f32, f16 or bf16"
+            ));
         }
         if !float16.contains(&stored) {
             return Err(crate::msg!(
@@ -285,7 +329,11 @@ impl WeightStore {
 /// The known name closest to `name` by edit distance, if it is close enough to be a likely typo.
 pub fn closest_name<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
     let limit = (name.len() / 4).max(3);
-    known.map(|k| (levenshtein(name, k), k)).filter(|(d, _)| *d <= limit).min_by_key(|(d, _)| *d).map(|(_, k)| k)
+    known
+        .map(|k| (levenshtein(name, k), k))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
 }
 
 fn levenshtein(a: &str, b: &str) -> usize {
@@ -294,7 +342,9 @@ fn levenshtein(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, &cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }

@@ -104,17 +104,27 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
         }
     };
     let need = ty.bytes_for(out.len()).ok_or_else(|| {
-        crate::msg!("{} values are not a whole number of {ty} blocks of {}", out.len(), ty.block_size)
+        crate::msg!(
+            "{} values are not a whole number of {ty} blocks of {}",
+            out.len(),
+            ty.block_size
+        )
     })?;
     if data.len() != need {
-        return Err(crate::msg!("{} values of {ty} need {need} bytes, got {}", out.len(), data.len()));
+        return Err(crate::msg!(
+            "{} values of {ty} need {need} bytes, got {}",
+            out.len(),
+            data.len()
+        ));
     }
     // Chunks of many blocks per task keep the rayon overhead small for the 1-element types.
     let per_task = (16384 / ty.block_size).max(1);
-    out.par_chunks_mut(per_task * ty.block_size).zip(data.par_chunks(per_task * ty.type_size)).for_each(|(y, b)| {
-        for (yb, bb) in y.chunks_mut(ty.block_size).zip(b.chunks(ty.type_size)) {
-            block(bb, yb);
-        }
-    });
+    out.par_chunks_mut(per_task * ty.block_size)
+        .zip(data.par_chunks(per_task * ty.type_size))
+        .for_each(|(y, b)| {
+            for (yb, bb) in y.chunks_mut(ty.block_size).zip(b.chunks(ty.type_size)) {
+                block(bb, yb);
+            }
+        });
     Ok(())
 }

@@ -13,7 +13,12 @@ pub struct Mapped {
 /// The HF name of a GGUF tensor, or `None` for a name this converter does not know.
 /// `permute` is true for llama-family files, whose q/k rows llama.cpp permuted.
 pub fn map_name(gguf: &str, n_head: usize, n_kv_head: usize, permute: bool) -> Option<Mapped> {
-    let plain = |s: &str| Some(Mapped { hf_name: s.to_string(), unpermute_heads: None });
+    let plain = |s: &str| {
+        Some(Mapped {
+            hf_name: s.to_string(),
+            unpermute_heads: None,
+        })
+    };
     match gguf {
         "token_embd.weight" => return plain("model.embed_tokens.weight"),
         "output_norm.weight" => return plain("model.norm.weight"),
@@ -57,7 +62,8 @@ pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> 
             for s in 0..2 {
                 let src = h * hd + 2 * j + s;
                 let dst = h * hd + s * half + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }

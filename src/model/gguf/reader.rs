@@ -178,7 +178,10 @@ impl<'a> Cursor<'a> {
         }
     }
     fn arr<const N: usize>(&mut self, what: &dyn Fn() -> String) -> Result<[u8; N]> {
-        Ok(self.take(N, what)?.try_into().expect("take returns N bytes"))
+        Ok(self
+            .take(N, what)?
+            .try_into()
+            .expect("take returns N bytes"))
     }
     fn u32(&mut self, what: &dyn Fn() -> String) -> Result<u32> {
         Ok(u32::from_le_bytes(self.arr(what)?))
@@ -207,7 +210,10 @@ impl<'a> Cursor<'a> {
         let at = self.pos;
         let bytes = self.take(n, what)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| {
-            Error::format(self.path, format!("{} at byte offset {at} is not valid UTF-8", what()))
+            Error::format(
+                self.path,
+                format!("{} at byte offset {at} is not valid UTF-8", what()),
+            )
         })
     }
 
@@ -228,7 +234,10 @@ impl<'a> Cursor<'a> {
                     b => {
                         return Err(Error::format(
                             self.path,
-                            format!("{} at byte offset {at}: bool byte must be 0 or 1, found {b}", what()),
+                            format!(
+                                "{} at byte offset {at}: bool byte must be 0 or 1, found {b}",
+                                what()
+                            ),
                         ))
                     }
                 }
@@ -236,13 +245,20 @@ impl<'a> Cursor<'a> {
             8 => GgufValue::String(self.string(what)?),
             9 => {
                 if depth > 4 {
-                    return Err(Error::format(self.path, format!("{}: arrays nested too deeply", what())));
+                    return Err(Error::format(
+                        self.path,
+                        format!("{}: arrays nested too deeply", what()),
+                    ));
                 }
                 let elem = self.u32(&|| format!("the element type of {}", what()))?;
                 let n = self.count(1, &|| format!("the length of {}", what()))?;
                 let mut items = Vec::with_capacity(n);
                 for i in 0..n {
-                    items.push(self.value(elem, &|| format!("element {i} of {}", what()), depth + 1)?);
+                    items.push(self.value(
+                        elem,
+                        &|| format!("element {i} of {}", what()),
+                        depth + 1,
+                    )?);
                 }
                 GgufValue::Array(items)
             }
@@ -252,7 +268,11 @@ impl<'a> Cursor<'a> {
             other => {
                 return Err(Error::format(
                     self.path,
-                    format!("{} at byte offset {}: unknown GGUF value type {other} (known: 0..=12)", what(), self.pos - 4),
+                    format!(
+                        "{} at byte offset {}: unknown GGUF value type {other} (known: 0..=12)",
+                        what(),
+                        self.pos - 4
+                    ),
                 ))
             }
         })
@@ -268,19 +288,39 @@ impl GgufFile {
     }
 
     fn parse(path: &Path, mmap: Mmap) -> Result<GgufFile> {
-        let mut c = Cursor { buf: &mmap, pos: 0, path };
+        let mut c = Cursor {
+            buf: &mmap,
+            pos: 0,
+            path,
+        };
         let magic = c.arr::<4>(&|| "the magic number".into())?;
         if &magic != b"GGUF" {
-            return Err(Error::format(path, format!("not a GGUF file: it starts with {magic:?}, not \"GGUF\"")));
+            return Err(Error::format(
+                path,
+                format!("not a GGUF file: it starts with {magic:?}, not \"GGUF\""),
+            ));
         }
         let version = c.u32(&|| "the version".into())?;
         match version {
             2 | 3 => {}
-            1 => return Err(Error::format(path, "GGUF version 1 is not supported; re-export the model with a current llama.cpp")),
-            v if v.swap_bytes() <= 3 => {
-                return Err(Error::format(path, "this is a big-endian GGUF file; only little-endian files are supported"))
+            1 => {
+                return Err(Error::format(
+                    path,
+                    "GGUF version 1 is not supported; re-export the model with a current llama.cpp",
+                ))
             }
-            v => return Err(Error::format(path, format!("unsupported GGUF version {v} (supported: 2, 3)"))),
+            v if v.swap_bytes() <= 3 => {
+                return Err(Error::format(
+                    path,
+                    "this is a big-endian GGUF file; only little-endian files are supported",
+                ))
+            }
+            v => {
+                return Err(Error::format(
+                    path,
+                    format!("unsupported GGUF version {v} (supported: 2, 3)"),
+                ))
+            }
         }
         // Each tensor info takes at least 8+4+4+8 bytes, each metadata entry at least 8+4+1.
         let n_tensors = c.count(24, &|| "the tensor count".into())?;
@@ -315,7 +355,10 @@ impl GgufFile {
             let name = c.string(&|| format!("the name of tensor {i}"))?;
             let n_dims = c.u32(&|| format!("the dimension count of tensor `{name}`"))? as usize;
             if n_dims > 4 {
-                return Err(Error::format(path, format!("tensor `{name}` has {n_dims} dimensions; GGUF allows at most 4")));
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}` has {n_dims} dimensions; GGUF allows at most 4"),
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims);
             for d in 0..n_dims {
@@ -360,13 +403,24 @@ impl GgufFile {
                 ));
             }
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
-                return Err(Error::format(path, format!("tensor `{name}` appears twice")));
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}` appears twice"),
+                ));
             }
-            tensors.push(GgufTensorInfo { name, dims, ggml_type, offset, n_bytes });
+            tensors.push(GgufTensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+                n_bytes,
+            });
         }
         let data_offset = c.pos.div_ceil(alignment) * alignment;
         for t in &tensors {
-            let end = (data_offset as u64).saturating_add(t.offset).saturating_add(t.n_bytes as u64);
+            let end = (data_offset as u64)
+                .saturating_add(t.offset)
+                .saturating_add(t.n_bytes as u64);
             if end > mmap.len() as u64 {
                 return Err(Error::format(
                     path,
@@ -407,7 +461,13 @@ impl GgufFile {
     }
 
     fn wrong(&self, key: &str, want: &str, v: &GgufValue) -> Error {
-        Error::format(&self.path, format!("GGUF metadata `{key}` should be {want}, found {}", v.type_name()))
+        Error::format(
+            &self.path,
+            format!(
+                "GGUF metadata `{key}` should be {want}, found {}",
+                v.type_name()
+            ),
+        )
     }
 
     pub fn get_str(&self, key: &str) -> Result<&str> {
@@ -417,7 +477,8 @@ impl GgufFile {
 
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         let v = self.get(key).ok_or_else(|| self.missing(key))?;
-        v.as_u64().ok_or_else(|| self.wrong(key, "a non-negative integer", v))
+        v.as_u64()
+            .ok_or_else(|| self.wrong(key, "a non-negative integer", v))
     }
 
     pub fn get_f64(&self, key: &str) -> Result<f64> {
@@ -434,7 +495,10 @@ impl GgufFile {
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>> {
         self.get_array(key)?
             .iter()
-            .map(|x| x.as_str().ok_or_else(|| self.wrong(key, "an array of strings", x)))
+            .map(|x| {
+                x.as_str()
+                    .ok_or_else(|| self.wrong(key, "an array of strings", x))
+            })
             .collect()
     }
 
@@ -443,12 +507,21 @@ impl GgufFile {
     }
 
     pub fn tensor_info(&self, name: &str) -> Result<&GgufTensorInfo> {
-        self.tensor_index.get(name).map(|&i| &self.tensors[i]).ok_or_else(|| {
-            let hint = crate::model::weights::closest_name(name, self.tensors.iter().map(|t| t.name.as_str()))
+        self.tensor_index
+            .get(name)
+            .map(|&i| &self.tensors[i])
+            .ok_or_else(|| {
+                let hint = crate::model::weights::closest_name(
+                    name,
+                    self.tensors.iter().map(|t| t.name.as_str()),
+                )
                 .map(|c| format!("; did you mean `{c}`?"))
                 .unwrap_or_default();
-            Error::format(&self.path, format!("no tensor `{name}` in the GGUF file{hint}"))
-        })
+                Error::format(
+                    &self.path,
+                    format!("no tensor `{name}` in the GGUF file{hint}"),
+                )
+            })
     }
 
     /// The raw (possibly quantized) bytes of a tensor.
@@ -461,9 +534,8 @@ impl GgufFile {
     pub fn tensor_f32(&self, name: &str) -> Result<HostTensor> {
         let info = self.tensor_info(name)?;
         let mut out = vec![0f32; info.numel()];
-        dequantize(info.ggml_type, self.tensor_data(info), &mut out).map_err(|e| {
-            Error::format(&self.path, format!("tensor `{name}`: {e}"))
-        })?;
+        dequantize(info.ggml_type, self.tensor_data(info), &mut out)
+            .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))?;
         Ok(HostTensor::from_f32(&info.shape(), &out))
     }
 }

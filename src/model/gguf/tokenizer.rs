@@ -78,7 +78,9 @@ fn gpt2_pipeline(g: &GgufFile, pre: &str) -> Result<(Value, Value, bool)> {
         other => {
             return Err(Error::format(
                 &g.path,
-                format!("tokenizer.ggml.pre = \"{other}\" is not supported; supported: {SUPPORTED_PRE}"),
+                format!(
+                    "tokenizer.ggml.pre = \"{other}\" is not supported; supported: {SUPPORTED_PRE}"
+                ),
             ))
         }
     })
@@ -102,7 +104,10 @@ fn spm_merges(tokens: &[&str], scores: &[f32]) -> Vec<(String, String)> {
     }
     // Stable sort, descending score, as Python's sorted(..., reverse=True) on the score key.
     merges.sort_by(|a, b| b.2.partial_cmp(&a.2).unwrap_or(std::cmp::Ordering::Equal));
-    merges.into_iter().map(|(l, r, _)| (tokens[l].to_string(), tokens[r].to_string())).collect()
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (tokens[l].to_string(), tokens[r].to_string()))
+        .collect()
 }
 
 fn token_at(tokens: &[&str], id: Option<u64>) -> Option<(u32, String)> {
@@ -115,13 +120,21 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<TokenizerFiles> {
     let model = g.get_str("tokenizer.ggml.model")?;
     let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
     let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
-        Some(_) => g.get_array("tokenizer.ggml.token_type")?.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
+        Some(_) => g
+            .get_array("tokenizer.ggml.token_type")?
+            .iter()
+            .map(|v| v.as_i64().unwrap_or(1))
+            .collect(),
         None => vec![1; tokens.len()],
     };
     if types.len() != tokens.len() {
         return Err(Error::format(
             &g.path,
-            format!("tokenizer.ggml.token_type has {} entries for {} tokens", types.len(), tokens.len()),
+            format!(
+                "tokenizer.ggml.token_type has {} entries for {} tokens",
+                types.len(),
+                tokens.len()
+            ),
         ));
     }
     let opt_id = |k: &str| g.get(k).and_then(|v| v.as_u64());
@@ -135,10 +148,16 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<TokenizerFiles> {
         add_eos: opt_bool("tokenizer.ggml.add_eos_token").unwrap_or(false),
     };
 
-    let vocab: serde_json::Map<String, Value> =
-        tokens.iter().enumerate().map(|(i, t)| (t.to_string(), json!(i))).collect();
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
     if vocab.len() != tokens.len() {
-        return Err(Error::format(&g.path, "tokenizer.ggml.tokens contains the same token twice"));
+        return Err(Error::format(
+            &g.path,
+            "tokenizer.ggml.tokens contains the same token twice",
+        ));
     }
 
     let (normalizer, pre_tokenizer, bpe_model, decoder) = match model {
@@ -230,12 +249,18 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<TokenizerFiles> {
     // Our own output must load; a failure here is a bug in this file, reported as such.
     let text = serde_json::to_string(&tokenizer_json).expect("JSON values always serialize");
     text.parse::<tokenizers::Tokenizer>().map_err(|e| {
-        Error::format(&g.path, format!("the tokenizer.json rebuilt from this file does not load: {e}"))
+        Error::format(
+            &g.path,
+            format!("the tokenizer.json rebuilt from this file does not load: {e}"),
+        )
     })?;
 
     let arch = g.get_str("general.architecture").unwrap_or("llama");
-    let max_len = g.get(&format!("{arch}.context_length")).and_then(|v| v.as_u64());
-    let tok_text = |t: &Option<(u32, String)>| t.as_ref().map(|(_, s)| json!(s)).unwrap_or(Value::Null);
+    let max_len = g
+        .get(&format!("{arch}.context_length"))
+        .and_then(|v| v.as_u64());
+    let tok_text =
+        |t: &Option<(u32, String)>| t.as_ref().map(|(_, s)| json!(s)).unwrap_or(Value::Null);
     let mut cfg = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": special.add_bos,
@@ -250,7 +275,12 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<TokenizerFiles> {
     if let Some(t) = g.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
         cfg["chat_template"] = json!(t);
     }
-    Ok(TokenizerFiles { tokenizer_json, tokenizer_config: cfg, special, vocab_size: tokens.len() })
+    Ok(TokenizerFiles {
+        tokenizer_json,
+        tokenizer_config: cfg,
+        special,
+        vocab_size: tokens.len(),
+    })
 }
 
 /// BOS/EOS insertion when the model asks for it; otherwise the byte-level (or no) processor.
@@ -261,7 +291,10 @@ fn post_processor(special: &SpecialTokens, model: &str) -> Value {
     let mut add = |tok: &Option<(u32, String)>, seq: &mut Vec<Value>, type_id: u32| {
         if let Some((id, text)) = tok {
             seq.push(json!({"SpecialToken": {"id": text, "type_id": type_id}}));
-            specials.insert(text.clone(), json!({"id": text, "ids": [id], "tokens": [text]}));
+            specials.insert(
+                text.clone(),
+                json!({"id": text, "ids": [id], "tokens": [text]}),
+            );
         }
     };
     if special.add_bos {
@@ -282,7 +315,11 @@ fn post_processor(special: &SpecialTokens, model: &str) -> Value {
         add(&special.eos, &mut pair, 1);
     }
     if specials.is_empty() {
-        return if model == "gpt2" { byte_level(true, false, true) } else { Value::Null };
+        return if model == "gpt2" {
+            byte_level(true, false, true)
+        } else {
+            Value::Null
+        };
     }
     json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials})
 }

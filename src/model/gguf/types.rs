@@ -14,7 +14,12 @@ pub struct GgmlType {
 }
 
 const fn t(id: u32, name: &'static str, block_size: usize, type_size: usize) -> GgmlType {
-    GgmlType { id, name, block_size, type_size }
+    GgmlType {
+        id,
+        name,
+        block_size,
+        type_size,
+    }
 }
 
 pub const F32: GgmlType = t(0, "F32", 1, 4);
@@ -72,7 +77,10 @@ impl GgmlType {
     }
 
     pub fn from_name(name: &str) -> Option<GgmlType> {
-        KNOWN.iter().copied().find(|k| k.name.eq_ignore_ascii_case(name))
+        KNOWN
+            .iter()
+            .copied()
+            .find(|k| k.name.eq_ignore_ascii_case(name))
     }
 
     pub fn is_dequantizable(self) -> bool {
@@ -81,7 +89,11 @@ impl GgmlType {
 
     /// "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1", for error messages.
     pub fn dequantizable_list() -> String {
-        Self::DEQUANTIZABLE.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")
+        Self::DEQUANTIZABLE
+            .iter()
+            .map(|t| t.name)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Bytes taken by `n` elements (`n` must be a multiple of the block size).
