@@ -36,16 +36,28 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Format { path: path.into(), msg: msg.into() }
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
     pub fn shape(op: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Shape { op: op.into(), msg: msg.into() }
+        Error::Shape {
+            op: op.into(),
+            msg: msg.into(),
+        }
     }
     pub fn backend(backend: &'static str, msg: impl Into<String>) -> Self {
-        Error::Backend { backend, msg: msg.into() }
+        Error::Backend {
+            backend,
+            msg: msg.into(),
+        }
     }
 }
 

@@ -11,5 +11,10 @@ pub mod model;
 
 pub use error::{Error, Result};
 pub mod tensor;
+pub mod train;
 
 pub use tensor::{DType, HostTensor};
+pub mod backend;
+pub mod exec;
+pub mod graph;
+pub mod ops;

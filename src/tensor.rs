@@ -70,36 +70,91 @@ pub struct HostTensor {
 
 impl HostTensor {
     pub fn zeros(shape: &[usize], dtype: DType) -> Self {
-        HostTensor { shape: shape.to_vec(), dtype, data: vec![0; numel(shape) * dtype.size()] }
+        HostTensor {
+            shape: shape.to_vec(),
+            dtype,
+            data: vec![0; numel(shape) * dtype.size()],
+        }
     }
     pub fn numel(&self) -> usize {
         numel(&self.shape)
     }
     pub fn from_f32(shape: &[usize], v: &[f32]) -> Self {
-        assert_eq!(numel(shape), v.len(), "HostTensor::from_f32: shape {shape:?} vs {} values", v.len());
-        HostTensor { shape: shape.to_vec(), dtype: DType::F32, data: bytemuck::cast_slice(v).to_vec() }
+        assert_eq!(
+            numel(shape),
+            v.len(),
+            "HostTensor::from_f32: shape {shape:?} vs {} values",
+            v.len()
+        );
+        HostTensor {
+            shape: shape.to_vec(),
+            dtype: DType::F32,
+            data: bytemuck::cast_slice(v).to_vec(),
+        }
     }
     pub fn from_f64(shape: &[usize], v: &[f64]) -> Self {
-        assert_eq!(numel(shape), v.len(), "HostTensor::from_f64: shape {shape:?} vs {} values", v.len());
-        HostTensor { shape: shape.to_vec(), dtype: DType::F64, data: bytemuck::cast_slice(v).to_vec() }
+        assert_eq!(
+            numel(shape),
+            v.len(),
+            "HostTensor::from_f64: shape {shape:?} vs {} values",
+            v.len()
+        );
+        HostTensor {
+            shape: shape.to_vec(),
+            dtype: DType::F64,
+            data: bytemuck::cast_slice(v).to_vec(),
+        }
     }
     pub fn from_i32(shape: &[usize], v: &[i32]) -> Self {
-        assert_eq!(numel(shape), v.len(), "HostTensor::from_i32: shape {shape:?} vs {} values", v.len());
-        HostTensor { shape: shape.to_vec(), dtype: DType::I32, data: bytemuck::cast_slice(v).to_vec() }
+        assert_eq!(
+            numel(shape),
+            v.len(),
+            "HostTensor::from_i32: shape {shape:?} vs {} values",
+            v.len()
+        );
+        HostTensor {
+            shape: shape.to_vec(),
+            dtype: DType::I32,
+            data: bytemuck::cast_slice(v).to_vec(),
+        }
     }
     pub fn from_u32(shape: &[usize], v: &[u32]) -> Self {
-        assert_eq!(numel(shape), v.len(), "HostTensor::from_u32: shape {shape:?} vs {} values", v.len());
-        HostTensor { shape: shape.to_vec(), dtype: DType::U32, data: bytemuck::cast_slice(v).to_vec() }
+        assert_eq!(
+            numel(shape),
+            v.len(),
+            "HostTensor::from_u32: shape {shape:?} vs {} values",
+            v.len()
+        );
+        HostTensor {
+            shape: shape.to_vec(),
+            dtype: DType::U32,
+            data: bytemuck::cast_slice(v).to_vec(),
+        }
     }
     /// Values converted to f32 (floats widened or narrowed; integers cast).
     pub fn to_f32(&self) -> Vec<f32> {
         match self.dtype {
             DType::F32 => bytemuck::pod_collect_to_vec(&self.data),
-            DType::F64 => bytemuck::pod_collect_to_vec::<u8, f64>(&self.data).iter().map(|&x| x as f32).collect(),
-            DType::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(&self.data).iter().map(|x| x.to_f32()).collect(),
-            DType::BF16 => bytemuck::pod_collect_to_vec::<u8, bf16>(&self.data).iter().map(|x| x.to_f32()).collect(),
-            DType::I32 => bytemuck::pod_collect_to_vec::<u8, i32>(&self.data).iter().map(|&x| x as f32).collect(),
-            DType::U32 => bytemuck::pod_collect_to_vec::<u8, u32>(&self.data).iter().map(|&x| x as f32).collect(),
+            DType::F64 => bytemuck::pod_collect_to_vec::<u8, f64>(&self.data)
+                .iter()
+                .map(|&x| x as f32)
+                .collect(),
+            DType::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(&self.data)
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+            DType::BF16 => bytemuck::pod_collect_to_vec::<u8, bf16>(&self.data)
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+            DType::I32 => bytemuck::pod_collect_to_vec::<u8, i32>(&self.data)
+                .iter()
+                .map(|&x| x as f32)
+                .collect(),
+            DType::U32 => bytemuck::pod_collect_to_vec::<u8, u32>(&self.data)
+                .iter()
+                .map(|&x| x as f32)
+                .collect(),
         }
     }
     /// Values converted to f64.
@@ -112,7 +167,10 @@ impl HostTensor {
     pub fn to_i32(&self) -> Vec<i32> {
         match self.dtype {
             DType::I32 => bytemuck::pod_collect_to_vec(&self.data),
-            DType::U32 => bytemuck::pod_collect_to_vec::<u8, u32>(&self.data).iter().map(|&x| x as i32).collect(),
+            DType::U32 => bytemuck::pod_collect_to_vec::<u8, u32>(&self.data)
+                .iter()
+                .map(|&x| x as i32)
+                .collect(),
             _ => self.to_f32().into_iter().map(|x| x as i32).collect(),
         }
     }
@@ -138,6 +196,10 @@ impl HostTensor {
                 bytemuck::cast_slice(&v).to_vec()
             }
         };
-        HostTensor { shape: self.shape.clone(), dtype, data }
+        HostTensor {
+            shape: self.shape.clone(),
+            dtype,
+            data,
+        }
     }
 }

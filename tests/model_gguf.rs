@@ -31,12 +31,9 @@ fn metadata_of_every_value_type_and_tensor_infos() {
     assert_eq!(g.alignment, 64);
     assert_eq!(g.data_offset % 64, 0);
     let spec: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("quant_types.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture("quant_types.json")).unwrap()).unwrap();
     for (key, want) in spec["metadata"].as_object().unwrap() {
-        let got = g
-            .get(key)
-            .unwrap_or_else(|| panic!("metadata {key} missing"));
+        let got = g.get(key).unwrap_or_else(|| panic!("metadata {key} missing"));
         let value = &want["value"];
         match want["type"].as_str().unwrap() {
             "uint8" => assert_eq!(got, &GgufValue::U8(value.as_u64().unwrap() as u8)),
@@ -114,10 +111,7 @@ fn unsupported_quant_type_is_named_with_the_supported_list() {
     assert_eq!(g.tensor_info("t_q4_k").unwrap().ggml_type.name, "Q4_K");
     let err = g.tensor_f32("t_q4_k").unwrap_err().to_string();
     assert!(err.contains("t_q4_k") && err.contains("Q4_K"), "{err}");
-    assert!(
-        err.contains("F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1"),
-        "{err}"
-    );
+    assert!(err.contains("F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1"), "{err}");
 }
 
 /// Byte position of the ggml type field of tensor `name` in a GGUF header.
@@ -127,11 +121,7 @@ fn type_field_of(bytes: &[u8], name: &str) -> usize {
         .windows(key.len())
         .position(|w| w == key)
         .expect("tensor name in header");
-    let n_dims = u32::from_le_bytes(
-        bytes[at + key.len()..at + key.len() + 4]
-            .try_into()
-            .unwrap(),
-    ) as usize;
+    let n_dims = u32::from_le_bytes(bytes[at + key.len()..at + key.len() + 4].try_into().unwrap()) as usize;
     at + key.len() + 4 + 8 * n_dims
 }
 
@@ -140,10 +130,7 @@ fn unknown_type_id_is_an_error_naming_tensor_and_offset() {
     let dir = scratch("unknown");
     let mut bytes = std::fs::read(fixture("quant_types.gguf")).unwrap();
     let at = type_field_of(&bytes, "t_q4_k");
-    assert_eq!(
-        u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()),
-        12
-    );
+    assert_eq!(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()), 12);
     bytes[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
     let p = dir.join("unknown.gguf");
     std::fs::write(&p, &bytes).unwrap();
@@ -167,10 +154,7 @@ fn truncated_files_are_clear_errors() {
     std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
     let err = GgufFile::open(&p).unwrap_err().to_string();
     assert!(err.contains("truncated") && err.contains("t_q4_k"), "{err}");
-    assert!(
-        err.contains(&format!("file has {} bytes", bytes.len() - 100)),
-        "{err}"
-    );
+    assert!(err.contains(&format!("file has {} bytes", bytes.len() - 100)), "{err}");
     // Cut inside the metadata: in the value of `test.array_str`.
     let key = b"test.array_str";
     let cut = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 20;
@@ -185,10 +169,7 @@ fn truncated_files_are_clear_errors() {
     let p = dir.join("short-header.gguf");
     std::fs::write(&p, &bytes[..12]).unwrap();
     let err = GgufFile::open(&p).unwrap_err().to_string();
-    assert!(
-        err.contains("truncated") && err.contains("tensor count"),
-        "{err}"
-    );
+    assert!(err.contains("truncated") && err.contains("tensor count"), "{err}");
     // Not a GGUF at all.
     let p = dir.join("not.gguf");
     std::fs::write(&p, b"PK\x03\x04 a zip file").unwrap();
@@ -207,10 +188,7 @@ fn version_2_files_read_like_version_3() {
     let g = GgufFile::open(&p).unwrap();
     assert_eq!(g.version, 2);
     let v3 = GgufFile::open(&fixture("quant_types.gguf")).unwrap();
-    assert_eq!(
-        g.tensor_f32("t_q5_1").unwrap(),
-        v3.tensor_f32("t_q5_1").unwrap()
-    );
+    assert_eq!(g.tensor_f32("t_q5_1").unwrap(), v3.tensor_f32("t_q5_1").unwrap());
     bytes[4..8].copy_from_slice(&1u32.to_le_bytes());
     std::fs::write(&p, &bytes).unwrap();
     let err = GgufFile::open(&p).unwrap_err().to_string();
@@ -223,13 +201,7 @@ fn check_converted(arch: &str, dtype: DType) -> (PathBuf, ModelConfig) {
     let out = dir.join("hf");
     let calls = std::cell::RefCell::new(Vec::new());
     let progress = |done: usize, total: usize| calls.borrow_mut().push((done, total));
-    convert_gguf_with_progress(
-        &fixture(&format!("tiny_{arch}.gguf")),
-        &out,
-        dtype,
-        Some(&progress),
-    )
-    .unwrap();
+    convert_gguf_with_progress(&fixture(&format!("tiny_{arch}.gguf")), &out, dtype, Some(&progress)).unwrap();
     let calls = calls.into_inner();
     let n = GgufFile::open(&fixture(&format!("tiny_{arch}.gguf")))
         .unwrap()
@@ -251,11 +223,7 @@ fn check_converted(arch: &str, dtype: DType) -> (PathBuf, ModelConfig) {
         assert_eq!(g, w, "{name}");
     }
     let cfg = ModelConfig::from_file(&out.join("config.json")).unwrap();
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-    ] {
+    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
         assert!(out.join(f).is_file(), "{f}");
     }
     // No temporary folder is left beside the output.

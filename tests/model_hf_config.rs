@@ -43,12 +43,7 @@ fn rope_inv_freq_equals_transformers() {
         // The same config as transformers 4 wrote it and as transformers 5 serialises it.
         for key in ["config", "config_transformers"] {
             let cfg = parse(c[key].clone()).unwrap_or_else(|e| panic!("{name} {key}: {e}"));
-            kinds.insert(
-                cfg.rope_scaling
-                    .as_ref()
-                    .map(|s| s.rope_type())
-                    .unwrap_or("default"),
-            );
+            kinds.insert(cfg.rope_scaling.as_ref().map(|s| s.rope_type()).unwrap_or("default"));
             let got = cfg.rope_init();
             assert_eq!(got.inv_freq.len(), want.len(), "{name}");
             assert_eq!(got.inv_freq, cfg.rope_inv_freq());
@@ -186,10 +181,7 @@ fn errors_name_the_problem() {
     let mut v = llama_base();
     v["num_key_value_heads"] = json!(3);
     let err = parse(v).unwrap_err().to_string();
-    assert!(
-        err.contains("multiple of `num_key_value_heads` (3)"),
-        "{err}"
-    );
+    assert!(err.contains("multiple of `num_key_value_heads` (3)"), "{err}");
 
     let mut v = llama_base();
     v["hidden_act"] = json!("gelu");
@@ -198,10 +190,7 @@ fn errors_name_the_problem() {
     let err = ModelConfig::parse("{not json", "x/config.json")
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("x/config.json") && err.contains("not valid JSON"),
-        "{err}"
-    );
+    assert!(err.contains("x/config.json") && err.contains("not valid JSON"), "{err}");
 }
 
 #[test]

@@ -18,9 +18,8 @@ fn models_dir() -> PathBuf {
 fn smollm2() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        fetch_smollm2_135m_instruct(&models_dir()).unwrap_or_else(|e| {
-            panic!("SmolLM2-135M-Instruct is needed and could not be fetched: {e}")
-        })
+        fetch_smollm2_135m_instruct(&models_dir())
+            .unwrap_or_else(|e| panic!("SmolLM2-135M-Instruct is needed and could not be fetched: {e}"))
     })
 }
 
@@ -53,11 +52,7 @@ fn config_has_the_published_values() {
     assert_eq!(cfg.intermediate_size, 1536);
     assert_eq!(cfg.num_hidden_layers, 30);
     assert_eq!(
-        (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim
-        ),
+        (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim),
         (9, 3, 64)
     );
     assert_eq!(cfg.vocab_size, 49152);
@@ -71,10 +66,8 @@ fn config_has_the_published_values() {
     assert_eq!(cfg.pad_token_id, Some(2));
     assert_eq!(cfg.torch_dtype, Some(DType::F32));
 
-    let tc: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(smollm2().join("tokenizer_config.json")).unwrap(),
-    )
-    .unwrap();
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(smollm2().join("tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!(tc["bos_token"], "<|im_start|>");
     assert_eq!(tc["eos_token"], "<|im_end|>");
     assert_eq!(tc["pad_token"], "<|im_end|>");
@@ -100,8 +93,7 @@ fn weights_match_an_independent_numpy_conversion() {
         .sum();
     assert_eq!(params, 134_515_008);
 
-    let reference = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/model/smollm2_reference.safetensors");
+    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model/smollm2_reference.safetensors");
     let want = WeightStore::open(&reference).unwrap();
     let rows = want.get_raw("embed_rows").unwrap().to_i32();
 
@@ -131,10 +123,7 @@ fn weights_match_an_independent_numpy_conversion() {
             slice("model.layers.29.self_attn.v_proj.weight", 188..192, 0..576),
         ),
         ("model.embed_tokens.weight[rows]", {
-            let e = got
-                .get("model.embed_tokens.weight", DType::F32)
-                .unwrap()
-                .to_f32();
+            let e = got.get("model.embed_tokens.weight", DType::F32).unwrap().to_f32();
             rows.iter()
                 .flat_map(|&r| e[r as usize * 576..(r as usize + 1) * 576].to_vec())
                 .collect()

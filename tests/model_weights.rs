@@ -7,10 +7,7 @@ use ferrotune::model::{write_safetensors, write_safetensors_sharded, WeightStore
 use ferrotune::{DType, HostTensor};
 
 fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "ferrotune-model-weights-{tag}-{}",
-        std::process::id()
-    ));
+    let d = std::env::temp_dir().join(format!("ferrotune-model-weights-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -49,10 +46,7 @@ fn sample() -> Vec<(String, HostTensor)> {
             "model.layers.0.input_layernorm.weight".into(),
             HostTensor::from_f32(&[8], &vals(8, 3.0)),
         ),
-        (
-            "model.norm.weight".into(),
-            HostTensor::from_f32(&[8], &vals(8, 4.0)),
-        ),
+        ("model.norm.weight".into(), HostTensor::from_f32(&[8], &vals(8, 4.0))),
     ]
 }
 
@@ -82,9 +76,7 @@ fn single_file_round_trip_and_conversions() {
         }
     }
     // bf16 -> f16 goes through f32 and is exact for these small values.
-    let q = st
-        .get("model.layers.0.self_attn.q_proj.weight", DType::F16)
-        .unwrap();
+    let q = st.get("model.layers.0.self_attn.q_proj.weight", DType::F16).unwrap();
     assert_eq!(q.to_f32(), ts[1].1.to_f32());
     assert!(!st.contains("lm_head.weight"));
     std::fs::remove_dir_all(dir).unwrap();
@@ -105,10 +97,8 @@ fn sharded_round_trip_in_hf_format() {
             "model.safetensors.index.json"
         ]
     );
-    let index: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap(),
-    )
-    .unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
     let total: usize = ts.iter().map(|(_, t)| t.data.len()).sum();
     assert_eq!(index["metadata"]["total_size"], total);
     assert_eq!(
@@ -132,10 +122,7 @@ fn sharded_round_trip_in_hf_format() {
     write_safetensors_sharded(&dir, &ts, 1 << 30, None).unwrap();
     assert_eq!(files_in(&dir), ["model.safetensors"]);
     assert_eq!(
-        WeightStore::open(&dir)
-            .unwrap()
-            .get_raw("model.norm.weight")
-            .unwrap(),
+        WeightStore::open(&dir).unwrap().get_raw("model.norm.weight").unwrap(),
         ts[4].1
     );
     std::fs::remove_dir_all(dir).unwrap();
@@ -159,10 +146,7 @@ fn missing_tensor_names_it_and_suggests_a_close_name() {
         "{err}"
     );
     let err = st.shape("lm_head.weight").unwrap_err().to_string();
-    assert!(
-        err.contains("lm_head.weight") && !err.contains("did you mean"),
-        "{err}"
-    );
+    assert!(err.contains("lm_head.weight") && !err.contains("did you mean"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -172,11 +156,7 @@ fn wrong_shape_says_expected_and_found() {
     write_safetensors(&dir.join("model.safetensors"), &sample(), None).unwrap();
     let st = WeightStore::open(&dir).unwrap();
     let err = st
-        .get_shaped(
-            "model.layers.0.self_attn.k_proj.weight",
-            &[8, 8],
-            DType::F32,
-        )
+        .get_shaped("model.layers.0.self_attn.k_proj.weight", &[8, 8], DType::F32)
         .unwrap_err()
         .to_string();
     assert!(
@@ -184,11 +164,7 @@ fn wrong_shape_says_expected_and_found() {
         "{err}"
     );
     assert!(st
-        .get_shaped(
-            "model.layers.0.self_attn.k_proj.weight",
-            &[4, 8],
-            DType::F32
-        )
+        .get_shaped("model.layers.0.self_attn.k_proj.weight", &[4, 8], DType::F32)
         .is_ok());
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -198,8 +174,7 @@ fn unsupported_dtype_is_named() {
     let dir = scratch("dtype");
     let p = dir.join("model.safetensors");
     let bytes: Vec<u8> = [1i64, 2, 3].iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![3], &bytes).unwrap();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![3], &bytes).unwrap();
     safetensors::serialize_to_file([("position_ids", view)], None, &p).unwrap();
     let st = WeightStore::open(&p).unwrap();
     let err = st.get("position_ids", DType::F32).unwrap_err().to_string();
@@ -208,12 +183,7 @@ fn unsupported_dtype_is_named() {
         "{err}"
     );
     // Integer tensors we can hold are not turned into weights either.
-    write_safetensors(
-        &p,
-        &[("ids".into(), HostTensor::from_i32(&[2], &[1, 2]))],
-        None,
-    )
-    .unwrap();
+    write_safetensors(&p, &[("ids".into(), HostTensor::from_i32(&[2], &[1, 2]))], None).unwrap();
     let err = WeightStore::open(&p)
         .unwrap()
         .get("ids", DType::BF16)

@@ -24,10 +24,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Create a temporary sibling of `path`, let `fill` write it, flush it to disk, and rename it to `path`.
-pub fn write_atomic_with(
-    path: &Path,
-    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
-) -> Result<()> {
+pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
     let tmp = temp_sibling(path);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;

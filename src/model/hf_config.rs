@@ -45,11 +45,7 @@ impl Arch {
     }
     /// "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM", for error messages.
     pub fn supported_list() -> String {
-        Arch::ALL
-            .iter()
-            .map(|a| a.hf_class())
-            .collect::<Vec<_>>()
-            .join(", ")
+        Arch::ALL.iter().map(|a| a.hf_class()).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -199,12 +195,10 @@ impl Obj<'_> {
     fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
         match self.present(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                cfg_err(
-                    self.src,
-                    format!("`{key}` must be a non-negative integer, found {v}"),
-                )
-            }),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| cfg_err(self.src, format!("`{key}` must be a non-negative integer, found {v}"))),
         }
     }
     fn usize_req(&self, key: &str) -> Result<usize> {
@@ -223,12 +217,10 @@ impl Obj<'_> {
     fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
         match self.present(key) {
             None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| {
-                cfg_err(
-                    self.src,
-                    format!("`{key}` must be true or false, found {v}"),
-                )
-            }),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| cfg_err(self.src, format!("`{key}` must be true or false, found {v}"))),
         }
     }
     fn str_opt(&self, key: &str) -> Result<Option<&str>> {
@@ -267,8 +259,7 @@ impl ModelConfig {
 
     /// Parse the text of a `config.json`; `src` names it in error messages.
     pub fn parse(text: &str, src: &str) -> Result<ModelConfig> {
-        let v: Value =
-            serde_json::from_str(text).map_err(|e| cfg_err(src, format!("not valid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(text).map_err(|e| cfg_err(src, format!("not valid JSON: {e}")))?;
         Self::from_value(&v, src)
     }
 
@@ -284,9 +275,7 @@ impl ModelConfig {
         if num_attention_heads == 0 {
             return Err(cfg_err(src, "`num_attention_heads` must be at least 1"));
         }
-        let num_key_value_heads = o
-            .usize_opt("num_key_value_heads")?
-            .unwrap_or(num_attention_heads);
+        let num_key_value_heads = o.usize_opt("num_key_value_heads")?.unwrap_or(num_attention_heads);
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(cfg_err(
                 src,
@@ -342,10 +331,7 @@ impl ModelConfig {
                             "`use_sliding_window` is true but `sliding_window` is missing or null",
                         )
                     })?;
-                    (
-                        Some(w),
-                        Some(o.usize_opt("max_window_layers")?.unwrap_or(28)),
-                    )
+                    (Some(w), Some(o.usize_opt("max_window_layers")?.unwrap_or(28)))
                 } else {
                     (None, None)
                 }
@@ -393,9 +379,7 @@ impl ModelConfig {
             rms_norm_eps: o.f64_opt("rms_norm_eps")?.unwrap_or(default_eps),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: o
-                .usize_opt("max_position_embeddings")?
-                .unwrap_or(default_max_pos),
+            max_position_embeddings: o.usize_opt("max_position_embeddings")?.unwrap_or(default_max_pos),
             tie_word_embeddings: o.bool_opt("tie_word_embeddings")?.unwrap_or(false),
             sliding_window,
             max_window_layers,
@@ -427,25 +411,13 @@ impl ModelConfig {
         m.insert("hidden_size".into(), json!(self.hidden_size));
         m.insert("intermediate_size".into(), json!(self.intermediate_size));
         m.insert("num_hidden_layers".into(), json!(self.num_hidden_layers));
-        m.insert(
-            "num_attention_heads".into(),
-            json!(self.num_attention_heads),
-        );
-        m.insert(
-            "num_key_value_heads".into(),
-            json!(self.num_key_value_heads),
-        );
+        m.insert("num_attention_heads".into(), json!(self.num_attention_heads));
+        m.insert("num_key_value_heads".into(), json!(self.num_key_value_heads));
         m.insert("head_dim".into(), json!(self.head_dim));
         m.insert("vocab_size".into(), json!(self.vocab_size));
         m.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
-        m.insert(
-            "max_position_embeddings".into(),
-            json!(self.max_position_embeddings),
-        );
-        m.insert(
-            "tie_word_embeddings".into(),
-            json!(self.tie_word_embeddings),
-        );
+        m.insert("max_position_embeddings".into(), json!(self.max_position_embeddings));
+        m.insert("tie_word_embeddings".into(), json!(self.tie_word_embeddings));
         m.insert("initializer_range".into(), json!(0.02));
         m.insert("use_cache".into(), json!(true));
         m.insert("attention_dropout".into(), json!(0.0));
@@ -470,10 +442,7 @@ impl ModelConfig {
                 m.insert("sliding_window".into(), json!(self.sliding_window));
             }
             Arch::Qwen2 => {
-                m.insert(
-                    "use_sliding_window".into(),
-                    json!(self.sliding_window.is_some()),
-                );
+                m.insert("use_sliding_window".into(), json!(self.sliding_window.is_some()));
                 m.insert("sliding_window".into(), json!(self.sliding_window));
                 m.insert(
                     "max_window_layers".into(),
@@ -505,8 +474,7 @@ impl ModelConfig {
     /// Write `config.json` atomically.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn write(&self, path: &Path) -> Result<()> {
-        let text =
-            serde_json::to_string_pretty(&self.to_json()).expect("JSON values always serialize");
+        let text = serde_json::to_string_pretty(&self.to_json()).expect("JSON values always serialize");
         crate::model::atomic::write_atomic(path, format!("{text}\n").as_bytes())
     }
 }
@@ -524,18 +492,15 @@ fn parse_arch(o: &Obj) -> Result<Arch> {
                 format!("`architectures` must be a list of class names, found {list}"),
             ));
         }
-        return names
-            .iter()
-            .find_map(|n| Arch::from_hf_class(n))
-            .ok_or_else(|| {
-                cfg_err(
-                    o.src,
-                    format!(
-                        "unsupported architecture {}; supported architectures: {supported}",
-                        names.join(", ")
-                    ),
-                )
-            });
+        return names.iter().find_map(|n| Arch::from_hf_class(n)).ok_or_else(|| {
+            cfg_err(
+                o.src,
+                format!(
+                    "unsupported architecture {}; supported architectures: {supported}",
+                    names.join(", ")
+                ),
+            )
+        });
     }
     match o.str_opt("model_type")? {
         Some(t) => Arch::from_model_type(t).ok_or_else(|| {
@@ -575,12 +540,8 @@ fn parse_rope(o: &Obj) -> Result<(f64, Option<RopeScaling>)> {
                 None => po.str_opt("type")?,
             };
             let factor = || {
-                po.f64_opt("factor")?.ok_or_else(|| {
-                    cfg_err(
-                        src,
-                        format!("`{key}.factor` is required for this rope_type"),
-                    )
-                })
+                po.f64_opt("factor")?
+                    .ok_or_else(|| cfg_err(src, format!("`{key}.factor` is required for this rope_type")))
             };
             match ty.unwrap_or("default") {
                 "default" => None,
@@ -588,8 +549,7 @@ fn parse_rope(o: &Obj) -> Result<(f64, Option<RopeScaling>)> {
                 "dynamic" => Some(RopeScaling::Dynamic { factor: factor()? }),
                 "yarn" => Some(RopeScaling::Yarn {
                     factor: factor()?,
-                    original_max_position_embeddings: po
-                        .usize_opt("original_max_position_embeddings")?,
+                    original_max_position_embeddings: po.usize_opt("original_max_position_embeddings")?,
                     attention_factor: po.f64_opt("attention_factor")?,
                     beta_fast: po.f64_opt("beta_fast")?,
                     beta_slow: po.f64_opt("beta_slow")?,
@@ -599,17 +559,23 @@ fn parse_rope(o: &Obj) -> Result<(f64, Option<RopeScaling>)> {
                 }),
                 "llama3" => {
                     let need = |k: &str| -> Result<f64> {
-                        po.f64_opt(k)?.ok_or_else(|| {
-                            cfg_err(src, format!("`{key}.{k}` is required for rope_type llama3"))
-                        })
+                        po.f64_opt(k)?
+                            .ok_or_else(|| cfg_err(src, format!("`{key}.{k}` is required for rope_type llama3")))
                     };
                     Some(RopeScaling::Llama3 {
                         factor: factor()?,
                         low_freq_factor: need("low_freq_factor")?,
                         high_freq_factor: need("high_freq_factor")?,
-                        original_max_position_embeddings: po.usize_opt("original_max_position_embeddings")?.ok_or_else(
-                            || cfg_err(src, format!("`{key}.original_max_position_embeddings` is required for rope_type llama3")),
-                        )?,
+                        original_max_position_embeddings: po
+                            .usize_opt("original_max_position_embeddings")?
+                            .ok_or_else(|| {
+                                cfg_err(
+                                    src,
+                                    format!(
+                                        "`{key}.original_max_position_embeddings` is required for rope_type llama3"
+                                    ),
+                                )
+                            })?,
                     })
                 }
                 other => {

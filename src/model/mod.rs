@@ -4,6 +4,7 @@
 //! parts are available everywhere.
 
 pub mod hf_config;
+pub mod llama;
 pub mod rope;
 
 #[cfg(not(target_arch = "wasm32"))]

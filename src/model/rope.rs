@@ -47,9 +47,7 @@ impl ModelConfig {
                 // base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2)), seq_len = max_pos.
                 let seq_len = self.max_position_embeddings as f64;
                 let max_pos = self.max_position_embeddings as f64;
-                let b = base
-                    * ((factor * seq_len / max_pos) - (factor - 1.0))
-                        .powf(dim as f64 / (dim as f64 - 2.0));
+                let b = base * ((factor * seq_len / max_pos) - (factor - 1.0)).powf(dim as f64 / (dim as f64 - 2.0));
                 RopeInit {
                     inv_freq: default_inv_freq(b, dim),
                     attention_scaling: 1.0,
@@ -102,8 +100,7 @@ impl ModelConfig {
         let base = self.rope_theta;
         let factor = *factor;
         // transformers 5 fills a missing original_max_position_embeddings with max_position_embeddings.
-        let orig_max =
-            original_max_position_embeddings.unwrap_or(self.max_position_embeddings) as f64;
+        let orig_max = original_max_position_embeddings.unwrap_or(self.max_position_embeddings) as f64;
 
         let get_mscale = |scale: f64, m: f64| {
             if scale <= 1.0 {
@@ -114,19 +111,15 @@ impl ModelConfig {
         };
         let attention = match (attention_factor, mscale, mscale_all_dim) {
             (Some(a), _, _) => *a,
-            (None, Some(m), Some(ma)) if *m != 0.0 && *ma != 0.0 => {
-                get_mscale(factor, *m) / get_mscale(factor, *ma)
-            }
+            (None, Some(m), Some(ma)) if *m != 0.0 && *ma != 0.0 => get_mscale(factor, *m) / get_mscale(factor, *ma),
             _ => get_mscale(factor, 1.0),
         };
         let beta_fast = beta_fast.filter(|b| *b != 0.0).unwrap_or(32.0);
         let beta_slow = beta_slow.filter(|b| *b != 0.0).unwrap_or(1.0);
 
         // Inverse of the rotation count: the dimension whose wavelength fits num_rotations times.
-        let correction_dim = |num_rot: f64| {
-            (dim as f64 * (orig_max / (num_rot * 2.0 * std::f64::consts::PI)).ln())
-                / (2.0 * base.ln())
-        };
+        let correction_dim =
+            |num_rot: f64| (dim as f64 * (orig_max / (num_rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln());
         let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
         if truncate.unwrap_or(true) {
             low = low.floor();

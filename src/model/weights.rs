@@ -33,10 +33,7 @@ pub struct WeightStore {
 impl std::fmt::Debug for WeightStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WeightStore")
-            .field(
-                "files",
-                &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>(),
-            )
+            .field("files", &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>())
             .field("tensors", &self.entries.len())
             .finish()
     }
@@ -111,8 +108,8 @@ impl WeightStore {
     /// `{"metadata": {"total_size": N}, "weight_map": {tensor: shard file}}`).
     pub fn open_index(index: &Path) -> Result<WeightStore> {
         let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(index, format!("not valid JSON: {e}")))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(index, format!("not valid JSON: {e}")))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -121,12 +118,9 @@ impl WeightStore {
         let mut shard_names: Vec<String> = Vec::new();
         let mut wanted: Vec<(String, String)> = Vec::new();
         for (tensor, file) in map {
-            let file = file.as_str().ok_or_else(|| {
-                Error::format(
-                    index,
-                    format!("weight_map[\"{tensor}\"] must be a file name"),
-                )
-            })?;
+            let file = file
+                .as_str()
+                .ok_or_else(|| Error::format(index, format!("weight_map[\"{tensor}\"] must be a file name")))?;
             if !shard_names.iter().any(|s| s == file) {
                 shard_names.push(file.to_string());
             }
@@ -149,12 +143,12 @@ impl WeightStore {
         for (tensor, file) in wanted {
             match store.entries.get(&tensor) {
                 Some(e) if store.files[e.file].0 == dir.join(&file) => {}
-                _ => return Err(Error::format(
-                    index,
-                    format!(
-                        "weight_map says `{tensor}` is in {file}, but that shard does not hold it"
-                    ),
-                )),
+                _ => {
+                    return Err(Error::format(
+                        index,
+                        format!("weight_map says `{tensor}` is in {file}, but that shard does not hold it"),
+                    ))
+                }
             }
         }
         Ok(store)
@@ -239,10 +233,7 @@ impl WeightStore {
                 Some(c) => format!("; did you mean `{c}`?"),
                 None => String::new(),
             };
-            crate::msg!(
-                "tensor `{name}` is not in the checkpoint ({}){hint}",
-                self.describe()
-            )
+            crate::msg!("tensor `{name}` is not in the checkpoint ({}){hint}", self.describe())
         })
     }
 
@@ -342,9 +333,7 @@ fn levenshtein(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, &cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
         }
         prev = cur;
     }

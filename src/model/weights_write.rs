@@ -54,14 +54,10 @@ pub fn write_safetensors(
     for (name, t) in tensors {
         check_tensor(path, name, t)?;
         if !seen.insert(name.as_str()) {
-            return Err(Error::format(
-                path,
-                format!("tensor `{name}` is given twice"),
-            ));
+            return Err(Error::format(path, format!("tensor `{name}` is given twice")));
         }
     }
-    let metadata =
-        metadata.or_else(|| Some(HashMap::from([("format".to_string(), "pt".to_string())])));
+    let metadata = metadata.or_else(|| Some(HashMap::from([("format".to_string(), "pt".to_string())])));
     let views = tensors.iter().map(|(n, t)| (n.as_str(), HostView(t)));
     safetensors::serialize_to_file(views, metadata, path)
         .map_err(|e| Error::format(path, format!("writing safetensors failed: {e}")))?;
@@ -69,8 +65,7 @@ pub fn write_safetensors(
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| Error::io(path, e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|e| Error::io(path, e))?;
     }
     Ok(())
 }

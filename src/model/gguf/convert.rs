@@ -29,9 +29,7 @@ fn arch_of(g: &GgufFile) -> Result<(Arch, bool)> {
         "qwen2" => Ok((Arch::Qwen2, false)),
         other => Err(Error::format(
             &g.path,
-            format!(
-                "GGUF architecture \"{other}\" is not supported; supported: llama, mistral, qwen2"
-            ),
+            format!("GGUF architecture \"{other}\" is not supported; supported: llama, mistral, qwen2"),
         )),
     }
 }
@@ -47,8 +45,7 @@ pub fn config_from_gguf(g: &GgufFile, dtype: DType) -> Result<ModelConfig> {
     let hidden_size = usize_of("embedding_length")?;
     let num_attention_heads = usize_of("attention.head_count")?;
     let num_key_value_heads = opt_usize("attention.head_count_kv").unwrap_or(num_attention_heads);
-    let head_dim =
-        opt_usize("attention.key_length").unwrap_or(hidden_size / num_attention_heads.max(1));
+    let head_dim = opt_usize("attention.key_length").unwrap_or(hidden_size / num_attention_heads.max(1));
     let n_tokens = g.get_array("tokenizer.ggml.tokens").map(|t| t.len()).ok();
     let vocab_size = match (opt_usize("vocab_size"), n_tokens) {
         (Some(v), _) => v,
@@ -135,21 +132,16 @@ pub fn convert_tensors(
                 "tensor rope_freqs.weight (Llama 3.1 RoPE factors) is not supported by the converter",
             ));
         }
-        let mapped = map_name(
-            &info.name,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            permute,
-        )
-        .ok_or_else(|| {
-            Error::format(
-                &g.path,
-                format!(
-                    "tensor `{}` has no Hugging Face name known to this converter",
-                    info.name
-                ),
-            )
-        })?;
+        let mapped =
+            map_name(&info.name, cfg.num_attention_heads, cfg.num_key_value_heads, permute).ok_or_else(|| {
+                Error::format(
+                    &g.path,
+                    format!(
+                        "tensor `{}` has no Hugging Face name known to this converter",
+                        info.name
+                    ),
+                )
+            })?;
         let t = g.tensor_f32(&info.name)?;
         let t = match mapped.unpermute_heads {
             None => t,
@@ -159,20 +151,16 @@ pub fn convert_tensors(
                 if n_head == 0 || rows % (2 * n_head) != 0 {
                     return Err(Error::format(
                         &g.path,
-                        format!("tensor `{}` has {rows} rows, which do not split into {n_head} heads of even size", info.name),
+                        format!(
+                            "tensor `{}` has {rows} rows, which do not split into {n_head} heads of even size",
+                            info.name
+                        ),
                     ));
                 }
                 HostTensor::from_f32(&t.shape, &unpermute_rows(&t.to_f32(), rows, cols, n_head))
             }
         };
-        out.push((
-            mapped.hf_name,
-            if dtype == DType::F32 {
-                t
-            } else {
-                t.cast(dtype)
-            },
-        ));
+        out.push((mapped.hf_name, if dtype == DType::F32 { t } else { t.cast(dtype) }));
         if let Some(p) = progress {
             p(i + 1, total);
         }
@@ -188,36 +176,32 @@ fn check_shapes(g: &GgufFile, cfg: &ModelConfig, tensors: &[(String, HostTensor)
     let kv = cfg.num_key_value_heads * cfg.head_dim;
     let ff = cfg.intermediate_size;
     for (name, t) in tensors {
-        let want: Option<Vec<usize>> =
-            if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
-                Some(vec![cfg.vocab_size, h])
-            } else if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
-                Some(vec![h])
-            } else if name.ends_with("q_proj.weight") {
-                Some(vec![q, h])
-            } else if name.ends_with("k_proj.weight") || name.ends_with("v_proj.weight") {
-                Some(vec![kv, h])
-            } else if name.ends_with("q_proj.bias") {
-                Some(vec![q])
-            } else if name.ends_with("k_proj.bias") || name.ends_with("v_proj.bias") {
-                Some(vec![kv])
-            } else if name.ends_with("o_proj.weight") {
-                Some(vec![h, q])
-            } else if name.ends_with("gate_proj.weight") || name.ends_with("up_proj.weight") {
-                Some(vec![ff, h])
-            } else if name.ends_with("down_proj.weight") {
-                Some(vec![h, ff])
-            } else {
-                None
-            };
+        let want: Option<Vec<usize>> = if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+            Some(vec![cfg.vocab_size, h])
+        } else if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
+            Some(vec![h])
+        } else if name.ends_with("q_proj.weight") {
+            Some(vec![q, h])
+        } else if name.ends_with("k_proj.weight") || name.ends_with("v_proj.weight") {
+            Some(vec![kv, h])
+        } else if name.ends_with("q_proj.bias") {
+            Some(vec![q])
+        } else if name.ends_with("k_proj.bias") || name.ends_with("v_proj.bias") {
+            Some(vec![kv])
+        } else if name.ends_with("o_proj.weight") {
+            Some(vec![h, q])
+        } else if name.ends_with("gate_proj.weight") || name.ends_with("up_proj.weight") {
+            Some(vec![ff, h])
+        } else if name.ends_with("down_proj.weight") {
+            Some(vec![h, ff])
+        } else {
+            None
+        };
         if let Some(w) = want {
             if t.shape != w {
                 return Err(Error::format(
                     &g.path,
-                    format!(
-                        "tensor {name} has shape {:?}, but the metadata implies {w:?}",
-                        t.shape
-                    ),
+                    format!("tensor {name} has shape {:?}, but the metadata implies {w:?}", t.shape),
                 ));
             }
         }
@@ -249,9 +233,7 @@ pub fn convert_gguf_with_progress(
     progress: Option<Progress>,
 ) -> Result<()> {
     if ![DType::F32, DType::BF16, DType::F16].contains(&dtype) {
-        return Err(crate::msg!(
-            "cannot convert to {dtype}: choose f32, bf16 or f16"
-        ));
+        return Err(crate::msg!("cannot convert to {dtype}: choose f32, bf16 or f16"));
     }
     let g = GgufFile::open(input)?;
     let cfg = config_from_gguf(&g, dtype)?;
@@ -281,11 +263,7 @@ pub fn convert_gguf_with_progress(
         write_safetensors(&tmp.join("model.safetensors"), &tensors, None)?;
         cfg.write(&tmp.join("config.json"))?;
         write_json(&tmp.join("tokenizer.json"), &tok.tokenizer_json, false)?;
-        write_json(
-            &tmp.join("tokenizer_config.json"),
-            &tok.tokenizer_config,
-            true,
-        )?;
+        write_json(&tmp.join("tokenizer_config.json"), &tok.tokenizer_config, true)?;
         let gen = json!({
             "bos_token_id": cfg.bos_token_id,
             "eos_token_id": cfg.eos_token_id.first(),

@@ -178,10 +178,7 @@ impl<'a> Cursor<'a> {
         }
     }
     fn arr<const N: usize>(&mut self, what: &dyn Fn() -> String) -> Result<[u8; N]> {
-        Ok(self
-            .take(N, what)?
-            .try_into()
-            .expect("take returns N bytes"))
+        Ok(self.take(N, what)?.try_into().expect("take returns N bytes"))
     }
     fn u32(&mut self, what: &dyn Fn() -> String) -> Result<u32> {
         Ok(u32::from_le_bytes(self.arr(what)?))
@@ -209,12 +206,8 @@ impl<'a> Cursor<'a> {
         let n = self.count(1, &|| format!("the length of {}", what()))?;
         let at = self.pos;
         let bytes = self.take(n, what)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| {
-            Error::format(
-                self.path,
-                format!("{} at byte offset {at} is not valid UTF-8", what()),
-            )
-        })
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| Error::format(self.path, format!("{} at byte offset {at} is not valid UTF-8", what())))
     }
 
     fn value(&mut self, ty: u32, what: &dyn Fn() -> String, depth: usize) -> Result<GgufValue> {
@@ -234,10 +227,7 @@ impl<'a> Cursor<'a> {
                     b => {
                         return Err(Error::format(
                             self.path,
-                            format!(
-                                "{} at byte offset {at}: bool byte must be 0 or 1, found {b}",
-                                what()
-                            ),
+                            format!("{} at byte offset {at}: bool byte must be 0 or 1, found {b}", what()),
                         ))
                     }
                 }
@@ -254,11 +244,7 @@ impl<'a> Cursor<'a> {
                 let n = self.count(1, &|| format!("the length of {}", what()))?;
                 let mut items = Vec::with_capacity(n);
                 for i in 0..n {
-                    items.push(self.value(
-                        elem,
-                        &|| format!("element {i} of {}", what()),
-                        depth + 1,
-                    )?);
+                    items.push(self.value(elem, &|| format!("element {i} of {}", what()), depth + 1)?);
                 }
                 GgufValue::Array(items)
             }
@@ -403,10 +389,7 @@ impl GgufFile {
                 ));
             }
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
-                return Err(Error::format(
-                    path,
-                    format!("tensor `{name}` appears twice"),
-                ));
+                return Err(Error::format(path, format!("tensor `{name}` appears twice")));
             }
             tensors.push(GgufTensorInfo {
                 name,
@@ -463,10 +446,7 @@ impl GgufFile {
     fn wrong(&self, key: &str, want: &str, v: &GgufValue) -> Error {
         Error::format(
             &self.path,
-            format!(
-                "GGUF metadata `{key}` should be {want}, found {}",
-                v.type_name()
-            ),
+            format!("GGUF metadata `{key}` should be {want}, found {}", v.type_name()),
         )
     }
 
@@ -477,8 +457,7 @@ impl GgufFile {
 
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         let v = self.get(key).ok_or_else(|| self.missing(key))?;
-        v.as_u64()
-            .ok_or_else(|| self.wrong(key, "a non-negative integer", v))
+        v.as_u64().ok_or_else(|| self.wrong(key, "a non-negative integer", v))
     }
 
     pub fn get_f64(&self, key: &str) -> Result<f64> {
@@ -495,10 +474,7 @@ impl GgufFile {
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>> {
         self.get_array(key)?
             .iter()
-            .map(|x| {
-                x.as_str()
-                    .ok_or_else(|| self.wrong(key, "an array of strings", x))
-            })
+            .map(|x| x.as_str().ok_or_else(|| self.wrong(key, "an array of strings", x)))
             .collect()
     }
 
@@ -507,21 +483,12 @@ impl GgufFile {
     }
 
     pub fn tensor_info(&self, name: &str) -> Result<&GgufTensorInfo> {
-        self.tensor_index
-            .get(name)
-            .map(|&i| &self.tensors[i])
-            .ok_or_else(|| {
-                let hint = crate::model::weights::closest_name(
-                    name,
-                    self.tensors.iter().map(|t| t.name.as_str()),
-                )
+        self.tensor_index.get(name).map(|&i| &self.tensors[i]).ok_or_else(|| {
+            let hint = crate::model::weights::closest_name(name, self.tensors.iter().map(|t| t.name.as_str()))
                 .map(|c| format!("; did you mean `{c}`?"))
                 .unwrap_or_default();
-                Error::format(
-                    &self.path,
-                    format!("no tensor `{name}` in the GGUF file{hint}"),
-                )
-            })
+            Error::format(&self.path, format!("no tensor `{name}` in the GGUF file{hint}"))
+        })
     }
 
     /// The raw (possibly quantized) bytes of a tensor.

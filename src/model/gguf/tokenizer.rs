@@ -22,7 +22,8 @@ const TOKEN_USER_DEFINED: i64 = 4;
 pub const SUPPORTED_PRE: &str = "default, gpt2, smollm, llama-bpe (llama3), qwen2";
 
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Special tokens found in the metadata (ids and their text).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -78,9 +79,7 @@ fn gpt2_pipeline(g: &GgufFile, pre: &str) -> Result<(Value, Value, bool)> {
         other => {
             return Err(Error::format(
                 &g.path,
-                format!(
-                    "tokenizer.ggml.pre = \"{other}\" is not supported; supported: {SUPPORTED_PRE}"
-                ),
+                format!("tokenizer.ggml.pre = \"{other}\" is not supported; supported: {SUPPORTED_PRE}"),
             ))
         }
     })
@@ -256,11 +255,8 @@ pub fn build_tokenizer(g: &GgufFile) -> Result<TokenizerFiles> {
     })?;
 
     let arch = g.get_str("general.architecture").unwrap_or("llama");
-    let max_len = g
-        .get(&format!("{arch}.context_length"))
-        .and_then(|v| v.as_u64());
-    let tok_text =
-        |t: &Option<(u32, String)>| t.as_ref().map(|(_, s)| json!(s)).unwrap_or(Value::Null);
+    let max_len = g.get(&format!("{arch}.context_length")).and_then(|v| v.as_u64());
+    let tok_text = |t: &Option<(u32, String)>| t.as_ref().map(|(_, s)| json!(s)).unwrap_or(Value::Null);
     let mut cfg = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": special.add_bos,
@@ -291,10 +287,7 @@ fn post_processor(special: &SpecialTokens, model: &str) -> Value {
     let mut add = |tok: &Option<(u32, String)>, seq: &mut Vec<Value>, type_id: u32| {
         if let Some((id, text)) = tok {
             seq.push(json!({"SpecialToken": {"id": text, "type_id": type_id}}));
-            specials.insert(
-                text.clone(),
-                json!({"id": text, "ids": [id], "tokens": [text]}),
-            );
+            specials.insert(text.clone(), json!({"id": text, "ids": [id], "tokens": [text]}));
         }
     };
     if special.add_bos {

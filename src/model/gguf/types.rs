@@ -77,10 +77,7 @@ impl GgmlType {
     }
 
     pub fn from_name(name: &str) -> Option<GgmlType> {
-        KNOWN
-            .iter()
-            .copied()
-            .find(|k| k.name.eq_ignore_ascii_case(name))
+        KNOWN.iter().copied().find(|k| k.name.eq_ignore_ascii_case(name))
     }
 
     pub fn is_dequantizable(self) -> bool {

@@ -1,0 +1,405 @@
+//! The CPU backend: the reference every kernel is checked against, and a real backend
+//! (matmuls through the `gemm` crate, everything else parallel over rows with rayon).
+//!
+//! Ops compute in f32, or in f64 when any operand is f64 (gradient checks). Operands
+//! stored in another float type (f16, bf16) are widened into a temporary first.
+
+use super::{Arg, Backend, BufferId, Loc};
+use crate::ops::{attention, cross_entropy, elementwise, embedding, matmul, optim, rmsnorm, rope, swiglu, Op, Real};
+use crate::tensor::{DType, HostTensor};
+use crate::{Error, Result};
+use std::borrow::Cow;
+
+/// A float type the CPU computes in.
+pub trait CpuFloat: Real + bytemuck::Pod {
+    const DTYPE: DType;
+}
+impl CpuFloat for f32 {
+    const DTYPE: DType = DType::F32;
+}
+impl CpuFloat for f64 {
+    const DTYPE: DType = DType::F64;
+}
+
+pub struct CpuBackend {
+    /// Arena buffers; `u64` elements keep every offset 8-byte aligned.
+    buffers: Vec<Box<[u64]>>,
+    /// Base pointers taken once at allocation, so views never borrow `buffers`.
+    bases: Vec<*mut u8>,
+    allocated: u64,
+}
+
+// SAFETY: the raw base pointers point into the boxed buffers this struct owns; the
+// backend is used from one thread at a time (kernels parallelise internally).
+unsafe impl Send for CpuBackend {}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// An output operand: written in place when its dtype is the compute type, otherwise
+/// computed in a temporary and narrowed on `finish`.
+struct Dst<'a, T> {
+    direct: Option<&'a mut [T]>,
+    temp: Vec<T>,
+    target: (*mut u8, DType, usize),
+}
+
+impl<T: CpuFloat> Dst<'_, T> {
+    fn get(&mut self) -> &mut [T] {
+        match &mut self.direct {
+            Some(s) => s,
+            None => &mut self.temp,
+        }
+    }
+    fn finish(self) {
+        if self.direct.is_some() {
+            return;
+        }
+        let (ptr, dtype, n) = self.target;
+        let host = HostTensor {
+            shape: vec![n],
+            dtype: T::DTYPE,
+            data: bytemuck::cast_slice(&self.temp).to_vec(),
+        }
+        .cast(dtype);
+        // SAFETY: `ptr` addresses this operand's planned range of `n * dtype.size()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(host.data.as_ptr(), ptr, host.data.len()) };
+    }
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend {
+            buffers: Vec::new(),
+            bases: Vec::new(),
+            allocated: 0,
+        }
+    }
+
+    fn ptr(&self, loc: Loc) -> *mut u8 {
+        // SAFETY: the executor only hands out locations inside allocated buffers.
+        unsafe { self.bases[loc.buffer.0 as usize].add(loc.offset as usize) }
+    }
+
+    fn bytes(&self, a: &Arg) -> &[u8] {
+        // SAFETY: the range was planned for this tensor and nothing writes it during the op
+        // (outputs never overlap live inputs; in-place ops take their written inputs as Dst).
+        unsafe { std::slice::from_raw_parts(self.ptr(a.loc), a.loc.bytes as usize) }
+    }
+
+    fn src<T: CpuFloat>(&self, a: &Arg) -> Cow<'_, [T]> {
+        if a.info.dtype == T::DTYPE {
+            Cow::Borrowed(bytemuck::cast_slice(self.bytes(a)))
+        } else {
+            let h = HostTensor {
+                shape: a.info.shape.clone(),
+                dtype: a.info.dtype,
+                data: self.bytes(a).to_vec(),
+            };
+            Cow::Owned(bytemuck::cast_slice(&h.cast(T::DTYPE).data).to_vec())
+        }
+    }
+
+    fn ints(&self, a: &Arg) -> &[i32] {
+        bytemuck::cast_slice(self.bytes(a))
+    }
+
+    fn scalar(&self, a: &Arg) -> f64 {
+        let h = HostTensor {
+            shape: vec![1],
+            dtype: a.info.dtype,
+            data: self.bytes(a)[..a.info.dtype.size()].to_vec(),
+        };
+        h.to_f64()[0]
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn dst<T: CpuFloat>(&self, a: &Arg) -> Dst<'_, T> {
+        let n = a.info.numel();
+        let ptr = self.ptr(a.loc);
+        if a.info.dtype == T::DTYPE {
+            // SAFETY: as in `bytes`; outputs are exclusive to this launch.
+            let s = unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, n) };
+            Dst {
+                direct: Some(s),
+                temp: Vec::new(),
+                target: (ptr, a.info.dtype, n),
+            }
+        } else {
+            Dst {
+                direct: None,
+                temp: vec![T::zero(); n],
+                target: (ptr, a.info.dtype, n),
+            }
+        }
+    }
+
+    fn cast(&self, x: &Arg, y: &Arg) {
+        let h = HostTensor {
+            shape: x.info.shape.clone(),
+            dtype: x.info.dtype,
+            data: self.bytes(x).to_vec(),
+        };
+        let c = h.cast(y.info.dtype);
+        // SAFETY: `y` is this op's planned output range of exactly `c.data.len()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(c.data.as_ptr(), self.ptr(y.loc), c.data.len()) };
+    }
+
+    fn run<T: CpuFloat>(&self, op: &Op, i: &[Arg], o: &[Arg]) -> Result<()> {
+        match op {
+            Op::Embedding => {
+                let h = i[0].info.shape[1];
+                let mut y = self.dst::<T>(&o[0]);
+                embedding::cpu(&self.src::<T>(&i[0]), self.ints(&i[1]), y.get(), h);
+                y.finish();
+            }
+            Op::EmbeddingBackward { .. } => {
+                let h = i[0].info.shape[1];
+                let mut y = self.dst::<T>(&o[0]);
+                embedding::cpu_backward(&self.src::<T>(&i[0]), self.ints(&i[1]), y.get(), h);
+                y.finish();
+            }
+            Op::MatMul { trans_a, trans_b } => {
+                let d = matmul::dims(&i[0].info.shape, &i[1].info.shape, *trans_a, *trans_b)
+                    .map_err(|e| Error::backend("cpu", e))?;
+                let mut y = self.dst::<T>(&o[0]);
+                matmul::cpu(
+                    &self.src::<T>(&i[0]),
+                    &self.src::<T>(&i[1]),
+                    y.get(),
+                    d,
+                    *trans_a,
+                    *trans_b,
+                    false,
+                );
+                y.finish();
+            }
+            Op::Add | Op::Mul => {
+                let mut y = self.dst::<T>(&o[0]);
+                let (a, b) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]));
+                if *op == Op::Add {
+                    elementwise::add(&a, &b, y.get());
+                } else {
+                    elementwise::mul(&a, &b, y.get());
+                }
+                y.finish();
+            }
+            Op::Scale { factor } => {
+                let mut y = self.dst::<T>(&o[0]);
+                elementwise::scale(&self.src::<T>(&i[0]), *factor, y.get());
+                y.finish();
+            }
+            Op::ReduceSum { .. } => {
+                let mut y = self.dst::<T>(&o[0]);
+                elementwise::reduce_sum(&self.src::<T>(&i[0]), y.get());
+                y.finish();
+            }
+            Op::Broadcast { .. } => {
+                let mut y = self.dst::<T>(&o[0]);
+                elementwise::broadcast(&self.src::<T>(&i[0]), y.get());
+                y.finish();
+            }
+            Op::Dropout { salt } => {
+                let seed = self.ints(&i[1])[0] as u32;
+                let p = self.scalar(&i[2]) as f32;
+                let mut y = self.dst::<T>(&o[0]);
+                elementwise::dropout(&self.src::<T>(&i[0]), seed, *salt, p, y.get());
+                y.finish();
+            }
+            Op::RmsNorm { eps } => {
+                let mut y = self.dst::<T>(&o[0]);
+                rmsnorm::cpu(&self.src::<T>(&i[0]), &self.src::<T>(&i[1]), y.get(), *eps);
+                y.finish();
+            }
+            Op::RmsNormBackward { eps } => {
+                let (mut dx, mut dw) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]));
+                let (x, w, dy) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]), self.src::<T>(&i[2]));
+                rmsnorm::cpu_backward(&x, &w, &dy, dx.get(), dw.get(), *eps);
+                dx.finish();
+                dw.finish();
+            }
+            Op::Rope {
+                head_dim,
+                inverse,
+                scale,
+            } => {
+                let inv: Vec<f32> = self.src::<f32>(&i[2]).into_owned();
+                let mut y = self.dst::<T>(&o[0]);
+                rope::cpu(
+                    &self.src::<T>(&i[0]),
+                    self.ints(&i[1]),
+                    &inv,
+                    y.get(),
+                    *head_dim,
+                    *inverse,
+                    *scale,
+                );
+                y.finish();
+            }
+            Op::Swiglu => {
+                let mut y = self.dst::<T>(&o[0]);
+                swiglu::cpu(&self.src::<T>(&i[0]), &self.src::<T>(&i[1]), y.get());
+                y.finish();
+            }
+            Op::SwigluBackward => {
+                let (mut dg, mut du) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]));
+                let (g, u, dy) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]), self.src::<T>(&i[2]));
+                swiglu::cpu_backward(&g, &u, &dy, dg.get(), du.get());
+                dg.finish();
+                du.finish();
+            }
+            Op::Attention(s) => {
+                let (mut out, mut lse) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]));
+                let (q, k, v) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]), self.src::<T>(&i[2]));
+                attention::cpu(s, &q, &k, &v, self.ints(&i[3]), out.get(), lse.get());
+                out.finish();
+                lse.finish();
+            }
+            Op::AttentionBackward(s) => {
+                let (mut dq, mut dk, mut dv) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]), self.dst::<T>(&o[2]));
+                let (q, k, v) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]), self.src::<T>(&i[2]));
+                let (out, lse, d_o) = (self.src::<T>(&i[4]), self.src::<T>(&i[5]), self.src::<T>(&i[6]));
+                attention::cpu_backward(
+                    s,
+                    &q,
+                    &k,
+                    &v,
+                    self.ints(&i[3]),
+                    &out,
+                    &lse,
+                    &d_o,
+                    dq.get(),
+                    dk.get(),
+                    dv.get(),
+                );
+                dq.finish();
+                dk.finish();
+                dv.finish();
+            }
+            Op::CrossEntropy { ignore_index } => {
+                let (mut loss, mut count, mut lse) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]), self.dst::<T>(&o[2]));
+                let (l, c) = cross_entropy::cpu(&self.src::<T>(&i[0]), self.ints(&i[1]), lse.get(), *ignore_index);
+                loss.get()[0] = T::of(l);
+                count.get()[0] = T::of(c);
+                loss.finish();
+                count.finish();
+                lse.finish();
+            }
+            Op::CrossEntropyBackward { ignore_index } => {
+                let dloss = self.scalar(&i[3]);
+                let mut d = self.dst::<T>(&o[0]);
+                let (logits, lse) = (self.src::<T>(&i[0]), self.src::<T>(&i[2]));
+                cross_entropy::cpu_backward(&logits, self.ints(&i[1]), &lse, dloss, d.get(), *ignore_index);
+                d.finish();
+            }
+            Op::SumSquares => {
+                let total: f64 = i.iter().map(|a| optim::sum_squares(&self.src::<T>(a))).sum();
+                let mut y = self.dst::<T>(&o[0]);
+                y.get()[0] = T::of(total);
+                y.finish();
+            }
+            Op::ClipCoef { max_norm } => {
+                let (norm, coef) = optim::clip_coef(self.scalar(&i[0]), *max_norm);
+                let (mut n, mut c) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]));
+                n.get()[0] = T::of(norm);
+                c.get()[0] = T::of(coef);
+                n.finish();
+                c.finish();
+            }
+            Op::AdamW(spec) => {
+                let h = self.src::<f32>(&i[4]);
+                let hyper = [h[0] as f64, h[1] as f64, h[2] as f64];
+                let coef = self.scalar(&i[5]);
+                let (mut p, mut g, mut m, mut v) = (
+                    self.dst::<T>(&i[0]),
+                    self.dst::<T>(&i[1]),
+                    self.dst::<T>(&i[2]),
+                    self.dst::<T>(&i[3]),
+                );
+                optim::adamw(spec, p.get(), g.get(), m.get(), v.get(), hyper, coef);
+                for d in [p, g, m, v] {
+                    d.finish();
+                }
+            }
+            Op::AccumulateGrad => {
+                let g = self.src::<T>(&i[1]).into_owned();
+                let mut acc = self.dst::<T>(&i[0]);
+                let a = acc.get();
+                for (a, g) in a.iter_mut().zip(&g) {
+                    *a = *a + *g;
+                }
+                acc.finish();
+            }
+            Op::Cast { .. } | Op::Reshape { .. } => unreachable!("handled before dispatch"),
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn device_info(&self) -> String {
+        format!("CPU, {} threads", rayon::current_num_threads())
+    }
+    fn max_buffer_bytes(&self) -> u64 {
+        u64::MAX / 4
+    }
+    fn alignment(&self) -> u64 {
+        64
+    }
+    fn alloc(&mut self, bytes: u64) -> Result<BufferId> {
+        let words = bytes.div_ceil(8) as usize;
+        let mut v: Vec<u64> = Vec::new();
+        v.try_reserve_exact(words)
+            .map_err(|_| Error::backend("cpu", format!("cannot allocate {bytes} bytes of host memory")))?;
+        v.resize(words, 0);
+        let mut b = v.into_boxed_slice();
+        self.bases.push(b.as_mut_ptr() as *mut u8);
+        self.buffers.push(b);
+        self.allocated += bytes;
+        Ok(BufferId(self.buffers.len() as u32 - 1))
+    }
+    fn allocated_bytes(&self) -> u64 {
+        self.allocated
+    }
+    fn write(&mut self, dst: Loc, data: &[u8]) -> Result<()> {
+        if data.len() as u64 != dst.bytes {
+            return Err(Error::backend(
+                "cpu",
+                format!("write of {} bytes into a {}-byte tensor", data.len(), dst.bytes),
+            ));
+        }
+        // SAFETY: the destination range lies inside an allocated buffer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr(dst), data.len()) };
+        Ok(())
+    }
+    fn read(&mut self, src: &[Loc]) -> Result<Vec<Vec<u8>>> {
+        Ok(src
+            .iter()
+            // SAFETY: each range lies inside an allocated buffer.
+            .map(|l| unsafe { std::slice::from_raw_parts(self.ptr(*l), l.bytes as usize) }.to_vec())
+            .collect())
+    }
+    fn launch(&mut self, op: &Op, inputs: &[Arg], outputs: &[Arg]) -> Result<()> {
+        match op {
+            Op::Reshape { .. } => Ok(()),
+            Op::Cast { .. } => {
+                self.cast(&inputs[0], &outputs[0]);
+                Ok(())
+            }
+            _ => {
+                let f64_mode = inputs.iter().chain(outputs).any(|a| a.info.dtype == DType::F64);
+                if f64_mode {
+                    self.run::<f64>(op, inputs, outputs)
+                } else {
+                    self.run::<f32>(op, inputs, outputs)
+                }
+            }
+        }
+    }
+}

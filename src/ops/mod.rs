@@ -1,0 +1,326 @@
+//! The op set of a Llama-family training step. Each family lives in its own file with
+//! three things: the shape/dtype rule, the CPU reference (generic over f32/f64, so the
+//! gradient checks can run in f64), and the backward rule written in graph ops.
+//!
+//! Layout conventions: activations are row-major `[rows, features]`; a linear layer's
+//! weight is `[out, in]` as in Hugging Face checkpoints, applied as `x @ W^T`.
+
+pub mod attention;
+pub mod cross_entropy;
+pub mod elementwise;
+pub mod embedding;
+pub mod matmul;
+pub mod optim;
+pub mod real;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
+
+use crate::graph::{Graph, Node, TensorId, TensorInfo};
+use crate::tensor::DType;
+use crate::Result;
+
+pub use attention::AttnSpec;
+pub use optim::AdamWSpec;
+pub use real::Real;
+
+/// Output shapes and dtypes, or a message saying what does not fit.
+pub type Infer = std::result::Result<Vec<(Vec<usize>, DType)>, String>;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// `(table [V, H], ids [N] i32) -> [N, H]`
+    Embedding,
+    /// `(dy [N, H], ids [N] i32) -> dtable [vocab, H]` (scatter-add)
+    EmbeddingBackward { vocab: usize },
+    /// `op(a) @ op(b)`; a 2-D `b` is shared by every row of `a` (leading dims of `a` are
+    /// flattened into M, `trans_a` must be false); otherwise both have the same batch dims.
+    MatMul { trans_a: bool, trans_b: bool },
+    /// `a + b`; `b` has `a`'s shape, a suffix of it (a bias), or one element.
+    Add,
+    /// `a * b` with the same broadcasting as `Add`.
+    Mul,
+    /// `x * factor`
+    Scale { factor: f64 },
+    /// Converts storage type; values round to nearest even.
+    Cast { dtype: DType },
+    /// Same data, another shape (no copy: the executor aliases the buffer).
+    Reshape { shape: Vec<usize> },
+    /// Sums leading dims away so the result has `shape` (a suffix of the input's shape,
+    /// or `[1]` for a full sum).
+    ReduceSum { shape: Vec<usize> },
+    /// Repeats `x` (shape a suffix of `shape`, or one element) to `shape`.
+    Broadcast { shape: Vec<usize> },
+    /// `(x [.., H], w [H]) -> x / rms(x) * w`
+    RmsNorm { eps: f64 },
+    /// `(x, w, dy) -> (dx, dw)`
+    RmsNormBackward { eps: f64 },
+    /// Rotary embedding, rotate-half convention: `(x [N, heads*head_dim], pos [N] i32,
+    /// inv_freq [head_dim/2] f32) -> y`; `inverse` rotates by the negative angle.
+    Rope { head_dim: usize, inverse: bool, scale: f64 },
+    /// `(gate, up) -> silu(gate) * up`
+    Swiglu,
+    /// `(gate, up, dy) -> (dgate, dup)`
+    SwigluBackward,
+    /// `(x, seed [1] u32, p [1] f32) -> x * mask / (1 - p)`, mask from a counter-based hash
+    /// of (seed, salt, element index); the salt makes each call site's mask independent.
+    Dropout { salt: u32 },
+    /// `(q, k, v, seg) -> (o, lse)`; see [`attention`].
+    Attention(AttnSpec),
+    /// `(q, k, v, seg, o, lse, do) -> (dq, dk, dv)`
+    AttentionBackward(AttnSpec),
+    /// `(logits [N, V], labels [N] i32) -> (loss_sum [1], label_count [1], lse [N])`
+    CrossEntropy { ignore_index: i32 },
+    /// `(logits, labels, lse, dloss [1]) -> dlogits`
+    CrossEntropyBackward { ignore_index: i32 },
+    /// `(x_1, .., x_n) -> [1]`: the sum of squares of every element of every input.
+    SumSquares,
+    /// `(sumsq [1]) -> (norm [1], coef [1])`, `coef = min(1, max_norm / (norm + 1e-6))`.
+    ClipCoef { max_norm: f64 },
+    /// In place: `(param, grad, m, v, hyper [3], coef [1])`; writes param, m, v and zeroes grad.
+    AdamW(AdamWSpec),
+    /// In place: `(acc, g)`: `acc += g`.
+    AccumulateGrad,
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Embedding => "embedding",
+            Op::EmbeddingBackward { .. } => "embedding_backward",
+            Op::MatMul { .. } => "matmul",
+            Op::Add => "add",
+            Op::Mul => "mul",
+            Op::Scale { .. } => "scale",
+            Op::Cast { .. } => "cast",
+            Op::Reshape { .. } => "reshape",
+            Op::ReduceSum { .. } => "reduce_sum",
+            Op::Broadcast { .. } => "broadcast",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::RmsNormBackward { .. } => "rms_norm_backward",
+            Op::Rope { .. } => "rope",
+            Op::Swiglu => "swiglu",
+            Op::SwigluBackward => "swiglu_backward",
+            Op::Dropout { .. } => "dropout",
+            Op::Attention(_) => "attention",
+            Op::AttentionBackward(_) => "attention_backward",
+            Op::CrossEntropy { .. } => "cross_entropy",
+            Op::CrossEntropyBackward { .. } => "cross_entropy_backward",
+            Op::SumSquares => "sum_squares",
+            Op::ClipCoef { .. } => "clip_coef",
+            Op::AdamW(_) => "adamw",
+            Op::AccumulateGrad => "accumulate_grad",
+        }
+    }
+
+    /// Indices of inputs this op writes in place. Such ops have no outputs.
+    pub fn writes(&self) -> &'static [usize] {
+        match self {
+            Op::AdamW(_) => &[0, 1, 2, 3],
+            Op::AccumulateGrad => &[0],
+            _ => &[],
+        }
+    }
+
+    /// True for ops whose output shares its input's buffer.
+    pub fn is_alias(&self) -> bool {
+        matches!(self, Op::Reshape { .. })
+    }
+
+    /// The shape rule.
+    pub fn infer(&self, x: &[&TensorInfo]) -> Infer {
+        let want = |n: usize| -> std::result::Result<(), String> {
+            if x.len() == n {
+                Ok(())
+            } else {
+                Err(format!("takes {n} inputs, got {}", x.len()))
+            }
+        };
+        match self {
+            Op::Embedding => {
+                want(2)?;
+                embedding::infer(x[0], x[1])
+            }
+            Op::EmbeddingBackward { vocab } => {
+                want(2)?;
+                embedding::infer_backward(x[0], x[1], *vocab)
+            }
+            Op::MatMul { trans_a, trans_b } => {
+                want(2)?;
+                matmul::infer(x[0], x[1], *trans_a, *trans_b)
+            }
+            Op::Add | Op::Mul => {
+                want(2)?;
+                elementwise::infer_binary(x[0], x[1])
+            }
+            Op::Scale { .. } => {
+                want(1)?;
+                elementwise::float_like(x[0])
+            }
+            Op::Cast { dtype } => {
+                want(1)?;
+                elementwise::infer_cast(x[0], *dtype)
+            }
+            Op::Reshape { shape } => {
+                want(1)?;
+                elementwise::infer_reshape(x[0], shape)
+            }
+            Op::ReduceSum { shape } => {
+                want(1)?;
+                elementwise::infer_reduce_sum(x[0], shape)
+            }
+            Op::Broadcast { shape } => {
+                want(1)?;
+                elementwise::infer_broadcast(x[0], shape)
+            }
+            Op::RmsNorm { .. } => {
+                want(2)?;
+                rmsnorm::infer(x[0], x[1])
+            }
+            Op::RmsNormBackward { .. } => {
+                want(3)?;
+                rmsnorm::infer_backward(x[0], x[1], x[2])
+            }
+            Op::Rope { head_dim, .. } => {
+                want(3)?;
+                rope::infer(x[0], x[1], x[2], *head_dim)
+            }
+            Op::Swiglu => {
+                want(2)?;
+                swiglu::infer(x[0], x[1])
+            }
+            Op::SwigluBackward => {
+                want(3)?;
+                swiglu::infer_backward(x[0], x[1], x[2])
+            }
+            Op::Dropout { .. } => {
+                want(3)?;
+                elementwise::infer_dropout(x[0], x[1], x[2])
+            }
+            Op::Attention(s) => {
+                want(4)?;
+                s.infer(x[0], x[1], x[2], x[3])
+            }
+            Op::AttentionBackward(s) => {
+                want(7)?;
+                s.infer_backward(x)
+            }
+            Op::CrossEntropy { .. } => {
+                want(2)?;
+                cross_entropy::infer(x[0], x[1])
+            }
+            Op::CrossEntropyBackward { .. } => {
+                want(4)?;
+                cross_entropy::infer_backward(x[0], x[1], x[2], x[3])
+            }
+            Op::SumSquares => optim::infer_sum_squares(x),
+            Op::ClipCoef { .. } => {
+                want(1)?;
+                optim::infer_clip_coef(x[0])
+            }
+            Op::AdamW(_) => {
+                want(6)?;
+                optim::infer_adamw(x)
+            }
+            Op::AccumulateGrad => {
+                want(2)?;
+                optim::infer_accumulate(x[0], x[1])
+            }
+        }
+    }
+
+    /// The backward rule: given the gradients of the node's outputs (None where an
+    /// output does not influence the loss), appends graph ops that compute the
+    /// gradient of each input for which `need[i]` is set.
+    pub fn backward(
+        &self,
+        g: &mut Graph,
+        node: &Node,
+        dout: &[Option<TensorId>],
+        need: &[bool],
+    ) -> Result<Vec<Option<TensorId>>> {
+        let (i, o) = (&node.inputs, &node.outputs);
+        let none = || Ok(vec![None; i.len()]);
+        let Some(dy) = dout[0] else {
+            return none();
+        };
+        match self {
+            Op::Embedding => embedding::backward(g, i, dy, need),
+            Op::MatMul { trans_a, trans_b } => matmul::backward(g, i, dy, need, *trans_a, *trans_b),
+            Op::Add => elementwise::backward_add(g, i, dy, need),
+            Op::Mul => elementwise::backward_mul(g, i, dy, need),
+            Op::Scale { factor } => Ok(vec![Some(g.apply1(Op::Scale { factor: *factor }, &[dy])?)]),
+            Op::Cast { .. } => {
+                let dt = g.dtype(i[0]);
+                Ok(vec![Some(g.apply1(Op::Cast { dtype: dt }, &[dy])?)])
+            }
+            Op::Reshape { .. } => {
+                let shape = g.shape(i[0]).to_vec();
+                Ok(vec![Some(g.apply1(Op::Reshape { shape }, &[dy])?)])
+            }
+            Op::ReduceSum { .. } => {
+                let shape = g.shape(i[0]).to_vec();
+                Ok(vec![Some(g.apply1(Op::Broadcast { shape }, &[dy])?)])
+            }
+            Op::Broadcast { .. } => {
+                let shape = g.shape(i[0]).to_vec();
+                Ok(vec![Some(g.apply1(Op::ReduceSum { shape }, &[dy])?)])
+            }
+            Op::RmsNorm { eps } => rmsnorm::backward(g, i, dy, *eps),
+            Op::Rope {
+                head_dim,
+                inverse,
+                scale,
+            } => {
+                let op = Op::Rope {
+                    head_dim: *head_dim,
+                    inverse: !inverse,
+                    scale: *scale,
+                };
+                Ok(vec![Some(g.apply1(op, &[dy, i[1], i[2]])?), None, None])
+            }
+            Op::Swiglu => swiglu::backward(g, i, dy),
+            Op::Dropout { salt } => Ok(vec![
+                Some(g.apply1(Op::Dropout { salt: *salt }, &[dy, i[1], i[2]])?),
+                None,
+                None,
+            ]),
+            Op::Attention(s) => attention::backward(g, s, i, o, dy),
+            Op::CrossEntropy { ignore_index } => {
+                let dl = g.apply1(
+                    Op::CrossEntropyBackward {
+                        ignore_index: *ignore_index,
+                    },
+                    &[i[0], i[1], o[2], dy],
+                )?;
+                Ok(vec![Some(dl), None])
+            }
+            Op::SumSquares => {
+                // d/dx sum(x^2) = 2x * dy
+                let mut out = Vec::new();
+                for (k, &x) in i.iter().enumerate() {
+                    if !need[k] {
+                        out.push(None);
+                        continue;
+                    }
+                    let shape = g.shape(x).to_vec();
+                    let b = g.apply1(Op::Broadcast { shape }, &[dy])?;
+                    let x2 = g.apply1(Op::Scale { factor: 2.0 }, &[x])?;
+                    out.push(Some(g.apply1(Op::Mul, &[x2, b])?));
+                }
+                Ok(out)
+            }
+            Op::EmbeddingBackward { .. }
+            | Op::RmsNormBackward { .. }
+            | Op::SwigluBackward
+            | Op::AttentionBackward(_)
+            | Op::CrossEntropyBackward { .. }
+            | Op::ClipCoef { .. }
+            | Op::AdamW(_)
+            | Op::AccumulateGrad => Err(crate::Error::shape(
+                self.name(),
+                "has no backward rule (it is itself a backward or optimizer op)",
+            )),
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! RMSNorm (Zhang & Sennrich 2019): `y = x / sqrt(mean(x^2) + eps) * w`.
+//!
+//! Backward, with `r = 1/sqrt(mean(x^2) + eps)`, `xh = x r`, `g = dy * w`:
+//! `dx = r (g - xh * mean(g * xh))`, `dw = sum_rows(dy * xh)`.
+
+use super::{Infer, Op, Real};
+use crate::graph::{Graph, TensorId, TensorInfo};
+use crate::tensor::DType;
+use crate::Result;
+use rayon::prelude::*;
+
+pub fn infer(x: &TensorInfo, w: &TensorInfo) -> Infer {
+    let h = *x.shape.last().ok_or("x must have at least one dim")?;
+    if w.shape != [h] {
+        return Err(format!("weight must be [{h}], got {:?}", w.shape));
+    }
+    if !x.dtype.is_float() || !w.dtype.is_float() {
+        return Err("needs float tensors".into());
+    }
+    Ok(vec![(x.shape.clone(), x.dtype)])
+}
+
+pub fn infer_backward(x: &TensorInfo, w: &TensorInfo, dy: &TensorInfo) -> Infer {
+    infer(x, w)?;
+    if dy.shape != x.shape {
+        return Err(format!("dy {:?} must match x {:?}", dy.shape, x.shape));
+    }
+    let wdt = if w.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    Ok(vec![(x.shape.clone(), dy.dtype), (w.shape.clone(), wdt)])
+}
+
+pub fn backward(g: &mut Graph, i: &[TensorId], dy: TensorId, eps: f64) -> Result<Vec<Option<TensorId>>> {
+    let outs = g.apply(Op::RmsNormBackward { eps }, &[i[0], i[1], dy])?;
+    Ok(vec![Some(outs[0]), Some(outs[1])])
+}
+
+fn inv_rms<T: Real>(x: &[T], eps: f64) -> f64 {
+    let ss: f64 = x.iter().map(|v| v.f64() * v.f64()).sum();
+    1.0 / (ss / x.len() as f64 + eps).sqrt()
+}
+
+pub fn cpu<T: Real>(x: &[T], w: &[T], y: &mut [T], eps: f64) {
+    let h = w.len();
+    y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
+        let r = inv_rms(x, eps);
+        for j in 0..h {
+            y[j] = T::of(x[j].f64() * r) * w[j];
+        }
+    });
+}
+
+pub fn cpu_backward<T: Real>(x: &[T], w: &[T], dy: &[T], dx: &mut [T], dw: &mut [T], eps: f64) {
+    let h = w.len();
+    dx.par_chunks_mut(h)
+        .zip(x.par_chunks(h))
+        .zip(dy.par_chunks(h))
+        .for_each(|((dx, x), dy)| {
+            let r = inv_rms(x, eps);
+            let dot: f64 = (0..h).map(|j| dy[j].f64() * w[j].f64() * x[j].f64() * r).sum::<f64>() / h as f64;
+            for j in 0..h {
+                let xh = x[j].f64() * r;
+                dx[j] = T::of(r * (dy[j].f64() * w[j].f64() - xh * dot));
+            }
+        });
+    // dw: a column sum over rows, split into row blocks summed in f64.
+    let rows = x.len() / h.max(1);
+    let block = super::real::rows_per_task(h);
+    let partial: Vec<Vec<f64>> = (0..rows.div_ceil(block))
+        .into_par_iter()
+        .map(|bi| {
+            let mut acc = vec![0f64; h];
+            for r in bi * block..((bi + 1) * block).min(rows) {
+                let (x, dy) = (&x[r * h..(r + 1) * h], &dy[r * h..(r + 1) * h]);
+                let ir = inv_rms(x, eps);
+                for j in 0..h {
+                    acc[j] += dy[j].f64() * x[j].f64() * ir;
+                }
+            }
+            acc
+        })
+        .collect();
+    for j in 0..h {
+        dw[j] = T::of(partial.iter().map(|p| p[j]).sum());
+    }
+}
