@@ -304,3 +304,35 @@ fn conversion_errors_leave_no_output() {
     assert!(!out.exists());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn sentencepiece_vocabulary_encodes_like_sentencepiece() {
+    let g = GgufFile::open(&fixture("spm_tokenizer.gguf")).unwrap();
+    let files = ferrotune::model::gguf::tokenizer::build_tokenizer(&g).unwrap();
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("spm_expected.json")).unwrap()).unwrap();
+    assert_eq!(files.vocab_size as u64, spec["vocab_size"].as_u64().unwrap());
+    assert!(files.special.add_bos);
+    assert_eq!(files.tokenizer_config["bos_token"], "<s>");
+    assert_eq!(files.tokenizer_config["unk_token"], "<unk>");
+    let tok: tokenizers::Tokenizer = serde_json::to_string(&files.tokenizer_json).unwrap().parse().unwrap();
+    let cases = spec["cases"].as_array().unwrap();
+    let mut byte_fallbacks = 0;
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let enc = tok.encode(text, false).unwrap();
+        assert_eq!(enc.get_ids(), want.as_slice(), "{text:?}: {:?}", enc.get_tokens());
+        byte_fallbacks += enc.get_tokens().iter().filter(|t| t.starts_with("<0x")).count();
+        let with_bos = tok.encode(text, true).unwrap();
+        assert_eq!(with_bos.get_ids()[0], 1);
+        assert_eq!(&with_bos.get_ids()[1..], want.as_slice());
+        assert_eq!(tok.decode(&want, true).unwrap(), text);
+    }
+    assert!(byte_fallbacks > 0, "the cases exercise byte fallback");
+}

@@ -17,6 +17,9 @@ use crate::model::hf_config::{Arch, ModelConfig, RopeScaling};
 use crate::model::weights_write::write_safetensors;
 use crate::{DType, Error, HostTensor, Result};
 
+/// Bumped whenever the converter's output changes, so cached conversions are redone.
+pub const CONVERTER_VERSION: u32 = 1;
+
 /// Progress: `(done, total)` in tensors.
 pub type Progress<'a> = &'a dyn Fn(usize, usize);
 
