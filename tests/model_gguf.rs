@@ -259,7 +259,7 @@ fn tiny_llama_converts_to_the_original_hf_tensors() {
     assert_eq!(cfg.vocab_size, 3 + 256 + 8);
     assert!(cfg.tie_word_embeddings);
     assert_eq!(cfg.rope_theta, 10000.0);
-    assert_eq!(cfg.rms_norm_eps, 1e-5f32 as f64);
+    assert_eq!(cfg.rms_norm_eps, 1e-5);
     assert_eq!(
         (cfg.bos_token_id, cfg.eos_token_id.clone(), cfg.pad_token_id),
         (Some(1), vec![2], Some(2))

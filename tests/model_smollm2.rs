@@ -58,7 +58,7 @@ fn config_has_the_published_values() {
     assert_eq!(cfg.vocab_size, 49152);
     assert_eq!(cfg.rope_theta, 100000.0);
     assert!(cfg.rope_scaling.is_none());
-    assert_eq!(cfg.rms_norm_eps, 1e-5f32 as f64);
+    assert_eq!(cfg.rms_norm_eps, 1e-5);
     assert_eq!(cfg.max_position_embeddings, 8192);
     assert!(cfg.tie_word_embeddings);
     assert_eq!(cfg.bos_token_id, Some(1));
