@@ -178,3 +178,45 @@ fn tokenizer_encodes_the_golden_ids() {
     assert!(enc.get_ids().contains(&2));
     assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), chat);
 }
+
+/// Golden values of models-data §4, measured with transformers on the converted files:
+/// perplexity 10.381 on the reference text and the top-5 next-token logits after
+/// "The capital of France is", reproduced by our f32 forward pass on the CPU.
+#[test]
+fn forward_pass_reproduces_the_transformers_golden_values() {
+    let dir = smollm2();
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let store = WeightStore::open(&dir.join("model.safetensors")).unwrap();
+    let tok = ferrotune::data::Tokenizer::from_dir(dir).unwrap();
+    let text = "The quick brown fox jumps over the lazy dog. Paris is the capital and most populous city of France. \
+                It is located on the river Seine, in the north of the country. Water boils at 100 degrees Celsius at sea level.";
+    let ids = tok.encode(text, true).unwrap();
+    assert_eq!(ids.len(), 50);
+    let cpu = || Box::new(ferrotune::backend::cpu::CpuBackend::new());
+    let s = ferrotune::infer::score::score(&cfg, &store, cpu(), &ids).unwrap();
+    let ppl = s.mean_nll.exp();
+    assert!((ppl - 10.381).abs() < 0.01, "perplexity {ppl}");
+
+    let ids = tok.encode("The capital of France is", true).unwrap();
+    assert_eq!(ids, vec![504, 3575, 282, 4649, 314]);
+    let s = ferrotune::infer::score::score(&cfg, &store, cpu(), &ids).unwrap();
+    let last = &s.logits[4 * cfg.vocab_size..];
+    let mut order: Vec<usize> = (0..cfg.vocab_size).collect();
+    order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
+    let golden = [
+        ("ĠParis", 17.371),
+        ("Ġthe", 14.889),
+        ("ĠLondon", 13.245),
+        ("ĠLe", 13.009),
+        ("ĠNew", 12.952),
+    ];
+    for (k, (token, logit)) in golden.iter().enumerate() {
+        let id = order[k];
+        assert_eq!(tok.id_to_token(id as u32).as_deref(), Some(*token), "rank {k}");
+        assert!(
+            (last[id] as f64 - logit).abs() < 1e-2,
+            "{token}: {} vs {logit}",
+            last[id]
+        );
+    }
+}
