@@ -330,3 +330,114 @@ fn cli_train_checkpoint_resume_eval_merge_generate() {
     assert!(plan["trainable_parameters"].as_u64().unwrap() > 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn full_fine_tuning_writes_a_hugging_face_checkpoint() {
+    let dir = temp_dir("full");
+    let model = write_tiny_model(&dir.join("model"), 5);
+    let (tr, ev) = write_arithmetic(&dir.join("data"), 24, 4);
+    let out = dir.join("out");
+    let text = yaml(
+        &model,
+        &tr,
+        &ev,
+        &out,
+        "micro_batch_size: 2\nmax_steps: 2\nweight_decay: 0.1\n",
+    )
+    .replace(
+        "adapter: lora\nlora_r: 4\nlora_alpha: 8\nlora_target_linear: true\n",
+        "",
+    );
+    let cfg = Config::from_yaml(&text, &[]).unwrap();
+    assert!(!cfg.is_lora());
+    let mut c = Collect {
+        losses: vec![],
+        stop_at: None,
+    };
+    train(&cfg, &mut c).unwrap();
+    assert_eq!(c.losses.len(), 2);
+    let trained = ferrotune::model::WeightStore::open(&out.join("model.safetensors")).unwrap();
+    let base = ferrotune::model::WeightStore::open(&model.join("model.safetensors")).unwrap();
+    assert_eq!(trained.names().len(), base.names().len());
+    let changed = base
+        .names()
+        .iter()
+        .filter(|n| trained.get_raw(n).unwrap().data != base.get_raw(n).unwrap().data)
+        .count();
+    assert_eq!(
+        changed,
+        base.names().len(),
+        "every weight is trained in a full fine-tune"
+    );
+    let again = ferrotune::model::ModelConfig::from_file(&out.join("config.json")).unwrap();
+    assert_eq!(
+        again,
+        ferrotune::model::ModelConfig::from_file(&model.join("config.json")).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_non_finite_loss_stops_with_the_step_and_the_last_checkpoint() {
+    let dir = temp_dir("nan");
+    let model = write_tiny_model(&dir.join("model"), 6);
+    // Poison one norm weight: every forward pass gives NaN.
+    let mut tensors: Vec<(String, HostTensor)> = Vec::new();
+    let store = ferrotune::model::WeightStore::open(&model.join("model.safetensors")).unwrap();
+    for n in store.names() {
+        let mut t = store.get_raw(n).unwrap();
+        if n == "model.norm.weight" {
+            let mut v = t.to_f32();
+            v[0] = f32::NAN;
+            t = HostTensor::from_f32(&t.shape, &v);
+        }
+        tensors.push((n.to_string(), t));
+    }
+    drop(store);
+    ferrotune::model::write_safetensors(&model.join("model.safetensors"), &tensors, None).unwrap();
+    let (tr, ev) = write_arithmetic(&dir.join("data"), 16, 4);
+    let out = dir.join("out");
+    let cfg = Config::from_yaml(
+        &yaml(&model, &tr, &ev, &out, "micro_batch_size: 2\nmax_steps: 3\n"),
+        &[],
+    )
+    .unwrap();
+    let err = train(
+        &cfg,
+        &mut Collect {
+            losses: vec![],
+            stop_at: None,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("step 1: the loss is NaN") && err.contains("no checkpoint was saved yet"),
+        "{err}"
+    );
+    // Asked to, the run skips such steps instead and leaves the adapter untouched.
+    let cfg = Config::from_yaml(
+        &yaml(
+            &model,
+            &tr,
+            &ev,
+            &out,
+            "micro_batch_size: 2\nmax_steps: 3\nskip_nonfinite_steps: true\n",
+        ),
+        &[],
+    )
+    .unwrap();
+    let mut c = Collect {
+        losses: vec![],
+        stop_at: None,
+    };
+    train(&cfg, &mut c).unwrap();
+    assert_eq!(c.losses.len(), 3);
+    let b_sum: f64 = adapter(&out)
+        .iter()
+        .filter(|(k, _)| k.contains("lora_B"))
+        .map(|(_, t)| t.to_f64().iter().map(|x| x.abs()).sum::<f64>())
+        .sum();
+    assert_eq!(b_sum, 0.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
