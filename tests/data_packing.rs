@@ -50,6 +50,14 @@ fn check_epoch(samples: &[Sample], sched: &BatchSchedule, epoch: usize) {
     let mut seen = vec![0usize; samples.len()];
     let mut label_tokens = 0;
     let mut used = 0;
+    for step in &plan.steps {
+        let collated: usize = step
+            .micro_batches
+            .iter()
+            .map(|mb| collate(samples, mb, layout, PAD).unwrap().n_label_tokens)
+            .sum();
+        assert_eq!(step.n_label_tokens(samples), collated);
+    }
     for mb in plan.micro_batches() {
         assert_eq!(mb.rows.len(), layout.rows);
         let b = collate(samples, mb, layout, PAD).unwrap();
