@@ -229,3 +229,44 @@ fn a_template_that_raises_is_reported_with_its_message() {
         "chat template raised an exception: tool messages are not supported"
     );
 }
+
+#[test]
+fn eot_tokens_mark_turn_ends_besides_eos() {
+    // The Llama-3 reference masks were made with eos_token = <|eot_id|>; keeping SmolLM2's eos
+    // and naming <|eot_id|> in eot_tokens must give the same labels.
+    let r = reference();
+    let case = r["masks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["template"] == "llama3_gen" && c["conversation"] == "multi" && c["train_on_eos"] == "turn")
+        .unwrap();
+    let mut setup = case["tokenizer_setup"].clone();
+    setup.as_object_mut().unwrap().remove("eos_token");
+    let tok = setup_tokenizer(&setup);
+    assert_eq!(tok.eos_token(), Some("<|im_end|>"));
+    let spec = spec_for(case, &r["templates"]);
+    let row = json!({"messages": r["conversations"]["multi"]});
+    let want: Vec<i32> = serde_json::from_value(case["labels"].clone()).unwrap();
+
+    let plain = Formatter::new(&spec, &DataOptions::default(), &tok).unwrap();
+    let without = &plain.format_row(&tok, row.as_object().unwrap()).unwrap()[0];
+    assert_ne!(
+        without.labels, want,
+        "without eot_tokens the <|eot_id|> tokens are not trained"
+    );
+
+    let opts = DataOptions {
+        eot_tokens: Some(vec!["<|eot_id|>".into()]),
+        ..Default::default()
+    };
+    let with = Formatter::new(&spec, &opts, &tok).unwrap();
+    assert_eq!(with.format_row(&tok, row.as_object().unwrap()).unwrap()[0].labels, want);
+
+    let bad = DataOptions {
+        eot_tokens: Some(vec!["<|nope|>".into()]),
+        ..Default::default()
+    };
+    let err = Formatter::new(&spec, &bad, &tok).unwrap_err().to_string();
+    assert!(err.contains("eot_tokens") && err.contains("<|nope|>"), "{err}");
+}
