@@ -34,6 +34,8 @@ echo "== tests: cooperative-matrix kernel"
 "$dir/wgsl_matmul_coop" --test-threads 1 --nocapture
 echo "== tests: SIMT kernel"
 "$dir/wgsl_matmul" --test-threads 2
-echo "== benchmark"
+echo "== benchmark: C = A B (NN), then C = A Bt (NT, B stored [n, k] like a linear layer's weight)"
 # shellcheck disable=SC2086
 "$dir/matmul" ${SIZES:-1024 2048 4096} --dtypes "${DTYPES:-f32,f16}" --seconds "${SECONDS_PER_CASE:-2}"
+# shellcheck disable=SC2086
+"$dir/matmul" ${SIZES:-1024 2048 4096} --dtypes "${DTYPES:-f32,f16}" --seconds "${SECONDS_PER_CASE:-2}" --trans-b

@@ -15,5 +15,7 @@ pub mod matmul;
 pub mod pipelines;
 
 pub use buffers::BufSlice;
+#[cfg(not(target_arch = "wasm32"))]
+pub use context::list_adapters_blocking;
 pub use context::{list_adapters, AdapterSummary, WgslContext, WgslOptions};
 pub use matmul::{encode_matmul, MatmulArgs, MatmulKernel, MatmulPlan};
