@@ -19,6 +19,8 @@ pub mod matmul;
 pub mod pipelines;
 
 pub use buffers::BufSlice;
+#[cfg(not(target_arch = "wasm32"))]
+pub use context::list_adapters_blocking;
 pub use context::{list_adapters, AdapterSummary, WgslContext, WgslOptions};
 #[cfg(not(target_arch = "wasm32"))]
 pub use executor::{create, create_gpu_only};
