@@ -20,17 +20,21 @@ use std::path::Path;
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 
-/// The serialized `LoraConfig` (the fields PEFT has read for many releases).
+/// The serialized `LoraConfig` (the fields PEFT has read for many releases). Reading is
+/// lenient where PEFT is: `task_type` may be null, `init_lora_weights` a string,
+/// `layers_to_transform` a number or a list.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdapterConfig {
     pub peft_type: String,
-    pub task_type: String,
+    #[serde(default)]
+    pub task_type: Option<String>,
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
     pub r: usize,
     pub lora_alpha: f64,
     #[serde(default)]
     pub lora_dropout: f64,
+    #[serde(deserialize_with = "modules")]
     pub target_modules: Vec<String>,
     #[serde(default = "none_str")]
     pub bias: String,
@@ -39,7 +43,7 @@ pub struct AdapterConfig {
     #[serde(default)]
     pub inference_mode: bool,
     #[serde(default = "yes")]
-    pub init_lora_weights: bool,
+    pub init_lora_weights: serde_json::Value,
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     #[serde(default)]
@@ -51,25 +55,43 @@ pub struct AdapterConfig {
     #[serde(default)]
     pub use_dora: bool,
     #[serde(default)]
-    pub layers_to_transform: Option<Vec<usize>>,
+    pub layers_to_transform: Option<serde_json::Value>,
     #[serde(default)]
-    pub layers_pattern: Option<String>,
+    pub layers_pattern: Option<serde_json::Value>,
     #[serde(default)]
     pub revision: Option<String>,
+}
+
+/// `target_modules` as a list of module names (a single string is a regular expression
+/// in PEFT, which is only accepted when it is a plain name).
+fn modules<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Many(v) => Ok(v),
+        Raw::One(s) if s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => Ok(vec![s]),
+        Raw::One(s) => Err(serde::de::Error::custom(format!(
+            "target_modules {s:?} is a regular expression; list the module names instead"
+        ))),
+    }
 }
 
 fn none_str() -> String {
     "none".into()
 }
-fn yes() -> bool {
-    true
+fn yes() -> serde_json::Value {
+    serde_json::Value::Bool(true)
 }
 
 impl AdapterConfig {
     pub fn new(opts: &crate::model::llama::LoraOptions, base: &str, modules_to_save: &[String]) -> Self {
         AdapterConfig {
             peft_type: "LORA".into(),
-            task_type: "CAUSAL_LM".into(),
+            task_type: Some("CAUSAL_LM".into()),
             base_model_name_or_path: Some(base.to_string()),
             r: opts.r,
             lora_alpha: opts.alpha,
@@ -78,7 +100,7 @@ impl AdapterConfig {
             bias: "none".into(),
             fan_in_fan_out: false,
             inference_mode: true,
-            init_lora_weights: true,
+            init_lora_weights: serde_json::Value::Bool(true),
             modules_to_save: (!modules_to_save.is_empty()).then(|| modules_to_save.to_vec()),
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
@@ -121,6 +143,18 @@ impl AdapterConfig {
         }
         if c.use_dora {
             return Err(Error::format(&p, "DoRA adapters are not supported yet"));
+        }
+        if c.bias != "none" {
+            return Err(Error::format(
+                &p,
+                format!("bias {:?}: only adapters without bias terms are supported", c.bias),
+            ));
+        }
+        if !c.rank_pattern.is_empty() || !c.alpha_pattern.is_empty() {
+            return Err(Error::format(
+                &p,
+                "per-module rank_pattern / alpha_pattern are not supported yet",
+            ));
         }
         Ok(c)
     }

@@ -13,6 +13,9 @@ use crate::graph::TensorInfo;
 use crate::ops::Op;
 use crate::Result;
 
+/// A future that borrows the backend (no `Send`: wgpu's browser types are not).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
+
 /// Index of a buffer a backend allocated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BufferId(pub u32);
@@ -47,6 +50,10 @@ pub trait Backend {
     fn write(&mut self, dst: Loc, data: &[u8]) -> Result<()>;
     /// Reads several ranges at once (one synchronisation on asynchronous devices).
     fn read(&mut self, src: &[Loc]) -> Result<Vec<Vec<u8>>>;
+    /// The same, without blocking: the browser cannot wait for the GPU on its main thread.
+    fn read_async<'a>(&'a mut self, src: &'a [Loc]) -> BoxFuture<'a, Result<Vec<Vec<u8>>>> {
+        Box::pin(std::future::ready(self.read(src)))
+    }
     /// Called once per distinct op and operand shapes when a program is compiled, so
     /// kernels are created before the first step.
     fn prepare(&mut self, _op: &Op, _inputs: &[&TensorInfo], _outputs: &[&TensorInfo]) -> Result<()> {

@@ -49,6 +49,25 @@ pub fn dispatch(cmd: Command) -> Result<()> {
             generate(&model, adapter.as_deref(), &prompt, opts, raw, &device)
         }
         Command::Merge { config, adapter, out } => merge(&config, &adapter, &out),
+        Command::Score {
+            model,
+            adapter,
+            text,
+            ids,
+            logits_out,
+            top,
+            device,
+            json,
+        } => score(
+            &model,
+            adapter.as_deref(),
+            text.as_deref(),
+            &ids,
+            logits_out.as_deref(),
+            top,
+            &device,
+            json,
+        ),
         Command::Plan { config, set, json } => plan(&config, &set, json),
         Command::Preprocess { config, set } => preprocess(&config, &set),
         Command::Convert {
@@ -282,6 +301,69 @@ fn generate(
     )?;
     let out = gen.generate(&[ids], &opts)?;
     println!("{}", tok.decode(&out[0], true)?);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn score(
+    model: &Path,
+    adapter: Option<&Path>,
+    text: Option<&str>,
+    ids: &[u32],
+    logits_out: Option<&Path>,
+    top: usize,
+    device: &str,
+    json: bool,
+) -> Result<()> {
+    let dir = ferrotune::train::session::resolve_model_dir(&model.to_string_lossy())?;
+    let cfg = ferrotune::model::ModelConfig::from_file(&dir.join("config.json"))?;
+    let store = open_store(&dir)?;
+    let weights = Weights::new(&store, adapter)?;
+    let tok = Tokenizer::from_dir(&dir).ok();
+    let ids: Vec<u32> = match (text, &tok) {
+        (Some(t), Some(tok)) => tok.encode(t, true)?,
+        (Some(_), None) => {
+            return Err(ferrotune::msg!(
+                "{} has no tokenizer; pass --ids instead of --text",
+                dir.display()
+            ))
+        }
+        (None, _) if !ids.is_empty() => ids.to_vec(),
+        _ => return Err(ferrotune::msg!("give --text or --ids")),
+    };
+    let s = ferrotune::infer::score::score(&cfg, weights.source(), create_backend(device_choice(device)?)?.0, &ids)?;
+    let name = |id: u32| {
+        tok.as_ref()
+            .and_then(|t| t.id_to_token(id))
+            .unwrap_or_else(|| id.to_string())
+    };
+    let last = &s.logits[(ids.len() - 1) * cfg.vocab_size..];
+    let mut order: Vec<usize> = (0..cfg.vocab_size).collect();
+    order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
+    let top: Vec<(String, u32, f32)> = order[..top.min(order.len())]
+        .iter()
+        .map(|&i| (name(i as u32), i as u32, last[i]))
+        .collect();
+    if let Some(p) = logits_out {
+        let t = ferrotune::HostTensor::from_f32(&[ids.len(), cfg.vocab_size], &s.logits);
+        ferrotune::model::write_safetensors(p, &[("logits".to_string(), t)], None)?;
+    }
+    if json {
+        let v = serde_json::json!({"tokens": ids.len(), "mean_nll": s.mean_nll, "perplexity": s.mean_nll.exp(),
+                                   "nll": s.nll, "top_next": top});
+        println!("{v}");
+    } else {
+        println!(
+            "{} tokens; mean NLL {:.4}; perplexity {:.3}",
+            ids.len(),
+            s.mean_nll,
+            s.mean_nll.exp()
+        );
+        println!("most likely next tokens:");
+        for (t, id, l) in top {
+            println!("  {t:<16} (id {id:>6})  logit {l:.3}");
+        }
+    }
     Ok(())
 }
 

@@ -66,6 +66,28 @@ pub enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Score a text: per-token negative log-likelihood, perplexity, and the top next tokens.
+    Score {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The text (encoded as the tokenizer does by default).
+        #[arg(long, conflicts_with = "ids")]
+        text: Option<String>,
+        /// Token ids instead of text, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        ids: Vec<u32>,
+        /// Write the logits [tokens, vocab] (f32) to this safetensors file.
+        #[arg(long)]
+        logits_out: Option<PathBuf>,
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Merge an adapter into the base model and write a Hugging Face checkpoint.
     Merge {
         config: PathBuf,

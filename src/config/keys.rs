@@ -77,6 +77,39 @@ pub const KNOWN_KEYS: &[&str] = &[
     "lora_model_dir",
 ];
 
+/// The top-level keys read into [`crate::data::DataOptions`].
+pub const DATA_OPTION_KEYS: &[&str] = &[
+    "sequence_len",
+    "train_on_inputs",
+    "excess_length_strategy",
+    "val_set_size",
+    "shuffle",
+    "seed",
+    "dataset_prepared_path",
+    "sample_packing",
+    "sample_packing_group_size",
+    "sample_packing_bin_size",
+    "multipack_real_batches",
+    "pad_to_sequence_len",
+    "micro_batch_size",
+    "chat_template",
+    "chat_template_jinja",
+    "eot_tokens",
+];
+
+/// Only the entries of a mapping whose keys are in `keep`.
+pub fn subset(v: &Value, keep: &[&str]) -> Value {
+    match v {
+        Value::Mapping(m) => Value::Mapping(
+            m.iter()
+                .filter(|(k, _)| k.as_str().is_some_and(|k| keep.contains(&k)))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 /// Keys of a `datasets[]` entry.
 pub const DATASET_KEYS: &[&str] = &[
     "path",

@@ -13,6 +13,16 @@ use std::path::{Path, PathBuf};
 
 pub use keys::{KNOWN_KEYS, UNSUPPORTED_KEYS};
 
+fn path_error(e: serde_path_to_error::Error<serde_yaml::Error>) -> Error {
+    let path = e.path().to_string();
+    let inner = e.into_inner().to_string();
+    if path == "." {
+        Error::Config(inner)
+    } else {
+        Error::Config(format!("{path}: {inner}"))
+    }
+}
+
 /// `bf16` / `fp16` / `tf32`: `auto` or a boolean.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
 pub enum Flag {
@@ -267,15 +277,11 @@ impl Config {
             keys::apply_override(&mut value, o)?;
         }
         keys::check_keys(&value)?;
-        let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            if path == "." {
-                Error::Config(inner)
-            } else {
-                Error::Config(format!("{path}: {inner}"))
-            }
-        })?;
+        // The data keys are flattened into Config, where serde loses their names: read them
+        // on their own first so a type error names its key.
+        serde_path_to_error::deserialize::<_, DataOptions>(keys::subset(&value, keys::DATA_OPTION_KEYS))
+            .map_err(path_error)?;
+        let cfg: Config = serde_path_to_error::deserialize(value).map_err(path_error)?;
         cfg.validate()?;
         Ok(cfg)
     }

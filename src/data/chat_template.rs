@@ -250,6 +250,7 @@ fn strftime_now(fmt: String) -> std::result::Result<Value, minijinja::Error> {
 
 /// Format seconds since the Unix epoch (UTC). Civil date from days: H. Hinnant,
 /// "chrono-Compatible Low-Level Date Algorithms" (`civil_from_days`).
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 fn format_utc(secs: i64, fmt: &str) -> String {
     const MONTHS: [&str; 12] = [
         "January",

@@ -256,8 +256,9 @@ pub struct DataOptions {
     /// Held-out fraction (`0 < v < 1`) or count (`v >= 1`, an integer) for evaluation.
     #[serde(default)]
     pub val_set_size: f64,
-    /// Shuffle the training samples (and each epoch's order).
-    #[serde(default = "d_true")]
+    /// Shuffle the training samples (and each epoch's order); axolotl's
+    /// `shuffle_merged_datasets` is accepted as another name.
+    #[serde(default = "d_true", alias = "shuffle_merged_datasets")]
     pub shuffle: bool,
     #[serde(default = "d_seed")]
     pub seed: u64,
@@ -399,6 +400,8 @@ mod tests {
         assert!(err.to_string().contains("feild"), "{err}");
         let err = serde_yaml::from_str::<DatasetSpec>("path: x\ntype: sharegpt\n").unwrap_err();
         assert!(err.to_string().contains("sharegpt"), "{err}");
+        let o: DataOptions = serde_yaml::from_str("shuffle_merged_datasets: false\n").unwrap();
+        assert!(!o.shuffle);
         let err = serde_yaml::from_str::<DataOptions>("excess_length_strategy: cut\n").unwrap_err();
         assert!(err.to_string().contains("cut"), "{err}");
     }

@@ -69,6 +69,19 @@ pub struct Step {
     pub micro_batches: Vec<MicroBatch>,
 }
 
+impl Step {
+    /// Labels that take part in the loss over all of the step's micro-batches (the sum of the
+    /// collated batches' `n_label_tokens`): divide the summed token losses by this so the
+    /// gradient does not depend on how the step is split into micro-batches.
+    pub fn n_label_tokens(&self, samples: &[Sample]) -> usize {
+        self.micro_batches
+            .iter()
+            .flat_map(|m| m.rows.iter().flatten())
+            .map(|&i| samples[i].n_label_tokens())
+            .sum()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct EpochPlan {
     pub epoch: usize,

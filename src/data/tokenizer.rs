@@ -15,6 +15,9 @@ use std::path::Path;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::AddedToken;
 
+/// Each token's `[start, end)` byte range in the encoded text.
+pub type ByteOffsets = Vec<(usize, usize)>;
+
 /// axolotl's `special_tokens:` overrides.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -212,7 +215,7 @@ impl Tokenizer {
     }
 
     /// Token ids and each token's byte range in `text`.
-    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, ByteOffsets)> {
         let enc = self
             .inner
             .encode(text, add_special_tokens)

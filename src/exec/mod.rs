@@ -422,7 +422,7 @@ impl Executor {
     }
 
     /// Reads persistent tensors back to the host.
-    pub fn get_tensors(&mut self, ts: &[TensorId]) -> Result<Vec<HostTensor>> {
+    pub async fn get_tensors_async(&mut self, ts: &[TensorId]) -> Result<Vec<HostTensor>> {
         let mut locs = Vec::new();
         for &t in ts {
             locs.push(
@@ -433,7 +433,7 @@ impl Executor {
             );
         }
         self.backend.flush()?;
-        let data = self.backend.read(&locs)?;
+        let data = self.backend.read_async(&locs).await?;
         Ok(ts
             .iter()
             .zip(data)
@@ -448,8 +448,20 @@ impl Executor {
             .collect())
     }
 
-    /// Runs one program: uploads `inputs`, runs every node, reads back the outputs.
+    /// [`Executor::get_tensors_async`], blocking.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn get_tensors(&mut self, ts: &[TensorId]) -> Result<Vec<HostTensor>> {
+        pollster::block_on(self.get_tensors_async(ts))
+    }
+
+    /// [`Executor::run_async`], blocking.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn run(&mut self, program: usize, inputs: &[(TensorId, &HostTensor)]) -> Result<Vec<HostTensor>> {
+        pollster::block_on(self.run_async(program, inputs))
+    }
+
+    /// Runs one program: uploads `inputs`, runs every node, reads back the outputs.
+    pub async fn run_async(&mut self, program: usize, inputs: &[(TensorId, &HostTensor)]) -> Result<Vec<HostTensor>> {
         let p = &self.programs[program];
         let g = &self.graph;
         let given: HashMap<TensorId, &HostTensor> = inputs.iter().map(|(t, v)| (*t, *v)).collect();
@@ -526,7 +538,7 @@ impl Executor {
                     .expect("planned")
             })
             .collect();
-        let data = self.backend.read(&locs)?;
+        let data = self.backend.read_async(&locs).await?;
         Ok(p.spec
             .outputs
             .iter()

@@ -101,7 +101,14 @@ impl Generator {
         &self.ex
     }
 
-    fn run_pass(&mut self, pass: GenPass, prog: usize, ids: &[i32], pos: &[i32], last: &[i32]) -> Result<Vec<f32>> {
+    async fn run_pass(
+        &mut self,
+        pass: GenPass,
+        prog: usize,
+        ids: &[i32],
+        pos: &[i32],
+        last: &[i32],
+    ) -> Result<Vec<f32>> {
         let n = ids.len();
         let slots: Vec<i32> = pos
             .iter()
@@ -120,30 +127,39 @@ impl Generator {
             HostTensor::from_i32(&[n], &slots),
             HostTensor::from_i32(&[last.len()], last),
         );
-        let out = self.ex.run(
-            prog,
-            &[
-                (pass.input_ids, &a),
-                (pass.positions, &b),
-                (pass.slots, &c),
-                (pass.last, &d),
-            ],
-        )?;
+        let out = self
+            .ex
+            .run_async(
+                prog,
+                &[
+                    (pass.input_ids, &a),
+                    (pass.positions, &b),
+                    (pass.slots, &c),
+                    (pass.last, &d),
+                ],
+            )
+            .await?;
         Ok(out[0].to_f32())
     }
 
     /// Generates a continuation for each prompt (any number of prompts; they run in
     /// batches of `rows`). Returns the new tokens of each, without the stop token.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn generate(&mut self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
+        pollster::block_on(self.generate_async(prompts, opts))
+    }
+
+    /// [`Generator::generate`] without blocking.
+    pub async fn generate_async(&mut self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
         let mut all = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(self.rows) {
-            all.extend(self.generate_batch(chunk, opts, &mut rng)?);
+            all.extend(self.generate_batch(chunk, opts, &mut rng).await?);
         }
         Ok(all)
     }
 
-    fn generate_batch(
+    async fn generate_batch(
         &mut self,
         prompts: &[Vec<u32>],
         opts: &GenerateOptions,
@@ -168,7 +184,9 @@ impl Generator {
             }
             last[r] = (r * t + p.len() - 1) as i32;
         }
-        let logits = self.run_pass(self.g.prefill, self.g.prefill_prog, &ids, &pos, &last)?;
+        let logits = self
+            .run_pass(self.g.prefill, self.g.prefill_prog, &ids, &pos, &last)
+            .await?;
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
         let mut done = vec![false; prompts.len()];
         let mut next: Vec<u32> = (0..prompts.len())
@@ -199,7 +217,9 @@ impl Generator {
                 }
             }
             let last: Vec<i32> = (0..rows as i32).collect();
-            let logits = self.run_pass(self.g.decode, self.g.decode_prog, &ids, &pos, &last)?;
+            let logits = self
+                .run_pass(self.g.decode, self.g.decode_prog, &ids, &pos, &last)
+                .await?;
             for r in 0..prompts.len() {
                 next[r] = pick(&logits[r * self.vocab..(r + 1) * self.vocab], opts, rng);
             }

@@ -3,5 +3,6 @@
 #[cfg(not(target_arch = "wasm32"))]
 pub mod exact_match;
 pub mod generate;
+pub mod score;
 
 pub use generate::{GenerateOptions, Generator};

@@ -165,4 +165,39 @@ mod tests {
         assert!(leftovers.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn a_failed_write_leaves_the_previous_checkpoint_intact() {
+        let dir = std::env::temp_dir().join(format!("ft-ck-fail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let t = HostTensor::from_f32(&[2], &[1.0, 2.0]);
+        let state = TrainerState {
+            global_step: 5,
+            ..Default::default()
+        };
+        let ck = |state| Checkpoint {
+            weights: vec![("adapter_model.safetensors", vec![("w".into(), t.clone())])],
+            optimizer: vec![],
+            state,
+            files: vec![],
+        };
+        write(&dir, &ck(&state)).unwrap();
+        let before = std::fs::read(dir.join("checkpoint-5/adapter_model.safetensors")).unwrap();
+        // Re-saving step 5 fails part-way: a file sits where the temporary folder goes
+        // (as a full disk or a crash would stop the write).
+        let blocker = dir.join(format!(".checkpoint-5.tmp-{}", std::process::id()));
+        std::fs::write(&blocker, b"").unwrap();
+        let newer = TrainerState {
+            global_step: 5,
+            epoch: 9.0,
+            ..Default::default()
+        };
+        assert!(write(&dir, &ck(&newer)).is_err());
+        assert_eq!(
+            std::fs::read(dir.join("checkpoint-5/adapter_model.safetensors")).unwrap(),
+            before
+        );
+        assert_eq!(read_state(&dir.join("checkpoint-5")).unwrap().epoch, 0.0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -397,7 +397,7 @@ impl Trainer {
         }
     }
 
-    fn run_inputs(
+    async fn run_inputs(
         &mut self,
         prog: usize,
         inp: &StepInputs,
@@ -405,7 +405,7 @@ impl Trainer {
     ) -> Result<(f64, f64)> {
         let mut feed = inp.feed();
         feed.extend(extra.iter().map(|(t, v)| (*t, v)));
-        let out = self.ex.run(self.progs[prog], &feed)?;
+        let out = self.ex.run_async(self.progs[prog], &feed).await?;
         Ok((out[0].to_f64()[0], out[1].to_f64()[0]))
     }
 
@@ -414,7 +414,13 @@ impl Trainer {
     }
 
     /// Runs one optimizer step. Returns None when training is complete.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn step(&mut self) -> Result<Option<StepReport>> {
+        pollster::block_on(self.step_async())
+    }
+
+    /// Runs one optimizer step without blocking (see [`Trainer::step`]).
+    pub async fn step_async(&mut self) -> Result<Option<StepReport>> {
         if self.is_done() {
             return Ok(None);
         }
@@ -442,7 +448,7 @@ impl Trainer {
                     extra.push((seed_t, HostTensor::from_u32(&[1], &[seed])));
                     extra.push((p_t, HostTensor::from_f32(&[1], &[self.cfg.lora_dropout as f32])));
                 }
-                let (l, _) = self.run_inputs(0, inp, &extra)?;
+                let (l, _) = self.run_inputs(0, inp, &extra).await?;
                 loss_sum += l;
                 self.state.micro_step += 1;
             }
@@ -456,7 +462,7 @@ impl Trainer {
         } else {
             let h = TrainGraph::hyper_values(&self.opt, lr, step);
             let hyper = HostTensor::from_f32(&[3], &h);
-            let out = self.ex.run(self.progs[1], &[(self.tg.hyper, &hyper)])?;
+            let out = self.ex.run_async(self.progs[1], &[(self.tg.hyper, &hyper)]).await?;
             grad_norm = out[0].to_f64()[0];
             if !grad_norm.is_finite() {
                 // The update kernels left the weights untouched.
@@ -517,7 +523,13 @@ impl Trainer {
     }
 
     /// Mean loss over the held-out split (None when there is none).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn evaluate(&mut self) -> Result<Option<EvalReport>> {
+        pollster::block_on(self.evaluate_async())
+    }
+
+    /// The held-out loss without blocking (see [`Trainer::evaluate`]).
+    pub async fn evaluate_async(&mut self) -> Result<Option<EvalReport>> {
         let Some(es) = &self.eval_schedule else { return Ok(None) };
         let plan = es.epoch(0);
         let layout = es.layout();
@@ -533,7 +545,7 @@ impl Trainer {
                 extra.push((seed_t, HostTensor::from_u32(&[1], &[0])));
                 extra.push((p_t, HostTensor::from_f32(&[1], &[0.0])));
             }
-            let (l, c) = self.run_inputs(2, &inp, &extra)?;
+            let (l, c) = self.run_inputs(2, &inp, &extra).await?;
             sum += l;
             count += c;
         }
@@ -570,7 +582,13 @@ impl Trainer {
 
     /// The trained tensors under their saved names: PEFT keys for adapters, checkpoint
     /// names for fully trained weights.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn trained_tensors(&mut self) -> Result<Vec<(String, HostTensor)>> {
+        pollster::block_on(self.trained_tensors_async())
+    }
+
+    /// The trained tensors without blocking (see [`Trainer::trained_tensors`]).
+    pub async fn trained_tensors_async(&mut self) -> Result<Vec<(String, HostTensor)>> {
         let m = &self.tg.model;
         let mut names: Vec<(String, crate::graph::TensorId)> = Vec::new();
         for p in &m.lora {
@@ -588,11 +606,12 @@ impl Trainer {
             }
         }
         let ids: Vec<_> = names.iter().map(|(_, t)| *t).collect();
-        let values = self.ex.get_tensors(&ids)?;
+        let values = self.ex.get_tensors_async(&ids).await?;
         Ok(names.into_iter().map(|(n, _)| n).zip(values).collect())
     }
 
     /// Optimizer moments under `<param name>.exp_avg` / `.exp_avg_sq`.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn optimizer_tensors(&mut self) -> Result<Vec<(String, HostTensor)>> {
         let g = self.ex.graph();
         let mut ids = Vec::new();
@@ -609,6 +628,7 @@ impl Trainer {
     }
 
     /// Restores trained weights, optimizer moments and the loop position.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn restore(
         &mut self,
         trained: &BTreeMap<String, HostTensor>,

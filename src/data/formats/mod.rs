@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 pub enum Formatter {
     Alpaca { sequence_len: usize, train_on_inputs: bool },
     Completion { field: String, sequence_len: usize },
-    Chat(chat::ChatFormat),
+    Chat(Box<chat::ChatFormat>),
     InputOutput { train_on_inputs: bool },
 }
 
@@ -34,7 +34,7 @@ impl Formatter {
                 field: spec.field_or_default().to_string(),
                 sequence_len: opts.sequence_len,
             },
-            DatasetType::ChatTemplate => Formatter::Chat(chat::ChatFormat::new(spec, opts, tok)?),
+            DatasetType::ChatTemplate => Formatter::Chat(Box::new(chat::ChatFormat::new(spec, opts, tok)?)),
             DatasetType::InputOutput => Formatter::InputOutput {
                 train_on_inputs: opts.train_on_inputs,
             },
