@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use crate::backend::{Arg, Backend, BufferId, Loc};
+use crate::backend::{Arg, Backend, BoxFuture, BufferId, Loc};
 use crate::error::{Error, Result};
 use crate::graph::TensorInfo;
 use crate::ops::Op;
@@ -379,6 +379,10 @@ impl Backend for WgslBackend {
             self.ctx.write(buf, dst.offset, data);
         }
         Ok(())
+    }
+
+    fn read_async<'a>(&'a mut self, src: &'a [Loc]) -> BoxFuture<'a, Result<Vec<Vec<u8>>>> {
+        Box::pin(WgslBackend::read_async(self, src))
     }
 
     #[cfg(not(target_arch = "wasm32"))]
