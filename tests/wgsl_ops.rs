@@ -259,7 +259,7 @@ fn attention_forward_and_backward() {
         // A sequence of the largest case does not fit the sliced backend's bindings.
         let sliced = t * hq * d * 4 < SLICE as usize;
         let (cpu, _) = check(&mut f, &Op::Attention(sp.clone()), &fwd, TOL);
-        let bwd = [q, k, v, seg, cpu.outputs[0].clone(), cpu.outputs[1].clone(), d_o];
+        let bwd = [q, k, v, seg, cpu.outputs[0].cast(DType::F32), cpu.outputs[1].cast(DType::F32), d_o];
         check(&mut f, &Op::AttentionBackward(sp.clone()), &bwd, TOL);
         if sliced {
             check_at(&mut s, &Op::Attention(sp.clone()), &fwd, TOL, MISALIGN);
@@ -286,7 +286,7 @@ fn cross_entropy_and_backward() {
         let (cpu, _) = check(&mut f, &op, &[logits.clone(), labels.clone()], TOL);
         check_at(&mut s, &op, &[logits.clone(), labels.clone()], TOL, MISALIGN);
         let dloss = HostTensor::from_f32(&[1], &[0.37]);
-        let bwd = [logits, labels, cpu.outputs[2].clone(), dloss];
+        let bwd = [logits, labels, cpu.outputs[2].cast(DType::F32), dloss];
         check_both(&mut f, &mut s, &Op::CrossEntropyBackward { ignore_index: -100 }, &bwd, TOL);
     }
 }
@@ -427,4 +427,38 @@ fn unsupported_storage_is_an_error_not_a_wrong_answer() {
     let seg = segments(&mut r, 2, 11);
     let err = run(&mut f, &Op::Attention(sp), &[q, k, v, seg]).err().expect("bf16 attention output");
     assert!(err.to_string().contains("f32"), "{err}");
+}
+
+#[test]
+fn fallbacks_without_shader_f16_and_subgroups() {
+    // A device without `enable f16;` and subgroups: f16 operands are unpacked from u32 words.
+    use ferrotune::backend::wgsl::{WgslContext, WgslOptions};
+    let ctx = WgslContext::new_blocking(WgslOptions {
+        without: wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP,
+        cooperative_matrix: false,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("the WGSL tests need a GPU adapter (lavapipe is enough): {e}"));
+    assert!(!ctx.has_f16 && !ctx.has_subgroups);
+    let mut f = WgslBackend::new(ctx);
+    let mut r = rng(18);
+    for wdt in [DType::F16, DType::BF16, DType::F32] {
+        let x = randn(&mut r, &[2, 70, 37], DType::F32);
+        let w = randn(&mut r, &[65, 37], wdt);
+        let op = Op::MatMul {
+            trans_a: false,
+            trans_b: true,
+        };
+        check(&mut f, &op, &[x, w], if wdt == DType::F32 { TOL } else { TOL_HALF });
+        let x = randn(&mut r, &[5, 37], wdt);
+        let w = randn(&mut r, &[37], wdt);
+        check(&mut f, &Op::RmsNorm { eps: 1e-5 }, &[x.cast(DType::F32), w], TOL_HALF);
+        check(&mut f, &Op::Add, &[x.clone(), x], TOL_HALF);
+    }
+    let sp = spec(4, 2, 8, 13, true, None);
+    let q = randn(&mut r, &[26, 32], DType::F32);
+    let k = randn(&mut r, &[26, 16], DType::F32);
+    let v = randn(&mut r, &[26, 16], DType::F32);
+    let seg = segments(&mut r, 2, 13);
+    check(&mut f, &Op::Attention(sp), &[q, k, v, seg], TOL);
 }

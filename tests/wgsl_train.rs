@@ -25,6 +25,19 @@ fn wgsl() -> Box<dyn Backend> {
     }
 }
 
+/// A WGSL backend that uses neither `enable f16;` nor subgroups nor cooperative matrices.
+fn wgsl_fallback() -> Box<dyn Backend> {
+    let opts = WgslOptions {
+        without: wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP,
+        cooperative_matrix: false,
+        ..Default::default()
+    };
+    match WgslContext::new_blocking(opts) {
+        Ok(c) => Box::new(WgslBackend::new(c)),
+        Err(e) => panic!("the WGSL tests need a GPU adapter (lavapipe is enough): {e}"),
+    }
+}
+
 fn tiny(arch: &str, extra: &str) -> ModelConfig {
     let json = format!(
         r#"{{"architectures": ["{arch}"], "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
@@ -202,13 +215,16 @@ fn lora_training_steps_match_the_cpu_for_llama_qwen2_mistral() {
 
 #[test]
 fn half_precision_frozen_weights_match_the_cpu() {
-    // Frozen weights stored as bf16 and f16 (widened in the shaders, as the CPU widens them).
+    // Frozen weights stored as bf16 and f16 (widened in the shaders, as the CPU widens them),
+    // with and without the device's f16 and subgroup features.
     let cfg = tiny("LlamaForCausalLM", "");
     for dt in [DType::BF16, DType::F16] {
         let opts = lora_opts(1, 9, dt, 0.0);
         let (cpu, _, _) = train_steps(Box::new(CpuBackend::new()), &cfg, &opts, 2);
         let (gpu, _, _) = train_steps(wgsl(), &cfg, &opts, 2);
         compare(&format!("llama {dt}"), &cpu, &gpu);
+        let (gpu, _, _) = train_steps(wgsl_fallback(), &cfg, &opts, 2);
+        compare(&format!("llama {dt} without f16 and subgroups"), &cpu, &gpu);
     }
 }
 

@@ -208,13 +208,45 @@ pub fn both_at(be: &mut WgslBackend, op: &Op, inputs: &[HostTensor], misalign: u
     (cpu, gpu)
 }
 
-/// Asserts every output (and every input written in place) matches within `tol`.
+/// Asserts every output (and every input written in place) matches the f64 CPU reference
+/// within `tol`.
 pub fn check(be: &mut WgslBackend, op: &Op, inputs: &[HostTensor], tol: f64) -> (Run, Run) {
     check_at(be, op, inputs, tol, 0)
 }
 
+/// The CPU backend in f64 on the same inputs (floats widened exactly, but for the few
+/// operands an op requires in f32); casts and rope run in the input dtype (see below).
+pub fn reference(op: &Op, inputs: &[HostTensor]) -> Run {
+    // A cast's result is defined by its source type; rope's angle is defined as an f32
+    // product (as in Hugging Face), which f64 would compute more exactly at large positions.
+    if matches!(op, Op::Cast { .. } | Op::Rope { .. }) {
+        return run(&mut CpuBackend::new(), op, inputs).expect("cpu");
+    }
+    // Operands whose dtype the op fixes: dropout's p, rope's frequencies, AdamW's hyper-parameters.
+    let fixed: &[usize] = match op {
+        Op::Dropout { .. } => &[2],
+        Op::AdamW(_) => &[4],
+        _ => &[],
+    };
+    let wide: Vec<HostTensor> = inputs
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            if t.dtype.is_float() && !fixed.contains(&k) {
+                t.cast(DType::F64)
+            } else {
+                t.clone()
+            }
+        })
+        .collect();
+    run(&mut CpuBackend::new(), op, &wide).expect("cpu f64")
+}
+
+/// Asserts every output (and every input written in place) matches the f64 CPU reference
+/// within `tol`.
 pub fn check_at(be: &mut WgslBackend, op: &Op, inputs: &[HostTensor], tol: f64, misalign: u64) -> (Run, Run) {
-    let (cpu, gpu) = both_at(be, op, inputs, misalign);
+    let cpu = reference(op, inputs);
+    let gpu = run_at(be, op, inputs, misalign).unwrap_or_else(|e| panic!("wgsl {}: {e}", op.name()));
     for (k, (a, b)) in gpu.outputs.iter().zip(&cpu.outputs).enumerate() {
         let e = rel_err(a, b);
         assert!(e < tol, "{:?}: output {k} relative error {e:.3e} (tolerance {tol:e})", op);

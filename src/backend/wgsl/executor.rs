@@ -356,8 +356,9 @@ impl Backend for WgslBackend {
         let label = format!("arena {}", self.buffers.len());
         let ctx = self.ctx.clone();
         let buf = checked(&ctx, "allocating device memory", || ctx.create_buffer(&label, bytes))??;
+        // Count what the device holds (sizes round up to 16 bytes), not what was asked for.
+        self.allocated += buf.size();
         self.buffers.push(buf);
-        self.allocated += bytes;
         Ok(BufferId(self.buffers.len() as u32 - 1))
     }
 
