@@ -30,7 +30,12 @@ pub(super) fn rms_norm(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg], eps: f64)
         opnd("w", &i[1], Part::Whole),
         opnd("y", &o[0], Part::Rows(h)),
     ];
-    let pipe = b.pipeline(&RMSNORM, "rms_fwd", &[("x", ops[0].dtype), ("w", ops[1].dtype)], "const MAXC: u32 = 1u;\n")?;
+    let pipe = b.pipeline(
+        &RMSNORM,
+        "rms_fwd",
+        &[("x", ops[0].dtype), ("w", ops[1].dtype)],
+        "const MAXC: u32 = 1u;\n",
+    )?;
     for (u0, nu) in b.chunks(rows, &ops, u64::MAX)? {
         let binds = b.windows(&ops, u0, nu);
         let u = Uniforms::new(&[h as u32, nu as u32], &[eps as f32]);
@@ -93,7 +98,7 @@ pub(super) fn rope(
     let shape = &i[0].info.shape;
     let (rows, w) = (shape[0] as u64, shape[1] as u64);
     let hd = head_dim as u64;
-    if hd == 0 || hd % 2 != 0 || w % hd != 0 {
+    if hd == 0 || !hd.is_multiple_of(2) || w % hd != 0 {
         return Err(err(op, "x must hold whole heads of an even head dim"));
     }
     let heads = w / hd;
