@@ -1,0 +1,568 @@
+// FlashAttention-2 (Dao 2023) on tensor cores for bf16 (or f16) q, k, v with head dim
+// D = 64, 96 or 128; src/ops/attention.rs has the CPU reference and the math.
+//
+// Shapes: q, o [B*T, Hq*D]; k, v [B*T, Hkv*D]; seg [B*T] i32; lse [B, Hq, T] f32. Query head
+// h reads kv head h / (Hq / Hkv) in place (GQA without copies). Key j is visible to query i
+// (same row) when seg[i] == seg[j], j <= i if causal, |i - j| < window if windowed.
+//
+// Every matrix product is mma.sync m16n8k16 (bf16 or f16 operands, f32 accumulators). Tiles
+// are staged in shared memory by cp.async (rows padded by 16 bytes so ldmatrix is free of
+// bank conflicts) and read with ldmatrix; a tile pair whose segment-id ranges do not meet,
+// or that the causal/window masks hide entirely, is skipped; element masks are applied only
+// to tiles that are not entirely visible.
+//
+// Forward, block = NW warps = BM = 16 NW query rows of one head; warp w owns rows 16w..16w+15.
+// Scores are kept in log2 units (s2 = scale log2(e) q.k) for ex2:
+//   for each visible key tile (BN = 64 keys):
+//     S = Q K^T                          Q fragments in registers, K from shared memory
+//     m' = max(m, rowmax S), P = 2^(S - m'), l = l 2^(m - m') + rowsum P, O = O 2^(m - m')
+//     O += P V                           P re-used from the accumulator registers as the A
+//                                        operand (the m16n8 C layout of two n-tiles is the
+//                                        m16k16 A layout), V through ldmatrix.trans
+//   o = O / l, lse = ln 2 (m + log2 l)
+// The next K tile streams in while P V runs, the V tile while S = Q K^T runs.
+//
+// Backward, block = BN = 16 NW keys of one kv head; warp w owns keys 16w..16w+15 and keeps
+// dK, dV for them in registers across every query tile of every q head of its group. Per
+// query tile (BM = BN queries), with Di = rowsum(dO o O) precomputed:
+//   S^T = K Q^T, P^T = 2^(S^T - lse2[query])          (recomputed from the saved lse)
+//   dP^T = V dO^T, dS^T = P^T (dP^T - Di[query])
+//   dV += P^T dO, dK += dS^T Q                         (P^T, dS^T re-used as A operands)
+//   dS^T -> shared memory; dQ_acc[query] += dS K       (warp w: queries 16w..16w+15,
+//                                                      f32 atomics; another launch scales
+//                                                      and casts dQ_acc)
+//   dK *= scale at the end.
+
+struct FlashParams {
+    u64 q, k, v, o, lse, seg;
+    u64 d_o, Di, dq_acc, dk, dv;
+    i64 B, T;
+    int Hq, Hkv, causal, window;  // window 0: none
+    float scale, scale_log2;
+};
+
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+#define NEG_INF __int_as_float(0xff800000u)
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes global -> shared; `bytes` 0 fills zeros (rows past the end).
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+template <bool F16>
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    if (F16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+// Two floats -> one register of two 16-bit values, `lo` in the low half.
+template <bool F16>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+    if (F16) {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    } else {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    }
+    return r;
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Rows [r0, r0 + R) of a row-major matrix (row stride `gs` elements, D used columns) into
+// shared memory with row stride S; rows at or past T read as zeros.
+template <int R, int D, int S, int NT>
+__device__ __forceinline__ void load_tile(u16* s, const u16* g, i64 gs, i64 r0, i64 T) {
+    constexpr int CPR = D / 8;  // 16-byte chunks per row
+    for (int c = threadIdx.x; c < R * CPR; c += NT) {
+        int r = c / CPR, cc = c - r * CPR;
+        i64 row = r0 + r;
+        bool ok = row < T;
+        cp_async16(smem_addr(s + r * S + cc * 8), g + (ok ? row : 0) * gs + cc * 8, ok ? 16 : 0);
+    }
+}
+
+// Min and max segment id over rows [r0, r0 + n) within T (every lane of the warp gets them).
+__device__ __forceinline__ void seg_range(const int* seg, i64 r0, int n, i64 T, int& lo, int& hi) {
+    int a = 0x7fffffff, b = -0x7fffffff - 1;
+    for (int r = threadIdx.x & 31; r < n; r += 32) {
+        if (r0 + r < T) {
+            int s = seg[r0 + r];
+            a = min(a, s);
+            b = max(b, s);
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        a = min(a, __shfl_xor_sync(0xffffffffu, a, o));
+        b = max(b, __shfl_xor_sync(0xffffffffu, b, o));
+    }
+    lo = a;
+    hi = b;
+}
+
+// Whether every (query in [q0, q0+nq), key in [k0, k0+nk)) pair within T is masked by the
+// causal / window rules alone.
+__device__ __forceinline__ bool pos_hidden(const FlashParams& p, i64 q0, int nq, i64 k0, int nk) {
+    i64 q1 = q0 + nq - 1, k1 = k0 + nk - 1;
+    if (p.causal && k0 > q1) return true;
+    if (p.window > 0 && (q0 - k1 >= p.window || k0 - q1 >= p.window)) return true;
+    return false;
+}
+
+// Whether every pair is visible by position (no causal cut, all inside the window, all < T).
+__device__ __forceinline__ bool pos_full(const FlashParams& p, i64 q0, int nq, i64 k0, int nk) {
+    i64 q1 = q0 + nq - 1, k1 = k0 + nk - 1;
+    if (k1 >= p.T || q1 >= p.T) return false;
+    if (p.causal && k1 > q0) return false;
+    if (p.window > 0 && (q1 - k0 >= p.window || k1 - q0 >= p.window)) return false;
+    return true;
+}
+
+__device__ __forceinline__ bool visible(const FlashParams& p, i64 i, i64 j, int si, int sj) {
+    if (i >= p.T || j >= p.T || si != sj) return false;
+    if (p.causal && j > i) return false;
+    if (p.window > 0 && (i - j >= p.window || j - i >= p.window)) return false;
+    return true;
+}
+
+template <int D, int NW, bool F16>
+__device__ void flash_fwd(const FlashParams& p) {
+    constexpr int BM = 16 * NW, BN = 64, S = D + 8, DK = D / 16, DN = D / 8, NT = BN / 8, NTH = NW * 32;
+    extern __shared__ __align__(16) u16 smem[];
+    u16* sQ = smem;
+    u16* sK = sQ + BM * S;
+    u16* sV = sK + BN * S;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+    const i64 b = blockIdx.z, T = p.T;
+    const int h = blockIdx.y, kh = h / (p.Hq / p.Hkv);
+    const i64 q0 = (i64)(gridDim.x - 1 - blockIdx.x) * BM;  // longest (causal) tiles first
+    const i64 qw = (i64)p.Hq * D, kw = (i64)p.Hkv * D;
+    const u16* Q = (const u16*)p.q + b * T * qw + h * D;
+    const u16* K = (const u16*)p.k + b * T * kw + kh * D;
+    const u16* V = (const u16*)p.v + b * T * kw + kh * D;
+    const int* seg = (const int*)p.seg + b * T;
+
+    i64 kv_lo = 0, kv_hi = T;
+    if (p.causal) kv_hi = min(T, q0 + BM);
+    if (p.window > 0) {
+        kv_lo = max((i64)0, q0 - p.window + 1);
+        if (!p.causal) kv_hi = min(T, q0 + BM - 1 + p.window);
+    }
+    const int t_lo = (int)(kv_lo / BN), t_hi = (int)((kv_hi + BN - 1) / BN);
+    int qs_lo, qs_hi;
+    seg_range(seg, q0, BM, T, qs_lo, qs_hi);
+    const int nq = (int)min((i64)BM, T - q0);
+    // The next tile at or after t that some query of this block can see.
+    auto next_tile = [&](int t) {
+        for (; t < t_hi; t++) {
+            if (pos_hidden(p, q0, nq, (i64)t * BN, BN)) continue;
+            int a, c;
+            seg_range(seg, (i64)t * BN, BN, T, a, c);
+            if (c >= qs_lo && a <= qs_hi) break;
+        }
+        return t;
+    };
+
+    // This thread's two rows: r = 0 -> row g, r = 1 -> row g + 8 of the warp's 16.
+    const i64 row0 = q0 + warp * 16 + g;
+    int segq[2];
+    segq[0] = row0 < T ? seg[row0] : 0;
+    segq[1] = row0 + 8 < T ? seg[row0 + 8] : 0;
+
+    float acc[DN][4];
+#pragma unroll
+    for (int i = 0; i < DN; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    float mrow[2] = {NEG_INF, NEG_INF}, lrow[2] = {0.f, 0.f};
+    u32 qf[DK][4];
+
+    int t = next_tile(t_lo);
+    load_tile<BM, D, S, NTH>(sQ, Q, qw, q0, T);
+    if (t < t_hi) load_tile<BN, D, S, NTH>(sK, K, kw, (i64)t * BN, T);
+    cp_async_commit();
+    bool first = true;
+    while (t < t_hi) {
+        const i64 n0 = (i64)t * BN;
+        cp_async_wait_all();
+        __syncthreads();
+        if (first) {
+#pragma unroll
+            for (int kc = 0; kc < DK; kc++)
+                ldsm_x4(smem_addr(sQ + (warp * 16 + (lane & 15)) * S + kc * 16 + (lane >> 4) * 8), qf[kc][0], qf[kc][1],
+                        qf[kc][2], qf[kc][3]);
+            first = false;
+        }
+        load_tile<BN, D, S, NTH>(sV, V, kw, n0, T);
+        cp_async_commit();
+
+        float s[NT][4];
+#pragma unroll
+        for (int i = 0; i < NT; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < DK; kc++) {
+#pragma unroll
+            for (int np = 0; np < NT / 2; np++) {
+                u32 b0, b1, b2, b3;
+                ldsm_x4(smem_addr(sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * S + kc * 16 + ((lane >> 3) & 1) * 8),
+                        b0, b1, b2, b3);
+                mma16816<F16>(s[2 * np], qf[kc], b0, b1);
+                mma16816<F16>(s[2 * np + 1], qf[kc], b2, b3);
+            }
+        }
+        bool full = pos_full(p, q0, BM, n0, BN);
+        if (full) {
+            int a, c;
+            seg_range(seg, n0, BN, T, a, c);
+            full = a == c && qs_lo == qs_hi && a == qs_lo;
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float v = s[nt][e] * p.scale_log2;
+                if (!full) {
+                    i64 i = row0 + (e >> 1) * 8, j = n0 + nt * 8 + 2 * tig + (e & 1);
+                    int sj = j < T ? seg[j] : 0;
+                    if (!visible(p, i, j, segq[e >> 1], sj)) v = NEG_INF;
+                }
+                s[nt][e] = v;
+            }
+        }
+        // Online softmax, per row; the four threads of a quad share a row.
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float mx = NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float mn = fmaxf(mrow[r], mx);
+            float mref = mn == NEG_INF ? 0.f : mn;
+            float corr = ex2(mrow[r] - mref);
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                float a = ex2(s[nt][2 * r] - mref), c = ex2(s[nt][2 * r + 1] - mref);
+                s[nt][2 * r] = a;
+                s[nt][2 * r + 1] = c;
+                sum += a + c;
+            }
+            lrow[r] = lrow[r] * corr + sum;
+            mrow[r] = mn;
+#pragma unroll
+            for (int dt = 0; dt < DN; dt++) {
+                acc[dt][2 * r] *= corr;
+                acc[dt][2 * r + 1] *= corr;
+            }
+        }
+        u32 pf[BN / 16][4];
+#pragma unroll
+        for (int kc = 0; kc < BN / 16; kc++) {
+            pf[kc][0] = pack2<F16>(s[2 * kc][0], s[2 * kc][1]);
+            pf[kc][1] = pack2<F16>(s[2 * kc][2], s[2 * kc][3]);
+            pf[kc][2] = pack2<F16>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+            pf[kc][3] = pack2<F16>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+        }
+        cp_async_wait_all();
+        __syncthreads();
+        int nxt = next_tile(t + 1);
+        if (nxt < t_hi) {
+            load_tile<BN, D, S, NTH>(sK, K, kw, (i64)nxt * BN, T);
+            cp_async_commit();
+        }
+#pragma unroll
+        for (int kc = 0; kc < BN / 16; kc++) {
+#pragma unroll
+            for (int dp = 0; dp < DN / 2; dp++) {
+                u32 b0, b1, b2, b3;
+                ldsm_x4_t(smem_addr(sV + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + dp * 16 + (lane >> 4) * 8),
+                          b0, b1, b2, b3);
+                mma16816<F16>(acc[2 * dp], pf[kc], b0, b1);
+                mma16816<F16>(acc[2 * dp + 1], pf[kc], b2, b3);
+            }
+        }
+        t = nxt;
+    }
+    cp_async_wait_all();
+
+    u16* O = (u16*)p.o + b * T * qw + h * D;
+    float* lse = (float*)p.lse + (b * p.Hq + h) * T;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float l = lrow[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        i64 row = row0 + r * 8;
+        if (row < T) {
+            float inv = 1.f / l;
+#pragma unroll
+            for (int dt = 0; dt < DN; dt++)
+                *(u32*)(O + row * qw + dt * 8 + 2 * tig) = pack2<F16>(acc[dt][2 * r] * inv, acc[dt][2 * r + 1] * inv);
+            if (tig == 0) lse[row] = (mrow[r] + __log2f(l)) * LN2;
+        }
+    }
+}
+
+template <int D, int NW, bool F16>
+__device__ void flash_bwd(const FlashParams& p) {
+    constexpr int BN = 16 * NW, BM = BN, S = D + 8, SS = BM + 8, DK = D / 16, DN = D / 8, MT = BM / 8, NTH = NW * 32;
+    extern __shared__ __align__(16) u16 smem[];
+    u16* sK = smem;
+    u16* sV = sK + BN * S;
+    u16* sQ = sV + BN * S;
+    u16* sdO = sQ + BM * S;
+    u16* sdS = sdO + BM * S;
+    float* slse = (float*)(sdS + BN * SS);
+    float* sDi = slse + BM;
+    int* sseg = (int*)(sDi + BM);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+    const i64 b = blockIdx.z, T = p.T;
+    const int kh = blockIdx.y, group = p.Hq / p.Hkv;
+    const i64 n0 = (i64)blockIdx.x * BN;
+    const i64 qw = (i64)p.Hq * D, kw = (i64)p.Hkv * D;
+    const u16* K = (const u16*)p.k + b * T * kw + kh * D;
+    const u16* V = (const u16*)p.v + b * T * kw + kh * D;
+    const int* seg = (const int*)p.seg + b * T;
+
+    load_tile<BN, D, S, NTH>(sK, K, kw, n0, T);
+    load_tile<BN, D, S, NTH>(sV, V, kw, n0, T);
+    cp_async_commit();
+    int ks_lo, ks_hi;
+    seg_range(seg, n0, BN, T, ks_lo, ks_hi);
+    const int nk = (int)min((i64)BN, T - n0);
+
+    i64 q_lo = 0, q_hi = T;
+    if (p.causal) q_lo = n0;
+    if (p.window > 0) {
+        q_hi = min(T, n0 + BN - 1 + p.window);
+        if (!p.causal) q_lo = max((i64)0, n0 - p.window + 1);
+    }
+    const int mt_lo = (int)(q_lo / BM), mt_hi = (int)((q_hi + BM - 1) / BM);
+    const int steps = group * (mt_hi - mt_lo);
+    // The next (head, query tile) step at or after s that sees some key of this block.
+    auto next_step = [&](int s) {
+        for (; s < steps; s++) {
+            i64 m0 = (i64)(mt_lo + s % (mt_hi - mt_lo)) * BM;
+            if (pos_hidden(p, m0, BM, n0, nk)) continue;
+            int a, c;
+            seg_range(seg, m0, BM, T, a, c);
+            if (c >= ks_lo && a <= ks_hi) break;
+        }
+        return s;
+    };
+    // Loads the query-side tiles of step s: Q, dO (async) and lse, Di, seg (plain).
+    auto load_step = [&](int s) {
+        int hh = kh * group + s / (mt_hi - mt_lo);
+        i64 m0 = (i64)(mt_lo + s % (mt_hi - mt_lo)) * BM;
+        load_tile<BM, D, S, NTH>(sQ, (const u16*)p.q + b * T * qw + hh * D, qw, m0, T);
+        load_tile<BM, D, S, NTH>(sdO, (const u16*)p.d_o + b * T * qw + hh * D, qw, m0, T);
+        cp_async_commit();
+        for (int r = tid; r < BM; r += NTH) {
+            i64 i = m0 + r;
+            bool ok = i < T;
+            i64 li = (b * p.Hq + hh) * T + (ok ? i : 0);
+            slse[r] = ok ? ((const float*)p.lse)[li] * LOG2E : 0.f;
+            sDi[r] = ok ? ((const float*)p.Di)[li] : 0.f;
+            sseg[r] = ok ? seg[i] : 0;
+        }
+    };
+
+    const i64 krow0 = n0 + warp * 16 + g;  // this thread's key rows: krow0, krow0 + 8
+    int segk[2];
+    segk[0] = krow0 < T ? seg[krow0] : 0;
+    segk[1] = krow0 + 8 < T ? seg[krow0 + 8] : 0;
+    float dk[DN][4], dv[DN][4];
+#pragma unroll
+    for (int i = 0; i < DN; i++) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+
+    int s = next_step(0);
+    if (s < steps) load_step(s);
+    while (s < steps) {
+        const int hh = kh * group + s / (mt_hi - mt_lo);
+        const i64 m0 = (i64)(mt_lo + s % (mt_hi - mt_lo)) * BM;
+        cp_async_wait_all();
+        __syncthreads();
+        bool full = pos_full(p, m0, BM, n0, BN);
+        if (full) {
+            int a, c;
+            seg_range(seg, m0, BM, T, a, c);
+            full = a == c && ks_lo == ks_hi && a == ks_lo;
+        }
+        // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys.
+        float st[MT][4], dpt[MT][4];
+#pragma unroll
+        for (int i = 0; i < MT; i++)
+            st[i][0] = st[i][1] = st[i][2] = st[i][3] = dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < DK; kc++) {
+            u32 ka[4], va[4];
+            ldsm_x4(smem_addr(sK + (warp * 16 + (lane & 15)) * S + kc * 16 + (lane >> 4) * 8), ka[0], ka[1], ka[2], ka[3]);
+            ldsm_x4(smem_addr(sV + (warp * 16 + (lane & 15)) * S + kc * 16 + (lane >> 4) * 8), va[0], va[1], va[2], va[3]);
+#pragma unroll
+            for (int mp = 0; mp < MT / 2; mp++) {
+                u32 b0, b1, b2, b3;
+                int off = (mp * 16 + (lane & 7) + ((lane >> 4) << 3)) * S + kc * 16 + ((lane >> 3) & 1) * 8;
+                ldsm_x4(smem_addr(sQ + off), b0, b1, b2, b3);
+                mma16816<F16>(st[2 * mp], ka, b0, b1);
+                mma16816<F16>(st[2 * mp + 1], ka, b2, b3);
+                ldsm_x4(smem_addr(sdO + off), b0, b1, b2, b3);
+                mma16816<F16>(dpt[2 * mp], va, b0, b1);
+                mma16816<F16>(dpt[2 * mp + 1], va, b2, b3);
+            }
+        }
+        // P^T and dS^T; packed as A operands (k = queries).
+        u32 pa[BM / 16][4], da[BM / 16][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int qc = mt * 8 + 2 * tig + (e & 1);
+                float pv = ex2(st[mt][e] * p.scale_log2 - slse[qc]);
+                if (!full) {
+                    i64 i = m0 + qc, j = krow0 + (e >> 1) * 8;
+                    if (!visible(p, i, j, sseg[qc], segk[e >> 1])) pv = 0.f;
+                }
+                st[mt][e] = pv;
+                dpt[mt][e] = pv * (dpt[mt][e] - sDi[qc]);
+            }
+        }
+#pragma unroll
+        for (int kc = 0; kc < BM / 16; kc++) {
+            pa[kc][0] = pack2<F16>(st[2 * kc][0], st[2 * kc][1]);
+            pa[kc][1] = pack2<F16>(st[2 * kc][2], st[2 * kc][3]);
+            pa[kc][2] = pack2<F16>(st[2 * kc + 1][0], st[2 * kc + 1][1]);
+            pa[kc][3] = pack2<F16>(st[2 * kc + 1][2], st[2 * kc + 1][3]);
+            da[kc][0] = pack2<F16>(dpt[2 * kc][0], dpt[2 * kc][1]);
+            da[kc][1] = pack2<F16>(dpt[2 * kc][2], dpt[2 * kc][3]);
+            da[kc][2] = pack2<F16>(dpt[2 * kc + 1][0], dpt[2 * kc + 1][1]);
+            da[kc][3] = pack2<F16>(dpt[2 * kc + 1][2], dpt[2 * kc + 1][3]);
+        }
+        // dV += P^T dO, dK += dS^T Q.
+#pragma unroll
+        for (int kc = 0; kc < BM / 16; kc++) {
+#pragma unroll
+            for (int dp = 0; dp < DN / 2; dp++) {
+                u32 b0, b1, b2, b3;
+                int off = (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + dp * 16 + (lane >> 4) * 8;
+                ldsm_x4_t(smem_addr(sdO + off), b0, b1, b2, b3);
+                mma16816<F16>(dv[2 * dp], pa[kc], b0, b1);
+                mma16816<F16>(dv[2 * dp + 1], pa[kc], b2, b3);
+                ldsm_x4_t(smem_addr(sQ + off), b0, b1, b2, b3);
+                mma16816<F16>(dk[2 * dp], da[kc], b0, b1);
+                mma16816<F16>(dk[2 * dp + 1], da[kc], b2, b3);
+            }
+        }
+        // dS^T -> shared memory ([key][query]).
+#pragma unroll
+        for (int kc = 0; kc < BM / 16; kc++) {
+            int r = warp * 16 + g, c = kc * 16 + 2 * tig;
+            *(u32*)(sdS + r * SS + c) = da[kc][0];
+            *(u32*)(sdS + (r + 8) * SS + c) = da[kc][1];
+            *(u32*)(sdS + r * SS + c + 8) = da[kc][2];
+            *(u32*)(sdS + (r + 8) * SS + c + 8) = da[kc][3];
+        }
+        __syncthreads();
+        int nxt = next_step(s + 1);
+        if (nxt < steps) load_step(nxt);
+        // dQ_acc[queries 16 warp ..] += dS K.
+        float dq[DN][4];
+#pragma unroll
+        for (int i = 0; i < DN; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < BN / 16; kc++) {
+            u32 a[4];
+            ldsm_x4_t(smem_addr(sdS + (kc * 16 + (lane & 7) + ((lane >> 4) << 3)) * SS + warp * 16 + ((lane >> 3) & 1) * 8),
+                      a[0], a[1], a[2], a[3]);
+#pragma unroll
+            for (int dp = 0; dp < DN / 2; dp++) {
+                u32 b0, b1, b2, b3;
+                ldsm_x4_t(smem_addr(sK + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + dp * 16 + (lane >> 4) * 8), b0,
+                          b1, b2, b3);
+                mma16816<F16>(dq[2 * dp], a, b0, b1);
+                mma16816<F16>(dq[2 * dp + 1], a, b2, b3);
+            }
+        }
+        float* dqa = (float*)p.dq_acc + b * T * qw + hh * D;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            i64 i = m0 + warp * 16 + g + r * 8;
+            if (i < T) {
+#pragma unroll
+                for (int dt = 0; dt < DN; dt++) {
+                    float* dst = dqa + i * qw + dt * 8 + 2 * tig;
+                    atomicAdd(dst, dq[dt][2 * r]);
+                    atomicAdd(dst + 1, dq[dt][2 * r + 1]);
+                }
+            }
+        }
+        s = nxt;
+    }
+    cp_async_wait_all();
+
+    u16* dK = (u16*)p.dk + b * T * kw + kh * D;
+    u16* dV = (u16*)p.dv + b * T * kw + kh * D;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        i64 j = krow0 + r * 8;
+        if (j < T) {
+#pragma unroll
+            for (int dt = 0; dt < DN; dt++) {
+                *(u32*)(dK + j * kw + dt * 8 + 2 * tig) = pack2<F16>(dk[dt][2 * r] * p.scale, dk[dt][2 * r + 1] * p.scale);
+                *(u32*)(dV + j * kw + dt * 8 + 2 * tig) = pack2<F16>(dv[dt][2 * r], dv[dt][2 * r + 1]);
+            }
+        }
+    }
+}
+
+// Shared memory bytes (src/backend/cuda/attention.rs computes the same).
+//   forward:  (BM + 2 BN) (D + 8) 2              with BM = 16 NW, BN = 64
+//   backward: 4 BN (D + 8) 2 + BN (BN + 8) 2 + 3 BN 4    with BN = BM = 16 NW
+#define FLASH_ENTRIES(D, NW, F16, NAME)                                                                  \
+    extern "C" __global__ void __launch_bounds__(NW * 32) flash_fwd_##NAME##_##D##_##NW(FlashParams p) { \
+        flash_fwd<D, NW, F16>(p);                                                                        \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(NW * 32) flash_bwd_##NAME##_##D##_##NW(FlashParams p) { \
+        flash_bwd<D, NW, F16>(p);                                                                        \
+    }
+
+FLASH_ENTRIES(64, 4, false, bf16)
+FLASH_ENTRIES(96, 4, false, bf16)
+FLASH_ENTRIES(128, 4, false, bf16)
+FLASH_ENTRIES(64, 4, true, f16)
+FLASH_ENTRIES(96, 4, true, f16)
+FLASH_ENTRIES(128, 4, true, f16)

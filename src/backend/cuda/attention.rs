@@ -1,0 +1,353 @@
+//! Attention launches: the tensor-core kernels of cuda/flash_attn.cu for bf16/f16 with head
+//! dim 64, 96 or 128 on compute capability 8.0+, the general kernels of cuda/attention.cu
+//! for everything else (any storage type, head dims up to 256).
+
+use super::gpu::Args;
+use super::kernels::Family;
+use super::ops::{blocks, dt_code};
+use super::CudaBackend;
+use crate::backend::Arg;
+use crate::graph::TensorInfo;
+use crate::ops::AttnSpec;
+use crate::tensor::DType;
+use crate::{Error, Result};
+
+/// Warps per block of the flash kernels (cuda/flash_attn.cu instantiates NW = 4).
+const NW: usize = 4;
+
+/// `struct AttnDims` of cuda/attention.cu.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct AttnDims {
+    b: i64,
+    t: i64,
+    hq: i32,
+    hkv: i32,
+    d: i32,
+    causal: i32,
+    window: i32,
+    scale: f32,
+}
+
+/// `struct FlashParams` of cuda/flash_attn.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct FlashParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    lse: u64,
+    seg: u64,
+    d_o: u64,
+    di: u64,
+    dq_acc: u64,
+    dk: u64,
+    dv: u64,
+    b: i64,
+    t: i64,
+    hq: i32,
+    hkv: i32,
+    causal: i32,
+    window: i32,
+    scale: f32,
+    scale_log2: f32,
+}
+
+fn window(s: &AttnSpec) -> Result<i32> {
+    match s.window {
+        None => Ok(0),
+        Some(0) => Err(Error::backend("cuda", "an attention window of 0 hides every key")),
+        Some(w) if w >= s.seq_len => Ok(0),
+        Some(w) => Ok(w as i32),
+    }
+}
+
+fn dims(s: &AttnSpec, n: usize) -> Result<AttnDims> {
+    Ok(AttnDims {
+        b: (n / s.seq_len) as i64,
+        t: s.seq_len as i64,
+        hq: s.n_heads as i32,
+        hkv: s.n_kv_heads as i32,
+        d: s.head_dim as i32,
+        causal: s.causal as i32,
+        window: window(s)?,
+        scale: s.scale as f32,
+    })
+}
+
+/// Dim chunks per lane for the general kernels (instantiated for 1, 2, 4, 8).
+fn dc(d: usize) -> Result<usize> {
+    match d {
+        0..=32 => Ok(1),
+        33..=64 => Ok(2),
+        65..=128 => Ok(4),
+        129..=256 => Ok(8),
+        _ => Err(Error::backend(
+            "cuda",
+            format!("attention with head dim {d} is not supported (at most 256)"),
+        )),
+    }
+}
+
+fn half(d: DType) -> bool {
+    matches!(d, DType::BF16 | DType::F16)
+}
+
+fn flash_smem(d: usize, bwd: bool) -> u32 {
+    let bm = 16 * NW;
+    if bwd {
+        (4 * bm * (d + 8) * 2 + bm * (bm + 8) * 2 + 3 * bm * 4) as u32
+    } else {
+        ((bm + 2 * 64) * (d + 8) * 2) as u32
+    }
+}
+
+fn flash_name(d: DType, hd: usize, bwd: bool) -> &'static str {
+    match (d == DType::F16, hd, bwd) {
+        (false, 64, false) => "flash_fwd_bf16_64_4",
+        (false, 96, false) => "flash_fwd_bf16_96_4",
+        (false, 128, false) => "flash_fwd_bf16_128_4",
+        (true, 64, false) => "flash_fwd_f16_64_4",
+        (true, 96, false) => "flash_fwd_f16_96_4",
+        (true, 128, false) => "flash_fwd_f16_128_4",
+        (false, 64, true) => "flash_bwd_bf16_64_4",
+        (false, 96, true) => "flash_bwd_bf16_96_4",
+        (false, 128, true) => "flash_bwd_bf16_128_4",
+        (true, 64, true) => "flash_bwd_f16_64_4",
+        (true, 96, true) => "flash_bwd_f16_96_4",
+        _ => "flash_bwd_f16_128_4",
+    }
+}
+
+fn generic_name(kind: &str, dc: usize) -> &'static str {
+    match (kind, dc) {
+        ("fwd", 1) => "attn_fwd_1",
+        ("fwd", 2) => "attn_fwd_2",
+        ("fwd", 4) => "attn_fwd_4",
+        ("fwd", _) => "attn_fwd_8",
+        ("dot", 1) => "attn_bwd_dot_1",
+        ("dot", 2) => "attn_bwd_dot_2",
+        ("dot", 4) => "attn_bwd_dot_4",
+        ("dot", _) => "attn_bwd_dot_8",
+        ("dq", 1) => "attn_bwd_dq_1",
+        ("dq", 2) => "attn_bwd_dq_2",
+        ("dq", 4) => "attn_bwd_dq_4",
+        ("dq", _) => "attn_bwd_dq_8",
+        (_, 1) => "attn_bwd_dkv_1",
+        (_, 2) => "attn_bwd_dkv_2",
+        (_, 4) => "attn_bwd_dkv_4",
+        _ => "attn_bwd_dkv_8",
+    }
+}
+
+impl CudaBackend {
+    fn flash_capable(&self, s: &AttnSpec, dt: DType) -> bool {
+        std::env::var("FERROTUNE_CUDA_FLASH").as_deref() != Ok("0")
+            && self.gpu.cc >= (8, 0)
+            && half(dt)
+            && matches!(s.head_dim, 64 | 96 | 128)
+            && (flash_smem(s.head_dim, true) as i32) <= self.gpu.smem_optin
+    }
+
+    fn flash_ok_fwd(&self, s: &AttnSpec, i: &[&TensorInfo], o: &[&TensorInfo]) -> bool {
+        self.flash_capable(s, i[0].dtype) && o[0].dtype == i[0].dtype && o[1].dtype == DType::F32
+    }
+
+    /// The flash backward needs every 16-bit operand in one type and an f32 lse.
+    pub(super) fn flash_ok_bwd(&self, s: &AttnSpec, i: &[&TensorInfo], o: &[&TensorInfo]) -> bool {
+        let d = i[0].dtype;
+        self.flash_capable(s, d)
+            && i[4].dtype == d
+            && i[5].dtype == DType::F32
+            && i[6].dtype == d
+            && o.iter().all(|t| t.dtype == d)
+    }
+
+    pub(super) fn prepare_attention(
+        &mut self,
+        s: &AttnSpec,
+        i: &[&TensorInfo],
+        o: &[&TensorInfo],
+        bwd: bool,
+    ) -> Result<()> {
+        window(s)?;
+        dc(s.head_dim)?;
+        self.mods.load(Family::Attention)?;
+        self.mods.load(Family::Elementwise)?;
+        let flash = if bwd {
+            self.flash_ok_bwd(s, i, o)
+        } else {
+            self.flash_ok_fwd(s, i, o)
+        };
+        if flash {
+            let name = flash_name(i[0].dtype, s.head_dim, bwd);
+            self.mods
+                .get_with_smem(Family::FlashAttn, name, flash_smem(s.head_dim, bwd))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn attention_fwd(&mut self, s: &AttnSpec, i: &[Arg], o: &[Arg]) -> Result<()> {
+        let infos: Vec<&TensorInfo> = i.iter().map(|a| a.info).collect();
+        let oinfos: Vec<&TensorInfo> = o.iter().map(|a| a.info).collect();
+        if i[3].info.dtype != DType::I32 {
+            return Err(Error::backend("cuda", "segment ids must be i32"));
+        }
+        let n = i[0].info.shape[0];
+        let a = dims(s, n)?;
+        let dt = dt_code(i[0].info.dtype)?;
+        if self.flash_ok_fwd(s, &infos, &oinfos) {
+            let name = flash_name(i[0].info.dtype, s.head_dim, false);
+            let smem = flash_smem(s.head_dim, false);
+            let k = self.mods.get_with_smem(Family::FlashAttn, name, smem)?;
+            let prm = FlashParams {
+                q: self.ptr(i[0].loc),
+                k: self.ptr(i[1].loc),
+                v: self.ptr(i[2].loc),
+                seg: self.ptr(i[3].loc),
+                o: self.ptr(o[0].loc),
+                lse: self.ptr(o[1].loc),
+                b: a.b,
+                t: a.t,
+                hq: a.hq,
+                hkv: a.hkv,
+                causal: a.causal,
+                window: a.window,
+                scale: a.scale,
+                scale_log2: (s.scale * std::f64::consts::LOG2_E) as f32,
+                ..Default::default()
+            };
+            let grid = (s.seq_len.div_ceil(16 * NW) as u32, s.n_heads as u32, a.b as u32);
+            self.gpu
+                .launch(&k, grid, ((NW * 32) as u32, 1, 1), smem, &Args::new().blob(&prm))?;
+            if self.opts.sync_each_launch {
+                self.gpu.sync()?;
+            }
+            return Ok(());
+        }
+        let c = dc(s.head_dim)?;
+        let k = self.kernel(Family::Attention, generic_name("fwd", c))?;
+        let warps = (a.b * a.hq as i64 * a.t) as u64;
+        let args = Args::new()
+            .ptr(self.ptr(i[0].loc))
+            .ptr(self.ptr(i[1].loc))
+            .ptr(self.ptr(i[2].loc))
+            .i32(dt)
+            .ptr(self.ptr(i[3].loc))
+            .ptr(self.ptr(o[0].loc))
+            .i32(dt_code(o[0].info.dtype)?)
+            .ptr(self.ptr(o[1].loc))
+            .i32(dt_code(o[1].info.dtype)?)
+            .blob(&a);
+        self.run(&k, (blocks(warps, 4), 1, 1), 128, 0, args)
+    }
+
+    pub(super) fn attention_bwd(&mut self, s: &AttnSpec, i: &[Arg], o: &[Arg]) -> Result<()> {
+        let infos: Vec<&TensorInfo> = i.iter().map(|a| a.info).collect();
+        let oinfos: Vec<&TensorInfo> = o.iter().map(|a| a.info).collect();
+        if i[3].info.dtype != DType::I32 {
+            return Err(Error::backend("cuda", "segment ids must be i32"));
+        }
+        let n = i[0].info.shape[0];
+        let a = dims(s, n)?;
+        let c = dc(s.head_dim)?;
+        let flash = self.flash_ok_bwd(s, &infos, &oinfos);
+        let sizes = self.scratch_sizes(&crate::ops::Op::AttentionBackward(s.clone()), &infos, &oinfos)?;
+        let sc = self.carve(&sizes)?;
+        let di = sc[0];
+        let (q, k, v, seg) = (
+            self.ptr(i[0].loc),
+            self.ptr(i[1].loc),
+            self.ptr(i[2].loc),
+            self.ptr(i[3].loc),
+        );
+        let (out, lse, d_o) = (self.ptr(i[4].loc), self.ptr(i[5].loc), self.ptr(i[6].loc));
+        let (dq, dk, dv) = (self.ptr(o[0].loc), self.ptr(o[1].loc), self.ptr(o[2].loc));
+        let rows = (a.b * a.hq as i64 * a.t) as u64;
+        // Di = rowsum(dO * O)
+        let kd = self.kernel(Family::Attention, generic_name("dot", c))?;
+        let args = Args::new()
+            .ptr(out)
+            .i32(dt_code(i[4].info.dtype)?)
+            .ptr(d_o)
+            .i32(dt_code(i[6].info.dtype)?)
+            .ptr(di)
+            .blob(&a);
+        self.run(&kd, (blocks(rows, 4), 1, 1), 128, 0, args)?;
+        if flash {
+            let dq_acc = sc[1];
+            let qn = (n * s.n_heads * s.head_dim) as u64;
+            self.gpu.memset32(dq_acc, 0, qn as usize)?;
+            let name = flash_name(i[0].info.dtype, s.head_dim, true);
+            let smem = flash_smem(s.head_dim, true);
+            let kf = self.mods.get_with_smem(Family::FlashAttn, name, smem)?;
+            let prm = FlashParams {
+                q,
+                k,
+                v,
+                o: out,
+                lse,
+                seg,
+                d_o,
+                di,
+                dq_acc,
+                dk,
+                dv,
+                b: a.b,
+                t: a.t,
+                hq: a.hq,
+                hkv: a.hkv,
+                causal: a.causal,
+                window: a.window,
+                scale: a.scale,
+                scale_log2: (s.scale * std::f64::consts::LOG2_E) as f32,
+            };
+            let grid = (s.seq_len.div_ceil(16 * NW) as u32, s.n_kv_heads as u32, a.b as u32);
+            self.gpu
+                .launch(&kf, grid, ((NW * 32) as u32, 1, 1), smem, &Args::new().blob(&prm))?;
+            if self.opts.sync_each_launch {
+                self.gpu.sync()?;
+            }
+            // dq = scale * dq_acc, in dq's type.
+            return self.scale_raw(dq_acc, DType::F32, dq, o[0].info.dtype, qn, s.scale as f32);
+        }
+        let dt = dt_code(i[0].info.dtype)?;
+        let (dtl, dtdo) = (dt_code(i[5].info.dtype)?, dt_code(i[6].info.dtype)?);
+        let kq = self.kernel(Family::Attention, generic_name("dq", c))?;
+        let args = Args::new()
+            .ptr(q)
+            .ptr(k)
+            .ptr(v)
+            .i32(dt)
+            .ptr(seg)
+            .ptr(lse)
+            .i32(dtl)
+            .ptr(d_o)
+            .i32(dtdo)
+            .ptr(di)
+            .ptr(dq)
+            .i32(dt_code(o[0].info.dtype)?)
+            .blob(&a);
+        self.run(&kq, (blocks(rows, 4), 1, 1), 128, 0, args)?;
+        let kk = self.kernel(Family::Attention, generic_name("dkv", c))?;
+        let kv_rows = (a.b * a.hkv as i64 * a.t) as u64;
+        let args = Args::new()
+            .ptr(q)
+            .ptr(k)
+            .ptr(v)
+            .i32(dt)
+            .ptr(seg)
+            .ptr(lse)
+            .i32(dtl)
+            .ptr(d_o)
+            .i32(dtdo)
+            .ptr(di)
+            .ptr(dk)
+            .i32(dt_code(o[1].info.dtype)?)
+            .ptr(dv)
+            .i32(dt_code(o[2].info.dtype)?)
+            .blob(&a);
+        self.run(&kk, (blocks(kv_rows, 4), 1, 1), 128, 0, args)
+    }
+}
