@@ -552,17 +552,24 @@ __device__ void flash_bwd(const FlashParams& p) {
 // Shared memory bytes (src/backend/cuda/attention.rs computes the same).
 //   forward:  (BM + 2 BN) (D + 8) 2              with BM = 16 NW, BN = 64
 //   backward: 4 BN (D + 8) 2 + BN (BN + 8) 2 + 3 BN 4    with BN = BM = 16 NW
-#define FLASH_ENTRIES(D, NW, F16, NAME)                                                                  \
+#define FLASH_ENTRIES_(D, NW, F16, NAME)                                                                 \
     extern "C" __global__ void __launch_bounds__(NW * 32) flash_fwd_##NAME##_##D##_##NW(FlashParams p) { \
         flash_fwd<D, NW, F16>(p);                                                                        \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(NW * 32) flash_bwd_##NAME##_##D##_##NW(FlashParams p) { \
         flash_bwd<D, NW, F16>(p);                                                                        \
     }
+#define FLASH_ENTRIES(D, NW, F16, NAME) FLASH_ENTRIES_(D, NW, F16, NAME)
 
+// The backend compiles one head dim and type at a time (-DFLASH_D=.. -DFLASH_F16=..
+// -DFLASH_NAME=..); without them every variant is compiled (a check of the whole file).
+#ifdef FLASH_D
+FLASH_ENTRIES(FLASH_D, 4, FLASH_F16, FLASH_NAME)
+#else
 FLASH_ENTRIES(64, 4, false, bf16)
 FLASH_ENTRIES(96, 4, false, bf16)
 FLASH_ENTRIES(128, 4, false, bf16)
 FLASH_ENTRIES(64, 4, true, f16)
 FLASH_ENTRIES(96, 4, true, f16)
 FLASH_ENTRIES(128, 4, true, f16)
+#endif

@@ -120,6 +120,20 @@ fn flash_name(d: DType, hd: usize, bwd: bool) -> &'static str {
     }
 }
 
+/// Preprocessor defines selecting one head dim and type of cuda/flash_attn.cu.
+fn flash_defines(d: DType, hd: usize) -> [&'static str; 3] {
+    let dim = match hd {
+        64 => "FLASH_D=64",
+        96 => "FLASH_D=96",
+        _ => "FLASH_D=128",
+    };
+    if d == DType::F16 {
+        [dim, "FLASH_F16=true", "FLASH_NAME=f16"]
+    } else {
+        [dim, "FLASH_F16=false", "FLASH_NAME=bf16"]
+    }
+}
+
 fn generic_name(kind: &str, dc: usize) -> &'static str {
     match (kind, dc) {
         ("fwd", 1) => "attn_fwd_1",
@@ -182,8 +196,9 @@ impl CudaBackend {
         };
         if flash {
             let name = flash_name(i[0].dtype, s.head_dim, bwd);
+            let defs = flash_defines(i[0].dtype, s.head_dim);
             self.mods
-                .get_with_smem(Family::FlashAttn, name, flash_smem(s.head_dim, bwd))?;
+                .get_with_smem(Family::FlashAttn, &defs, name, flash_smem(s.head_dim, bwd))?;
         }
         Ok(())
     }
@@ -200,7 +215,8 @@ impl CudaBackend {
         if self.flash_ok_fwd(s, &infos, &oinfos) {
             let name = flash_name(i[0].info.dtype, s.head_dim, false);
             let smem = flash_smem(s.head_dim, false);
-            let k = self.mods.get_with_smem(Family::FlashAttn, name, smem)?;
+            let defs = flash_defines(i[0].info.dtype, s.head_dim);
+            let k = self.mods.get_with_smem(Family::FlashAttn, &defs, name, smem)?;
             let prm = FlashParams {
                 q: self.ptr(i[0].loc),
                 k: self.ptr(i[1].loc),
@@ -281,7 +297,8 @@ impl CudaBackend {
             self.gpu.memset32(dq_acc, 0, qn as usize)?;
             let name = flash_name(i[0].info.dtype, s.head_dim, true);
             let smem = flash_smem(s.head_dim, true);
-            let kf = self.mods.get_with_smem(Family::FlashAttn, name, smem)?;
+            let defs = flash_defines(i[0].info.dtype, s.head_dim);
+            let kf = self.mods.get_with_smem(Family::FlashAttn, &defs, name, smem)?;
             let prm = FlashParams {
                 q,
                 k,

@@ -85,7 +85,7 @@ pub fn arch_name(cc: (i32, i32)) -> String {
     format!("sm_{}{}", cc.0, cc.1)
 }
 
-fn options(arch: &str, verbose: bool) -> Vec<String> {
+fn options(arch: &str, verbose: bool, defines: &[&str]) -> Vec<String> {
     let mut o = vec![
         format!("--gpu-architecture={arch}"),
         "--std=c++17".to_string(),
@@ -94,6 +94,7 @@ fn options(arch: &str, verbose: bool) -> Vec<String> {
     if verbose {
         o.push("--ptxas-options=-v".to_string());
     }
+    o.extend(defines.iter().map(|d| format!("-D{d}")));
     o
 }
 
@@ -124,8 +125,9 @@ fn program_log(prog: nv::nvrtcProgram) -> String {
     }
 }
 
-/// Compiles one family for `arch` (e.g. `sm_90`). An error carries the compiler's log.
-pub fn compile(family: Family, arch: &str, verbose: bool) -> Result<Compiled> {
+/// Compiles one family for `arch` (e.g. `sm_90`) with preprocessor `defines` (`NAME=VALUE`).
+/// An error carries the compiler's log.
+pub fn compile(family: Family, arch: &str, verbose: bool, defines: &[&str]) -> Result<Compiled> {
     // SAFETY: checking for the library only opens it.
     if !unsafe { nv::is_culib_present() } {
         return Err(Error::backend(
@@ -138,7 +140,7 @@ pub fn compile(family: Family, arch: &str, verbose: bool) -> Result<Compiled> {
     }
     let src = CString::new(family.source()).map_err(|_| Error::backend("cuda", "kernel source holds a NUL byte"))?;
     let name = CString::new(family.file()).expect("file names have no NUL");
-    let opts: Vec<CString> = options(arch, verbose)
+    let opts: Vec<CString> = options(arch, verbose, defines)
         .into_iter()
         .map(|o| CString::new(o).expect("options have no NUL"))
         .collect();
@@ -163,9 +165,8 @@ pub fn compile(family: Family, arch: &str, verbose: bool) -> Result<Compiled> {
             Err(Error::backend(
                 "cuda",
                 format!(
-                    "NVRTC could not compile the {} kernels ({}) for {arch} ({r:?}):\n{log}",
-                    family.file(),
-                    format_args!("{family:?}")
+                    "NVRTC could not compile the {} kernels {defines:?} for {arch} ({r:?}):\n{log}",
+                    family.file()
                 ),
             ))
         } else {
@@ -183,15 +184,21 @@ pub fn compile(family: Family, arch: &str, verbose: bool) -> Result<Compiled> {
     }
 }
 
+type CacheKey = (Family, String, Vec<String>);
+
 /// `compile` through the process-wide cache (one compilation per family, arch and options).
-fn compile_cached(family: Family, arch: &str) -> Result<Compiled> {
-    static CACHE: OnceLock<Mutex<HashMap<(Family, String), Compiled>>> = OnceLock::new();
+fn compile_cached(family: Family, arch: &str, defines: &[&str]) -> Result<Compiled> {
+    static CACHE: OnceLock<Mutex<HashMap<CacheKey, Compiled>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    let key = (family, arch.to_string());
+    let key = (
+        family,
+        arch.to_string(),
+        defines.iter().map(|d| d.to_string()).collect(),
+    );
     if let Some(c) = cache.lock().expect("kernel cache").get(&key) {
         return Ok(c.clone());
     }
-    let c = compile(family, arch, false)?;
+    let c = compile(family, arch, false, defines)?;
     cache.lock().expect("kernel cache").insert(key, c.clone());
     Ok(c)
 }
@@ -201,7 +208,7 @@ fn compile_cached(family: Family, arch: &str) -> Result<Compiled> {
 pub fn compile_all_kernels(arch: &str) -> Result<Vec<(String, String)>> {
     Family::ALL
         .iter()
-        .map(|&f| compile(f, arch, true).map(|c| (f.file().to_string(), c.log)))
+        .map(|&f| compile(f, arch, true, &[]).map(|c| (f.file().to_string(), c.log)))
         .collect()
 }
 
@@ -209,7 +216,7 @@ pub fn compile_all_kernels(arch: &str) -> Result<Vec<(String, String)>> {
 pub struct Modules {
     arch: String,
     cc: (i32, i32),
-    modules: HashMap<Family, sys::CUmodule>,
+    modules: HashMap<(Family, Vec<&'static str>), sys::CUmodule>,
     kernels: HashMap<&'static str, Kernel>,
     /// Dynamic shared memory each kernel was allowed so far.
     smem: HashMap<&'static str, u32>,
@@ -228,7 +235,12 @@ impl Modules {
 
     /// Compiles and loads a family unless it is loaded already.
     pub fn load(&mut self, family: Family) -> Result<sys::CUmodule> {
-        if let Some(&m) = self.modules.get(&family) {
+        self.load_variant(family, &[])
+    }
+
+    /// Compiles and loads a family with preprocessor defines (one module per define set).
+    pub fn load_variant(&mut self, family: Family, defines: &[&'static str]) -> Result<sys::CUmodule> {
+        if let Some(&m) = self.modules.get(&(family, defines.to_vec())) {
             return Ok(m);
         }
         if self.cc < family.min_cc() {
@@ -244,20 +256,25 @@ impl Modules {
                 ),
             ));
         }
-        let c = compile_cached(family, &self.arch)?;
+        let c = compile_cached(family, &self.arch, defines)?;
         // SAFETY: a cubin NVRTC produced for this device's architecture.
         let m = unsafe { cudarc::driver::result::module::load_data(c.cubin.as_ptr() as *const _) }
             .map_err(|e| drv(&format!("loading the {} module", family.file()), e))?;
-        self.modules.insert(family, m);
+        self.modules.insert((family, defines.to_vec()), m);
         Ok(m)
     }
 
     /// The kernel `name` of `family`, loading the family on first use.
     pub fn get(&mut self, family: Family, name: &'static str) -> Result<Kernel> {
+        self.get_variant(family, &[], name)
+    }
+
+    /// The kernel `name` of a family compiled with `defines`.
+    pub fn get_variant(&mut self, family: Family, defines: &[&'static str], name: &'static str) -> Result<Kernel> {
         if let Some(&k) = self.kernels.get(name) {
             return Ok(k);
         }
-        let m = self.load(family)?;
+        let m = self.load_variant(family, defines)?;
         let cname = CString::new(name).expect("kernel names have no NUL");
         // SAFETY: a loaded module.
         let f = unsafe { cudarc::driver::result::module::get_function(m, cname) }
@@ -267,9 +284,15 @@ impl Modules {
         Ok(k)
     }
 
-    /// Like `get`, and lets the kernel use `smem` bytes of dynamic shared memory.
-    pub fn get_with_smem(&mut self, family: Family, name: &'static str, smem: u32) -> Result<Kernel> {
-        let k = self.get(family, name)?;
+    /// Like `get_variant`, and lets the kernel use `smem` bytes of dynamic shared memory.
+    pub fn get_with_smem(
+        &mut self,
+        family: Family,
+        defines: &[&'static str],
+        name: &'static str,
+        smem: u32,
+    ) -> Result<Kernel> {
+        let k = self.get_variant(family, defines, name)?;
         if smem > 48 * 1024 && self.smem.get(name).is_none_or(|&s| s < smem) {
             // SAFETY: a loaded function; the attribute only raises the launch limit.
             unsafe {
