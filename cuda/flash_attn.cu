@@ -161,9 +161,24 @@ __device__ __forceinline__ bool visible(const FlashParams& p, i64 i, i64 j, int 
     return true;
 }
 
-template <int D, int NW, bool F16>
+// f32 atomic adds of two neighbours (one vector reduction on sm_90).
+__device__ __forceinline__ void red_add2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
+// Forward. MW m16 tiles (16 MW query rows) per warp, 4 warps: BM = 64 MW; key tiles of BN.
+// With MW = 2 every K and V fragment read from shared memory feeds four mma instead of two.
+// Q fragments stay in registers when they fit (MW = 1 or D = 64), else they are re-read per
+// key tile.
+template <int D, int MW, int BN, bool F16>
 __device__ void flash_fwd(const FlashParams& p) {
-    constexpr int BM = 16 * NW, BN = 64, S = D + 8, DK = D / 16, DN = D / 8, NT = BN / 8, NTH = NW * 32;
+    constexpr int NW = 4, BM = 16 * MW * NW, S = D + 8, DK = D / 16, DN = D / 8, NT = BN / 8, NTH = NW * 32;
+    constexpr bool QREG = MW == 1 || D <= 64;
     extern __shared__ __align__(16) u16 smem[];
     u16* sQ = smem;
     u16* sK = sQ + BM * S;
@@ -199,17 +214,26 @@ __device__ void flash_fwd(const FlashParams& p) {
         return t;
     };
 
-    // This thread's two rows: r = 0 -> row g, r = 1 -> row g + 8 of the warp's 16.
-    const i64 row0 = q0 + warp * 16 + g;
-    int segq[2];
-    segq[0] = row0 < T ? seg[row0] : 0;
-    segq[1] = row0 + 8 < T ? seg[row0 + 8] : 0;
-
-    float acc[DN][4];
+    // Thread rows: warp rows 16 MW w + 16 mi + g (+ 8 for the second half of a tile).
+    const int wrow = warp * 16 * MW;
+    int segq[MW][2];
 #pragma unroll
-    for (int i = 0; i < DN; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    float mrow[2] = {NEG_INF, NEG_INF}, lrow[2] = {0.f, 0.f};
-    u32 qf[DK][4];
+    for (int mi = 0; mi < MW; mi++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            i64 i = q0 + wrow + mi * 16 + g + r * 8;
+            segq[mi][r] = i < T ? seg[i] : 0;
+        }
+
+    float acc[MW][DN][4];
+#pragma unroll
+    for (int mi = 0; mi < MW; mi++)
+#pragma unroll
+        for (int i = 0; i < DN; i++) acc[mi][i][0] = acc[mi][i][1] = acc[mi][i][2] = acc[mi][i][3] = 0.f;
+    float mrow[MW][2], lrow[MW][2];
+#pragma unroll
+    for (int mi = 0; mi < MW; mi++) mrow[mi][0] = mrow[mi][1] = NEG_INF, lrow[mi][0] = lrow[mi][1] = 0.f;
+    u32 qf[QREG ? MW : 1][QREG ? DK : 1][4];
 
     int t = next_tile(t_lo);
     load_tile<BM, D, S, NTH>(sQ, Q, qw, q0, T);
@@ -220,28 +244,46 @@ __device__ void flash_fwd(const FlashParams& p) {
         const i64 n0 = (i64)t * BN;
         cp_async_wait_all();
         __syncthreads();
-        if (first) {
+        if (QREG && first) {
 #pragma unroll
-            for (int kc = 0; kc < DK; kc++)
-                ldsm_x4(smem_addr(sQ + (warp * 16 + (lane & 15)) * S + kc * 16 + (lane >> 4) * 8), qf[kc][0], qf[kc][1],
-                        qf[kc][2], qf[kc][3]);
-            first = false;
+            for (int mi = 0; mi < (QREG ? MW : 1); mi++)
+#pragma unroll
+                for (int kc = 0; kc < (QREG ? DK : 1); kc++)
+                    ldsm_x4(smem_addr(sQ + (wrow + mi * 16 + (lane & 15)) * S + kc * 16 + (lane >> 4) * 8), qf[mi][kc][0],
+                            qf[mi][kc][1], qf[mi][kc][2], qf[mi][kc][3]);
         }
+        first = false;
         load_tile<BN, D, S, NTH>(sV, V, kw, n0, T);
         cp_async_commit();
 
-        float s[NT][4];
+        float s[MW][NT][4];
 #pragma unroll
-        for (int i = 0; i < NT; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        for (int mi = 0; mi < MW; mi++)
+#pragma unroll
+            for (int i = 0; i < NT; i++) s[mi][i][0] = s[mi][i][1] = s[mi][i][2] = s[mi][i][3] = 0.f;
 #pragma unroll
         for (int kc = 0; kc < DK; kc++) {
+            u32 qa[MW][4];
+#pragma unroll
+            for (int mi = 0; mi < MW; mi++) {
+                if (QREG) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) qa[mi][e] = qf[QREG ? mi : 0][QREG ? kc : 0][e];
+                } else {
+                    ldsm_x4(smem_addr(sQ + (wrow + mi * 16 + (lane & 15)) * S + kc * 16 + (lane >> 4) * 8), qa[mi][0],
+                            qa[mi][1], qa[mi][2], qa[mi][3]);
+                }
+            }
 #pragma unroll
             for (int np = 0; np < NT / 2; np++) {
                 u32 b0, b1, b2, b3;
                 ldsm_x4(smem_addr(sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * S + kc * 16 + ((lane >> 3) & 1) * 8),
                         b0, b1, b2, b3);
-                mma16816<F16>(s[2 * np], qf[kc], b0, b1);
-                mma16816<F16>(s[2 * np + 1], qf[kc], b2, b3);
+#pragma unroll
+                for (int mi = 0; mi < MW; mi++) {
+                    mma16816<F16>(s[mi][2 * np], qa[mi], b0, b1);
+                    mma16816<F16>(s[mi][2 * np + 1], qa[mi], b2, b3);
+                }
             }
         }
         bool full = pos_full(p, q0, BM, n0, BN);
@@ -251,52 +293,47 @@ __device__ void flash_fwd(const FlashParams& p) {
             full = a == c && qs_lo == qs_hi && a == qs_lo;
         }
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float v = s[nt][e] * p.scale_log2;
-                if (!full) {
-                    i64 i = row0 + (e >> 1) * 8, j = n0 + nt * 8 + 2 * tig + (e & 1);
-                    int sj = j < T ? seg[j] : 0;
-                    if (!visible(p, i, j, segq[e >> 1], sj)) v = NEG_INF;
-                }
-                s[nt][e] = v;
-            }
-        }
-        // Online softmax, per row; the four threads of a quad share a row.
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            float mx = NEG_INF;
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            float mn = fmaxf(mrow[r], mx);
-            float mref = mn == NEG_INF ? 0.f : mn;
-            float corr = ex2(mrow[r] - mref);
-            float sum = 0.f;
+        for (int mi = 0; mi < MW; mi++) {
 #pragma unroll
             for (int nt = 0; nt < NT; nt++) {
-                float a = ex2(s[nt][2 * r] - mref), c = ex2(s[nt][2 * r + 1] - mref);
-                s[nt][2 * r] = a;
-                s[nt][2 * r + 1] = c;
-                sum += a + c;
-            }
-            lrow[r] = lrow[r] * corr + sum;
-            mrow[r] = mn;
 #pragma unroll
-            for (int dt = 0; dt < DN; dt++) {
-                acc[dt][2 * r] *= corr;
-                acc[dt][2 * r + 1] *= corr;
+                for (int e = 0; e < 4; e++) {
+                    float v = s[mi][nt][e] * p.scale_log2;
+                    if (!full) {
+                        i64 i = q0 + wrow + mi * 16 + g + (e >> 1) * 8, j = n0 + nt * 8 + 2 * tig + (e & 1);
+                        int sj = j < T ? seg[j] : 0;
+                        if (!visible(p, i, j, segq[mi][e >> 1], sj)) v = NEG_INF;
+                    }
+                    s[mi][nt][e] = v;
+                }
             }
-        }
-        u32 pf[BN / 16][4];
+            // Online softmax, per row; the four threads of a quad share a row.
 #pragma unroll
-        for (int kc = 0; kc < BN / 16; kc++) {
-            pf[kc][0] = pack2<F16>(s[2 * kc][0], s[2 * kc][1]);
-            pf[kc][1] = pack2<F16>(s[2 * kc][2], s[2 * kc][3]);
-            pf[kc][2] = pack2<F16>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-            pf[kc][3] = pack2<F16>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+            for (int r = 0; r < 2; r++) {
+                float mx = NEG_INF;
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) mx = fmaxf(mx, fmaxf(s[mi][nt][2 * r], s[mi][nt][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                float mn = fmaxf(mrow[mi][r], mx);
+                float mref = mn == NEG_INF ? 0.f : mn;
+                float corr = ex2(mrow[mi][r] - mref);
+                float sum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    float a = ex2(s[mi][nt][2 * r] - mref), c = ex2(s[mi][nt][2 * r + 1] - mref);
+                    s[mi][nt][2 * r] = a;
+                    s[mi][nt][2 * r + 1] = c;
+                    sum += a + c;
+                }
+                lrow[mi][r] = lrow[mi][r] * corr + sum;
+                mrow[mi][r] = mn;
+#pragma unroll
+                for (int dt = 0; dt < DN; dt++) {
+                    acc[mi][dt][2 * r] *= corr;
+                    acc[mi][dt][2 * r + 1] *= corr;
+                }
+            }
         }
         cp_async_wait_all();
         __syncthreads();
@@ -307,13 +344,24 @@ __device__ void flash_fwd(const FlashParams& p) {
         }
 #pragma unroll
         for (int kc = 0; kc < BN / 16; kc++) {
+            u32 pf[MW][4];
+#pragma unroll
+            for (int mi = 0; mi < MW; mi++) {
+                pf[mi][0] = pack2<F16>(s[mi][2 * kc][0], s[mi][2 * kc][1]);
+                pf[mi][1] = pack2<F16>(s[mi][2 * kc][2], s[mi][2 * kc][3]);
+                pf[mi][2] = pack2<F16>(s[mi][2 * kc + 1][0], s[mi][2 * kc + 1][1]);
+                pf[mi][3] = pack2<F16>(s[mi][2 * kc + 1][2], s[mi][2 * kc + 1][3]);
+            }
 #pragma unroll
             for (int dp = 0; dp < DN / 2; dp++) {
                 u32 b0, b1, b2, b3;
                 ldsm_x4_t(smem_addr(sV + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + dp * 16 + (lane >> 4) * 8),
                           b0, b1, b2, b3);
-                mma16816<F16>(acc[2 * dp], pf[kc], b0, b1);
-                mma16816<F16>(acc[2 * dp + 1], pf[kc], b2, b3);
+#pragma unroll
+                for (int mi = 0; mi < MW; mi++) {
+                    mma16816<F16>(acc[mi][2 * dp], pf[mi], b0, b1);
+                    mma16816<F16>(acc[mi][2 * dp + 1], pf[mi], b2, b3);
+                }
             }
         }
         t = nxt;
@@ -323,24 +371,34 @@ __device__ void flash_fwd(const FlashParams& p) {
     u16* O = (u16*)p.o + b * T * qw + h * D;
     float* lse = (float*)p.lse + (b * p.Hq + h) * T;
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        float l = lrow[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        i64 row = row0 + r * 8;
-        if (row < T) {
-            float inv = 1.f / l;
+    for (int mi = 0; mi < MW; mi++) {
 #pragma unroll
-            for (int dt = 0; dt < DN; dt++)
-                *(u32*)(O + row * qw + dt * 8 + 2 * tig) = pack2<F16>(acc[dt][2 * r] * inv, acc[dt][2 * r + 1] * inv);
-            if (tig == 0) lse[row] = (mrow[r] + __log2f(l)) * LN2;
+        for (int r = 0; r < 2; r++) {
+            float l = lrow[mi][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            i64 row = q0 + wrow + mi * 16 + g + r * 8;
+            if (row < T) {
+                float inv = 1.f / l;
+#pragma unroll
+                for (int dt = 0; dt < DN; dt++)
+                    *(u32*)(O + row * qw + dt * 8 + 2 * tig) =
+                        pack2<F16>(acc[mi][dt][2 * r] * inv, acc[mi][dt][2 * r + 1] * inv);
+                if (tig == 0) lse[row] = (mrow[mi][r] + __log2f(l)) * LN2;
+            }
         }
     }
 }
 
-template <int D, int NW, bool F16>
+// Backward. NW warps own BN = 16 NW keys; query tiles have BM rows. In the dQ phase the
+// warps split the BM queries into m-tiles and D into column groups (NW / (BM / 16) of them).
+// With D = 64 the K and V fragments stay in registers for the whole block.
+template <int D, int NW, int BM, bool F16>
 __device__ void flash_bwd(const FlashParams& p) {
-    constexpr int BN = 16 * NW, BM = BN, S = D + 8, SS = BM + 8, DK = D / 16, DN = D / 8, MT = BM / 8, NTH = NW * 32;
+    constexpr int BN = 16 * NW, S = D + 8, SS = BM + 8, DK = D / 16, DN = D / 8, MT = BM / 8, NTH = NW * 32;
+    constexpr int MK = BM / 16, CW = NW / MK, DNW = DN / CW;  // dQ phase: m-tiles, column groups, n-tiles each
+    static_assert(NW % MK == 0 && DN % CW == 0 && DNW % 2 == 0, "unsupported backward tiling");
+    constexpr bool KVREG = D <= 64;
     extern __shared__ __align__(16) u16 smem[];
     u16* sK = smem;
     u16* sV = sK + BN * S;
@@ -409,14 +467,25 @@ __device__ void flash_bwd(const FlashParams& p) {
     float dk[DN][4], dv[DN][4];
 #pragma unroll
     for (int i = 0; i < DN; i++) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+    u32 kf[KVREG ? DK : 1][4], vf[KVREG ? DK : 1][4];
 
     int s = next_step(0);
     if (s < steps) load_step(s);
+    bool first = true;
     while (s < steps) {
         const int hh = kh * group + s / (mt_hi - mt_lo);
         const i64 m0 = (i64)(mt_lo + s % (mt_hi - mt_lo)) * BM;
         cp_async_wait_all();
         __syncthreads();
+        if (KVREG && first) {
+#pragma unroll
+            for (int kc = 0; kc < (KVREG ? DK : 1); kc++) {
+                int off = (warp * 16 + (lane & 15)) * S + kc * 16 + (lane >> 4) * 8;
+                ldsm_x4(smem_addr(sK + off), kf[kc][0], kf[kc][1], kf[kc][2], kf[kc][3]);
+                ldsm_x4(smem_addr(sV + off), vf[kc][0], vf[kc][1], vf[kc][2], vf[kc][3]);
+            }
+        }
+        first = false;
         bool full = pos_full(p, m0, BM, n0, BN);
         if (full) {
             int a, c;
@@ -431,8 +500,17 @@ __device__ void flash_bwd(const FlashParams& p) {
 #pragma unroll
         for (int kc = 0; kc < DK; kc++) {
             u32 ka[4], va[4];
-            ldsm_x4(smem_addr(sK + (warp * 16 + (lane & 15)) * S + kc * 16 + (lane >> 4) * 8), ka[0], ka[1], ka[2], ka[3]);
-            ldsm_x4(smem_addr(sV + (warp * 16 + (lane & 15)) * S + kc * 16 + (lane >> 4) * 8), va[0], va[1], va[2], va[3]);
+            if (KVREG) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    ka[e] = kf[KVREG ? kc : 0][e];
+                    va[e] = vf[KVREG ? kc : 0][e];
+                }
+            } else {
+                int off = (warp * 16 + (lane & 15)) * S + kc * 16 + (lane >> 4) * 8;
+                ldsm_x4(smem_addr(sK + off), ka[0], ka[1], ka[2], ka[3]);
+                ldsm_x4(smem_addr(sV + off), va[0], va[1], va[2], va[3]);
+            }
 #pragma unroll
             for (int mp = 0; mp < MT / 2; mp++) {
                 u32 b0, b1, b2, b3;
@@ -472,6 +550,15 @@ __device__ void flash_bwd(const FlashParams& p) {
             da[kc][2] = pack2<F16>(dpt[2 * kc + 1][0], dpt[2 * kc + 1][1]);
             da[kc][3] = pack2<F16>(dpt[2 * kc + 1][2], dpt[2 * kc + 1][3]);
         }
+        // dS^T -> shared memory ([key][query]) first, so its stores overlap the mma below.
+#pragma unroll
+        for (int kc = 0; kc < BM / 16; kc++) {
+            int r = warp * 16 + g, c = kc * 16 + 2 * tig;
+            *(u32*)(sdS + r * SS + c) = da[kc][0];
+            *(u32*)(sdS + (r + 8) * SS + c) = da[kc][1];
+            *(u32*)(sdS + r * SS + c + 8) = da[kc][2];
+            *(u32*)(sdS + (r + 8) * SS + c + 8) = da[kc][3];
+        }
         // dV += P^T dO, dK += dS^T Q.
 #pragma unroll
         for (int kc = 0; kc < BM / 16; kc++) {
@@ -487,32 +574,25 @@ __device__ void flash_bwd(const FlashParams& p) {
                 mma16816<F16>(dk[2 * dp + 1], da[kc], b2, b3);
             }
         }
-        // dS^T -> shared memory ([key][query]).
-#pragma unroll
-        for (int kc = 0; kc < BM / 16; kc++) {
-            int r = warp * 16 + g, c = kc * 16 + 2 * tig;
-            *(u32*)(sdS + r * SS + c) = da[kc][0];
-            *(u32*)(sdS + (r + 8) * SS + c) = da[kc][1];
-            *(u32*)(sdS + r * SS + c + 8) = da[kc][2];
-            *(u32*)(sdS + (r + 8) * SS + c + 8) = da[kc][3];
-        }
         __syncthreads();
         int nxt = next_step(s + 1);
         if (nxt < steps) load_step(nxt);
-        // dQ_acc[queries 16 warp ..] += dS K.
-        float dq[DN][4];
+        // dQ_acc[query tile mw, columns of group cg] += dS K over this block's BN keys.
+        const int mw = warp % MK, cg = warp / MK;
+        float dq[DNW][4];
 #pragma unroll
-        for (int i = 0; i < DN; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+        for (int i = 0; i < DNW; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
 #pragma unroll
         for (int kc = 0; kc < BN / 16; kc++) {
             u32 a[4];
-            ldsm_x4_t(smem_addr(sdS + (kc * 16 + (lane & 7) + ((lane >> 4) << 3)) * SS + warp * 16 + ((lane >> 3) & 1) * 8),
-                      a[0], a[1], a[2], a[3]);
+            ldsm_x4_t(smem_addr(sdS + (kc * 16 + (lane & 7) + ((lane >> 4) << 3)) * SS + mw * 16 + ((lane >> 3) & 1) * 8), a[0],
+                      a[1], a[2], a[3]);
 #pragma unroll
-            for (int dp = 0; dp < DN / 2; dp++) {
+            for (int dp = 0; dp < DNW / 2; dp++) {
                 u32 b0, b1, b2, b3;
-                ldsm_x4_t(smem_addr(sK + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + dp * 16 + (lane >> 4) * 8), b0,
-                          b1, b2, b3);
+                ldsm_x4_t(smem_addr(sK + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + (cg * DNW + 2 * dp) * 8 +
+                                    (lane >> 4) * 8),
+                          b0, b1, b2, b3);
                 mma16816<F16>(dq[2 * dp], a, b0, b1);
                 mma16816<F16>(dq[2 * dp + 1], a, b2, b3);
             }
@@ -520,14 +600,11 @@ __device__ void flash_bwd(const FlashParams& p) {
         float* dqa = (float*)p.dq_acc + b * T * qw + hh * D;
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-            i64 i = m0 + warp * 16 + g + r * 8;
+            i64 i = m0 + mw * 16 + g + r * 8;
             if (i < T) {
 #pragma unroll
-                for (int dt = 0; dt < DN; dt++) {
-                    float* dst = dqa + i * qw + dt * 8 + 2 * tig;
-                    atomicAdd(dst, dq[dt][2 * r]);
-                    atomicAdd(dst + 1, dq[dt][2 * r + 1]);
-                }
+                for (int dt = 0; dt < DNW; dt++)
+                    red_add2(dqa + i * qw + (cg * DNW + dt) * 8 + 2 * tig, dq[dt][2 * r], dq[dt][2 * r + 1]);
             }
         }
         s = nxt;
@@ -550,26 +627,30 @@ __device__ void flash_bwd(const FlashParams& p) {
 }
 
 // Shared memory bytes (src/backend/cuda/attention.rs computes the same).
-//   forward:  (BM + 2 BN) (D + 8) 2              with BM = 16 NW, BN = 64
-//   backward: 4 BN (D + 8) 2 + BN (BN + 8) 2 + 3 BN 4    with BN = BM = 16 NW
-#define FLASH_ENTRIES_(D, NW, F16, NAME)                                                                 \
-    extern "C" __global__ void __launch_bounds__(NW * 32) flash_fwd_##NAME##_##D##_##NW(FlashParams p) { \
-        flash_fwd<D, NW, F16>(p);                                                                        \
-    }                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(NW * 32) flash_bwd_##NAME##_##D##_##NW(FlashParams p) { \
-        flash_bwd<D, NW, F16>(p);                                                                        \
+//   forward:  (BM + 2 BN) (D + 8) 2                             BM = 64 MW
+//   backward: (2 BN + 2 BM) (D + 8) 2 + BN (BM + 8) 2 + 3 BM 4   BN = 16 NW
+#define FLASH_ENTRIES_(D, MW, BN, NW, BM, F16, NAME)                                                   \
+    extern "C" __global__ void __launch_bounds__(128) flash_fwd_##NAME##_##D##_m##MW##_n##BN(FlashParams p) { \
+        flash_fwd<D, MW, BN, F16>(p);                                                                  \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(NW * 32)                                              \
+        flash_bwd_##NAME##_##D##_w##NW##_m##BM(FlashParams p) {                                        \
+        flash_bwd<D, NW, BM, F16>(p);                                                                  \
     }
-#define FLASH_ENTRIES(D, NW, F16, NAME) FLASH_ENTRIES_(D, NW, F16, NAME)
+#define FLASH_ENTRIES(D, MW, BN, NW, BM, F16, NAME) FLASH_ENTRIES_(D, MW, BN, NW, BM, F16, NAME)
 
-// The backend compiles one head dim and type at a time (-DFLASH_D=.. -DFLASH_F16=..
-// -DFLASH_NAME=..); without them every variant is compiled (a check of the whole file).
+// The backend compiles one variant at a time (-DFLASH_D=.. -DFLASH_MW=.. -DFLASH_BN=..
+// -DFLASH_NW=.. -DFLASH_BM=.. -DFLASH_F16=.. -DFLASH_NAME=..); without them a set of
+// variants is compiled (a check of the whole file).
 #ifdef FLASH_D
-FLASH_ENTRIES(FLASH_D, 4, FLASH_F16, FLASH_NAME)
+FLASH_ENTRIES(FLASH_D, FLASH_MW, FLASH_BN, FLASH_NW, FLASH_BM, FLASH_F16, FLASH_NAME)
 #else
-FLASH_ENTRIES(64, 4, false, bf16)
-FLASH_ENTRIES(96, 4, false, bf16)
-FLASH_ENTRIES(128, 4, false, bf16)
-FLASH_ENTRIES(64, 4, true, f16)
-FLASH_ENTRIES(96, 4, true, f16)
-FLASH_ENTRIES(128, 4, true, f16)
+FLASH_ENTRIES(64, 2, 64, 8, 64, false, bf16)
+FLASH_ENTRIES(96, 2, 64, 8, 64, false, bf16)
+FLASH_ENTRIES(128, 2, 32, 8, 32, false, bf16)
+FLASH_ENTRIES(64, 2, 64, 8, 64, true, f16)
+FLASH_ENTRIES(96, 2, 64, 8, 64, true, f16)
+FLASH_ENTRIES(128, 2, 32, 8, 32, true, f16)
+FLASH_ENTRIES(64, 1, 64, 4, 64, false, bf16)
+FLASH_ENTRIES(128, 2, 64, 4, 32, false, bf16)
 #endif

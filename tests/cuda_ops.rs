@@ -8,7 +8,7 @@
 mod common;
 use common::{rand_tensor, rel_err, rng};
 use ferrotune::backend::cpu::CpuBackend;
-use ferrotune::backend::cuda::CudaBackend;
+use ferrotune::backend::cuda::{CudaBackend, CudaOptions, FlashTiles};
 use ferrotune::backend::{Arg, Backend, Loc};
 use ferrotune::graph::{Role, TensorInfo};
 use ferrotune::ops::{AdamWSpec, AttnSpec, Op};
@@ -620,6 +620,12 @@ fn attention_case(g: &mut CudaBackend, r: &mut ChaCha8Rng, dt: DType, spec: Attn
         "attention {dt} hd {} heads {}/{} T {} rows {rows} causal {} window {:?} packed {packed}",
         spec.head_dim, spec.n_heads, spec.n_kv_heads, spec.seq_len, spec.causal, spec.window
     );
+    let expect = if dt != DType::F32 && matches!(spec.head_dim, 64 | 96 | 128) {
+        "tensor-core"
+    } else {
+        "general"
+    };
+    assert_eq!(g.attention_path(&spec, dt), expect, "{what}");
     let ins = [q.clone(), k.clone(), v.clone(), seg.clone()];
     let out = compare(g, &what, &Op::Attention(spec.clone()), &ins);
     // The backward from the CPU's forward outputs, so both backends see the same o and lse.
@@ -689,6 +695,65 @@ fn attention_tensor_core_path() {
     );
     attention_case(&mut g, &mut r, DType::F16, spec(4, 2, 128, 150, true, None), 2, true);
     attention_case(&mut g, &mut r, DType::BF16, spec(4, 2, 64, 512, true, None), 2, false);
+}
+
+/// Every tile shape the backend can be configured with computes the same attention.
+#[test]
+fn attention_tensor_core_tile_shapes() {
+    let mut r = rng(17);
+    for tiles in [
+        FlashTiles {
+            mw: 1,
+            bn: 64,
+            nw: 4,
+            bm: 64,
+        },
+        FlashTiles {
+            mw: 2,
+            bn: 64,
+            nw: 8,
+            bm: 64,
+        },
+        FlashTiles {
+            mw: 2,
+            bn: 32,
+            nw: 4,
+            bm: 32,
+        },
+        FlashTiles {
+            mw: 2,
+            bn: 32,
+            nw: 8,
+            bm: 32,
+        },
+        FlashTiles {
+            mw: 2,
+            bn: 64,
+            nw: 4,
+            bm: 64,
+        },
+    ] {
+        let mut g = CudaBackend::with_options(CudaOptions {
+            flash_tiles: Some(tiles),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("these tests need a CUDA device: {e}"));
+        for hd in [64usize, 96, 128] {
+            if !tiles.valid(hd) {
+                continue;
+            }
+            eprintln!("tiles {tiles:?} head dim {hd}");
+            attention_case(&mut g, &mut r, DType::BF16, spec(4, 2, hd, 200, true, None), 2, true);
+            attention_case(
+                &mut g,
+                &mut r,
+                DType::BF16,
+                spec(2, 2, hd, 150, false, Some(40)),
+                1,
+                true,
+            );
+        }
+    }
 }
 
 #[test]

@@ -12,9 +12,6 @@ use crate::ops::AttnSpec;
 use crate::tensor::DType;
 use crate::{Error, Result};
 
-/// Warps per block of the flash kernels (cuda/flash_attn.cu instantiates NW = 4).
-const NW: usize = 4;
-
 /// `struct AttnDims` of cuda/attention.cu.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -94,44 +91,92 @@ fn half(d: DType) -> bool {
     matches!(d, DType::BF16 | DType::F16)
 }
 
-fn flash_smem(d: usize, bwd: bool) -> u32 {
-    let bm = 16 * NW;
-    if bwd {
-        (4 * bm * (d + 8) * 2 + bm * (bm + 8) * 2 + 3 * bm * 4) as u32
+/// Tile shapes of the tensor-core kernels (template parameters of cuda/flash_attn.cu):
+/// forward `mw` m16 tiles per warp (4 warps, 64 mw query rows) and key tiles of `bn`;
+/// backward `nw` warps (16 nw keys) and query tiles of `bm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlashTiles {
+    pub mw: usize,
+    pub bn: usize,
+    pub nw: usize,
+    pub bm: usize,
+}
+
+impl FlashTiles {
+    /// The shapes used unless [`super::CudaOptions::flash_tiles`] overrides them.
+    pub fn default_for(head_dim: usize) -> FlashTiles {
+        match head_dim {
+            128 => FlashTiles {
+                mw: 2,
+                bn: 32,
+                nw: 8,
+                bm: 32,
+            },
+            _ => FlashTiles {
+                mw: 2,
+                bn: 64,
+                nw: 8,
+                bm: 64,
+            },
+        }
+    }
+
+    /// Whether the kernels support these shapes for `head_dim` (the static_assert of
+    /// flash_bwd, and tiles the loops can walk).
+    pub fn valid(&self, head_dim: usize) -> bool {
+        let (dn, mk) = (head_dim / 8, self.bm / 16);
+        matches!(self.mw, 1 | 2)
+            && matches!(self.bn, 32 | 64)
+            && matches!(self.nw, 4 | 8)
+            && matches!(self.bm, 32 | 64)
+            && self.nw.is_multiple_of(mk)
+            && dn.is_multiple_of(self.nw / mk)
+            && (dn / (self.nw / mk)).is_multiple_of(2)
+    }
+
+    fn smem(&self, d: usize, bwd: bool) -> u32 {
+        let s = d + 8;
+        if bwd {
+            let bn = 16 * self.nw;
+            ((2 * bn + 2 * self.bm) * s * 2 + bn * (self.bm + 8) * 2 + 3 * self.bm * 4) as u32
+        } else {
+            ((64 * self.mw + 2 * self.bn) * s * 2) as u32
+        }
+    }
+}
+
+/// A string that lives for the rest of the process (kernel names and defines are few).
+fn intern(s: String) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static SET: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut set = SET.get_or_init(|| Mutex::new(HashSet::new())).lock().expect("intern");
+    if let Some(&x) = set.get(s.as_str()) {
+        return x;
+    }
+    let x: &'static str = Box::leak(s.into_boxed_str());
+    set.insert(x);
+    x
+}
+
+/// Kernel name and the preprocessor defines of the module that holds it.
+fn flash_kernel(d: DType, hd: usize, t: FlashTiles, bwd: bool) -> (&'static str, Vec<&'static str>) {
+    let name = if d == DType::F16 { "f16" } else { "bf16" };
+    let kernel = if bwd {
+        format!("flash_bwd_{name}_{hd}_w{}_m{}", t.nw, t.bm)
     } else {
-        ((bm + 2 * 64) * (d + 8) * 2) as u32
-    }
-}
-
-fn flash_name(d: DType, hd: usize, bwd: bool) -> &'static str {
-    match (d == DType::F16, hd, bwd) {
-        (false, 64, false) => "flash_fwd_bf16_64_4",
-        (false, 96, false) => "flash_fwd_bf16_96_4",
-        (false, 128, false) => "flash_fwd_bf16_128_4",
-        (true, 64, false) => "flash_fwd_f16_64_4",
-        (true, 96, false) => "flash_fwd_f16_96_4",
-        (true, 128, false) => "flash_fwd_f16_128_4",
-        (false, 64, true) => "flash_bwd_bf16_64_4",
-        (false, 96, true) => "flash_bwd_bf16_96_4",
-        (false, 128, true) => "flash_bwd_bf16_128_4",
-        (true, 64, true) => "flash_bwd_f16_64_4",
-        (true, 96, true) => "flash_bwd_f16_96_4",
-        _ => "flash_bwd_f16_128_4",
-    }
-}
-
-/// Preprocessor defines selecting one head dim and type of cuda/flash_attn.cu.
-fn flash_defines(d: DType, hd: usize) -> [&'static str; 3] {
-    let dim = match hd {
-        64 => "FLASH_D=64",
-        96 => "FLASH_D=96",
-        _ => "FLASH_D=128",
+        format!("flash_fwd_{name}_{hd}_m{}_n{}", t.mw, t.bn)
     };
-    if d == DType::F16 {
-        [dim, "FLASH_F16=true", "FLASH_NAME=f16"]
-    } else {
-        [dim, "FLASH_F16=false", "FLASH_NAME=bf16"]
-    }
+    let defines = [
+        format!("FLASH_D={hd}"),
+        format!("FLASH_MW={}", t.mw),
+        format!("FLASH_BN={}", t.bn),
+        format!("FLASH_NW={}", t.nw),
+        format!("FLASH_BM={}", t.bm),
+        format!("FLASH_F16={}", d == DType::F16),
+        format!("FLASH_NAME={name}"),
+    ];
+    (intern(kernel), defines.into_iter().map(intern).collect())
 }
 
 fn generic_name(kind: &str, dc: usize) -> &'static str {
@@ -156,12 +201,30 @@ fn generic_name(kind: &str, dc: usize) -> &'static str {
 }
 
 impl CudaBackend {
+    /// Which kernels attention with `spec` on `dtype` operands runs: `"tensor-core"` or
+    /// `"general"`.
+    pub fn attention_path(&self, spec: &AttnSpec, dtype: DType) -> &'static str {
+        if self.flash_capable(spec, dtype) {
+            "tensor-core"
+        } else {
+            "general"
+        }
+    }
+
+    fn tiles(&self, head_dim: usize) -> FlashTiles {
+        self.opts
+            .flash_tiles
+            .unwrap_or_else(|| FlashTiles::default_for(head_dim))
+    }
+
     fn flash_capable(&self, s: &AttnSpec, dt: DType) -> bool {
-        std::env::var("FERROTUNE_CUDA_FLASH").as_deref() != Ok("0")
+        let t = self.tiles(s.head_dim);
+        self.opts.flash_attention
             && self.gpu.cc >= (8, 0)
             && half(dt)
             && matches!(s.head_dim, 64 | 96 | 128)
-            && (flash_smem(s.head_dim, true) as i32) <= self.gpu.smem_optin
+            && t.valid(s.head_dim)
+            && (t.smem(s.head_dim, true).max(t.smem(s.head_dim, false)) as i32) <= self.gpu.smem_optin
     }
 
     fn flash_ok_fwd(&self, s: &AttnSpec, i: &[&TensorInfo], o: &[&TensorInfo]) -> bool {
@@ -195,10 +258,10 @@ impl CudaBackend {
             self.flash_ok_fwd(s, i, o)
         };
         if flash {
-            let name = flash_name(i[0].dtype, s.head_dim, bwd);
-            let defs = flash_defines(i[0].dtype, s.head_dim);
+            let t = self.tiles(s.head_dim);
+            let (name, defs) = flash_kernel(i[0].dtype, s.head_dim, t, bwd);
             self.mods
-                .get_with_smem(Family::FlashAttn, &defs, name, flash_smem(s.head_dim, bwd))?;
+                .get_with_smem(Family::FlashAttn, &defs, name, t.smem(s.head_dim, bwd))?;
         }
         Ok(())
     }
@@ -213,9 +276,9 @@ impl CudaBackend {
         let a = dims(s, n)?;
         let dt = dt_code(i[0].info.dtype)?;
         if self.flash_ok_fwd(s, &infos, &oinfos) {
-            let name = flash_name(i[0].info.dtype, s.head_dim, false);
-            let smem = flash_smem(s.head_dim, false);
-            let defs = flash_defines(i[0].info.dtype, s.head_dim);
+            let t = self.tiles(s.head_dim);
+            let (name, defs) = flash_kernel(i[0].info.dtype, s.head_dim, t, false);
+            let smem = t.smem(s.head_dim, false);
             let k = self.mods.get_with_smem(Family::FlashAttn, &defs, name, smem)?;
             let prm = FlashParams {
                 q: self.ptr(i[0].loc),
@@ -234,9 +297,8 @@ impl CudaBackend {
                 scale_log2: (s.scale * std::f64::consts::LOG2_E) as f32,
                 ..Default::default()
             };
-            let grid = (s.seq_len.div_ceil(16 * NW) as u32, s.n_heads as u32, a.b as u32);
-            self.gpu
-                .launch(&k, grid, ((NW * 32) as u32, 1, 1), smem, &Args::new().blob(&prm))?;
+            let grid = (s.seq_len.div_ceil(64 * t.mw) as u32, s.n_heads as u32, a.b as u32);
+            self.gpu.launch(&k, grid, (128, 1, 1), smem, &Args::new().blob(&prm))?;
             if self.opts.sync_each_launch {
                 self.gpu.sync()?;
             }
@@ -295,9 +357,9 @@ impl CudaBackend {
             let dq_acc = sc[1];
             let qn = (n * s.n_heads * s.head_dim) as u64;
             self.gpu.memset32(dq_acc, 0, qn as usize)?;
-            let name = flash_name(i[0].info.dtype, s.head_dim, true);
-            let smem = flash_smem(s.head_dim, true);
-            let defs = flash_defines(i[0].info.dtype, s.head_dim);
+            let t = self.tiles(s.head_dim);
+            let (name, defs) = flash_kernel(i[0].info.dtype, s.head_dim, t, true);
+            let smem = t.smem(s.head_dim, true);
             let kf = self.mods.get_with_smem(Family::FlashAttn, &defs, name, smem)?;
             let prm = FlashParams {
                 q,
@@ -320,9 +382,9 @@ impl CudaBackend {
                 scale: a.scale,
                 scale_log2: (s.scale * std::f64::consts::LOG2_E) as f32,
             };
-            let grid = (s.seq_len.div_ceil(16 * NW) as u32, s.n_kv_heads as u32, a.b as u32);
+            let grid = (s.seq_len.div_ceil(16 * t.nw) as u32, s.n_kv_heads as u32, a.b as u32);
             self.gpu
-                .launch(&kf, grid, ((NW * 32) as u32, 1, 1), smem, &Args::new().blob(&prm))?;
+                .launch(&kf, grid, ((t.nw * 32) as u32, 1, 1), smem, &Args::new().blob(&prm))?;
             if self.opts.sync_each_launch {
                 self.gpu.sync()?;
             }

@@ -8,7 +8,8 @@
 //! CPU's gradient checks) are refused with an error rather than computed in lower precision.
 //!
 //! Environment: `FERROTUNE_CUDA_GRAPHS=0` runs every program eagerly;
-//! `FERROTUNE_CUDA_SYNC=1` waits after each launch so a failing kernel is named.
+//! `FERROTUNE_CUDA_SYNC=1` waits after each launch so a failing kernel is named;
+//! `FERROTUNE_CUDA_FLASH=0` keeps attention on the general kernels.
 
 mod attention;
 pub mod bench;
@@ -19,6 +20,7 @@ mod matmul;
 mod multi;
 mod ops;
 
+pub use attention::FlashTiles;
 pub use kernels::compile_all_kernels;
 
 use super::{Arg, Backend, BufferId, Loc};
@@ -43,6 +45,11 @@ pub struct CudaOptions {
     /// Fill new buffers with 0xFF bytes (NaN in every float type) so an output a kernel
     /// forgets to write shows up in tests.
     pub poison_allocations: bool,
+    /// Use the tensor-core attention kernels where they apply (bf16/f16, head dim 64, 96,
+    /// 128, compute capability 8.0+).
+    pub flash_attention: bool,
+    /// Tile shapes of the tensor-core attention kernels (None: per head dim defaults).
+    pub flash_tiles: Option<FlashTiles>,
 }
 
 impl Default for CudaOptions {
@@ -53,6 +60,8 @@ impl Default for CudaOptions {
             graphs: env("FERROTUNE_CUDA_GRAPHS").as_deref() != Some("0"),
             sync_each_launch: env("FERROTUNE_CUDA_SYNC").as_deref() == Some("1"),
             poison_allocations: false,
+            flash_attention: env("FERROTUNE_CUDA_FLASH").as_deref() != Some("0"),
+            flash_tiles: None,
         }
     }
 }
