@@ -6,29 +6,31 @@
 // (same row) when seg[i] == seg[j], j <= i if causal, |i - j| < window if windowed.
 //
 // Every matrix product is mma.sync m16n8k16 (bf16 or f16 operands, f32 accumulators). Tiles
-// are staged in shared memory by cp.async (rows padded by 16 bytes so ldmatrix is free of
-// bank conflicts) and read with ldmatrix; a tile pair whose segment-id ranges do not meet,
-// or that the causal/window masks hide entirely, is skipped; element masks are applied only
-// to tiles that are not entirely visible.
+// are staged in shared memory by cp.async, two buffers deep (the next tile streams in while
+// this one is computed), rows padded by 16 bytes so ldmatrix is free of bank conflicts. A
+// tile pair that the causal/window masks hide, or whose segment-id ranges do not meet, is
+// skipped; the ranges come from flash_seg_ranges (min and max segment id per 32 tokens),
+// copied to shared memory once per block. Element masks apply only to tiles that are not
+// entirely visible.
 //
-// Forward, block = NW warps = BM = 16 NW query rows of one head; warp w owns rows 16w..16w+15.
-// Scores are kept in log2 units (s2 = scale log2(e) q.k) for ex2:
-//   for each visible key tile (BN = 64 keys):
-//     S = Q K^T                          Q fragments in registers, K from shared memory
+// Forward, block = 4 warps; warp w owns MW m16 tiles = 16 MW query rows (BM = 64 MW). Scores
+// are kept in log2 units (s2 = scale log2(e) q.k) for ex2:
+//   for each visible key tile (BN keys):
+//     S = Q K^T                          K from shared memory (Q fragments in registers when
+//                                        they fit)
 //     m' = max(m, rowmax S), P = 2^(S - m'), l = l 2^(m - m') + rowsum P, O = O 2^(m - m')
 //     O += P V                           P re-used from the accumulator registers as the A
 //                                        operand (the m16n8 C layout of two n-tiles is the
 //                                        m16k16 A layout), V through ldmatrix.trans
 //   o = O / l, lse = ln 2 (m + log2 l)
-// The next K tile streams in while P V runs, the V tile while S = Q K^T runs.
 //
-// Backward, block = BN = 16 NW keys of one kv head; warp w owns keys 16w..16w+15 and keeps
-// dK, dV for them in registers across every query tile of every q head of its group. Per
-// query tile (BM = BN queries), with Di = rowsum(dO o O) precomputed:
+// Backward, block = NW warps = BN = 16 NW keys of one kv head; warp w owns keys
+// 16w..16w+15 and keeps dK, dV for them in registers across every query tile (BM queries) of
+// every q head of its group. Per query tile, with Di = rowsum(dO o O) precomputed:
 //   S^T = K Q^T, P^T = 2^(S^T - lse2[query])          (recomputed from the saved lse)
 //   dP^T = V dO^T, dS^T = P^T (dP^T - Di[query])
 //   dV += P^T dO, dK += dS^T Q                         (P^T, dS^T re-used as A operands)
-//   dS^T -> shared memory; dQ_acc[query] += dS K       (warp w: queries 16w..16w+15,
+//   dS^T -> shared memory; dQ_acc[query] += dS K       (the warps split queries and columns;
 //                                                      f32 atomics; another launch scales
 //                                                      and casts dQ_acc)
 //   dK *= scale at the end.
@@ -36,10 +38,14 @@
 struct FlashParams {
     u64 q, k, v, o, lse, seg;
     u64 d_o, Di, dq_acc, dk, dv;
+    u64 rng;  // int2 [B, ngr]: min and max segment id of each 32 tokens
     i64 B, T;
     int Hq, Hkv, causal, window;  // window 0: none
     float scale, scale_log2;
+    int ngr, pad;
 };
+
+#define GRAN 32
 
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
@@ -117,23 +123,46 @@ __device__ __forceinline__ void load_tile(u16* s, const u16* g, i64 gs, i64 r0, 
     }
 }
 
-// Min and max segment id over rows [r0, r0 + n) within T (every lane of the warp gets them).
-__device__ __forceinline__ void seg_range(const int* seg, i64 r0, int n, i64 T, int& lo, int& hi) {
-    int a = 0x7fffffff, b = -0x7fffffff - 1;
-    for (int r = threadIdx.x & 31; r < n; r += 32) {
-        if (r0 + r < T) {
-            int s = seg[r0 + r];
-            a = min(a, s);
-            b = max(b, s);
-        }
+// 4 bytes global -> shared; `bytes` 0 fills zeros.
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, int bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+}
+// Waits until at most one committed group is still in flight.
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+// Min and max segment id of each GRAN tokens of each row: out[b * ngr + g].
+extern "C" __global__ void flash_seg_ranges(const int* seg, i64 B, i64 T, int ngr, int2* out) {
+    i64 k = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= B * ngr) return;
+    i64 b = k / ngr, g = k - b * ngr;
+    int lo = 0x7fffffff, hi = -0x7fffffff - 1;
+    for (i64 i = g * GRAN; i < min(T, (g + 1) * GRAN); i++) {
+        int s = seg[b * T + i];
+        lo = min(lo, s);
+        hi = max(hi, s);
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        a = min(a, __shfl_xor_sync(0xffffffffu, a, o));
-        b = max(b, __shfl_xor_sync(0xffffffffu, b, o));
+    out[k] = make_int2(lo, hi);
+}
+
+// Copies the granule ranges covering tokens [r0, r1) of row b into shared memory
+// (sr[i] = granule g_off + i) and returns g_off. Every thread of the block calls it.
+__device__ __forceinline__ int stage_ranges(const FlashParams& p, i64 b, i64 r0, i64 r1, int2* sr, int nth) {
+    int g0 = (int)(r0 / GRAN), g1 = (int)((min(r1, p.T) + GRAN - 1) / GRAN);
+    const int2* src = (const int2*)p.rng + b * p.ngr;
+    for (int g = g0 + threadIdx.x; g < g1; g += nth) sr[g - g0] = src[g];
+    return g0;
+}
+
+// Min and max segment id over tokens [r0, r0 + n) within T, from staged granules.
+__device__ __forceinline__ void srange(const int2* sr, int g_off, i64 r0, int n, i64 T, int& lo, int& hi) {
+    i64 r1 = min(r0 + n, T) - 1;
+    lo = 0x7fffffff;
+    hi = -0x7fffffff - 1;
+    for (i64 g = r0 / GRAN; g <= r1 / GRAN; g++) {
+        int2 v = sr[g - g_off];
+        lo = min(lo, v.x);
+        hi = max(hi, v.y);
     }
-    lo = a;
-    hi = b;
 }
 
 // Whether every (query in [q0, q0+nq), key in [k0, k0+nk)) pair within T is masked by the
@@ -171,18 +200,17 @@ __device__ __forceinline__ void red_add2(float* p, float a, float b) {
 #endif
 }
 
-// Forward. MW m16 tiles (16 MW query rows) per warp, 4 warps: BM = 64 MW; key tiles of BN.
-// With MW = 2 every K and V fragment read from shared memory feeds four mma instead of two.
-// Q fragments stay in registers when they fit (MW = 1 or D = 64), else they are re-read per
-// key tile.
+// Forward. MW m16 tiles per warp (BM = 64 MW query rows), key tiles of BN.
 template <int D, int MW, int BN, bool F16>
 __device__ void flash_fwd(const FlashParams& p) {
     constexpr int NW = 4, BM = 16 * MW * NW, S = D + 8, DK = D / 16, DN = D / 8, NT = BN / 8, NTH = NW * 32;
     constexpr bool QREG = MW == 1 || D <= 64;
     extern __shared__ __align__(16) u16 smem[];
-    u16* sQ = smem;
-    u16* sK = sQ + BM * S;
-    u16* sV = sK + BN * S;
+    u16* sQ = smem;                     // [BM][S]
+    u16* sK = sQ + BM * S;              // [2][BN][S]
+    u16* sV = sK + 2 * BN * S;          // [2][BN][S]
+    int* sSeg = (int*)(sV + 2 * BN * S);  // [2][BN]
+    int2* sRng = (int2*)(sSeg + 2 * BN);  // granule ranges
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
     const i64 b = blockIdx.z, T = p.T;
     const int h = blockIdx.y, kh = h / (p.Hq / p.Hkv);
@@ -200,18 +228,29 @@ __device__ void flash_fwd(const FlashParams& p) {
         if (!p.causal) kv_hi = min(T, q0 + BM - 1 + p.window);
     }
     const int t_lo = (int)(kv_lo / BN), t_hi = (int)((kv_hi + BN - 1) / BN);
+    const int goff = stage_ranges(p, b, min((i64)t_lo * BN, q0), max((i64)t_hi * BN, q0 + BM), sRng, NTH);
+    __syncthreads();
     int qs_lo, qs_hi;
-    seg_range(seg, q0, BM, T, qs_lo, qs_hi);
+    srange(sRng, goff, q0, BM, T, qs_lo, qs_hi);
     const int nq = (int)min((i64)BM, T - q0);
     // The next tile at or after t that some query of this block can see.
     auto next_tile = [&](int t) {
         for (; t < t_hi; t++) {
             if (pos_hidden(p, q0, nq, (i64)t * BN, BN)) continue;
             int a, c;
-            seg_range(seg, (i64)t * BN, BN, T, a, c);
+            srange(sRng, goff, (i64)t * BN, BN, T, a, c);
             if (c >= qs_lo && a <= qs_hi) break;
         }
         return t;
+    };
+    auto load_kv = [&](int t, int buf) {
+        const i64 n0 = (i64)t * BN;
+        load_tile<BN, D, S, NTH>(sK + buf * BN * S, K, kw, n0, T);
+        load_tile<BN, D, S, NTH>(sV + buf * BN * S, V, kw, n0, T);
+        for (int r = tid; r < BN; r += NTH) {
+            bool ok = n0 + r < T;
+            cp_async4(smem_addr(sSeg + buf * BN + r), seg + (ok ? n0 + r : 0), ok ? 4 : 0);
+        }
     };
 
     // Thread rows: warp rows 16 MW w + 16 mi + g (+ 8 for the second half of a tile).
@@ -236,13 +275,20 @@ __device__ void flash_fwd(const FlashParams& p) {
     u32 qf[QREG ? MW : 1][QREG ? DK : 1][4];
 
     int t = next_tile(t_lo);
+    int tn = t < t_hi ? next_tile(t + 1) : t_hi;
     load_tile<BM, D, S, NTH>(sQ, Q, qw, q0, T);
-    if (t < t_hi) load_tile<BN, D, S, NTH>(sK, K, kw, (i64)t * BN, T);
+    if (t < t_hi) load_kv(t, 0);
     cp_async_commit();
+    if (tn < t_hi) load_kv(tn, 1);
+    cp_async_commit();
+    int buf = 0;
     bool first = true;
     while (t < t_hi) {
         const i64 n0 = (i64)t * BN;
-        cp_async_wait_all();
+        const u16* cK = sK + buf * BN * S;
+        const u16* cV = sV + buf * BN * S;
+        const int* cSeg = sSeg + buf * BN;
+        cp_async_wait_1();
         __syncthreads();
         if (QREG && first) {
 #pragma unroll
@@ -253,8 +299,6 @@ __device__ void flash_fwd(const FlashParams& p) {
                             qf[mi][kc][1], qf[mi][kc][2], qf[mi][kc][3]);
         }
         first = false;
-        load_tile<BN, D, S, NTH>(sV, V, kw, n0, T);
-        cp_async_commit();
 
         float s[MW][NT][4];
 #pragma unroll
@@ -277,7 +321,7 @@ __device__ void flash_fwd(const FlashParams& p) {
 #pragma unroll
             for (int np = 0; np < NT / 2; np++) {
                 u32 b0, b1, b2, b3;
-                ldsm_x4(smem_addr(sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * S + kc * 16 + ((lane >> 3) & 1) * 8),
+                ldsm_x4(smem_addr(cK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * S + kc * 16 + ((lane >> 3) & 1) * 8),
                         b0, b1, b2, b3);
 #pragma unroll
                 for (int mi = 0; mi < MW; mi++) {
@@ -289,7 +333,7 @@ __device__ void flash_fwd(const FlashParams& p) {
         bool full = pos_full(p, q0, BM, n0, BN);
         if (full) {
             int a, c;
-            seg_range(seg, n0, BN, T, a, c);
+            srange(sRng, goff, n0, BN, T, a, c);
             full = a == c && qs_lo == qs_hi && a == qs_lo;
         }
 #pragma unroll
@@ -300,9 +344,9 @@ __device__ void flash_fwd(const FlashParams& p) {
                 for (int e = 0; e < 4; e++) {
                     float v = s[mi][nt][e] * p.scale_log2;
                     if (!full) {
-                        i64 i = q0 + wrow + mi * 16 + g + (e >> 1) * 8, j = n0 + nt * 8 + 2 * tig + (e & 1);
-                        int sj = j < T ? seg[j] : 0;
-                        if (!visible(p, i, j, segq[mi][e >> 1], sj)) v = NEG_INF;
+                        int jj = nt * 8 + 2 * tig + (e & 1);
+                        i64 i = q0 + wrow + mi * 16 + g + (e >> 1) * 8;
+                        if (!visible(p, i, n0 + jj, segq[mi][e >> 1], cSeg[jj])) v = NEG_INF;
                     }
                     s[mi][nt][e] = v;
                 }
@@ -335,13 +379,6 @@ __device__ void flash_fwd(const FlashParams& p) {
                 }
             }
         }
-        cp_async_wait_all();
-        __syncthreads();
-        int nxt = next_tile(t + 1);
-        if (nxt < t_hi) {
-            load_tile<BN, D, S, NTH>(sK, K, kw, (i64)nxt * BN, T);
-            cp_async_commit();
-        }
 #pragma unroll
         for (int kc = 0; kc < BN / 16; kc++) {
             u32 pf[MW][4];
@@ -355,7 +392,7 @@ __device__ void flash_fwd(const FlashParams& p) {
 #pragma unroll
             for (int dp = 0; dp < DN / 2; dp++) {
                 u32 b0, b1, b2, b3;
-                ldsm_x4_t(smem_addr(sV + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + dp * 16 + (lane >> 4) * 8),
+                ldsm_x4_t(smem_addr(cV + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + dp * 16 + (lane >> 4) * 8),
                           b0, b1, b2, b3);
 #pragma unroll
                 for (int mi = 0; mi < MW; mi++) {
@@ -364,7 +401,13 @@ __device__ void flash_fwd(const FlashParams& p) {
                 }
             }
         }
-        t = nxt;
+        __syncthreads();  // every warp is done with buffer `buf`
+        int tnn = tn < t_hi ? next_tile(tn + 1) : t_hi;
+        if (tnn < t_hi) load_kv(tnn, buf);
+        cp_async_commit();
+        t = tn;
+        tn = tnn;
+        buf ^= 1;
     }
     cp_async_wait_all();
 
@@ -400,14 +443,15 @@ __device__ void flash_bwd(const FlashParams& p) {
     static_assert(NW % MK == 0 && DN % CW == 0 && DNW % 2 == 0, "unsupported backward tiling");
     constexpr bool KVREG = D <= 64;
     extern __shared__ __align__(16) u16 smem[];
-    u16* sK = smem;
-    u16* sV = sK + BN * S;
-    u16* sQ = sV + BN * S;
-    u16* sdO = sQ + BM * S;
-    u16* sdS = sdO + BM * S;
-    float* slse = (float*)(sdS + BN * SS);
-    float* sDi = slse + BM;
-    int* sseg = (int*)(sDi + BM);
+    u16* sK = smem;                          // [BN][S]
+    u16* sV = sK + BN * S;                   // [BN][S]
+    u16* sQ = sV + BN * S;                   // [2][BM][S]
+    u16* sdO = sQ + 2 * BM * S;              // [2][BM][S]
+    u16* sdS = sdO + 2 * BM * S;             // [BN][SS]
+    float* sL = (float*)(sdS + BN * SS);     // [2][BM] lse
+    float* sDi = sL + 2 * BM;                // [2][BM]
+    int* sSg = (int*)(sDi + 2 * BM);         // [2][BM] segment ids of the queries
+    int2* sRng = (int2*)(sSg + 2 * BM);      // granule ranges
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
     const i64 b = blockIdx.z, T = p.T;
     const int kh = blockIdx.y, group = p.Hq / p.Hkv;
@@ -417,13 +461,6 @@ __device__ void flash_bwd(const FlashParams& p) {
     const u16* V = (const u16*)p.v + b * T * kw + kh * D;
     const int* seg = (const int*)p.seg + b * T;
 
-    load_tile<BN, D, S, NTH>(sK, K, kw, n0, T);
-    load_tile<BN, D, S, NTH>(sV, V, kw, n0, T);
-    cp_async_commit();
-    int ks_lo, ks_hi;
-    seg_range(seg, n0, BN, T, ks_lo, ks_hi);
-    const int nk = (int)min((i64)BN, T - n0);
-
     i64 q_lo = 0, q_hi = T;
     if (p.causal) q_lo = n0;
     if (p.window > 0) {
@@ -431,6 +468,11 @@ __device__ void flash_bwd(const FlashParams& p) {
         if (!p.causal) q_lo = max((i64)0, n0 - p.window + 1);
     }
     const int mt_lo = (int)(q_lo / BM), mt_hi = (int)((q_hi + BM - 1) / BM);
+    const int goff = stage_ranges(p, b, min((i64)mt_lo * BM, n0), max((i64)mt_hi * BM, n0 + BN), sRng, NTH);
+    __syncthreads();
+    int ks_lo, ks_hi;
+    srange(sRng, goff, n0, BN, T, ks_lo, ks_hi);
+    const int nk = (int)min((i64)BN, T - n0);
     const int steps = group * (mt_hi - mt_lo);
     // The next (head, query tile) step at or after s that sees some key of this block.
     auto next_step = [&](int s) {
@@ -438,25 +480,25 @@ __device__ void flash_bwd(const FlashParams& p) {
             i64 m0 = (i64)(mt_lo + s % (mt_hi - mt_lo)) * BM;
             if (pos_hidden(p, m0, BM, n0, nk)) continue;
             int a, c;
-            seg_range(seg, m0, BM, T, a, c);
+            srange(sRng, goff, m0, BM, T, a, c);
             if (c >= ks_lo && a <= ks_hi) break;
         }
         return s;
     };
-    // Loads the query-side tiles of step s: Q, dO (async) and lse, Di, seg (plain).
-    auto load_step = [&](int s) {
+    // Loads the query-side tiles of step s into buffer `buf`: Q, dO, lse, Di, segment ids.
+    auto load_step = [&](int s, int buf) {
         int hh = kh * group + s / (mt_hi - mt_lo);
         i64 m0 = (i64)(mt_lo + s % (mt_hi - mt_lo)) * BM;
-        load_tile<BM, D, S, NTH>(sQ, (const u16*)p.q + b * T * qw + hh * D, qw, m0, T);
-        load_tile<BM, D, S, NTH>(sdO, (const u16*)p.d_o + b * T * qw + hh * D, qw, m0, T);
-        cp_async_commit();
+        load_tile<BM, D, S, NTH>(sQ + buf * BM * S, (const u16*)p.q + b * T * qw + hh * D, qw, m0, T);
+        load_tile<BM, D, S, NTH>(sdO + buf * BM * S, (const u16*)p.d_o + b * T * qw + hh * D, qw, m0, T);
+        const i64 lrow = (b * p.Hq + hh) * T;
         for (int r = tid; r < BM; r += NTH) {
             i64 i = m0 + r;
-            bool ok = i < T;
-            i64 li = (b * p.Hq + hh) * T + (ok ? i : 0);
-            slse[r] = ok ? ((const float*)p.lse)[li] * LOG2E : 0.f;
-            sDi[r] = ok ? ((const float*)p.Di)[li] : 0.f;
-            sseg[r] = ok ? seg[i] : 0;
+            int ok = i < T ? 4 : 0;
+            i64 ii = i < T ? i : 0;
+            cp_async4(smem_addr(sL + buf * BM + r), (const float*)p.lse + lrow + ii, ok);
+            cp_async4(smem_addr(sDi + buf * BM + r), (const float*)p.Di + lrow + ii, ok);
+            cp_async4(smem_addr(sSg + buf * BM + r), seg + ii, ok);
         }
     };
 
@@ -469,13 +511,25 @@ __device__ void flash_bwd(const FlashParams& p) {
     for (int i = 0; i < DN; i++) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
     u32 kf[KVREG ? DK : 1][4], vf[KVREG ? DK : 1][4];
 
+    load_tile<BN, D, S, NTH>(sK, K, kw, n0, T);
+    load_tile<BN, D, S, NTH>(sV, V, kw, n0, T);
     int s = next_step(0);
-    if (s < steps) load_step(s);
+    int sn = s < steps ? next_step(s + 1) : steps;
+    if (s < steps) load_step(s, 0);
+    cp_async_commit();
+    if (sn < steps) load_step(sn, 1);
+    cp_async_commit();
+    int buf = 0;
     bool first = true;
     while (s < steps) {
         const int hh = kh * group + s / (mt_hi - mt_lo);
         const i64 m0 = (i64)(mt_lo + s % (mt_hi - mt_lo)) * BM;
-        cp_async_wait_all();
+        const u16* cQ = sQ + buf * BM * S;
+        const u16* cdO = sdO + buf * BM * S;
+        const float* cL = sL + buf * BM;
+        const float* cDi = sDi + buf * BM;
+        const int* cSg = sSg + buf * BM;
+        cp_async_wait_1();
         __syncthreads();
         if (KVREG && first) {
 #pragma unroll
@@ -489,7 +543,7 @@ __device__ void flash_bwd(const FlashParams& p) {
         bool full = pos_full(p, m0, BM, n0, BN);
         if (full) {
             int a, c;
-            seg_range(seg, m0, BM, T, a, c);
+            srange(sRng, goff, m0, BM, T, a, c);
             full = a == c && ks_lo == ks_hi && a == ks_lo;
         }
         // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys.
@@ -515,10 +569,10 @@ __device__ void flash_bwd(const FlashParams& p) {
             for (int mp = 0; mp < MT / 2; mp++) {
                 u32 b0, b1, b2, b3;
                 int off = (mp * 16 + (lane & 7) + ((lane >> 4) << 3)) * S + kc * 16 + ((lane >> 3) & 1) * 8;
-                ldsm_x4(smem_addr(sQ + off), b0, b1, b2, b3);
+                ldsm_x4(smem_addr(cQ + off), b0, b1, b2, b3);
                 mma16816<F16>(st[2 * mp], ka, b0, b1);
                 mma16816<F16>(st[2 * mp + 1], ka, b2, b3);
-                ldsm_x4(smem_addr(sdO + off), b0, b1, b2, b3);
+                ldsm_x4(smem_addr(cdO + off), b0, b1, b2, b3);
                 mma16816<F16>(dpt[2 * mp], va, b0, b1);
                 mma16816<F16>(dpt[2 * mp + 1], va, b2, b3);
             }
@@ -530,13 +584,13 @@ __device__ void flash_bwd(const FlashParams& p) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int qc = mt * 8 + 2 * tig + (e & 1);
-                float pv = ex2(st[mt][e] * p.scale_log2 - slse[qc]);
+                float pv = ex2(st[mt][e] * p.scale_log2 - cL[qc] * LOG2E);
                 if (!full) {
                     i64 i = m0 + qc, j = krow0 + (e >> 1) * 8;
-                    if (!visible(p, i, j, sseg[qc], segk[e >> 1])) pv = 0.f;
+                    if (!visible(p, i, j, cSg[qc], segk[e >> 1])) pv = 0.f;
                 }
                 st[mt][e] = pv;
-                dpt[mt][e] = pv * (dpt[mt][e] - sDi[qc]);
+                dpt[mt][e] = pv * (dpt[mt][e] - cDi[qc]);
             }
         }
 #pragma unroll
@@ -566,17 +620,18 @@ __device__ void flash_bwd(const FlashParams& p) {
             for (int dp = 0; dp < DN / 2; dp++) {
                 u32 b0, b1, b2, b3;
                 int off = (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + dp * 16 + (lane >> 4) * 8;
-                ldsm_x4_t(smem_addr(sdO + off), b0, b1, b2, b3);
+                ldsm_x4_t(smem_addr(cdO + off), b0, b1, b2, b3);
                 mma16816<F16>(dv[2 * dp], pa[kc], b0, b1);
                 mma16816<F16>(dv[2 * dp + 1], pa[kc], b2, b3);
-                ldsm_x4_t(smem_addr(sQ + off), b0, b1, b2, b3);
+                ldsm_x4_t(smem_addr(cQ + off), b0, b1, b2, b3);
                 mma16816<F16>(dk[2 * dp], da[kc], b0, b1);
                 mma16816<F16>(dk[2 * dp + 1], da[kc], b2, b3);
             }
         }
-        __syncthreads();
-        int nxt = next_step(s + 1);
-        if (nxt < steps) load_step(nxt);
+        __syncthreads();  // dS^T is complete; buffer `buf` is free
+        int snn = sn < steps ? next_step(sn + 1) : steps;
+        if (snn < steps) load_step(snn, buf);
+        cp_async_commit();
         // dQ_acc[query tile mw, columns of group cg] += dS K over this block's BN keys.
         const int mw = warp % MK, cg = warp / MK;
         float dq[DNW][4];
@@ -607,7 +662,9 @@ __device__ void flash_bwd(const FlashParams& p) {
                     red_add2(dqa + i * qw + (cg * DNW + dt) * 8 + 2 * tig, dq[dt][2 * r], dq[dt][2 * r + 1]);
             }
         }
-        s = nxt;
+        s = sn;
+        sn = snn;
+        buf ^= 1;
     }
     cp_async_wait_all();
 
@@ -626,9 +683,10 @@ __device__ void flash_bwd(const FlashParams& p) {
     }
 }
 
-// Shared memory bytes (src/backend/cuda/attention.rs computes the same).
-//   forward:  (BM + 2 BN) (D + 8) 2                             BM = 64 MW
-//   backward: (2 BN + 2 BM) (D + 8) 2 + BN (BM + 8) 2 + 3 BM 4   BN = 16 NW
+// Shared memory bytes (src/backend/cuda/attention.rs computes the same), with G the granules
+// per row (ceil(T / 32)):
+//   forward:  (BM + 4 BN) (D + 8) 2 + 2 BN 4 + 8 G                      BM = 64 MW
+//   backward: (2 BN + 4 BM) (D + 8) 2 + BN (BM + 8) 2 + 6 BM 4 + 8 G     BN = 16 NW
 #define FLASH_ENTRIES_(D, MW, BN, NW, BM, F16, NAME)                                                   \
     extern "C" __global__ void __launch_bounds__(128) flash_fwd_##NAME##_##D##_m##MW##_n##BN(FlashParams p) { \
         flash_fwd<D, MW, BN, F16>(p);                                                                  \
@@ -645,12 +703,12 @@ __device__ void flash_bwd(const FlashParams& p) {
 #ifdef FLASH_D
 FLASH_ENTRIES(FLASH_D, FLASH_MW, FLASH_BN, FLASH_NW, FLASH_BM, FLASH_F16, FLASH_NAME)
 #else
-FLASH_ENTRIES(64, 2, 64, 8, 64, false, bf16)
+FLASH_ENTRIES(64, 1, 64, 8, 64, false, bf16)
 FLASH_ENTRIES(96, 2, 64, 8, 64, false, bf16)
-FLASH_ENTRIES(128, 2, 32, 8, 32, false, bf16)
-FLASH_ENTRIES(64, 2, 64, 8, 64, true, f16)
+FLASH_ENTRIES(128, 2, 64, 8, 64, false, bf16)
+FLASH_ENTRIES(64, 1, 64, 8, 64, true, f16)
 FLASH_ENTRIES(96, 2, 64, 8, 64, true, f16)
-FLASH_ENTRIES(128, 2, 32, 8, 32, true, f16)
-FLASH_ENTRIES(64, 1, 64, 4, 64, false, bf16)
-FLASH_ENTRIES(128, 2, 64, 4, 32, false, bf16)
+FLASH_ENTRIES(128, 2, 64, 8, 64, true, f16)
+FLASH_ENTRIES(64, 2, 32, 4, 32, false, bf16)
+FLASH_ENTRIES(128, 2, 32, 4, 64, false, bf16)
 #endif

@@ -41,6 +41,7 @@ struct FlashParams {
     dq_acc: u64,
     dk: u64,
     dv: u64,
+    rng: u64,
     b: i64,
     t: i64,
     hq: i32,
@@ -49,6 +50,15 @@ struct FlashParams {
     window: i32,
     scale: f32,
     scale_log2: f32,
+    ngr: i32,
+    pad: i32,
+}
+
+/// Tokens per entry of the segment-range table (GRAN in cuda/flash_attn.cu).
+const GRAN: usize = 32;
+
+fn granules(seq_len: usize) -> usize {
+    seq_len.div_ceil(GRAN)
 }
 
 fn window(s: &AttnSpec) -> Result<i32> {
@@ -106,11 +116,11 @@ impl FlashTiles {
     /// The shapes used unless [`super::CudaOptions::flash_tiles`] overrides them.
     pub fn default_for(head_dim: usize) -> FlashTiles {
         match head_dim {
-            128 => FlashTiles {
-                mw: 2,
-                bn: 32,
+            64 => FlashTiles {
+                mw: 1,
+                bn: 64,
                 nw: 8,
-                bm: 32,
+                bm: 64,
             },
             _ => FlashTiles {
                 mw: 2,
@@ -134,13 +144,14 @@ impl FlashTiles {
             && (dn / (self.nw / mk)).is_multiple_of(2)
     }
 
-    fn smem(&self, d: usize, bwd: bool) -> u32 {
-        let s = d + 8;
+    /// Dynamic shared memory of the forward or backward kernel for rows of `seq_len`.
+    fn smem(&self, d: usize, seq_len: usize, bwd: bool) -> u32 {
+        let (s, g) = (d + 8, granules(seq_len));
         if bwd {
             let bn = 16 * self.nw;
-            ((2 * bn + 2 * self.bm) * s * 2 + bn * (self.bm + 8) * 2 + 3 * self.bm * 4) as u32
+            ((2 * bn + 4 * self.bm) * s * 2 + bn * (self.bm + 8) * 2 + 6 * self.bm * 4 + 8 * g) as u32
         } else {
-            ((64 * self.mw + 2 * self.bn) * s * 2) as u32
+            ((64 * self.mw + 4 * self.bn) * s * 2 + 2 * self.bn * 4 + 8 * g) as u32
         }
     }
 }
@@ -224,10 +235,13 @@ impl CudaBackend {
             && half(dt)
             && matches!(s.head_dim, 64 | 96 | 128)
             && t.valid(s.head_dim)
-            && (t.smem(s.head_dim, true).max(t.smem(s.head_dim, false)) as i32) <= self.gpu.smem_optin
+            && (t
+                .smem(s.head_dim, s.seq_len, true)
+                .max(t.smem(s.head_dim, s.seq_len, false)) as i64)
+                <= self.gpu.smem_optin as i64
     }
 
-    fn flash_ok_fwd(&self, s: &AttnSpec, i: &[&TensorInfo], o: &[&TensorInfo]) -> bool {
+    pub(super) fn flash_ok_fwd(&self, s: &AttnSpec, i: &[&TensorInfo], o: &[&TensorInfo]) -> bool {
         self.flash_capable(s, i[0].dtype) && o[0].dtype == i[0].dtype && o[1].dtype == DType::F32
     }
 
@@ -261,9 +275,23 @@ impl CudaBackend {
             let t = self.tiles(s.head_dim);
             let (name, defs) = flash_kernel(i[0].dtype, s.head_dim, t, bwd);
             self.mods
-                .get_with_smem(Family::FlashAttn, &defs, name, t.smem(s.head_dim, bwd))?;
+                .get_with_smem(Family::FlashAttn, &defs, name, t.smem(s.head_dim, s.seq_len, bwd))?;
+            self.mods.get_variant(Family::FlashAttn, &defs, "flash_seg_ranges")?;
         }
         Ok(())
+    }
+
+    /// Min and max segment id of every GRAN tokens: int2 [rows, granules] at `out`.
+    fn seg_ranges(&mut self, defs: &[&'static str], seg: u64, rows: i64, t: i64, out: u64) -> Result<()> {
+        let k = self.mods.get_variant(Family::FlashAttn, defs, "flash_seg_ranges")?;
+        let g = granules(t as usize) as i64;
+        let args = Args::new().ptr(seg).i64(rows).i64(t).i32(g as i32).ptr(out);
+        self.run(&k, (blocks((rows * g) as u64, 256), 1, 1), 256, 0, args)
+    }
+
+    /// Scratch bytes of the segment-range table.
+    pub(super) fn seg_range_bytes(s: &AttnSpec, n: usize) -> u64 {
+        (n / s.seq_len * granules(s.seq_len) * 8) as u64
     }
 
     pub(super) fn attention_fwd(&mut self, s: &AttnSpec, i: &[Arg], o: &[Arg]) -> Result<()> {
@@ -278,8 +306,12 @@ impl CudaBackend {
         if self.flash_ok_fwd(s, &infos, &oinfos) {
             let t = self.tiles(s.head_dim);
             let (name, defs) = flash_kernel(i[0].info.dtype, s.head_dim, t, false);
-            let smem = t.smem(s.head_dim, false);
+            let smem = t.smem(s.head_dim, s.seq_len, false);
             let k = self.mods.get_with_smem(Family::FlashAttn, &defs, name, smem)?;
+            let sizes = self.scratch_sizes(&crate::ops::Op::Attention(s.clone()), &infos, &oinfos)?;
+            let rng = self.carve(&sizes)?[0];
+            let seg = self.ptr(i[3].loc);
+            self.seg_ranges(&defs, seg, a.b, a.t, rng)?;
             let prm = FlashParams {
                 q: self.ptr(i[0].loc),
                 k: self.ptr(i[1].loc),
@@ -295,6 +327,8 @@ impl CudaBackend {
                 window: a.window,
                 scale: a.scale,
                 scale_log2: (s.scale * std::f64::consts::LOG2_E) as f32,
+                rng,
+                ngr: granules(s.seq_len) as i32,
                 ..Default::default()
             };
             let grid = (s.seq_len.div_ceil(64 * t.mw) as u32, s.n_heads as u32, a.b as u32);
@@ -359,8 +393,10 @@ impl CudaBackend {
             self.gpu.memset32(dq_acc, 0, qn as usize)?;
             let t = self.tiles(s.head_dim);
             let (name, defs) = flash_kernel(i[0].info.dtype, s.head_dim, t, true);
-            let smem = t.smem(s.head_dim, true);
+            let smem = t.smem(s.head_dim, s.seq_len, true);
             let kf = self.mods.get_with_smem(Family::FlashAttn, &defs, name, smem)?;
+            let rng = sc[2];
+            self.seg_ranges(&defs, seg, a.b, a.t, rng)?;
             let prm = FlashParams {
                 q,
                 k,
@@ -373,6 +409,7 @@ impl CudaBackend {
                 dq_acc,
                 dk,
                 dv,
+                rng,
                 b: a.b,
                 t: a.t,
                 hq: a.hq,
@@ -381,6 +418,8 @@ impl CudaBackend {
                 window: a.window,
                 scale: a.scale,
                 scale_log2: (s.scale * std::f64::consts::LOG2_E) as f32,
+                ngr: granules(s.seq_len) as i32,
+                pad: 0,
             };
             let grid = (s.seq_len.div_ceil(16 * t.nw) as u32, s.n_kv_heads as u32, a.b as u32);
             self.gpu

@@ -98,11 +98,13 @@ impl CudaBackend {
             }
             Op::CrossEntropy { .. } => vec![i[0].shape[0] as u64 * 4; 2],
             Op::SumSquares => vec![super::multi::sumsq_chunks(i) * 4],
+            Op::Attention(s) if self.flash_ok_fwd(s, i, o) => vec![Self::seg_range_bytes(s, i[0].shape[0])],
             Op::AttentionBackward(s) => {
                 let n = i[0].shape[0] as u64;
                 let di = n / s.seq_len as u64 * s.n_heads as u64 * s.seq_len as u64 * 4;
                 if self.flash_ok_bwd(s, i, o) {
-                    vec![di, n * (s.n_heads * s.head_dim) as u64 * 4]
+                    let rng = Self::seg_range_bytes(s, i[0].shape[0]);
+                    vec![di, n * (s.n_heads * s.head_dim) as u64 * 4, rng]
                 } else {
                     vec![di]
                 }
