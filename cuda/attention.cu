@@ -200,6 +200,55 @@ __device__ void attn_bwd_dkv(const void* q, const void* k, const void* v, int dt
     }
 }
 
+// Attention of new queries over a KV cache (generation): q [B*Tq, Hq*D], caches
+// [B, L, Hkv*D], pos [B*Tq]. The query at position p sees cache rows lo..=min(p, L-1), lo =
+// p + 1 - window with a window (src/ops/attention.rs cpu_cached); p < 0 writes zeros.
+// a.T is Tq, a.window the raw window (0: none). One warp per (query row, head).
+template <int DC>
+__device__ void attn_cached(const void* q, const void* kc, const void* vc, int dt, const int* pos, void* o, int dto,
+                            i64 L, AttnDims a) {
+    i64 w = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (w >= a.B * a.T * a.Hq) return;
+    i64 row = w / a.Hq, h = w % a.Hq, b = row / a.T;
+    i64 kh = h / (a.Hq / a.Hkv);
+    i64 qw = (i64)a.Hq * a.D, kw = (i64)a.Hkv * a.D;
+    int lane = threadIdx.x & 31;
+    i64 orow = row * qw + h * a.D;
+    i64 p = pos[row];
+    if (p < 0) {
+#pragma unroll
+        for (int c = 0; c < DC; c++) {
+            int d = lane + 32 * c;
+            if (d < a.D) stf(o, dto, orow + d, 0.f);
+        }
+        return;
+    }
+    float qr[DC], acc[DC], kr[DC], vr[DC];
+    load_row<DC>(q, dt, orow, a.D, qr);
+#pragma unroll
+    for (int c = 0; c < DC; c++) acc[c] = 0.f;
+    float m = -__int_as_float(0x7f800000), l = 0.f;
+    i64 lo = a.window > 0 ? max((i64)0, p + 1 - a.window) : 0;
+    i64 hi = min(p, L - 1);
+    for (i64 j = lo; j <= hi; j++) {
+        i64 off = (b * L + j) * kw + kh * a.D;
+        load_row<DC>(kc, dt, off, a.D, kr);
+        float s = a.scale * dot_row<DC>(qr, kr);
+        load_row<DC>(vc, dt, off, a.D, vr);
+        float mn = fmaxf(m, s);
+        float corr = expf(m - mn), e = expf(s - mn);
+        l = l * corr + e;
+#pragma unroll
+        for (int c = 0; c < DC; c++) acc[c] = acc[c] * corr + e * vr[c];
+        m = mn;
+    }
+#pragma unroll
+    for (int c = 0; c < DC; c++) {
+        int d = lane + 32 * c;
+        if (d < a.D) stf(o, dto, orow + d, acc[c] / l);
+    }
+}
+
 // Entry points by DC (1, 2, 4, 8 dim chunks per lane: head dims up to 32, 64, 128, 256).
 #define ATTN_ENTRIES(DC)                                                                                            \
     extern "C" __global__ void attn_fwd_##DC(const void* q, const void* k, const void* v, int dt, const int* seg,     \
@@ -219,6 +268,10 @@ __device__ void attn_bwd_dkv(const void* q, const void* k, const void* v, int dt
                                                  const void* lse, int dtl, const void* d_o, int dtdo, const float* Di,\
                                                  void* dk, int dtk, void* dv, int dtv, AttnDims a) {                  \
         attn_bwd_dkv<DC>(q, k, v, dt, seg, lse, dtl, d_o, dtdo, Di, dk, dtk, dv, dtv, a);                             \
+    }                                                                                                                 \
+    extern "C" __global__ void attn_cached_##DC(const void* q, const void* kc, const void* vc, int dt, const int* pos, \
+                                                void* o, int dto, i64 L, AttnDims a) {                                \
+        attn_cached<DC>(q, kc, vc, dt, pos, o, dto, L, a);                                                            \
     }
 
 ATTN_ENTRIES(1)

@@ -171,3 +171,15 @@ extern "C" __global__ void embedding_backward_kernel(const void* dy, int dtd, co
     int id = ids[i];
     if (id >= 0 && id < V) atomicAdd(acc + (i64)id * H + h, ldf(dy, dtd, e));
 }
+
+// KV cache write: row i of x [N, W] goes to row slot[i] of cache [B*T, W]; negative or
+// out-of-range slots are skipped (src/ops/attention.rs cpu_cache_write).
+extern "C" __global__ void cache_write_kernel(void* cache, int dtc, i64 rows, const void* x, int dtx, const int* slot,
+                                              i64 N, i64 W) {
+    i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= N * W) return;
+    i64 i = e / W, c = e % W;
+    int s = slot[i];
+    if (s < 0 || (i64)s >= rows) return;
+    stf(cache, dtc, (i64)s * W + c, ldf(x, dtx, e));
+}

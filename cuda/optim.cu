@@ -43,8 +43,11 @@ extern "C" __global__ void clip_coef_kernel(const void* sumsq, int dts, double m
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     double n = sqrt((double)ldf(sumsq, dts, 0));
     double c = max_norm / (n + 1e-6);
+    // NaN marks an overflowed gradient: AdamW then skips the step (src/ops/optim.rs).
+    // (|n| <= DBL_MAX is false for inf and NaN.)
+    if (!(fabs(n) <= 1.7976931348623157e308)) c = __longlong_as_double(0x7ff8000000000000ll);
     stf(norm, dtn, 0, (float)n);
-    stf(coef, dtc, 0, (float)(c < 1.0 ? c : 1.0));
+    stf(coef, dtc, 0, (float)(c < 1.0 || c != c ? c : 1.0));
 }
 
 struct AdamChunk {
@@ -78,6 +81,11 @@ extern "C" __global__ void adamw_kernel(const AdamChunk* chunks) {
     float* M = (float*)c.m;
     float* Vv = (float*)c.v;
     const i64 end = c.start + c.len;
+    if (!(fabsf(coef) <= 3.40282347e38f)) {
+        // A non-finite gradient norm: weights and moments stay, the gradient is cleared.
+        for (i64 i = c.start + threadIdx.x; i < end; i += blockDim.x) G[i] = 0.f;
+        return;
+    }
     // start is a multiple of 4 and the tensors are 256-byte aligned: float4 accesses.
     for (i64 i = c.start + (i64)threadIdx.x * 4; i < end; i += (i64)blockDim.x * 4) {
         if (i + 4 <= end) {

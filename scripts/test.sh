@@ -14,4 +14,6 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
-cargo test --release --all-targets
+# Benchmarks are compiled, not run (they measure, they do not check).
+cargo build --release --benches
+cargo test --release --lib --bins --tests --examples

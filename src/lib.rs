@@ -4,17 +4,21 @@
 //! The pieces, in the order a training run uses them: [`config`] parses the YAML,
 //! [`data`] turns datasets into packed fixed-shape batches, [`model`] builds the forward
 //! graph, [`graph`] appends the backward pass, [`exec`] plans memory and runs a step on a
-//! [`backend`], and [`train`] drives the loop.
+//! [`backend`], and [`train`] drives the loop. [`infer`] generates text with a KV cache.
 
+pub mod adapters;
+pub mod backend;
+pub mod config;
+pub mod data;
 pub mod error;
+pub mod exec;
+pub mod graph;
+pub mod infer;
 pub mod model;
-
-pub use error::{Error, Result};
+pub mod ops;
 pub mod tensor;
 pub mod train;
 
+pub use config::Config;
+pub use error::{Error, Result};
 pub use tensor::{DType, HostTensor};
-pub mod backend;
-pub mod exec;
-pub mod graph;
-pub mod ops;

@@ -6,10 +6,17 @@
 pub mod cpu;
 #[cfg(all(feature = "cuda", not(target_arch = "wasm32")))]
 pub mod cuda;
+pub mod plan;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod select;
+pub mod wgsl;
 
 use crate::graph::TensorInfo;
 use crate::ops::Op;
 use crate::Result;
+
+/// A future that borrows the backend (no `Send`: wgpu's browser types are not).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
 
 /// Index of a buffer a backend allocated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -45,6 +52,10 @@ pub trait Backend {
     fn write(&mut self, dst: Loc, data: &[u8]) -> Result<()>;
     /// Reads several ranges at once (one synchronisation on asynchronous devices).
     fn read(&mut self, src: &[Loc]) -> Result<Vec<Vec<u8>>>;
+    /// The same, without blocking: the browser cannot wait for the GPU on its main thread.
+    fn read_async<'a>(&'a mut self, src: &'a [Loc]) -> BoxFuture<'a, Result<Vec<Vec<u8>>>> {
+        Box::pin(std::future::ready(self.read(src)))
+    }
     /// Called once per distinct op and operand shapes when a program is compiled, so
     /// kernels are created before the first step.
     fn prepare(&mut self, _op: &Op, _inputs: &[&TensorInfo], _outputs: &[&TensorInfo]) -> Result<()> {
@@ -52,6 +63,10 @@ pub trait Backend {
     }
     /// Records or runs one op. In-place ops write the inputs listed by `Op::writes`.
     fn launch(&mut self, op: &Op, inputs: &[Arg], outputs: &[Arg]) -> Result<()>;
+    /// The storage type this device prefers for frozen half-precision weights.
+    fn preferred_weight_dtype(&self) -> crate::tensor::DType {
+        crate::tensor::DType::F32
+    }
     /// Submits recorded work (a no-op on synchronous backends).
     fn flush(&mut self) -> Result<()> {
         Ok(())

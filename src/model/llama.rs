@@ -8,7 +8,7 @@
 
 use super::hf_config::ModelConfig;
 use crate::graph::{Graph, TensorId};
-use crate::ops::AttnSpec;
+use crate::ops::{AttnSpec, Op};
 use crate::tensor::DType;
 use crate::Result;
 
@@ -107,6 +107,8 @@ struct Builder<'a> {
     g: Graph,
     cfg: &'a ModelConfig,
     opts: &'a BuildOptions,
+    /// Weights by name, so several passes (prefill and decode) share one tensor.
+    by_name: std::collections::HashMap<String, TensorId>,
     weights: Vec<(String, TensorId)>,
     lora: Vec<LoraPair>,
     trainable: Vec<TensorId>,
@@ -115,6 +117,9 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn weight(&mut self, name: &str, shape: &[usize], short: &str) -> TensorId {
+        if let Some(&t) = self.by_name.get(name) {
+            return t;
+        }
         let train = self.opts.train_base || self.opts.modules_to_save.iter().any(|m| m == short);
         let t = if train {
             let t = self.g.parameter(name, shape, param_dtype(self.opts));
@@ -124,6 +129,7 @@ impl Builder<'_> {
             self.g.frozen(name, shape, self.opts.weight_dtype)
         };
         self.weights.push((name.to_string(), t));
+        self.by_name.insert(name.to_string(), t);
         t
     }
 
@@ -175,6 +181,89 @@ impl Builder<'_> {
         let w = self.weight(&format!("{name}.weight"), &[self.cfg.hidden_size], "norm");
         self.g.rms_norm(x, w, self.cfg.rms_norm_eps)
     }
+    /// Embedding, decoder layers and the final norm: the hidden state of every token.
+    fn forward(
+        &mut self,
+        ids: TensorId,
+        positions: TensorId,
+        inv_freq: TensorId,
+        rope_scale: f64,
+        attend: &Attend,
+    ) -> Result<TensorId> {
+        let cfg = self.cfg;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let seq_len = match attend {
+            Attend::Packed { .. } => self.opts.seq_len,
+            Attend::Cached { seq_len, .. } => *seq_len,
+        };
+        let embed = self.weight("model.embed_tokens.weight", &[cfg.vocab_size, h], "embed_tokens");
+        let x = self.g.embedding(embed, ids)?;
+        let mut x = self.g.cast(x, self.opts.act_dtype)?;
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let xn = self.norm(x, &format!("{p}.input_layernorm"))?;
+            let att = format!("{p}.self_attn");
+            let qb = cfg.attention_bias;
+            let q = self.linear(xn, &format!("{att}.q_proj"), "q_proj", h, nh * hd, qb)?;
+            let k = self.linear(xn, &format!("{att}.k_proj"), "k_proj", h, nkv * hd, qb)?;
+            let v = self.linear(xn, &format!("{att}.v_proj"), "v_proj", h, nkv * hd, qb)?;
+            let q = self.g.rope(q, positions, inv_freq, hd, rope_scale)?;
+            let k = self.g.rope(k, positions, inv_freq, hd, rope_scale)?;
+            let spec = AttnSpec {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                seq_len,
+                causal: true,
+                window: cfg.sliding_window.filter(|_| cfg.layer_uses_sliding_window(i)),
+                scale: 1.0 / (hd as f64).sqrt(),
+            };
+            let o = match attend {
+                Attend::Packed { segments } => self.g.attention(spec, q, k, v, *segments)?.0,
+                Attend::Cached { caches, slots, .. } => {
+                    let (kc, vc) = caches[i];
+                    let kc = self.g.apply1(Op::CacheWrite, &[kc, k, *slots])?;
+                    let vc = self.g.apply1(Op::CacheWrite, &[vc, v, *slots])?;
+                    self.g.apply1(Op::AttentionCached(spec), &[q, kc, vc, positions])?
+                }
+            };
+            let o = self.linear(o, &format!("{att}.o_proj"), "o_proj", nh * hd, h, cfg.o_proj_bias)?;
+            x = self.g.add(x, o)?;
+            let xn = self.norm(x, &format!("{p}.post_attention_layernorm"))?;
+            let mlp = format!("{p}.mlp");
+            let f = cfg.intermediate_size;
+            let gate = self.linear(xn, &format!("{mlp}.gate_proj"), "gate_proj", h, f, cfg.mlp_bias)?;
+            let up = self.linear(xn, &format!("{mlp}.up_proj"), "up_proj", h, f, cfg.mlp_bias)?;
+            let act = self.g.swiglu(gate, up)?;
+            let down = self.linear(act, &format!("{mlp}.down_proj"), "down_proj", f, h, cfg.mlp_bias)?;
+            x = self.g.add(x, down)?;
+        }
+        self.norm(x, "model.norm")
+    }
+
+    /// The language-model head (tied to the embedding when the config says so).
+    fn head(&mut self, x: TensorId) -> Result<TensorId> {
+        let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
+        let head = if self.cfg.tie_word_embeddings {
+            self.weight("model.embed_tokens.weight", &[v, h], "embed_tokens")
+        } else {
+            self.weight("lm_head.weight", &[v, h], "lm_head")
+        };
+        self.g.linear(x, head)
+    }
+}
+
+/// How a pass attends: within packed segments (training), or over a KV cache (generation).
+enum Attend {
+    Packed {
+        segments: TensorId,
+    },
+    Cached {
+        caches: Vec<(TensorId, TensorId)>,
+        slots: TensorId,
+        seq_len: usize,
+    },
 }
 
 /// Trainable tensors are kept in f32 (f64 in gradient checks).
@@ -186,20 +275,23 @@ fn param_dtype(o: &BuildOptions) -> DType {
     }
 }
 
-/// Builds the forward graph and the summed cross-entropy loss.
-pub fn build(cfg: &ModelConfig, opts: &BuildOptions) -> Result<ModelGraph> {
-    let mut b = Builder {
+fn new_builder<'a>(cfg: &'a ModelConfig, opts: &'a BuildOptions) -> Builder<'a> {
+    Builder {
         g: Graph::new(),
         cfg,
         opts,
+        by_name: Default::default(),
         weights: Vec::new(),
         lora: Vec::new(),
         trainable: Vec::new(),
         dropout: None,
-    };
+    }
+}
+
+/// Builds the forward graph and the summed cross-entropy loss.
+pub fn build(cfg: &ModelConfig, opts: &BuildOptions) -> Result<ModelGraph> {
+    let mut b = new_builder(cfg, opts);
     let n = opts.rows * opts.seq_len;
-    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     let input_ids = b.g.input("input_ids", &[n], DType::I32);
     let positions = b.g.input("position_ids", &[n], DType::I32);
     let segments = b.g.input("segment_ids", &[n], DType::I32);
@@ -209,44 +301,14 @@ pub fn build(cfg: &ModelConfig, opts: &BuildOptions) -> Result<ModelGraph> {
         b.dropout = Some((seed, p));
     }
     let rope = cfg.rope_init();
-    let inv_freq = b.g.constant("rope.inv_freq", &[hd / 2], DType::F32);
-
-    let embed = b.weight("model.embed_tokens.weight", &[cfg.vocab_size, h], "embed_tokens");
-    let mut x = b.g.embedding(embed, input_ids)?;
-    x = b.g.cast(x, opts.act_dtype)?;
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        let xn = b.norm(x, &format!("{p}.input_layernorm"))?;
-        let att = format!("{p}.self_attn");
-        let qb = cfg.attention_bias;
-        let q = b.linear(xn, &format!("{att}.q_proj"), "q_proj", h, nh * hd, qb)?;
-        let k = b.linear(xn, &format!("{att}.k_proj"), "k_proj", h, nkv * hd, qb)?;
-        let v = b.linear(xn, &format!("{att}.v_proj"), "v_proj", h, nkv * hd, qb)?;
-        let scaling = rope.attention_scaling as f64;
-        let q = b.g.rope(q, positions, inv_freq, hd, scaling)?;
-        let k = b.g.rope(k, positions, inv_freq, hd, scaling)?;
-        let spec = AttnSpec {
-            n_heads: nh,
-            n_kv_heads: nkv,
-            head_dim: hd,
-            seq_len: opts.seq_len,
-            causal: true,
-            window: cfg.sliding_window.filter(|_| cfg.layer_uses_sliding_window(i)),
-            scale: 1.0 / (hd as f64).sqrt(),
-        };
-        let (o, _lse) = b.g.attention(spec, q, k, v, segments)?;
-        let o = b.linear(o, &format!("{att}.o_proj"), "o_proj", nh * hd, h, cfg.o_proj_bias)?;
-        x = b.g.add(x, o)?;
-        let xn = b.norm(x, &format!("{p}.post_attention_layernorm"))?;
-        let mlp = format!("{p}.mlp");
-        let f = cfg.intermediate_size;
-        let gate = b.linear(xn, &format!("{mlp}.gate_proj"), "gate_proj", h, f, cfg.mlp_bias)?;
-        let up = b.linear(xn, &format!("{mlp}.up_proj"), "up_proj", h, f, cfg.mlp_bias)?;
-        let act = b.g.swiglu(gate, up)?;
-        let down = b.linear(act, &format!("{mlp}.down_proj"), "down_proj", f, h, cfg.mlp_bias)?;
-        x = b.g.add(x, down)?;
-    }
-    let mut x = b.norm(x, "model.norm")?;
+    let inv_freq = b.g.constant("rope.inv_freq", &[cfg.head_dim / 2], DType::F32);
+    let mut x = b.forward(
+        input_ids,
+        positions,
+        inv_freq,
+        rope.attention_scaling as f64,
+        &Attend::Packed { segments },
+    )?;
     let (loss_index, k) = match opts.loss_rows {
         Some(k) => {
             let idx = b.g.input("loss_index", &[k], DType::I32);
@@ -255,12 +317,7 @@ pub fn build(cfg: &ModelConfig, opts: &BuildOptions) -> Result<ModelGraph> {
         }
         None => (None, n),
     };
-    let head = if cfg.tie_word_embeddings {
-        embed
-    } else {
-        b.weight("lm_head.weight", &[cfg.vocab_size, h], "lm_head")
-    };
-    let logits = b.g.linear(x, head)?;
+    let logits = b.head(x)?;
     b.g.set_name(logits, "logits");
     let targets = b.g.input("targets", &[k], DType::I32);
     let (loss_sum, label_count) = b.g.cross_entropy(logits, targets)?;
@@ -283,6 +340,110 @@ pub fn build(cfg: &ModelConfig, opts: &BuildOptions) -> Result<ModelGraph> {
         weights: b.weights,
         lora: b.lora,
         trainable: b.trainable,
+    })
+}
+
+/// Inputs and outputs of one generation pass over `rows` sequences of `seq_len` new tokens.
+#[derive(Clone, Copy, Debug)]
+pub struct GenPass {
+    pub seq_len: usize,
+    /// `[rows * seq_len]` i32 token ids.
+    pub input_ids: TensorId,
+    /// `[rows * seq_len]` i32 positions (-1 for padding).
+    pub positions: TensorId,
+    /// `[rows * seq_len]` i32 cache slots `row * max_len + position` (-1 for padding).
+    pub slots: TensorId,
+    /// `[rows]` i32: the token row whose logits are wanted, per sequence.
+    pub last: TensorId,
+    /// `[rows, vocab]`
+    pub logits: TensorId,
+}
+
+/// A generation graph: a prefill pass over the prompts and a one-token decode pass,
+/// sharing the weights and the per-layer key/value caches.
+pub struct GenGraph {
+    pub graph: Graph,
+    pub config: ModelConfig,
+    pub rows: usize,
+    pub max_len: usize,
+    pub prefill: GenPass,
+    pub decode: GenPass,
+    pub inv_freq: TensorId,
+    pub weights: Vec<(String, TensorId)>,
+}
+
+impl GenGraph {
+    /// The ModelGraph-like view used to load weights.
+    pub fn weight_list(&self) -> &[(String, TensorId)] {
+        &self.weights
+    }
+}
+
+/// Builds a generation graph for `rows` prompts of up to `prompt_len` tokens and a
+/// cache of `max_len` positions.
+pub fn build_generation(
+    cfg: &ModelConfig,
+    rows: usize,
+    prompt_len: usize,
+    max_len: usize,
+    weight_dtype: DType,
+    act_dtype: DType,
+) -> Result<GenGraph> {
+    let opts = BuildOptions {
+        rows,
+        seq_len: prompt_len,
+        weight_dtype,
+        act_dtype,
+        lora: None,
+        train_base: false,
+        modules_to_save: vec![],
+        loss_rows: None,
+    };
+    let mut b = new_builder(cfg, &opts);
+    let kvw = cfg.num_key_value_heads * cfg.head_dim;
+    let caches: Vec<(TensorId, TensorId)> = (0..cfg.num_hidden_layers)
+        .map(|i| {
+            let k = b.g.state(&format!("cache.{i}.k"), &[rows, max_len, kvw], act_dtype);
+            let v = b.g.state(&format!("cache.{i}.v"), &[rows, max_len, kvw], act_dtype);
+            (k, v)
+        })
+        .collect();
+    let rope = cfg.rope_init();
+    let inv_freq = b.g.constant("rope.inv_freq", &[cfg.head_dim / 2], DType::F32);
+    let pass = |b: &mut Builder, name: &str, seq_len: usize| -> Result<GenPass> {
+        let n = rows * seq_len;
+        let input_ids = b.g.input(&format!("{name}.input_ids"), &[n], DType::I32);
+        let positions = b.g.input(&format!("{name}.position_ids"), &[n], DType::I32);
+        let slots = b.g.input(&format!("{name}.slots"), &[n], DType::I32);
+        let last = b.g.input(&format!("{name}.last"), &[rows], DType::I32);
+        let attend = Attend::Cached {
+            caches: caches.clone(),
+            slots,
+            seq_len,
+        };
+        let x = b.forward(input_ids, positions, inv_freq, rope.attention_scaling as f64, &attend)?;
+        let x = b.g.embedding(x, last)?;
+        let logits = b.head(x)?;
+        Ok(GenPass {
+            seq_len,
+            input_ids,
+            positions,
+            slots,
+            last,
+            logits,
+        })
+    };
+    let prefill = pass(&mut b, "prefill", prompt_len)?;
+    let decode = pass(&mut b, "decode", 1)?;
+    Ok(GenGraph {
+        graph: b.g,
+        config: cfg.clone(),
+        rows,
+        max_len,
+        prefill,
+        decode,
+        inv_freq,
+        weights: b.weights,
     })
 }
 

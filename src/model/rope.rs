@@ -102,7 +102,13 @@ impl ModelConfig {
         // transformers 5 fills a missing original_max_position_embeddings with max_position_embeddings.
         let orig_max = original_max_position_embeddings.unwrap_or(self.max_position_embeddings) as f64;
 
-        let get_mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+        let get_mscale = |scale: f64, m: f64| {
+            if scale <= 1.0 {
+                1.0
+            } else {
+                0.1 * m * scale.ln() + 1.0
+            }
+        };
         let attention = match (attention_factor, mscale, mscale_all_dim) {
             (Some(a), _, _) => *a,
             (None, Some(m), Some(ma)) if *m != 0.0 && *ma != 0.0 => get_mscale(factor, *m) / get_mscale(factor, *ma),
@@ -153,20 +159,20 @@ fn llama3(
     high_freq_factor: f64,
     old_context_len: f64,
 ) -> Vec<f32> {
-    let low_freq_wavelen = old_context_len / low_freq_factor;
-    let high_freq_wavelen = old_context_len / high_freq_factor;
+    // Python scalars meet f32 tensors here, so comparisons happen in f32.
+    let low_freq_wavelen = (old_context_len / low_freq_factor) as f32;
+    let high_freq_wavelen = (old_context_len / high_freq_factor) as f32;
     inv_freq
         .into_iter()
         .map(|f| {
             let wavelen = 2.0 * std::f32::consts::PI / f;
-            let scaled = if wavelen as f64 > low_freq_wavelen {
+            let scaled = if wavelen > low_freq_wavelen {
                 f / factor as f32
             } else {
                 f
             };
-            // `~(wavelen < high) * ~(wavelen > low)` in transformers; NaN-free here, so this is high <= w <= low.
-            let w = wavelen as f64;
-            let is_medium = w >= high_freq_wavelen && w <= low_freq_wavelen;
+            // transformers: `~(wavelen < high) * ~(wavelen > low)`; no NaN here, so high <= w <= low.
+            let is_medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
             if is_medium {
                 let smooth = (old_context_len as f32 / wavelen - low_freq_factor as f32)
                     / (high_freq_factor - low_freq_factor) as f32;

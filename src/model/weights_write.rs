@@ -60,7 +60,14 @@ pub fn write_safetensors(
     let metadata = metadata.or_else(|| Some(HashMap::from([("format".to_string(), "pt".to_string())])));
     let views = tensors.iter().map(|(n, t)| (n.as_str(), HostView(t)));
     safetensors::serialize_to_file(views, metadata, path)
-        .map_err(|e| Error::format(path, format!("writing safetensors failed: {e}")))
+        .map_err(|e| Error::format(path, format!("writing safetensors failed: {e}")))?;
+    // The crate's temporary file is private (0600); give the result the usual mode.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
 }
 
 /// Write a checkpoint into `dir` the way transformers' `save_pretrained` does: one

@@ -255,3 +255,104 @@ pub fn cpu_backward<T: Real>(
         }
     }
 }
+
+// ---- KV-cache attention (generation) -------------------------------------------------
+
+pub fn infer_cache_write(cache: &TensorInfo, x: &TensorInfo, slot: &TensorInfo) -> Infer {
+    if cache.shape.len() != 3 || x.shape.len() != 2 || x.shape[1] != cache.shape[2] {
+        return Err(format!(
+            "cache must be [B, T, W] and x [N, W]; got {:?} and {:?}",
+            cache.shape, x.shape
+        ));
+    }
+    if slot.shape != [x.shape[0]] || slot.dtype != DType::I32 {
+        return Err(format!(
+            "slots must be [{}] i32, got {:?} {}",
+            x.shape[0], slot.shape, slot.dtype
+        ));
+    }
+    if cache.dtype != x.dtype {
+        return Err(format!("cache dtype {} differs from x's {}", cache.dtype, x.dtype));
+    }
+    Ok(vec![(cache.shape.clone(), cache.dtype)])
+}
+
+impl AttnSpec {
+    pub fn infer_cached(&self, q: &TensorInfo, kc: &TensorInfo, vc: &TensorInfo, pos: &TensorInfo) -> Infer {
+        let (hq, hk, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        if kc.shape.len() != 3 || kc.shape[2] != hk * d || vc.shape != kc.shape {
+            return Err(format!(
+                "caches must be [B, T, {}], got {:?} and {:?}",
+                hk * d,
+                kc.shape,
+                vc.shape
+            ));
+        }
+        let b = kc.shape[0];
+        if q.shape.len() != 2 || q.shape[1] != hq * d || q.shape[0] != b * self.seq_len {
+            return Err(format!(
+                "q must be [{b}*{}, {}], got {:?}",
+                self.seq_len,
+                hq * d,
+                q.shape
+            ));
+        }
+        if pos.shape != [q.shape[0]] || pos.dtype != DType::I32 {
+            return Err(format!("positions must be [{}] i32", q.shape[0]));
+        }
+        Ok(vec![(q.shape.clone(), q.dtype)])
+    }
+}
+
+pub fn cpu_cache_write<T: Real>(cache: &mut [T], x: &[T], slot: &[i32]) {
+    let w = x.len() / slot.len().max(1);
+    let rows = cache.len() / w.max(1);
+    for (i, &s) in slot.iter().enumerate() {
+        if s >= 0 && (s as usize) < rows {
+            cache[s as usize * w..(s as usize + 1) * w].copy_from_slice(&x[i * w..(i + 1) * w]);
+        }
+    }
+}
+
+pub fn cpu_cached<T: Real>(s: &AttnSpec, q: &[T], kc: &[T], vc: &[T], pos: &[i32], o: &mut [T], cache_len: usize) {
+    let (hq, hk, d) = (s.n_heads, s.n_kv_heads, s.head_dim);
+    let group = hq / hk;
+    let (qw, kw) = (hq * d, hk * d);
+    o.par_chunks_mut(qw).enumerate().for_each(|(row, out)| {
+        let p = pos[row];
+        out.fill(T::zero());
+        if p < 0 {
+            return;
+        }
+        let b = row / s.seq_len;
+        let p = p as usize;
+        let lo = match s.window {
+            Some(w) => (p + 1).saturating_sub(w),
+            None => 0,
+        };
+        let hi = p.min(cache_len - 1);
+        let mut sc = vec![0f64; hi + 1];
+        for h in 0..hq {
+            let kh = h / group;
+            let qi = &q[row * qw + h * d..][..d];
+            let mut m = f64::NEG_INFINITY;
+            for j in lo..=hi {
+                sc[j] = s.scale * dot(qi, &kc[(b * cache_len + j) * kw + kh * d..][..d]);
+                m = m.max(sc[j]);
+            }
+            let mut l = 0.0;
+            let mut acc = vec![0f64; d];
+            for j in lo..=hi {
+                let pj = (sc[j] - m).exp();
+                l += pj;
+                let vj = &vc[(b * cache_len + j) * kw + kh * d..][..d];
+                for c in 0..d {
+                    acc[c] += pj * vj[c].f64();
+                }
+            }
+            for c in 0..d {
+                out[h * d + c] = T::of(acc[c] / l);
+            }
+        }
+    });
+}

@@ -77,10 +77,19 @@ pub enum Op {
     SumSquares,
     /// `(sumsq [1]) -> (norm [1], coef [1])`, `coef = min(1, max_norm / (norm + 1e-6))`.
     ClipCoef { max_norm: f64 },
-    /// In place: `(param, grad, m, v, hyper [3], coef [1])`; writes param, m, v and zeroes grad.
+    /// In place: `(param, grad, m, v, hyper [3], coef [1])`; writes param, m, v and zeroes grad
+    /// (a non-finite `coef` leaves param, m and v unchanged).
     AdamW(AdamWSpec),
     /// In place: `(acc, g)`: `acc += g`.
     AccumulateGrad,
+    /// `(cache [B, T, W], x [N, W], slot [N] i32) -> cache'`: writes row `i` of `x` to
+    /// `cache[slot[i] / T, slot[i] % T]` (skipped when `slot[i] < 0`). The output aliases the
+    /// cache, so readers of the written cache depend on this node.
+    CacheWrite,
+    /// Attention of new queries over a key/value cache: `(q [B*Tq, Hq*D], k_cache [B, T,
+    /// Hkv*D], v_cache, pos [B*Tq] i32) -> o`; the query at position `p` sees cache
+    /// positions `0..=p` (and its window); `pos < 0` gives zeros.
+    AttentionCached(AttnSpec),
 }
 
 impl Op {
@@ -110,6 +119,8 @@ impl Op {
             Op::ClipCoef { .. } => "clip_coef",
             Op::AdamW(_) => "adamw",
             Op::AccumulateGrad => "accumulate_grad",
+            Op::CacheWrite => "cache_write",
+            Op::AttentionCached(_) => "attention_cached",
         }
     }
 
@@ -117,13 +128,19 @@ impl Op {
     pub fn writes(&self) -> &'static [usize] {
         match self {
             Op::AdamW(_) => &[0, 1, 2, 3],
-            Op::AccumulateGrad => &[0],
+            Op::AccumulateGrad | Op::CacheWrite => &[0],
             _ => &[],
         }
     }
 
-    /// True for ops whose output shares its input's buffer.
+    /// True for ops whose output is their first input's buffer (a reshape, or a cache
+    /// written in place).
     pub fn is_alias(&self) -> bool {
+        matches!(self, Op::Reshape { .. } | Op::CacheWrite)
+    }
+
+    /// True for ops that change nothing at run time (their output is a view).
+    pub fn is_view(&self) -> bool {
         matches!(self, Op::Reshape { .. })
     }
 
@@ -226,6 +243,14 @@ impl Op {
                 want(2)?;
                 optim::infer_accumulate(x[0], x[1])
             }
+            Op::CacheWrite => {
+                want(3)?;
+                attention::infer_cache_write(x[0], x[1], x[2])
+            }
+            Op::AttentionCached(s) => {
+                want(4)?;
+                s.infer_cached(x[0], x[1], x[2], x[3])
+            }
         }
     }
 
@@ -317,7 +342,9 @@ impl Op {
             | Op::CrossEntropyBackward { .. }
             | Op::ClipCoef { .. }
             | Op::AdamW(_)
-            | Op::AccumulateGrad => Err(crate::Error::shape(
+            | Op::AccumulateGrad
+            | Op::CacheWrite
+            | Op::AttentionCached(_) => Err(crate::Error::shape(
                 self.name(),
                 "has no backward rule (it is itself a backward or optimizer op)",
             )),

@@ -4,7 +4,8 @@
 //! `p -= lr * wd * p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;`
 //! `p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)` with `bc_i = 1 - b_i^t`.
 //! The per-step scalars arrive in `hyper = [lr, bc1, sqrt(bc2)]`, and the gradient is
-//! first multiplied by the clipping coefficient. The update zeroes the gradient buffer,
+//! first multiplied by the clipping coefficient; a non-finite coefficient (the gradient
+//! overflowed) skips the update. The update zeroes the gradient buffer,
 //! which is the accumulator the next optimizer step's micro-batches add into.
 
 use super::{Infer, Real};
@@ -70,18 +71,34 @@ pub fn infer_accumulate(acc: &TensorInfo, g: &TensorInfo) -> Infer {
 
 // ---- CPU reference -------------------------------------------------------------------
 
+/// Sum of squares in fixed-size chunks, so the result does not depend on thread timing.
 pub fn sum_squares<T: Real>(x: &[T]) -> f64 {
-    x.par_iter().map(|v| v.f64() * v.f64()).sum()
+    let parts: Vec<f64> = x
+        .par_chunks(4096)
+        .map(|c| c.iter().map(|v| v.f64() * v.f64()).sum())
+        .collect();
+    parts.iter().sum()
 }
 
 /// `(norm, coef)` for a total sum of squares.
 pub fn clip_coef(sumsq: f64, max_norm: f64) -> (f64, f64) {
     let norm = sumsq.sqrt();
-    (norm, (max_norm / (norm + 1e-6)).min(1.0))
+    // NaN marks an overflowed gradient (f64::min would silently return 1).
+    let coef = if norm.is_finite() {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        f64::NAN
+    };
+    (norm, coef)
 }
 
 #[allow(clippy::too_many_arguments)]
 pub fn adamw<T: Real>(s: &AdamWSpec, p: &mut [T], g: &mut [T], m: &mut [T], v: &mut [T], hyper: [f64; 3], coef: f64) {
+    if !coef.is_finite() {
+        // A non-finite gradient norm: leave the weights and moments as they are.
+        g.iter_mut().for_each(|g| *g = T::zero());
+        return;
+    }
     let [lr, bc1, bc2_sqrt] = hyper;
     let (b1, b2) = (T::of(s.beta1), T::of(s.beta2));
     let (one, decay) = (T::one(), T::of(1.0 - lr * s.weight_decay));

@@ -150,3 +150,86 @@ impl GradCheck {
         worst
     }
 }
+
+/// A tiny random Llama in Hugging Face layout (config.json, model.safetensors and the
+/// Mistral tokenizer fixture, 32000 tokens) in `dir`.
+pub fn write_tiny_model(dir: &std::path::Path, seed: u64) -> std::path::PathBuf {
+    use std::collections::HashMap;
+    std::fs::create_dir_all(dir).unwrap();
+    let config = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16,
+        "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 32000, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
+        "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}"#;
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let cfg = ferrotune::model::ModelConfig::parse(config, "tiny").unwrap();
+    let mut r = rng(seed);
+    let mut tensors: Vec<(String, HostTensor)> = Vec::new();
+    let (h, f, kv) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    let mut add = |name: String, shape: &[usize], std: f64| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = if std == 0.0 {
+            vec![1.0; n]
+        } else {
+            randn(&mut r, n).iter().map(|x| x * std).collect()
+        };
+        tensors.push((name, HostTensor::from_f64(shape, &v).cast(DType::F32)));
+    };
+    add("model.embed_tokens.weight".into(), &[cfg.vocab_size, h], 0.1);
+    add("model.norm.weight".into(), &[h], 0.0);
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        add(format!("{p}.input_layernorm.weight"), &[h], 0.0);
+        add(format!("{p}.post_attention_layernorm.weight"), &[h], 0.0);
+        add(format!("{p}.self_attn.q_proj.weight"), &[h, h], 0.2);
+        add(format!("{p}.self_attn.k_proj.weight"), &[kv, h], 0.2);
+        add(format!("{p}.self_attn.v_proj.weight"), &[kv, h], 0.2);
+        add(format!("{p}.self_attn.o_proj.weight"), &[h, h], 0.2);
+        add(format!("{p}.mlp.gate_proj.weight"), &[f, h], 0.2);
+        add(format!("{p}.mlp.up_proj.weight"), &[f, h], 0.2);
+        add(format!("{p}.mlp.down_proj.weight"), &[h, f], 0.2);
+    }
+    ferrotune::model::write_safetensors(
+        &dir.join("model.safetensors"),
+        &tensors,
+        None::<HashMap<String, String>>,
+    )
+    .unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers/mistral7b");
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixtures.join(f), dir.join(f)).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+/// Addition problems as chat_template jsonl: `(train, eval)` paths in `dir`.
+pub fn write_arithmetic(dir: &std::path::Path, n_train: usize, n_eval: usize) -> (String, String) {
+    use ferrotune::data::generate::arithmetic::{write_addition, AdditionOptions};
+    let f = write_addition(
+        dir,
+        &AdditionOptions {
+            digits: 2,
+            n_train,
+            n_eval,
+            seed: 5,
+        },
+    )
+    .unwrap();
+    (f.train.display().to_string(), f.eval.display().to_string())
+}
+
+/// ChatML as a Jinja template, for tokenizers that ship none.
+pub const CHATML: &str = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// A fresh, empty temporary folder unique to this test.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let d = std::env::temp_dir().join(format!("ferrotune-test-{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

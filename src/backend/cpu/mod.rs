@@ -137,6 +137,15 @@ impl CpuBackend {
         }
     }
 
+    /// An operand written in place: like `dst`, but a temporary starts from the current values.
+    fn inplace<T: CpuFloat>(&self, a: &Arg) -> Dst<'_, T> {
+        let mut d = self.dst::<T>(a);
+        if d.direct.is_none() {
+            d.temp = self.src::<T>(a).into_owned();
+        }
+        d
+    }
+
     fn cast(&self, x: &Arg, y: &Arg) {
         let h = HostTensor {
             shape: x.info.shape.clone(),
@@ -314,10 +323,10 @@ impl CpuBackend {
                 let hyper = [h[0] as f64, h[1] as f64, h[2] as f64];
                 let coef = self.scalar(&i[5]);
                 let (mut p, mut g, mut m, mut v) = (
-                    self.dst::<T>(&i[0]),
-                    self.dst::<T>(&i[1]),
-                    self.dst::<T>(&i[2]),
-                    self.dst::<T>(&i[3]),
+                    self.inplace::<T>(&i[0]),
+                    self.inplace::<T>(&i[1]),
+                    self.inplace::<T>(&i[2]),
+                    self.inplace::<T>(&i[3]),
                 );
                 optim::adamw(spec, p.get(), g.get(), m.get(), v.get(), hyper, coef);
                 for d in [p, g, m, v] {
@@ -326,12 +335,25 @@ impl CpuBackend {
             }
             Op::AccumulateGrad => {
                 let g = self.src::<T>(&i[1]).into_owned();
-                let mut acc = self.dst::<T>(&i[0]);
+                let mut acc = self.inplace::<T>(&i[0]);
                 let a = acc.get();
                 for (a, g) in a.iter_mut().zip(&g) {
                     *a = *a + *g;
                 }
                 acc.finish();
+            }
+            Op::CacheWrite => {
+                let x = self.src::<T>(&i[1]).into_owned();
+                let mut cache = self.inplace::<T>(&i[0]);
+                attention::cpu_cache_write(cache.get(), &x, self.ints(&i[2]));
+                cache.finish();
+            }
+            Op::AttentionCached(s) => {
+                let cache_len = i[1].info.shape[1];
+                let mut out = self.dst::<T>(&o[0]);
+                let (q, k, v) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]), self.src::<T>(&i[2]));
+                attention::cpu_cached(s, &q, &k, &v, self.ints(&i[3]), out.get(), cache_len);
+                out.finish();
             }
             Op::Cast { .. } | Op::Reshape { .. } => unreachable!("handled before dispatch"),
         }
@@ -402,4 +424,26 @@ impl Backend for CpuBackend {
             }
         }
     }
+}
+
+/// GFLOP/s of the CPU's f32 matmul at `n x n x n` (median of a few runs).
+pub fn bench_gemm(n: usize) -> f64 {
+    let a = vec![1.0f32; n * n];
+    let b = vec![0.5f32; n * n];
+    let mut c = vec![0f32; n * n];
+    let d = crate::ops::matmul::MatmulDims {
+        batch: 1,
+        m: n,
+        n,
+        k: n,
+        shared_b: true,
+    };
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        crate::ops::matmul::cpu(&a, &b, &mut c, d, false, false, false);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    2.0 * (n as f64).powi(3) / times[1] / 1e9
 }

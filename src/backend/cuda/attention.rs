@@ -204,10 +204,14 @@ fn generic_name(kind: &str, dc: usize) -> &'static str {
         ("dq", 2) => "attn_bwd_dq_2",
         ("dq", 4) => "attn_bwd_dq_4",
         ("dq", _) => "attn_bwd_dq_8",
-        (_, 1) => "attn_bwd_dkv_1",
-        (_, 2) => "attn_bwd_dkv_2",
-        (_, 4) => "attn_bwd_dkv_4",
-        _ => "attn_bwd_dkv_8",
+        ("dkv", 1) => "attn_bwd_dkv_1",
+        ("dkv", 2) => "attn_bwd_dkv_2",
+        ("dkv", 4) => "attn_bwd_dkv_4",
+        ("dkv", _) => "attn_bwd_dkv_8",
+        (_, 1) => "attn_cached_1",
+        (_, 2) => "attn_cached_2",
+        (_, 4) => "attn_cached_4",
+        _ => "attn_cached_8",
     }
 }
 
@@ -351,6 +355,46 @@ impl CudaBackend {
             .i32(dt_code(o[0].info.dtype)?)
             .ptr(self.ptr(o[1].loc))
             .i32(dt_code(o[1].info.dtype)?)
+            .blob(&a);
+        self.run(&k, (blocks(warps, 4), 1, 1), 128, 0, args)
+    }
+
+    /// Attention of new queries over a KV cache (`Op::AttentionCached`): the general kernel
+    /// for every storage type and head dim up to 256.
+    pub(super) fn attention_cached(&mut self, s: &AttnSpec, i: &[Arg], o: &[Arg]) -> Result<()> {
+        if i[3].info.dtype != DType::I32 {
+            return Err(Error::backend("cuda", "cache positions must be i32"));
+        }
+        let dt = i[0].info.dtype;
+        if i[1].info.dtype != dt || i[2].info.dtype != dt {
+            return Err(Error::backend(
+                "cuda",
+                format!(
+                    "attention over a cache needs q and the caches in one storage type, got {}, {} and {}",
+                    dt, i[1].info.dtype, i[2].info.dtype
+                ),
+            ));
+        }
+        let (rows, cache_len) = (i[0].info.shape[0], i[1].info.shape[1]);
+        let mut a = dims(s, rows)?;
+        // The window counts cache positions here, not query rows: pass it unclipped.
+        a.window = match s.window {
+            Some(0) => return Err(Error::backend("cuda", "an attention window of 0 hides every key")),
+            Some(w) => w.min(i32::MAX as usize) as i32,
+            None => 0,
+        };
+        let c = dc(s.head_dim)?;
+        let k = self.kernel(Family::Attention, generic_name("cached", c))?;
+        let warps = (rows * s.n_heads) as u64;
+        let args = Args::new()
+            .ptr(self.ptr(i[0].loc))
+            .ptr(self.ptr(i[1].loc))
+            .ptr(self.ptr(i[2].loc))
+            .i32(dt_code(dt)?)
+            .ptr(self.ptr(i[3].loc))
+            .ptr(self.ptr(o[0].loc))
+            .i32(dt_code(o[0].info.dtype)?)
+            .i64(cache_len as i64)
             .blob(&a);
         self.run(&k, (blocks(warps, 4), 1, 1), 128, 0, args)
     }

@@ -148,6 +148,9 @@ impl CudaBackend {
             }
             Op::Attention(s) => self.prepare_attention(s, i, o, false)?,
             Op::AttentionBackward(s) => self.prepare_attention(s, i, o, true)?,
+            Op::AttentionCached(_) => {
+                self.mods.load(Family::Attention)?;
+            }
             _ => {
                 self.mods.load(Family::Elementwise)?;
             }
@@ -472,6 +475,28 @@ impl CudaBackend {
             Op::AdamW(spec) => self.queue_adamw(spec, i),
             Op::Attention(s) => self.attention_fwd(s, i, o),
             Op::AttentionBackward(s) => self.attention_bwd(s, i, o),
+            Op::AttentionCached(s) => self.attention_cached(s, i, o),
+            Op::CacheWrite => {
+                // The output is the cache itself (Op::is_alias): write the rows in place.
+                want(&i[2], DType::I32, "cache slots")?;
+                if i[0].info.dtype != i[1].info.dtype {
+                    return Err(Error::backend("cuda", "cache and rows must share a storage type"));
+                }
+                let w = i[0].info.shape[2] as u64;
+                let rows = numel(i[0].info) / w.max(1);
+                let n = numel(i[1].info);
+                let args = Args::new()
+                    .ptr(p(self, &i[0]))
+                    .i32(code(&i[0])?)
+                    .i64(rows as i64)
+                    .ptr(p(self, &i[1]))
+                    .i32(code(&i[1])?)
+                    .ptr(p(self, &i[2]))
+                    .i64(i[1].info.shape[0] as i64)
+                    .i64(w as i64);
+                let k = self.kernel(Family::Elementwise, "cache_write_kernel")?;
+                self.run(&k, (blocks(n, BLOCK as u64), 1, 1), BLOCK, 0, args)
+            }
         }
     }
 

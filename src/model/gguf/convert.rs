@@ -10,12 +10,15 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use super::names::{map_name, unpermute_rows};
-use super::reader::GgufFile;
+use super::reader::{GgufFile, GgufValue};
 use super::tokenizer::build_tokenizer;
 use crate::model::atomic::{replace_dir, temp_sibling, write_atomic};
 use crate::model::hf_config::{Arch, ModelConfig, RopeScaling};
 use crate::model::weights_write::write_safetensors;
 use crate::{DType, Error, HostTensor, Result};
+
+/// Bumped whenever the converter's output changes, so cached conversions are redone.
+pub const CONVERTER_VERSION: u32 = 2;
 
 /// Progress: `(done, total)` in tensors.
 pub type Progress<'a> = &'a dyn Fn(usize, usize);
@@ -31,6 +34,16 @@ fn arch_of(g: &GgufFile) -> Result<(Arch, bool)> {
             &g.path,
             format!("GGUF architecture \"{other}\" is not supported; supported: llama, mistral, qwen2"),
         )),
+    }
+}
+
+/// A number from the metadata; an f32 becomes the f64 of its shortest decimal form, so
+/// `1e-5f32` is written to config.json as `1e-5` (as in the original config) and not as
+/// `9.999999747378752e-6`.
+fn as_decimal(g: &GgufFile, key: &str) -> Result<f64> {
+    match g.get(key) {
+        Some(GgufValue::F32(v)) => Ok(v.to_string().parse().expect("a formatted f32 parses as f64")),
+        _ => g.get_f64(key),
     }
 }
 
@@ -58,7 +71,7 @@ pub fn config_from_gguf(g: &GgufFile, dtype: DType) -> Result<ModelConfig> {
     let rope_scaling = match g.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
         None | Some("none") => None,
         Some(ty) => {
-            let factor = g.get_f64(&key("rope.scaling.factor"))?;
+            let factor = as_decimal(g, &key("rope.scaling.factor"))?;
             match ty {
                 "linear" => Some(RopeScaling::Linear { factor }),
                 "yarn" => Some(RopeScaling::Yarn {
@@ -91,11 +104,11 @@ pub fn config_from_gguf(g: &GgufFile, dtype: DType) -> Result<ModelConfig> {
         num_key_value_heads,
         head_dim,
         vocab_size,
-        rms_norm_eps: g.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
-        rope_theta: g
-            .get(&key("rope.freq_base"))
-            .and_then(|v| v.as_f64())
-            .unwrap_or(10000.0),
+        rms_norm_eps: as_decimal(g, &key("attention.layer_norm_rms_epsilon"))?,
+        rope_theta: match g.get(&key("rope.freq_base")) {
+            Some(_) => as_decimal(g, &key("rope.freq_base"))?,
+            None => 10000.0,
+        },
         rope_scaling,
         max_position_embeddings: usize_of("context_length")?,
         tie_word_embeddings: tied,
@@ -209,8 +222,13 @@ fn check_shapes(g: &GgufFile, cfg: &ModelConfig, tensors: &[(String, HostTensor)
     Ok(())
 }
 
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).expect("JSON values always serialize");
+fn write_json(path: &Path, v: &serde_json::Value, pretty: bool) -> Result<()> {
+    let text = if pretty {
+        serde_json::to_string_pretty(v)
+    } else {
+        serde_json::to_string(v)
+    };
+    let text = text.expect("JSON values always serialize");
     write_atomic(path, format!("{text}\n").as_bytes())
 }
 
@@ -257,14 +275,14 @@ pub fn convert_gguf_with_progress(
     let result = (|| {
         write_safetensors(&tmp.join("model.safetensors"), &tensors, None)?;
         cfg.write(&tmp.join("config.json"))?;
-        write_json(&tmp.join("tokenizer.json"), &tok.tokenizer_json)?;
-        write_json(&tmp.join("tokenizer_config.json"), &tok.tokenizer_config)?;
+        write_json(&tmp.join("tokenizer.json"), &tok.tokenizer_json, false)?;
+        write_json(&tmp.join("tokenizer_config.json"), &tok.tokenizer_config, true)?;
         let gen = json!({
             "bos_token_id": cfg.bos_token_id,
             "eos_token_id": cfg.eos_token_id.first(),
             "pad_token_id": cfg.pad_token_id,
         });
-        write_json(&tmp.join("generation_config.json"), &gen)?;
+        write_json(&tmp.join("generation_config.json"), &gen, true)?;
         replace_dir(&tmp, out_dir)
     })();
     if result.is_err() {

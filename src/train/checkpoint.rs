@@ -1,0 +1,203 @@
+//! `checkpoint-N/` folders: trainable weights, optimizer state, `trainer_state.json`, and the
+//! config. A checkpoint is written into a temporary folder and renamed when complete, so a
+//! crash, a full disk or Ctrl-C never leaves a half-written `checkpoint-N` behind.
+
+use crate::tensor::HostTensor;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const TRAINER_STATE: &str = "trainer_state.json";
+pub const OPTIMIZER_STATE: &str = "optimizer.safetensors";
+
+/// Where the data loader stands: the next optimizer step to run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataPosition {
+    pub epoch: u64,
+    pub step_in_epoch: u64,
+}
+
+/// `trainer_state.json`: Hugging Face's keys plus what exact resume needs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub global_step: u64,
+    pub epoch: f64,
+    pub max_steps: u64,
+    pub num_train_epochs: f64,
+    pub train_batch_size: usize,
+    pub log_history: Vec<serde_json::Value>,
+    /// The next batch to train on.
+    pub position: DataPosition,
+    /// Micro-batches run so far (dropout masks are seeded from it).
+    pub micro_step: u64,
+    pub tokens_seen: u64,
+    pub seed: u64,
+    /// sha256 of the config's data and model keys; resuming with other data is refused.
+    pub config_hash: String,
+}
+
+/// Everything a checkpoint holds.
+pub struct Checkpoint<'a> {
+    /// Weight files: (file name, tensors), e.g. the adapter or the model.
+    pub weights: Vec<(&'a str, Vec<(String, HostTensor)>)>,
+    pub optimizer: Vec<(String, HostTensor)>,
+    pub state: &'a TrainerState,
+    /// Small extra files (adapter_config.json, config.yaml, ...).
+    pub files: Vec<(&'a str, Vec<u8>)>,
+}
+
+pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
+    output_dir.join(format!("checkpoint-{step}"))
+}
+
+/// Writes `output_dir/checkpoint-<step>` atomically and returns its path.
+pub fn write(output_dir: &Path, ck: &Checkpoint) -> Result<PathBuf> {
+    std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
+    let final_dir = checkpoint_dir(output_dir, ck.state.global_step);
+    let tmp = output_dir.join(format!(
+        ".checkpoint-{}.tmp-{}",
+        ck.state.global_step,
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        for (name, tensors) in &ck.weights {
+            crate::model::write_safetensors(&tmp.join(name), tensors, None)?;
+        }
+        crate::model::write_safetensors(&tmp.join(OPTIMIZER_STATE), &ck.optimizer, None)?;
+        for (name, bytes) in &ck.files {
+            crate::model::atomic::write_atomic(&tmp.join(name), bytes)?;
+        }
+        // The state file goes last: a folder without it is never taken as a checkpoint.
+        let state = serde_json::to_vec_pretty(ck.state).expect("serializable");
+        crate::model::atomic::write_atomic(&tmp.join(TRAINER_STATE), &state)?;
+        if final_dir.exists() {
+            let old = output_dir.join(format!(
+                ".checkpoint-{}.old-{}",
+                ck.state.global_step,
+                std::process::id()
+            ));
+            std::fs::rename(&final_dir, &old).map_err(|e| Error::io(&final_dir, e))?;
+            std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result.map(|_| final_dir)
+}
+
+/// Complete checkpoints in `output_dir`, oldest first.
+pub fn list(output_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(output_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step: u64 = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().join(TRAINER_STATE).is_file().then(|| (step, e.path()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn latest(output_dir: &Path) -> Option<PathBuf> {
+    list(output_dir).pop().map(|(_, p)| p)
+}
+
+/// Deletes the oldest checkpoints beyond `limit` (Hugging Face's `save_total_limit`).
+pub fn rotate(output_dir: &Path, limit: usize) -> Result<()> {
+    let all = list(output_dir);
+    if all.len() > limit {
+        for (_, p) in &all[..all.len() - limit] {
+            std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let p = dir.join(TRAINER_STATE);
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::format(&p, format!("not a ferrotune trainer state: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_is_atomic_and_rotation_keeps_the_newest() {
+        let dir = std::env::temp_dir().join(format!("ft-ck-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for step in [2u64, 4, 6] {
+            let state = TrainerState {
+                global_step: step,
+                ..Default::default()
+            };
+            let t = HostTensor::from_f32(&[2], &[1.0, step as f32]);
+            let ck = Checkpoint {
+                weights: vec![("adapter_model.safetensors", vec![("w".into(), t.clone())])],
+                optimizer: vec![("w.exp_avg".into(), t)],
+                state: &state,
+                files: vec![("config.yaml", b"x: 1\n".to_vec())],
+            };
+            write(&dir, &ck).unwrap();
+        }
+        // A folder left by an interrupted write is never listed.
+        std::fs::create_dir_all(dir.join("checkpoint-9")).unwrap();
+        assert_eq!(list(&dir).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2, 4, 6]);
+        rotate(&dir, 2).unwrap();
+        assert_eq!(list(&dir).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![4, 6]);
+        assert_eq!(read_state(&latest(&dir).unwrap()).unwrap().global_step, 6);
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_previous_checkpoint_intact() {
+        let dir = std::env::temp_dir().join(format!("ft-ck-fail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let t = HostTensor::from_f32(&[2], &[1.0, 2.0]);
+        let state = TrainerState {
+            global_step: 5,
+            ..Default::default()
+        };
+        let ck = |state| Checkpoint {
+            weights: vec![("adapter_model.safetensors", vec![("w".into(), t.clone())])],
+            optimizer: vec![],
+            state,
+            files: vec![],
+        };
+        write(&dir, &ck(&state)).unwrap();
+        let before = std::fs::read(dir.join("checkpoint-5/adapter_model.safetensors")).unwrap();
+        // Re-saving step 5 fails part-way: a file sits where the temporary folder goes
+        // (as a full disk or a crash would stop the write).
+        let blocker = dir.join(format!(".checkpoint-5.tmp-{}", std::process::id()));
+        std::fs::write(&blocker, b"").unwrap();
+        let newer = TrainerState {
+            global_step: 5,
+            epoch: 9.0,
+            ..Default::default()
+        };
+        assert!(write(&dir, &ck(&newer)).is_err());
+        assert_eq!(
+            std::fs::read(dir.join("checkpoint-5/adapter_model.safetensors")).unwrap(),
+            before
+        );
+        assert_eq!(read_state(&dir.join("checkpoint-5")).unwrap().epoch, 0.0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

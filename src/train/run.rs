@@ -1,0 +1,334 @@
+//! A whole training run from a config: files, data, device, the loop, evaluation,
+//! checkpoints, `metrics.jsonl`, and the outputs (a PEFT adapter or a full checkpoint).
+
+use super::checkpoint::{self, Checkpoint};
+use super::session::{resolve_model_dir, Precision};
+use super::trainer::{save_dtype, stop_requested, EvalReport, RunInfo, RunPlan, StepReport, Trainer};
+use crate::adapters::lora::{self, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use crate::backend::select::{create_backend, precision_for};
+use crate::config::Config;
+use crate::data::{prepare, Tokenizer};
+use crate::model::{ModelConfig, WeightStore};
+use crate::{Error, Result};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Observes a run; every method has a default that does nothing.
+pub trait Callback {
+    fn on_start(&mut self, _info: &RunInfo) {}
+    fn on_step(&mut self, _r: &StepReport) {}
+    fn on_eval(&mut self, _r: &EvalReport) {}
+    fn on_message(&mut self, _msg: &str) {}
+    /// Return true to stop after the current step (a checkpoint is saved).
+    fn should_stop(&mut self) -> bool {
+        false
+    }
+}
+
+/// Prints messages to stderr and nothing else.
+pub struct Quiet;
+impl Callback for Quiet {}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub tokens: u64,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+    pub final_loss: Option<f64>,
+    pub final_eval_loss: Option<f64>,
+    pub peak_bytes: u64,
+    pub output_dir: PathBuf,
+    pub interrupted: bool,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// Tokenizer files copied next to every output so it loads on its own.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
+
+/// Everything a run loads before the first step.
+pub struct Prepared {
+    pub model_dir: PathBuf,
+    pub model_config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub store: WeightStore,
+}
+
+/// Opens the base model: converted from GGUF if needed, config, tokenizer, weights.
+pub fn open_model(cfg: &Config) -> Result<Prepared> {
+    let model_dir = resolve_model_dir(&cfg.base_model)?;
+    let config_path = cfg
+        .base_model_config
+        .as_ref()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| model_dir.join("config.json"));
+    let model_config = ModelConfig::from_file(&config_path)?;
+    let tok_dir = cfg
+        .tokenizer_config
+        .as_ref()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| model_dir.clone());
+    let mut tokenizer = Tokenizer::from_dir(&tok_dir)?;
+    if let Some(s) = &cfg.special_tokens {
+        tokenizer.set_special_tokens(&crate::data::SpecialTokens {
+            bos_token: s.bos_token.clone(),
+            eos_token: s.eos_token.clone(),
+            pad_token: s.pad_token.clone(),
+            unk_token: s.unk_token.clone(),
+        })?;
+    }
+    let store = if model_dir.join("model.safetensors.index.json").is_file() {
+        WeightStore::open_index(&model_dir.join("model.safetensors.index.json"))?
+    } else {
+        WeightStore::open(&model_dir.join("model.safetensors"))?
+    };
+    Ok(Prepared {
+        model_dir,
+        model_config,
+        tokenizer,
+        store,
+    })
+}
+
+pub fn pad_id(tok: &Tokenizer) -> Result<u32> {
+    tok.pad_id()
+        .or(tok.eos_id())
+        .ok_or_else(|| crate::msg!("the tokenizer has neither a pad nor an eos token; set special_tokens.pad_token"))
+}
+
+/// Training and evaluation samples: `test_datasets` when given, else the `val_set_size` split.
+pub fn prepare_data(cfg: &Config, tok: &Tokenizer) -> Result<crate::data::PreparedData> {
+    let mut data = prepare(&cfg.datasets, &cfg.data, tok)?;
+    if !cfg.test_datasets.is_empty() {
+        let opts = crate::data::DataOptions {
+            val_set_size: 0.0,
+            shuffle: false,
+            dataset_prepared_path: None,
+            ..cfg.data.clone()
+        };
+        let test = prepare(&cfg.test_datasets, &opts, tok)?;
+        data.stats.eval_samples = test.train.len();
+        data.eval = test.train;
+    }
+    Ok(data)
+}
+
+/// Builds the trainer for a config, resuming when asked.
+pub fn build_trainer(cfg: &Config, p: &Prepared, cb: &mut dyn Callback) -> Result<Trainer> {
+    let (backend, notices) = create_backend(cfg.device)?;
+    for n in notices {
+        cb.on_message(&n);
+    }
+    let precision: Precision = precision_for(backend.as_ref(), cfg);
+    let data = prepare_data(cfg, &p.tokenizer)?;
+    cb.on_message(&format!(
+        "data: {} train / {} eval samples, {} tokens ({} trained), {} dropped, {} truncated",
+        data.train.len(),
+        data.eval.len(),
+        data.stats.tokens,
+        data.stats.label_tokens,
+        data.stats.dropped,
+        data.stats.truncated
+    ));
+    let pad = pad_id(&p.tokenizer)?;
+    let plan = RunPlan::new(cfg.clone(), &p.model_config, precision, data, pad, &cfg.base_model)?;
+    let mut trainer = Trainer::new(plan, backend, &p.store)?;
+    let resume = match (&cfg.resume_from_checkpoint, cfg.auto_resume_from_checkpoints) {
+        (Some(d), _) => Some(d.clone()),
+        (None, true) => checkpoint::latest(&cfg.output_dir),
+        _ => None,
+    };
+    if let Some(dir) = resume {
+        let state = checkpoint::read_state(&dir)?;
+        let weights_file = if cfg.is_lora() {
+            ADAPTER_WEIGHTS
+        } else {
+            "model.safetensors"
+        };
+        let trained = read_all(&dir.join(weights_file))?;
+        let optimizer = read_all(&dir.join(checkpoint::OPTIMIZER_STATE))?;
+        trainer.restore(&trained, &optimizer, state)?;
+        cb.on_message(&format!(
+            "resumed from {} at step {}",
+            dir.display(),
+            trainer.state.global_step
+        ));
+    }
+    Ok(trainer)
+}
+
+fn read_all(path: &Path) -> Result<BTreeMap<String, crate::HostTensor>> {
+    let store = WeightStore::open(path)?;
+    store
+        .names()
+        .iter()
+        .map(|n| Ok((n.to_string(), store.get_raw(n)?)))
+        .collect()
+}
+
+/// Appends one JSON object per line to `output_dir/metrics.jsonl`.
+pub struct Metrics {
+    file: std::fs::File,
+}
+
+impl Metrics {
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let p = dir.join("metrics.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
+        Ok(Metrics { file })
+    }
+    pub fn write(&mut self, v: &impl serde::Serialize) {
+        if let Ok(mut s) = serde_json::to_string(v) {
+            s.push('\n');
+            let _ = self.file.write_all(s.as_bytes());
+        }
+    }
+}
+
+/// Saves `output_dir/checkpoint-<step>` and applies `save_total_limit`.
+pub fn save_checkpoint(t: &mut Trainer, p: &Prepared) -> Result<PathBuf> {
+    let cfg = t.config().clone();
+    let trained = t.trained_tensors()?;
+    let optimizer = t.optimizer_tensors()?;
+    let mut files: Vec<(&str, Vec<u8>)> = vec![("config.yaml", cfg.to_yaml().into_bytes())];
+    let weights_file = match t.adapter_config() {
+        Some(a) => {
+            files.push((ADAPTER_CONFIG, a.to_json().into_bytes()));
+            ADAPTER_WEIGHTS
+        }
+        None => {
+            files.push((
+                "config.json",
+                serde_json::to_vec_pretty(&p.model_config.to_json()).expect("json"),
+            ));
+            "model.safetensors"
+        }
+    };
+    let state = t.state.clone();
+    let ck = Checkpoint {
+        weights: vec![(weights_file, trained)],
+        optimizer,
+        state: &state,
+        files,
+    };
+    let dir = checkpoint::write(&cfg.output_dir, &ck)?;
+    if let Some(limit) = cfg.save_total_limit {
+        checkpoint::rotate(&cfg.output_dir, limit.max(1))?;
+    }
+    Ok(dir)
+}
+
+/// Writes the final outputs into `output_dir`: the adapter (PEFT) or the full model,
+/// plus the tokenizer files.
+pub fn save_outputs(t: &mut Trainer, p: &Prepared) -> Result<()> {
+    let out = t.config().output_dir.clone();
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    match t.adapter_config().cloned() {
+        Some(a) => lora::save(&out, &a, &t.trained_tensors()?)?,
+        None => {
+            let dt = save_dtype(&p.model_config);
+            let tensors: Vec<_> = t.trained_tensors()?.into_iter().map(|(n, v)| (n, v.cast(dt))).collect();
+            write_model(&out, &p.model_config, &tensors)?;
+        }
+    }
+    copy_tokenizer(&p.model_dir, &out)
+}
+
+/// A full Hugging Face checkpoint: config.json and safetensors (sharded above 5 GB, HF's default).
+pub fn write_model(out: &Path, cfg: &ModelConfig, tensors: &[(String, crate::HostTensor)]) -> Result<()> {
+    const MAX_SHARD: usize = 5_000_000_000;
+    let bytes: usize = tensors.iter().map(|(_, t)| t.data.len()).sum();
+    if bytes > MAX_SHARD {
+        crate::model::write_safetensors_sharded(out, tensors, MAX_SHARD, None)?;
+    } else {
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        crate::model::write_safetensors(&out.join("model.safetensors"), tensors, Some(meta))?;
+    }
+    cfg.write(&out.join("config.json"))
+}
+
+pub fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
+    for f in TOKENIZER_FILES {
+        let src = from.join(f);
+        if src.is_file() {
+            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+            crate::model::atomic::write_atomic(&to.join(f), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs training to the end (or to Ctrl-C), evaluating and saving as configured.
+pub fn train(cfg: &Config, cb: &mut dyn Callback) -> Result<TrainSummary> {
+    let p = open_model(cfg)?;
+    let mut t = build_trainer(cfg, &p, cb)?;
+    let mut metrics = Metrics::open(&cfg.output_dir)?;
+    cb.on_start(t.info());
+    metrics.write(&serde_json::json!({"event": "start", "info": t.info()}));
+    let start = super::trainer::now();
+    let mut last_loss = None;
+    let mut last_eval = None;
+    let mut last_checkpoint = None;
+    let mut tokens = 0u64;
+    let mut interrupted = false;
+    while let Some(r) = t.step()? {
+        tokens += r.tokens;
+        if r.loss.is_finite() {
+            last_loss = Some(r.loss);
+        }
+        cb.on_step(&r);
+        metrics.write(&r);
+        if t.eval_due() {
+            if let Some(e) = t.evaluate()? {
+                cb.on_eval(&e);
+                metrics.write(&e);
+                last_eval = Some(e.eval_loss);
+            }
+        }
+        let stop = stop_requested() || cb.should_stop();
+        if stop || t.save_due() {
+            let dir = save_checkpoint(&mut t, &p)?;
+            cb.on_message(&format!("saved {}", dir.display()));
+            last_checkpoint = Some(dir);
+        }
+        if stop {
+            interrupted = true;
+            break;
+        }
+    }
+    if !interrupted {
+        save_outputs(&mut t, &p)?;
+        cb.on_message(&format!(
+            "saved the trained {} to {}",
+            if cfg.is_lora() { "adapter" } else { "model" },
+            cfg.output_dir.display()
+        ));
+    }
+    let seconds = super::trainer::now() - start;
+    let summary = TrainSummary {
+        steps: t.state.global_step,
+        tokens,
+        seconds,
+        tokens_per_second: tokens as f64 / seconds.max(1e-9),
+        final_loss: last_loss,
+        final_eval_loss: last_eval,
+        peak_bytes: t.info().plan.total_bytes,
+        output_dir: cfg.output_dir.clone(),
+        interrupted,
+        last_checkpoint,
+    };
+    metrics.write(&serde_json::json!({"event": "end", "summary": &summary}));
+    Ok(summary)
+}

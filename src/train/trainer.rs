@@ -1,0 +1,741 @@
+//! The training loop: micro-batches with gradient accumulation (loss normalised by the
+//! label tokens of the whole optimizer step), AdamW with the learning-rate schedule,
+//! clipping, evaluation, checkpoints and exact resume.
+
+use super::batches::{dropout_seed, model_inputs, StepInputs};
+use super::checkpoint::{DataPosition, TrainerState};
+use super::schedule::LrSchedule;
+use super::session::{load_base_weights, Precision, WeightSource};
+use super::step_graph::{OptimizerOptions, TrainGraph, EVAL, OPTIMIZER, TRAIN};
+use crate::adapters::lora::{self, AdapterConfig};
+use crate::backend::Backend;
+use crate::config::{Config, Every};
+use crate::data::{collate, BatchSchedule, EpochPlan, PackedBatch, PreparedData, ScheduleOptions};
+use crate::exec::{Executor, MemoryPlan};
+use crate::model::llama::{self, BuildOptions, LoraOptions};
+use crate::model::ModelConfig;
+use crate::tensor::{DType, HostTensor};
+use crate::{Error, Result};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Asks a running training loop to stop after the current step and save a checkpoint
+/// (the CLI calls this from its Ctrl-C handler).
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepReport {
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: f64,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub label_tokens: u64,
+    pub step_seconds: f64,
+    /// The step was skipped because its loss or gradient was not finite.
+    pub skipped: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EvalReport {
+    pub step: u64,
+    pub eval_loss: f64,
+    pub eval_label_tokens: u64,
+}
+
+/// Facts about a run, known before the first step.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RunInfo {
+    pub device: String,
+    pub total_steps: u64,
+    pub steps_per_epoch: u64,
+    pub parameters: u64,
+    pub trainable_parameters: u64,
+    pub rows: usize,
+    pub seq_len: usize,
+    pub train_samples: usize,
+    pub eval_samples: usize,
+    pub packing_efficiency: f64,
+    pub plan: MemoryPlan,
+    pub resumed_from_step: u64,
+}
+
+pub struct Trainer {
+    cfg: Config,
+    tg: TrainGraph,
+    ex: Executor,
+    progs: [usize; 3],
+    data: PreparedData,
+    schedule: BatchSchedule,
+    eval_schedule: Option<BatchSchedule>,
+    lr: LrSchedule,
+    opt: OptimizerOptions,
+    pub state: TrainerState,
+    total_steps: u64,
+    steps_per_epoch: u64,
+    epochs: usize,
+    pad_id: u32,
+    adapter: Option<AdapterConfig>,
+    plan_cache: Option<EpochPlan>,
+    info: RunInfo,
+}
+
+fn lora_options(cfg: &Config) -> Option<LoraOptions> {
+    cfg.is_lora().then(|| LoraOptions {
+        r: cfg.lora_r,
+        alpha: cfg.lora_alpha,
+        dropout: cfg.lora_dropout,
+        use_rslora: cfg.peft_use_rslora,
+        targets: cfg.lora_targets(),
+    })
+}
+
+/// The most label positions of any micro-batch, to size the logits of the step graph.
+fn max_label_rows(sched: &BatchSchedule, samples: &[crate::data::Sample], epochs: usize, pad: u32) -> Result<usize> {
+    let mut k = 0;
+    for e in 0..epochs {
+        for mb in sched.epoch(e).micro_batches() {
+            k = k.max(super::batches::count_targets(&collate(
+                samples,
+                mb,
+                sched.layout(),
+                pad,
+            )?));
+        }
+    }
+    Ok(k)
+}
+
+/// Everything decided before memory is allocated: schedules, step counts, the graph.
+pub struct RunPlan {
+    pub cfg: Config,
+    pub tg: TrainGraph,
+    pub data: PreparedData,
+    schedule: BatchSchedule,
+    eval_schedule: Option<BatchSchedule>,
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    epochs: usize,
+    pad_id: u32,
+    opt: OptimizerOptions,
+    base_name: String,
+}
+
+impl RunPlan {
+    /// Schedules the data, sizes the step graph and builds it.
+    pub fn new(
+        cfg: Config,
+        model: &ModelConfig,
+        precision: Precision,
+        data: PreparedData,
+        pad_id: u32,
+        base_name: &str,
+    ) -> Result<Self> {
+        let sched_opts = ScheduleOptions::new(&cfg.data, cfg.gradient_accumulation_steps);
+        let schedule = BatchSchedule::new(&data.train, sched_opts.clone())?;
+        let eval_schedule = if data.eval.is_empty() {
+            None
+        } else {
+            let o = ScheduleOptions {
+                shuffle: false,
+                gradient_accumulation_steps: 1,
+                ..sched_opts
+            };
+            Some(BatchSchedule::new(&data.eval, o)?)
+        };
+        let steps_per_epoch = schedule.steps_in_epoch(0).max(1) as u64;
+        let total_steps = match cfg.max_steps {
+            Some(m) => m,
+            None => (cfg.num_epochs * steps_per_epoch as f64).ceil().max(1.0) as u64,
+        };
+        let epochs = match cfg.max_steps {
+            Some(m) => m.div_ceil(steps_per_epoch) as usize + 1,
+            None => cfg.num_epochs.ceil() as usize,
+        };
+        let layout = schedule.layout();
+        let n = layout.rows * layout.seq_len;
+        // Logits only at label positions when that saves at least a quarter of the rows.
+        let mut k = max_label_rows(&schedule, &data.train, epochs, pad_id)?;
+        if let Some(es) = &eval_schedule {
+            k = k.max(max_label_rows(es, &data.eval, 1, pad_id)?);
+        }
+        let k = k.max(1).next_multiple_of(8);
+        let loss_rows = (k * 4 <= n * 3).then_some(k);
+        let opts = BuildOptions {
+            rows: layout.rows,
+            seq_len: layout.seq_len,
+            weight_dtype: precision.weights,
+            act_dtype: precision.activations,
+            lora: lora_options(&cfg),
+            train_base: !cfg.is_lora(),
+            modules_to_save: cfg.lora_modules_to_save.clone().unwrap_or_default(),
+            loss_rows,
+        };
+        let opt = OptimizerOptions {
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.weight_decay,
+            max_grad_norm: Some(cfg.max_grad_norm),
+        };
+        let tg = TrainGraph::new(llama::build(model, &opts)?, &opt)?;
+        Ok(RunPlan {
+            cfg,
+            tg,
+            data,
+            schedule,
+            eval_schedule,
+            steps_per_epoch,
+            total_steps,
+            epochs,
+            pad_id,
+            opt,
+            base_name: base_name.to_string(),
+        })
+    }
+
+    /// Parameter counts: (all, trainable).
+    pub fn parameter_counts(&self) -> (u64, u64) {
+        let g = &self.tg.model.graph;
+        let count =
+            |ts: &mut dyn Iterator<Item = &crate::graph::TensorId>| ts.map(|&t| g.info(t).numel() as u64).sum::<u64>();
+        let trainable = count(&mut self.tg.model.trainable.iter());
+        let base = count(&mut self.tg.model.weights.iter().map(|(_, t)| t));
+        let lora = count(&mut self.tg.model.lora.iter().flat_map(|p| [&p.a, &p.b]));
+        (base + lora, trainable)
+    }
+
+    pub fn layout(&self) -> crate::data::BatchLayout {
+        self.schedule.layout()
+    }
+}
+
+impl Trainer {
+    /// Allocates the plan on a backend, loads the weights and initialises the adapters.
+    pub fn new(plan: RunPlan, backend: Box<dyn Backend>, weights: &dyn WeightSource) -> Result<Self> {
+        let RunPlan {
+            cfg,
+            tg,
+            data,
+            schedule,
+            eval_schedule,
+            steps_per_epoch,
+            total_steps,
+            epochs,
+            pad_id,
+            opt,
+            base_name,
+        } = plan;
+        let device = backend.device_info();
+        let mut ex = Executor::new(tg.model.graph.clone(), backend, &tg.programs())?;
+        let progs = [
+            ex.program_index(TRAIN)?,
+            ex.program_index(OPTIMIZER)?,
+            ex.program_index(EVAL)?,
+        ];
+        load_base_weights(&mut ex, &tg.model, weights)?;
+        let lora = lora_options(&cfg);
+        let adapter = lora
+            .as_ref()
+            .map(|l| AdapterConfig::new(l, &base_name, &tg.model.opts.modules_to_save));
+        let warmup = match (cfg.warmup_steps, cfg.warmup_ratio) {
+            (Some(w), _) => w,
+            (None, Some(r)) => (r * total_steps as f64).ceil() as u64,
+            _ => 0,
+        };
+        let lr = LrSchedule {
+            kind: cfg.lr_scheduler,
+            base_lr: cfg.learning_rate,
+            warmup_steps: warmup,
+            total_steps,
+            min_lr_ratio: cfg.cosine_min_lr_ratio.unwrap_or(0.0),
+        };
+        let layout = schedule.layout();
+        let first = schedule.epoch(0);
+        let g = &tg.model.graph;
+        let count =
+            |ts: &mut dyn Iterator<Item = &crate::graph::TensorId>| ts.map(|&t| g.info(t).numel() as u64).sum::<u64>();
+        let trainable_parameters = count(&mut tg.model.trainable.iter());
+        let base = count(&mut tg.model.weights.iter().map(|(_, t)| t));
+        let lora_params = count(&mut tg.model.lora.iter().flat_map(|p| [&p.a, &p.b]));
+        let info = RunInfo {
+            device,
+            total_steps,
+            steps_per_epoch,
+            parameters: base + lora_params,
+            trainable_parameters,
+            rows: layout.rows,
+            seq_len: layout.seq_len,
+            train_samples: data.train.len(),
+            eval_samples: data.eval.len(),
+            packing_efficiency: first.efficiency(),
+            plan: ex.plan().clone(),
+            resumed_from_step: 0,
+        };
+        let state = TrainerState {
+            max_steps: total_steps,
+            num_train_epochs: cfg.num_epochs,
+            train_batch_size: cfg.data.micro_batch_size,
+            seed: cfg.data.seed,
+            config_hash: run_hash(&cfg),
+            ..Default::default()
+        };
+        let mut t = Trainer {
+            cfg,
+            tg,
+            ex,
+            progs,
+            data,
+            schedule,
+            eval_schedule,
+            lr,
+            opt,
+            state,
+            total_steps,
+            steps_per_epoch,
+            epochs,
+            pad_id,
+            adapter,
+            plan_cache: Some(first),
+            info,
+        };
+        t.init_adapters()?;
+        Ok(t)
+    }
+
+    pub fn info(&self) -> &RunInfo {
+        &self.info
+    }
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn executor(&mut self) -> &mut Executor {
+        &mut self.ex
+    }
+    pub fn graph(&self) -> &TrainGraph {
+        &self.tg
+    }
+    pub fn adapter_config(&self) -> Option<&AdapterConfig> {
+        self.adapter.as_ref()
+    }
+    pub fn is_done(&self) -> bool {
+        self.state.global_step >= self.total_steps
+    }
+
+    /// PEFT initialisation, or the adapter in `lora_model_dir`.
+    fn init_adapters(&mut self) -> Result<()> {
+        let pairs = self.tg.model.lora.clone();
+        let r = self.cfg.lora_r;
+        let loaded = match &self.cfg.lora_model_dir {
+            #[cfg(not(target_arch = "wasm32"))]
+            Some(dir) => Some(lora::load(dir)?),
+            _ => None,
+        };
+        for (i, p) in pairs.iter().enumerate() {
+            let dt = self.ex.graph().dtype(p.a);
+            let (a, b) = match &loaded {
+                Some((c, tensors)) => {
+                    if c.r != r {
+                        return Err(Error::Config(format!(
+                            "lora_model_dir: the adapter has r={}, the config lora_r={r}",
+                            c.r
+                        )));
+                    }
+                    let get = |k: String, shape: &[usize]| tensors.get_shaped(&k, shape, dt);
+                    (
+                        get(lora::lora_a_key(&p.module), &[r, p.in_features])?,
+                        get(lora::lora_b_key(&p.module), &[p.out_features, r])?,
+                    )
+                }
+                None => lora::init_pair(p, r, self.cfg.data.seed, i, dt),
+            };
+            self.ex.set_tensor(p.a, &a)?;
+            self.ex.set_tensor(p.b, &b)?;
+        }
+        Ok(())
+    }
+
+    fn epoch_plan(&mut self, epoch: usize) -> &EpochPlan {
+        if self.plan_cache.as_ref().map(|p| p.epoch) != Some(epoch) {
+            self.plan_cache = Some(self.schedule.epoch(epoch));
+        }
+        self.plan_cache.as_ref().expect("just set")
+    }
+
+    /// The next step's micro-batches, advancing over epoch ends.
+    fn next_step_batches(&mut self) -> Result<Option<Vec<PackedBatch>>> {
+        loop {
+            let DataPosition { epoch, step_in_epoch } = self.state.position;
+            if epoch as usize >= self.epochs {
+                return Ok(None);
+            }
+            let (layout, pad) = (self.schedule.layout(), self.pad_id);
+            let plan = self.epoch_plan(epoch as usize);
+            if let Some(step) = plan.steps.get(step_in_epoch as usize) {
+                let mbs = step.micro_batches.clone();
+                return mbs
+                    .iter()
+                    .map(|mb| collate(&self.data.train, mb, layout, pad))
+                    .collect::<Result<Vec<_>>>()
+                    .map(Some);
+            }
+            self.state.position = DataPosition {
+                epoch: epoch + 1,
+                step_in_epoch: 0,
+            };
+        }
+    }
+
+    async fn run_inputs(
+        &mut self,
+        prog: usize,
+        inp: &StepInputs,
+        extra: &[(crate::graph::TensorId, HostTensor)],
+    ) -> Result<(f64, f64)> {
+        let mut feed = inp.feed();
+        feed.extend(extra.iter().map(|(t, v)| (*t, v)));
+        let out = self.ex.run_async(self.progs[prog], &feed).await?;
+        Ok((out[0].to_f64()[0], out[1].to_f64()[0]))
+    }
+
+    fn scalar(&self, t: crate::graph::TensorId, v: f64) -> HostTensor {
+        HostTensor::from_f64(&[1], &[v]).cast(self.ex.graph().dtype(t))
+    }
+
+    /// Runs one optimizer step. Returns None when training is complete.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn step(&mut self) -> Result<Option<StepReport>> {
+        pollster::block_on(self.step_async())
+    }
+
+    /// Runs one optimizer step without blocking (see [`Trainer::step`]).
+    pub async fn step_async(&mut self) -> Result<Option<StepReport>> {
+        if self.is_done() {
+            return Ok(None);
+        }
+        let t0 = now();
+        let Some(batches) = self.next_step_batches()? else {
+            self.total_steps = self.state.global_step;
+            return Ok(None);
+        };
+        let inputs: Vec<StepInputs> = batches
+            .iter()
+            .map(|b| model_inputs(&self.tg.model, b))
+            .collect::<Result<_>>()?;
+        let labels: usize = inputs.iter().map(|i| i.label_tokens).sum();
+        let tokens: usize = inputs.iter().map(|i| i.tokens).sum();
+        let step = self.state.global_step + 1;
+        let lr = self.lr.lr(step);
+        let mut loss_sum = 0.0;
+        let mut skipped = labels == 0;
+        if !skipped {
+            let scale = self.scalar(self.tg.loss_scale, 1.0 / labels as f64);
+            for inp in &inputs {
+                let mut extra = vec![(self.tg.loss_scale, scale.clone())];
+                if let Some((seed_t, p_t)) = self.tg.model.dropout {
+                    let seed = dropout_seed(self.cfg.data.seed, self.state.micro_step);
+                    extra.push((seed_t, HostTensor::from_u32(&[1], &[seed])));
+                    extra.push((p_t, HostTensor::from_f32(&[1], &[self.cfg.lora_dropout as f32])));
+                }
+                let (l, _) = self.run_inputs(0, inp, &extra).await?;
+                loss_sum += l;
+                self.state.micro_step += 1;
+            }
+        }
+        let loss = if labels > 0 { loss_sum / labels as f64 } else { f64::NAN };
+        let mut grad_norm = f64::NAN;
+        if !loss.is_finite() {
+            skipped = true;
+            self.on_nonfinite(step, "loss", loss)?;
+            self.zero_grads()?;
+        } else {
+            let h = TrainGraph::hyper_values(&self.opt, lr, step);
+            let hyper = HostTensor::from_f32(&[3], &h);
+            let out = self.ex.run_async(self.progs[1], &[(self.tg.hyper, &hyper)]).await?;
+            grad_norm = out[0].to_f64()[0];
+            if !grad_norm.is_finite() {
+                // The update kernels left the weights untouched.
+                skipped = true;
+                self.on_nonfinite(step, "gradient norm", grad_norm)?;
+            }
+        }
+        self.state.global_step = step;
+        self.state.position.step_in_epoch += 1;
+        self.state.tokens_seen += tokens as u64;
+        self.state.epoch = self.epoch_progress();
+        let report = StepReport {
+            step,
+            total_steps: self.total_steps,
+            epoch: self.state.epoch,
+            loss,
+            learning_rate: lr,
+            grad_norm,
+            tokens: tokens as u64,
+            label_tokens: labels as u64,
+            step_seconds: now() - t0,
+            skipped,
+        };
+        self.state.log_history.push(serde_json::json!({
+            "step": step, "epoch": report.epoch, "loss": finite_or_null(loss), "learning_rate": lr,
+            "grad_norm": finite_or_null(grad_norm), "tokens": tokens,
+        }));
+        Ok(Some(report))
+    }
+
+    fn epoch_progress(&self) -> f64 {
+        self.state.position.epoch as f64 + self.state.position.step_in_epoch as f64 / self.steps_per_epoch as f64
+    }
+
+    fn on_nonfinite(&self, step: u64, what: &str, v: f64) -> Result<()> {
+        if self.cfg.skip_nonfinite_steps {
+            return Ok(());
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        let last = super::checkpoint::latest(&self.cfg.output_dir)
+            .map(|p| format!("the last good checkpoint is {}", p.display()))
+            .unwrap_or_else(|| "no checkpoint was saved yet".into());
+        #[cfg(target_arch = "wasm32")]
+        let last = String::from("no checkpoint is kept in the browser");
+        Err(crate::msg!(
+            "step {step}: the {what} is {v}; training stopped ({last}). Lower learning_rate, check the data, \
+             or set skip_nonfinite_steps: true to skip such steps"
+        ))
+    }
+
+    fn zero_grads(&mut self) -> Result<()> {
+        for s in self.tg.params.clone() {
+            let info = self.ex.graph().info(s.grad_acc).clone();
+            self.ex
+                .set_tensor(s.grad_acc, &HostTensor::zeros(&info.shape, info.dtype))?;
+        }
+        Ok(())
+    }
+
+    /// Mean loss over the held-out split (None when there is none).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn evaluate(&mut self) -> Result<Option<EvalReport>> {
+        pollster::block_on(self.evaluate_async())
+    }
+
+    /// The held-out loss without blocking (see [`Trainer::evaluate`]).
+    pub async fn evaluate_async(&mut self) -> Result<Option<EvalReport>> {
+        let Some(es) = &self.eval_schedule else { return Ok(None) };
+        let plan = es.epoch(0);
+        let layout = es.layout();
+        let batches: Vec<PackedBatch> = plan
+            .micro_batches()
+            .map(|mb| collate(&self.data.eval, mb, layout, self.pad_id))
+            .collect::<Result<_>>()?;
+        let (mut sum, mut count) = (0.0, 0.0);
+        for b in &batches {
+            let inp = model_inputs(&self.tg.model, b)?;
+            let mut extra = Vec::new();
+            if let Some((seed_t, p_t)) = self.tg.model.dropout {
+                extra.push((seed_t, HostTensor::from_u32(&[1], &[0])));
+                extra.push((p_t, HostTensor::from_f32(&[1], &[0.0])));
+            }
+            let (l, c) = self.run_inputs(2, &inp, &extra).await?;
+            sum += l;
+            count += c;
+        }
+        let r = EvalReport {
+            step: self.state.global_step,
+            eval_loss: sum / count.max(1.0),
+            eval_label_tokens: count as u64,
+        };
+        self.state
+            .log_history
+            .push(serde_json::json!({"step": r.step, "eval_loss": r.eval_loss}));
+        Ok(Some(r))
+    }
+
+    /// Whether `every` falls on the step just finished (`None`: at each epoch's end).
+    fn due(&self, every: Option<Every>, per_epoch: Option<u64>) -> bool {
+        let s = self.state.global_step;
+        let interval = match (every, per_epoch) {
+            (Some(Every::Steps(n)), _) => n,
+            (Some(Every::Fraction(f)), _) => (f * self.total_steps as f64).ceil().max(1.0) as u64,
+            (None, Some(k)) => (self.steps_per_epoch / k.max(1)).max(1),
+            (None, None) => self.steps_per_epoch,
+        };
+        s % interval == 0 || s == self.total_steps
+    }
+
+    pub fn eval_due(&self) -> bool {
+        self.eval_schedule.is_some() && self.due(self.cfg.eval_steps, self.cfg.evals_per_epoch)
+    }
+
+    pub fn save_due(&self) -> bool {
+        self.due(self.cfg.save_steps, self.cfg.saves_per_epoch)
+    }
+
+    /// The trained tensors under their saved names: PEFT keys for adapters, checkpoint
+    /// names for fully trained weights.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn trained_tensors(&mut self) -> Result<Vec<(String, HostTensor)>> {
+        pollster::block_on(self.trained_tensors_async())
+    }
+
+    /// The trained tensors without blocking (see [`Trainer::trained_tensors`]).
+    pub async fn trained_tensors_async(&mut self) -> Result<Vec<(String, HostTensor)>> {
+        let m = &self.tg.model;
+        let mut names: Vec<(String, crate::graph::TensorId)> = Vec::new();
+        for p in &m.lora {
+            names.push((lora::lora_a_key(&p.module), p.a));
+            names.push((lora::lora_b_key(&p.module), p.b));
+        }
+        for (name, t) in &m.weights {
+            if m.trainable.contains(t) {
+                let key = if self.adapter.is_some() {
+                    lora::saved_module_key(name)
+                } else {
+                    name.clone()
+                };
+                names.push((key, *t));
+            }
+        }
+        let ids: Vec<_> = names.iter().map(|(_, t)| *t).collect();
+        let values = self.ex.get_tensors_async(&ids).await?;
+        Ok(names.into_iter().map(|(n, _)| n).zip(values).collect())
+    }
+
+    /// Optimizer moments under `<param name>.exp_avg` / `.exp_avg_sq`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn optimizer_tensors(&mut self) -> Result<Vec<(String, HostTensor)>> {
+        let g = self.ex.graph();
+        let mut ids = Vec::new();
+        let mut names = Vec::new();
+        for s in &self.tg.params {
+            let n = &g.info(s.param).name;
+            names.push(format!("{n}.exp_avg"));
+            ids.push(s.exp_avg);
+            names.push(format!("{n}.exp_avg_sq"));
+            ids.push(s.exp_avg_sq);
+        }
+        let values = self.ex.get_tensors(&ids)?;
+        Ok(names.into_iter().zip(values).collect())
+    }
+
+    /// Restores trained weights, optimizer moments and the loop position.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn restore(
+        &mut self,
+        trained: &BTreeMap<String, HostTensor>,
+        optimizer: &BTreeMap<String, HostTensor>,
+        state: TrainerState,
+    ) -> Result<()> {
+        if state.config_hash != self.state.config_hash {
+            return Err(Error::Config(
+                "resume_from_checkpoint: the checkpoint was made with other data, model or batch settings; \
+                 resume with the config it was trained with"
+                    .into(),
+            ));
+        }
+        let current = self.trained_tensors()?;
+        let m = &self.tg.model;
+        let by_name: BTreeMap<String, crate::graph::TensorId> = {
+            let mut v = BTreeMap::new();
+            for p in &m.lora {
+                v.insert(lora::lora_a_key(&p.module), p.a);
+                v.insert(lora::lora_b_key(&p.module), p.b);
+            }
+            for (name, t) in &m.weights {
+                let key = if self.adapter.is_some() {
+                    lora::saved_module_key(name)
+                } else {
+                    name.clone()
+                };
+                v.insert(key, *t);
+            }
+            v
+        };
+        for (name, _) in current {
+            let t = by_name[&name];
+            let info = self.ex.graph().info(t).clone();
+            self.ex
+                .set_tensor(t, &trained.get_shaped(&name, &info.shape, info.dtype)?)?;
+        }
+        for s in self.tg.params.clone() {
+            let n = self.ex.graph().info(s.param).name.clone();
+            let info = self.ex.graph().info(s.param).clone();
+            for (suffix, t) in [("exp_avg", s.exp_avg), ("exp_avg_sq", s.exp_avg_sq)] {
+                self.ex.set_tensor(
+                    t,
+                    &optimizer.get_shaped(&format!("{n}.{suffix}"), &info.shape, info.dtype)?,
+                )?;
+            }
+        }
+        self.info.resumed_from_step = state.global_step;
+        self.state = state;
+        Ok(())
+    }
+}
+
+/// A hash of everything that must not change across a resume (data, model, batch shape,
+/// schedule, optimizer), so a checkpoint is only continued by the run that made it.
+pub fn run_hash(cfg: &Config) -> String {
+    use sha2::{Digest, Sha256};
+    let mut v = cfg.to_json();
+    if let Some(m) = v.as_object_mut() {
+        for k in [
+            "output_dir",
+            "resume_from_checkpoint",
+            "auto_resume_from_checkpoints",
+            "save_steps",
+            "saves_per_epoch",
+            "save_total_limit",
+            "eval_steps",
+            "evals_per_epoch",
+            "logging_steps",
+            "device",
+            "dataset_prepared_path",
+            "max_steps",
+            "eval_max_new_tokens",
+            "skip_nonfinite_steps",
+        ] {
+            m.remove(k);
+        }
+    }
+    let bytes = serde_json::to_vec(&v).expect("serializable");
+    Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn finite_or_null(x: f64) -> serde_json::Value {
+    if x.is_finite() {
+        serde_json::json!(x)
+    } else {
+        serde_json::Value::Null
+    }
+}
+
+/// Seconds on a monotonic clock (the browser has no `Instant`).
+pub fn now() -> f64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use std::sync::OnceLock;
+        static T0: OnceLock<std::time::Instant> = OnceLock::new();
+        T0.get_or_init(std::time::Instant::now).elapsed().as_secs_f64()
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        0.0
+    }
+}
+
+/// Storage type for saving a full model: the base checkpoint's dtype, f32 otherwise.
+pub fn save_dtype(cfg: &ModelConfig) -> DType {
+    cfg.torch_dtype
+        .filter(|d| matches!(d, DType::F32 | DType::BF16 | DType::F16))
+        .unwrap_or(DType::F32)
+}

@@ -1,0 +1,93 @@
+//! Config mistakes are reported before anything is loaded, with the key and what is expected.
+
+mod common;
+use ferrotune::Config;
+
+fn base(extra: &str) -> String {
+    let dir = common::temp_dir("cfg");
+    std::fs::write(dir.join("d.jsonl"), "{\"text\": \"hi\"}\n").unwrap();
+    format!(
+        "base_model: {0}\ndatasets:\n  - path: {0}/d.jsonl\n    type: completion\nlearning_rate: 1e-4\n{extra}",
+        dir.display()
+    )
+}
+
+fn err(yaml: &str) -> String {
+    Config::from_yaml(yaml, &[]).unwrap_err().to_string()
+}
+
+#[test]
+fn a_good_config_parses_with_axolotl_defaults() {
+    let c = Config::from_yaml(&base(""), &[]).unwrap();
+    assert_eq!(c.data.sequence_len, 512);
+    assert_eq!(c.data.micro_batch_size, 1);
+    assert_eq!(c.gradient_accumulation_steps, 1);
+    assert_eq!(c.optimizer, "adamw_torch_fused");
+    assert_eq!(c.max_grad_norm, 1.0);
+    assert_eq!(c.output_dir, std::path::PathBuf::from("./model-out"));
+    assert_eq!(c.learning_rate, 1e-4);
+    let c = Config::from_yaml(
+        &base("learning_rate_ignored: 1\n").replace("learning_rate_ignored: 1\n", ""),
+        &["learning_rate=\"3e-4\"".into()],
+    )
+    .unwrap();
+    assert_eq!(c.learning_rate, 3e-4);
+}
+
+#[test]
+fn unknown_keys_suggest_the_closest() {
+    let e = err(&base("lerning_rate: 1\n"));
+    assert!(
+        e.contains("lerning_rate: unknown key; did you mean `learning_rate`?"),
+        "{e}"
+    );
+    let e = err(&base("micro_batchsize: 2\n"));
+    assert!(e.contains("did you mean `micro_batch_size`"), "{e}");
+    let e = err(&base("").replace("type: completion", "type: completion\n    feild: text"));
+    assert!(
+        e.contains("datasets[0].feild: unknown key; did you mean `field`?"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unsupported_axolotl_keys_are_named() {
+    let e = err(&base("load_in_4bit: true\n"));
+    assert!(
+        e.contains("load_in_4bit: this axolotl key is not supported by ferrotune"),
+        "{e}"
+    );
+    let e = err(&base("deepspeed: zero3.json\n"));
+    assert!(e.contains("deepspeed"), "{e}");
+}
+
+#[test]
+fn wrong_types_and_ranges_name_the_key() {
+    let e = err(&base("micro_batch_size: two\n"));
+    assert!(e.contains("micro_batch_size"), "{e}");
+    let e = err(&base("lora_dropout: 1.5\nadapter: lora\n"));
+    assert!(e.contains("lora_dropout: 1.5 must be in [0, 1)"), "{e}");
+    let e = err(&base("optimizer: lion_8bit\n"));
+    assert!(
+        e.contains("optimizer: \"lion_8bit\" is not supported; supported: adamw_torch, adamw_torch_fused, adamw"),
+        "{e}"
+    );
+    let e = err(&base("").replace("learning_rate: 1e-4\n", ""));
+    assert!(e.contains("learning_rate"), "{e}");
+}
+
+#[test]
+fn contradictions_and_missing_paths_are_reported_together() {
+    let e = err(&base("warmup_steps: 10\nwarmup_ratio: 0.1\n").replace("/d.jsonl", "/missing.jsonl"));
+    assert!(
+        e.contains("warmup_steps and warmup_ratio: set one of them, not both"),
+        "{e}"
+    );
+    assert!(e.contains("datasets[0].path:") && e.contains("does not exist"), "{e}");
+    let e = err(&base("").replace("base_model: ", "base_model: /no/such/model"));
+    assert!(e.contains("base_model: /no/such/model"), "{e}");
+    let e = err(&base("lora_r: 8\nlora_target_modules: [q_proj, qkv]\nadapter: lora\n"));
+    assert!(e.contains("lora_target_modules: \"qkv\" is not a linear module"), "{e}");
+    let e = err(&base("lora_target_modules: [q_proj]\n"));
+    assert!(e.contains("lora_target_modules: only used with `adapter: lora`"), "{e}");
+}

@@ -1,0 +1,443 @@
+//! Training end to end on a tiny random model: gradient accumulation splits, bit-exact
+//! resume, LoRA at step 0, and the CLI from train to generate.
+
+mod common;
+use common::{temp_dir, write_arithmetic, write_tiny_model, CHATML};
+use ferrotune::train::run::{train, Callback};
+use ferrotune::train::trainer::StepReport;
+use ferrotune::{Config, HostTensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+struct Collect {
+    losses: Vec<f64>,
+    stop_at: Option<u64>,
+}
+
+impl Callback for Collect {
+    fn on_step(&mut self, r: &StepReport) {
+        self.losses.push(r.loss);
+    }
+    fn should_stop(&mut self) -> bool {
+        self.stop_at.is_some_and(|s| self.losses.len() as u64 >= s)
+    }
+}
+
+fn yaml(model: &Path, train_file: &str, eval_file: &str, out: &Path, extra: &str) -> String {
+    format!(
+        "base_model: {}\ndatasets:\n  - path: {train_file}\n    type: chat_template\n    chat_template: jinja\n    chat_template_jinja: \"{}\"\n\
+         test_datasets:\n  - path: {eval_file}\n    type: chat_template\n    chat_template: jinja\n    chat_template_jinja: \"{}\"\n\
+         sequence_len: 64\nlearning_rate: 0.01\nadapter: lora\nlora_r: 4\nlora_alpha: 8\nlora_target_linear: true\n\
+         output_dir: {}\ndevice: cpu\neval_max_new_tokens: 4\n{extra}",
+        model.display(),
+        CHATML.replace('"', "\\\""),
+        CHATML.replace('"', "\\\""),
+        out.display()
+    )
+}
+
+fn adapter(dir: &Path) -> BTreeMap<String, HostTensor> {
+    ferrotune::adapters::lora::load(dir).unwrap().1
+}
+
+fn max_rel(a: &BTreeMap<String, HostTensor>, b: &BTreeMap<String, HostTensor>) -> f64 {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .map(|(k, x)| common::rel_err(&x.to_f64(), &b[k].to_f64()))
+        .filter(|e| e.is_finite())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn micro_batch_splits_give_the_same_step() {
+    let dir = temp_dir("ga");
+    let model = write_tiny_model(&dir.join("model"), 1);
+    let (tr, ev) = write_arithmetic(&dir.join("data"), 64, 8);
+    let mut runs = Vec::new();
+    for (mbs, ga) in [(8, 1), (4, 2), (1, 8)] {
+        let out = dir.join(format!("out-{mbs}x{ga}"));
+        let extra = format!(
+            "micro_batch_size: {mbs}\ngradient_accumulation_steps: {ga}\nmax_steps: 1\nsample_packing: false\n"
+        );
+        let cfg = Config::from_yaml(&yaml(&model, &tr, &ev, &out, &extra), &[]).unwrap();
+        let mut c = Collect {
+            losses: vec![],
+            stop_at: None,
+        };
+        train(&cfg, &mut c).unwrap();
+        runs.push((c.losses[0], adapter(&out)));
+    }
+    for (loss, w) in &runs[1..] {
+        let rl = (loss - runs[0].0).abs() / runs[0].0;
+        assert!(rl < 1e-5, "loss {loss} vs {}", runs[0].0);
+        let rw = max_rel(w, &runs[0].1);
+        assert!(rw < 1e-5, "updated LoRA weights differ by {rw:e}");
+    }
+    // The step really moved the weights (B starts at zero).
+    let b_norm: f64 = runs[0]
+        .1
+        .iter()
+        .filter(|(k, _)| k.contains("lora_B"))
+        .map(|(_, t)| t.to_f64().iter().map(|x| x.abs()).sum::<f64>())
+        .sum();
+    assert!(b_norm > 0.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_run_bit_for_bit() {
+    let dir = temp_dir("resume");
+    let model = write_tiny_model(&dir.join("model"), 2);
+    let (tr, ev) = write_arithmetic(&dir.join("data"), 80, 8);
+    let extra = "micro_batch_size: 2\ngradient_accumulation_steps: 2\nmax_steps: 6\nsave_steps: 3\nsample_packing: true\nlora_dropout: 0.1\nwarmup_steps: 2\n";
+    let full_out = dir.join("full");
+    let cfg = Config::from_yaml(&yaml(&model, &tr, &ev, &full_out, extra), &[]).unwrap();
+    let mut full = Collect {
+        losses: vec![],
+        stop_at: None,
+    };
+    train(&cfg, &mut full).unwrap();
+
+    let part_out = dir.join("part");
+    let cfg = Config::from_yaml(&yaml(&model, &tr, &ev, &part_out, extra), &[]).unwrap();
+    let mut first = Collect {
+        losses: vec![],
+        stop_at: Some(3),
+    };
+    let s = train(&cfg, &mut first).unwrap();
+    assert!(s.interrupted);
+    let ck = part_out.join("checkpoint-3");
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "config.yaml",
+    ] {
+        assert!(ck.join(f).is_file(), "checkpoint-3 lacks {f}");
+    }
+    let resume = format!("resume_from_checkpoint={}", ck.display());
+    let cfg = Config::from_yaml(&yaml(&model, &tr, &ev, &part_out, extra), &[resume]).unwrap();
+    let mut second = Collect {
+        losses: vec![],
+        stop_at: None,
+    };
+    train(&cfg, &mut second).unwrap();
+
+    let resumed: Vec<f64> = first.losses.iter().chain(&second.losses).copied().collect();
+    assert_eq!(resumed.len(), 6);
+    for (a, b) in resumed.iter().zip(&full.losses) {
+        assert_eq!(a.to_bits(), b.to_bits(), "losses {resumed:?} vs {:?}", full.losses);
+    }
+    let (a, b) = (adapter(&full_out), adapter(&part_out));
+    for (k, t) in &a {
+        assert_eq!(t.data, b[k].data, "{k} differs after resume");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn lora_at_step_zero_is_the_base_model_and_counts_r_in_plus_out() {
+    use ferrotune::exec::ProgramSpec;
+    use ferrotune::model::llama::{build, BuildOptions, LoraOptions, LINEAR_MODULES};
+    use ferrotune::train::session::load_base_weights;
+    let dir = temp_dir("step0");
+    let model = write_tiny_model(&dir.join("model"), 3);
+    let cfg = ferrotune::model::ModelConfig::from_file(&model.join("config.json")).unwrap();
+    let store = ferrotune::model::WeightStore::open(&model.join("model.safetensors")).unwrap();
+    let r = 4;
+    let logits_of = |lora: Option<LoraOptions>| {
+        let opts = BuildOptions {
+            rows: 1,
+            seq_len: 12,
+            weight_dtype: ferrotune::DType::F32,
+            act_dtype: ferrotune::DType::F32,
+            lora,
+            train_base: false,
+            modules_to_save: vec![],
+            loss_rows: None,
+        };
+        let m = build(&cfg, &opts).unwrap();
+        let expected: usize = m.lora.iter().map(|p| r * (p.in_features + p.out_features)).sum();
+        let trainable: usize = m.trainable.iter().map(|&t| m.graph.info(t).numel()).sum();
+        assert_eq!(trainable, expected);
+        let mut ex = common::cpu_executor(m.graph.clone(), &[ProgramSpec::new("f", &[m.logits], &[])]);
+        load_base_weights(&mut ex, &m, &store).unwrap();
+        for (i, p) in m.lora.iter().enumerate() {
+            let (a, b) = ferrotune::adapters::lora::init_pair(p, r, 7, i, ferrotune::DType::F32);
+            assert!(a
+                .to_f64()
+                .iter()
+                .all(|&x| x.abs() <= 1.0 / (p.in_features as f64).sqrt()));
+            ex.set_tensor(p.a, &a).unwrap();
+            ex.set_tensor(p.b, &b).unwrap();
+        }
+        let ids: Vec<i32> = (0..12).map(|i| 100 + 37 * i).collect();
+        let pos: Vec<i32> = (0..12).collect();
+        let n = 12;
+        let feed_v = [
+            HostTensor::from_i32(&[n], &ids),
+            HostTensor::from_i32(&[n], &pos),
+            HostTensor::from_i32(&[n], &[1; 12]),
+        ];
+        let out = ex
+            .run(
+                0,
+                &[
+                    (m.input_ids, &feed_v[0]),
+                    (m.positions, &feed_v[1]),
+                    (m.segments, &feed_v[2]),
+                ],
+            )
+            .unwrap();
+        out[0].to_f32()
+    };
+    let base = logits_of(None);
+    let all = LINEAR_MODULES.iter().map(|s| s.to_string()).collect();
+    let adapted = logits_of(Some(LoraOptions {
+        r,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_rslora: false,
+        targets: all,
+    }));
+    assert_eq!(base, adapted, "LoRA at initialisation changed the logits");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_train_checkpoint_resume_eval_merge_generate() {
+    let dir = temp_dir("cli");
+    let model = write_tiny_model(&dir.join("model"), 4);
+    let (tr, ev) = write_arithmetic(&dir.join("data"), 40, 6);
+    let out = dir.join("out");
+    let cfg_path = dir.join("config.yaml");
+    std::fs::write(
+        &cfg_path,
+        yaml(
+            &model,
+            &tr,
+            &ev,
+            &out,
+            "micro_batch_size: 2\nmax_steps: 4\nsave_steps: 2\nsave_total_limit: 1\n",
+        ),
+    )
+    .unwrap();
+    let cfg = cfg_path.to_str().unwrap();
+
+    let (ok, _, err) = cli(&["train", cfg]);
+    assert!(ok, "train failed: {err}");
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "metrics.jsonl",
+    ] {
+        assert!(out.join(f).is_file(), "output lacks {f}");
+    }
+    // save_total_limit: 1 keeps only the newest checkpoint; nothing half-written remains.
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.contains(&"checkpoint-4".to_string()) && !names.contains(&"checkpoint-2".to_string()),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n.starts_with('.')), "{names:?}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps = metrics.lines().filter(|l| l.contains("\"learning_rate\"")).count();
+    assert_eq!(steps, 4, "{metrics}");
+    let ac: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(ac["peft_type"], "LORA");
+    assert_eq!(ac["r"], 4);
+    assert_eq!(ac["lora_alpha"], 8);
+    assert_eq!(ac["task_type"], "CAUSAL_LM");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint-4/trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(state["global_step"], 4);
+
+    let ck = format!("resume_from_checkpoint={}", out.join("checkpoint-4").display());
+    let (ok, _, err) = cli(&["train", cfg, "--set", "max_steps=6", "--set", &ck]);
+    assert!(ok, "resume failed: {err}");
+    assert!(err.contains("resumed from"), "{err}");
+    assert!(out.join("checkpoint-6/trainer_state.json").is_file());
+
+    let (ok, stdout, err) = cli(&["eval", cfg, "--adapter", out.to_str().unwrap(), "--json"]);
+    assert!(ok, "eval failed: {err}");
+    let with_adapter: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(with_adapter["eval_loss"].as_f64().unwrap().is_finite());
+    assert_eq!(with_adapter["exact_match_total"], 6);
+
+    let merged = dir.join("merged");
+    let (ok, _, err) = cli(&[
+        "merge",
+        cfg,
+        "--adapter",
+        out.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(ok, "merge failed: {err}");
+    assert!(merged.join("model.safetensors").is_file() && merged.join("config.json").is_file());
+    // The merged checkpoint gives the unmerged model's loss.
+    let merged_cfg = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .replace(model.to_str().unwrap(), merged.to_str().unwrap());
+    let merged_cfg_path = dir.join("merged.yaml");
+    std::fs::write(&merged_cfg_path, merged_cfg).unwrap();
+    let (ok, stdout, err) = cli(&["eval", merged_cfg_path.to_str().unwrap(), "--json"]);
+    assert!(ok, "eval of the merged model failed: {err}");
+    let merged_eval: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let (a, b) = (
+        with_adapter["eval_loss"].as_f64().unwrap(),
+        merged_eval["eval_loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-5 * a, "adapter {a} vs merged {b}");
+
+    let (ok, _stdout, err) = cli(&[
+        "generate",
+        "--model",
+        merged.to_str().unwrap(),
+        "--prompt",
+        "What is 2 + 2?",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--raw",
+    ]);
+    assert!(ok, "generate failed: {err}");
+    let (ok, stdout, err) = cli(&["plan", cfg, "--json"]);
+    assert!(ok, "plan failed: {err}");
+    let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(plan["plan"]["total_bytes"].as_u64().unwrap() > 0);
+    assert!(plan["trainable_parameters"].as_u64().unwrap() > 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn full_fine_tuning_writes_a_hugging_face_checkpoint() {
+    let dir = temp_dir("full");
+    let model = write_tiny_model(&dir.join("model"), 5);
+    let (tr, ev) = write_arithmetic(&dir.join("data"), 24, 4);
+    let out = dir.join("out");
+    let text = yaml(
+        &model,
+        &tr,
+        &ev,
+        &out,
+        "micro_batch_size: 2\nmax_steps: 2\nweight_decay: 0.1\n",
+    )
+    .replace(
+        "adapter: lora\nlora_r: 4\nlora_alpha: 8\nlora_target_linear: true\n",
+        "",
+    );
+    let cfg = Config::from_yaml(&text, &[]).unwrap();
+    assert!(!cfg.is_lora());
+    let mut c = Collect {
+        losses: vec![],
+        stop_at: None,
+    };
+    train(&cfg, &mut c).unwrap();
+    assert_eq!(c.losses.len(), 2);
+    let trained = ferrotune::model::WeightStore::open(&out.join("model.safetensors")).unwrap();
+    let base = ferrotune::model::WeightStore::open(&model.join("model.safetensors")).unwrap();
+    assert_eq!(trained.names().len(), base.names().len());
+    let changed = base
+        .names()
+        .iter()
+        .filter(|n| trained.get_raw(n).unwrap().data != base.get_raw(n).unwrap().data)
+        .count();
+    assert_eq!(
+        changed,
+        base.names().len(),
+        "every weight is trained in a full fine-tune"
+    );
+    let again = ferrotune::model::ModelConfig::from_file(&out.join("config.json")).unwrap();
+    assert_eq!(
+        again,
+        ferrotune::model::ModelConfig::from_file(&model.join("config.json")).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_non_finite_loss_stops_with_the_step_and_the_last_checkpoint() {
+    let dir = temp_dir("nan");
+    let model = write_tiny_model(&dir.join("model"), 6);
+    // Poison one norm weight: every forward pass gives NaN.
+    let mut tensors: Vec<(String, HostTensor)> = Vec::new();
+    let store = ferrotune::model::WeightStore::open(&model.join("model.safetensors")).unwrap();
+    for n in store.names() {
+        let mut t = store.get_raw(n).unwrap();
+        if n == "model.norm.weight" {
+            let mut v = t.to_f32();
+            v[0] = f32::NAN;
+            t = HostTensor::from_f32(&t.shape, &v);
+        }
+        tensors.push((n.to_string(), t));
+    }
+    drop(store);
+    ferrotune::model::write_safetensors(&model.join("model.safetensors"), &tensors, None).unwrap();
+    let (tr, ev) = write_arithmetic(&dir.join("data"), 16, 4);
+    let out = dir.join("out");
+    let cfg = Config::from_yaml(
+        &yaml(&model, &tr, &ev, &out, "micro_batch_size: 2\nmax_steps: 3\n"),
+        &[],
+    )
+    .unwrap();
+    let err = train(
+        &cfg,
+        &mut Collect {
+            losses: vec![],
+            stop_at: None,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("step 1: the loss is NaN") && err.contains("no checkpoint was saved yet"),
+        "{err}"
+    );
+    // Asked to, the run skips such steps instead and leaves the adapter untouched.
+    let cfg = Config::from_yaml(
+        &yaml(
+            &model,
+            &tr,
+            &ev,
+            &out,
+            "micro_batch_size: 2\nmax_steps: 3\nskip_nonfinite_steps: true\n",
+        ),
+        &[],
+    )
+    .unwrap();
+    let mut c = Collect {
+        losses: vec![],
+        stop_at: None,
+    };
+    train(&cfg, &mut c).unwrap();
+    assert_eq!(c.losses.len(), 3);
+    let b_sum: f64 = adapter(&out)
+        .iter()
+        .filter(|(k, _)| k.contains("lora_B"))
+        .map(|(_, t)| t.to_f64().iter().map(|x| x.abs()).sum::<f64>())
+        .sum();
+    assert_eq!(b_sum, 0.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
