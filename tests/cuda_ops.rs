@@ -467,6 +467,73 @@ fn sum_squares_clip_and_adamw() {
     }
 }
 
+/// An overflowed gradient: the clip coefficient is NaN and AdamW only clears the gradient.
+#[test]
+fn non_finite_norm_skips_adamw() {
+    let mut g = cuda();
+    let mut r = rng(16);
+    for bad in [f32::INFINITY, f32::NAN] {
+        let s = HostTensor::from_f32(&[1], &[bad]);
+        let got = run_op(&mut g, &Op::ClipCoef { max_norm: 1.0 }, &[s]);
+        assert!(got[1].to_f32()[0].is_nan(), "clip coef of a {bad} sum of squares is NaN");
+    }
+    let spec = AdamWSpec {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let n = 1001;
+    let p = t(&mut r, &[n], DType::F32);
+    let gr = t(&mut r, &[n], DType::F32);
+    let m = t(&mut r, &[n], DType::F32);
+    let v: Vec<f32> = t(&mut r, &[n], DType::F32).to_f32().iter().map(|x| x * x).collect();
+    let v = HostTensor::from_f32(&[n], &v);
+    let hyper = HostTensor::from_f32(&[3], &[1e-3, 0.19, 0.0447]);
+    let coef = HostTensor::from_f32(&[1], &[f32::NAN]);
+    let ins = [p.clone(), gr, m.clone(), v.clone(), hyper, coef];
+    let got = compare(&mut g, "adamw with a NaN coefficient", &Op::AdamW(spec), &ins);
+    assert_eq!(got[0].data, p.data, "weights unchanged");
+    assert_eq!(got[2].data, m.data, "first moment unchanged");
+    assert_eq!(got[3].data, v.data, "second moment unchanged");
+    assert!(got[1].to_f32().iter().all(|&x| x == 0.0), "gradient cleared");
+}
+
+/// KV-cache writes (negative and out-of-range slots skipped) and attention over the cache.
+#[test]
+fn kv_cache_write_and_cached_attention() {
+    let mut g = cuda();
+    let mut r = rng(17);
+    for dt in [DType::F32, DType::BF16] {
+        let (b, cache_len, w) = (2usize, 37usize, 3 * 64);
+        let cache = t(&mut r, &[b, cache_len, w], dt);
+        let x = t(&mut r, &[5, w], dt);
+        let slots = HostTensor::from_i32(&[5], &[0, 40, -1, 73, 74]);
+        compare(&mut g, &format!("cache_write {dt}"), &Op::CacheWrite, &[cache, x, slots]);
+        for (hq, hkv, hd, tq, window) in [
+            (4usize, 2usize, 64usize, 1usize, None),
+            (6, 3, 40, 3, Some(5)),
+            (2, 2, 128, 4, None),
+        ] {
+            let mut sp = spec(hq, hkv, hd, tq, true, window);
+            sp.scale = 0.3;
+            let q = t(&mut r, &[b * tq, hq * hd], dt);
+            let kc = t(&mut r, &[b, cache_len, hkv * hd], dt);
+            let vc = t(&mut r, &[b, cache_len, hkv * hd], dt);
+            let pos: Vec<i32> = (0..b * tq)
+                .map(|i| if i == 1 { -1 } else { r.random_range(0..cache_len as i32) })
+                .collect();
+            let pos = HostTensor::from_i32(&[b * tq], &pos);
+            compare(
+                &mut g,
+                &format!("attention_cached {dt} {hq}/{hkv} hd {hd} tq {tq} window {window:?}"),
+                &Op::AttentionCached(sp),
+                &[q, kc, vc, pos],
+            );
+        }
+    }
+}
+
 /// Several AdamW launches become one kernel; an op launched after them must see the update.
 #[test]
 fn adamw_launches_are_merged_in_order() {
