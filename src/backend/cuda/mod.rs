@@ -9,7 +9,8 @@
 //!
 //! Environment: `FERROTUNE_CUDA_GRAPHS=0` runs every program eagerly;
 //! `FERROTUNE_CUDA_SYNC=1` waits after each launch so a failing kernel is named;
-//! `FERROTUNE_CUDA_FLASH=0` keeps attention on the general kernels.
+//! `FERROTUNE_CUDA_FLASH=0` keeps attention on the general kernels;
+//! `FERROTUNE_CUDA_PROFILE=1` prints device time by op kind when the backend is dropped.
 
 mod attention;
 pub mod bench;
@@ -19,6 +20,7 @@ pub mod kernels;
 mod matmul;
 mod multi;
 mod ops;
+mod profile;
 
 pub use attention::FlashTiles;
 pub use kernels::compile_all_kernels;
@@ -50,6 +52,8 @@ pub struct CudaOptions {
     pub flash_attention: bool,
     /// Tile shapes of the tensor-core attention kernels (None: per head dim defaults).
     pub flash_tiles: Option<FlashTiles>,
+    /// Time every launch with events and print the totals by op kind on drop (no graphs).
+    pub profile: bool,
 }
 
 impl Default for CudaOptions {
@@ -62,6 +66,7 @@ impl Default for CudaOptions {
             poison_allocations: false,
             flash_attention: env("FERROTUNE_CUDA_FLASH").as_deref() != Some("0"),
             flash_tiles: None,
+            profile: env("FERROTUNE_CUDA_PROFILE").as_deref() == Some("1"),
         }
     }
 }
@@ -86,6 +91,7 @@ pub struct CudaBackend {
     lt: lt::cublasLtHandle_t,
     lt_workspace: u64,
     graphs: Graphs,
+    profile: Option<profile::Profile>,
     mods: Modules,
     gpu: Gpu,
 }
@@ -117,7 +123,8 @@ impl CudaBackend {
         let handle = cudarc::cublaslt::result::create_handle()
             .map_err(|e| Error::backend("cuda", format!("cuBLASLt handle: {e:?}")))?;
         let lt_workspace = gpu.alloc(matmul::WORKSPACE_BYTES)?;
-        let graphs = Graphs::new(opts.graphs && !opts.sync_each_launch);
+        let graphs = Graphs::new(opts.graphs && !opts.sync_each_launch && !opts.profile);
+        let profile = opts.profile.then(profile::Profile::default);
         Ok(CudaBackend {
             mods: Modules::new(gpu.cc),
             opts,
@@ -130,6 +137,7 @@ impl CudaBackend {
             lt: handle,
             lt_workspace,
             graphs,
+            profile,
             gpu,
         })
     }
@@ -146,7 +154,7 @@ impl CudaBackend {
     }
 
     pub fn set_graphs(&mut self, on: bool) {
-        self.graphs.enabled = on && !self.opts.sync_each_launch;
+        self.graphs.enabled = on && !self.opts.sync_each_launch && !self.opts.profile;
     }
 
     fn ptr(&self, loc: Loc) -> u64 {
@@ -235,14 +243,48 @@ impl CudaBackend {
             return Ok(());
         }
         let entries = std::mem::take(&mut self.pending_adamw);
-        self.launch_adamw(&entries)
+        let ev = self.profile_start()?;
+        self.launch_adamw(&entries)?;
+        self.profile_stop(ev, || format!("adamw ({} tensors)", entries.len()))
     }
 
     fn launch_op(&mut self, op: &Op, i: &[Arg], o: &[Arg]) -> Result<()> {
         if !matches!(op, Op::AdamW(_)) {
             self.flush_adamw()?;
         }
-        self.dispatch(op, i, o)
+        if matches!(op, Op::AdamW(_)) || self.profile.is_none() {
+            return self.dispatch(op, i, o);
+        }
+        let ev = self.profile_start()?;
+        self.dispatch(op, i, o)?;
+        self.profile_stop(ev, || match op {
+            Op::MatMul { trans_a, trans_b } => format!(
+                "matmul {:?} x {:?}{}{} -> {}",
+                i[0].info.shape,
+                i[1].info.shape,
+                if *trans_a { " (a^T)" } else { "" },
+                if *trans_b { " (b^T)" } else { "" },
+                o[0].info.dtype
+            ),
+            _ => op.name().to_string(),
+        })
+    }
+
+    fn profile_start(&mut self) -> Result<Option<(cudarc::driver::sys::CUevent, cudarc::driver::sys::CUevent)>> {
+        let stream = self.gpu.stream;
+        self.profile.as_mut().map(|p| p.start(stream)).transpose()
+    }
+
+    fn profile_stop(
+        &mut self,
+        ev: Option<(cudarc::driver::sys::CUevent, cudarc::driver::sys::CUevent)>,
+        what: impl FnOnce() -> String,
+    ) -> Result<()> {
+        let stream = self.gpu.stream;
+        match (self.profile.as_mut(), ev) {
+            (Some(p), Some(ev)) => p.stop(stream, what(), ev),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -315,6 +357,9 @@ impl Backend for CudaBackend {
             unsafe { self.gpu.dtoh(buf, self.ptr(*l))? };
         }
         self.gpu.sync()?;
+        if let Some(p) = self.profile.as_mut() {
+            p.collect();
+        }
         Ok(out)
     }
 
@@ -369,6 +414,13 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         let _ = self.gpu.bind();
         let _ = self.gpu.sync();
+        if let Some(p) = self.profile.as_mut() {
+            p.collect();
+            if !p.is_empty() {
+                eprint!("{}", p.report());
+            }
+            p.release();
+        }
         self.graphs.invalidate();
         self.plans.clear();
         // SAFETY: the stream is idle; nothing uses these allocations or the handle after this.
