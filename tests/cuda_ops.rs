@@ -475,7 +475,10 @@ fn non_finite_norm_skips_adamw() {
     for bad in [f32::INFINITY, f32::NAN] {
         let s = HostTensor::from_f32(&[1], &[bad]);
         let got = run_op(&mut g, &Op::ClipCoef { max_norm: 1.0 }, &[s]);
-        assert!(got[1].to_f32()[0].is_nan(), "clip coef of a {bad} sum of squares is NaN");
+        assert!(
+            got[1].to_f32()[0].is_nan(),
+            "clip coef of a {bad} sum of squares is NaN"
+        );
     }
     let spec = AdamWSpec {
         beta1: 0.9,
@@ -509,7 +512,12 @@ fn kv_cache_write_and_cached_attention() {
         let cache = t(&mut r, &[b, cache_len, w], dt);
         let x = t(&mut r, &[5, w], dt);
         let slots = HostTensor::from_i32(&[5], &[0, 40, -1, 73, 74]);
-        compare(&mut g, &format!("cache_write {dt}"), &Op::CacheWrite, &[cache, x, slots]);
+        compare(
+            &mut g,
+            &format!("cache_write {dt}"),
+            &Op::CacheWrite,
+            &[cache, x, slots],
+        );
         for (hq, hkv, hd, tq, window) in [
             (4usize, 2usize, 64usize, 1usize, None),
             (6, 3, 40, 3, Some(5)),
@@ -521,7 +529,13 @@ fn kv_cache_write_and_cached_attention() {
             let kc = t(&mut r, &[b, cache_len, hkv * hd], dt);
             let vc = t(&mut r, &[b, cache_len, hkv * hd], dt);
             let pos: Vec<i32> = (0..b * tq)
-                .map(|i| if i == 1 { -1 } else { r.random_range(0..cache_len as i32) })
+                .map(|i| {
+                    if i == 1 {
+                        -1
+                    } else {
+                        r.random_range(0..cache_len as i32)
+                    }
+                })
                 .collect();
             let pos = HostTensor::from_i32(&[b * tq], &pos);
             compare(

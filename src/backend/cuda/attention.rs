@@ -119,7 +119,7 @@ impl FlashTiles {
             64 => FlashTiles {
                 mw: 1,
                 bn: 64,
-                nw: 8,
+                nw: 4,
                 bm: 64,
             },
             _ => FlashTiles {

@@ -76,13 +76,15 @@ fn cuda_type(d: DType) -> lt::cudaDataType {
     }
 }
 
-/// A prepared product: descriptors and the algorithm the heuristic chose.
+/// A prepared product: descriptors, the heuristic's candidate algorithms (best first by its
+/// estimate) and the one in use (the first, or the fastest measured by `CudaBackend::tune`).
 pub struct Plan {
     desc: lt::cublasLtMatmulDesc_t,
     layout_first: lt::cublasLtMatrixLayout_t,
     layout_second: lt::cublasLtMatrixLayout_t,
     layout_c: lt::cublasLtMatrixLayout_t,
-    algo: lt::cublasLtMatmulAlgo_t,
+    pub algo: lt::cublasLtMatmulAlgo_t,
+    pub candidates: Vec<lt::cublasLtMatmulAlgo_t>,
 }
 
 // SAFETY: opaque cuBLASLt handles, used from one thread at a time with the owning backend.
@@ -218,11 +220,31 @@ impl Plan {
             layout_second: second,
             layout_c: c,
             algo: results[0].algo,
+            candidates: results[..count as usize]
+                .iter()
+                .filter(|r| r.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+                .map(|r| r.algo)
+                .collect(),
         })
     }
 
     /// `c = op(a) op(b)` on device pointers already in the compute type.
     pub fn run(&self, handle: lt::cublasLtHandle_t, gpu: &Gpu, a: u64, b: u64, c: u64, workspace: u64) -> Result<()> {
+        self.run_algo(&self.algo, handle, gpu, a, b, c, workspace)
+    }
+
+    /// The same with a given algorithm (one of `candidates`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_algo(
+        &self,
+        algo: &lt::cublasLtMatmulAlgo_t,
+        handle: lt::cublasLtHandle_t,
+        gpu: &Gpu,
+        a: u64,
+        b: u64,
+        c: u64,
+        workspace: u64,
+    ) -> Result<()> {
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: the pointers address tensors of the planned shapes and types; the
         // workspace holds WORKSPACE_BYTES.
@@ -240,7 +262,7 @@ impl Plan {
                 self.layout_c,
                 c as *mut c_void,
                 self.layout_c,
-                &self.algo,
+                algo,
                 workspace as *mut c_void,
                 WORKSPACE_BYTES as usize,
                 gpu.stream as lt::cudaStream_t,
@@ -260,6 +282,19 @@ impl Drop for Plan {
             let _ = lt::cublasLtMatmulDescDestroy(self.desc);
         }
     }
+}
+
+/// Operand bytes of a product in its compute type: (a, b, c).
+pub fn operand_bytes(key: &MatmulKey) -> Result<(u64, u64, u64)> {
+    let e = precision(key.a, key.b, key.c)?.compute.size() as u64;
+    let (batch, m, n, k) = (
+        key.dims.0 as u64,
+        key.dims.1 as u64,
+        key.dims.2 as u64,
+        key.dims.3 as u64,
+    );
+    let b_batch = if key.shared_b { 1 } else { batch };
+    Ok((batch * m * k * e, b_batch * k * n * e, batch * m * n * e))
 }
 
 pub fn key(d: MatmulDims, trans_a: bool, trans_b: bool, a: DType, b: DType, c: DType) -> MatmulKey {

@@ -54,6 +54,9 @@ pub struct CudaOptions {
     pub flash_tiles: Option<FlashTiles>,
     /// Time every launch with events and print the totals by op kind on drop (no graphs).
     pub profile: bool,
+    /// Time cuBLASLt's candidate algorithms for each matmul shape when it is prepared and
+    /// keep the fastest (products whose operands take at most 1 GiB).
+    pub tune_matmuls: bool,
 }
 
 impl Default for CudaOptions {
@@ -67,6 +70,7 @@ impl Default for CudaOptions {
             flash_attention: env("FERROTUNE_CUDA_FLASH").as_deref() != Some("0"),
             flash_tiles: None,
             profile: env("FERROTUNE_CUDA_PROFILE").as_deref() == Some("1"),
+            tune_matmuls: env("FERROTUNE_CUDA_TUNE").as_deref() != Some("0"),
         }
     }
 }
@@ -231,10 +235,74 @@ impl CudaBackend {
             if self.graphs.capturing() {
                 return Err(Error::backend("cuda", "a matmul was not prepared before capture"));
             }
-            let p = Plan::new(self.lt, key)?;
+            let mut p = Plan::new(self.lt, key)?;
+            if self.opts.tune_matmuls && p.candidates.len() > 1 {
+                if let Some(best) = self.tune(&p, &key)? {
+                    p.algo = best;
+                }
+            }
             self.plans.insert(key, p);
         }
         Ok(&self.plans[&key])
+    }
+
+    /// Times each candidate algorithm of `plan` on scratch operands (filled with 0.1, not
+    /// zeros) with device events, median of 5 after one warm-up, and returns the fastest;
+    /// None when the operands would take more than 1 GiB.
+    fn tune(&mut self, plan: &Plan, key: &MatmulKey) -> Result<Option<lt::cublasLtMatmulAlgo_t>> {
+        use cudarc::driver::result::event;
+        use cudarc::driver::sys;
+        let (ab, bb, cb) = matmul::operand_bytes(key)?;
+        if ab + bb + cb > 1 << 30 {
+            return Ok(None);
+        }
+        let pattern = match matmul::precision(key.a, key.b, key.c)?.compute {
+            crate::tensor::DType::BF16 => 0x3dcd_3dcd,
+            crate::tensor::DType::F16 => 0x2e66_2e66,
+            _ => 0x3dcc_cccd,
+        };
+        self.gpu.sync()?;
+        let bufs = [
+            self.gpu.alloc(ab.max(4))?,
+            self.gpu.alloc(bb.max(4))?,
+            self.gpu.alloc(cb.max(4))?,
+        ];
+        for (p, n) in bufs.iter().zip([ab, bb, cb]) {
+            self.gpu.memset32(*p, pattern, (n / 4) as usize)?;
+        }
+        let ev = || event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| gpu::drv("cuEventCreate", e));
+        let (e0, e1) = (ev()?, ev()?);
+        let mut best: Option<(f32, lt::cublasLtMatmulAlgo_t)> = None;
+        for algo in &plan.candidates {
+            let run = |b: &Self| plan.run_algo(algo, b.lt, &b.gpu, bufs[0], bufs[1], bufs[2], b.lt_workspace);
+            if run(self).is_err() {
+                continue;
+            }
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                // SAFETY: events of this context recorded on the backend's stream.
+                unsafe { event::record(e0, self.gpu.stream) }.map_err(|e| gpu::drv("cuEventRecord", e))?;
+                run(self)?;
+                unsafe { event::record(e1, self.gpu.stream) }.map_err(|e| gpu::drv("cuEventRecord", e))?;
+                self.gpu.sync()?;
+                // SAFETY: both events completed.
+                times.push(unsafe { event::elapsed(e0, e1) }.map_err(|e| gpu::drv("cuEventElapsedTime", e))?);
+            }
+            times.sort_by(f32::total_cmp);
+            if best.is_none_or(|(t, _)| times[2] < t) {
+                best = Some((times[2], *algo));
+            }
+        }
+        self.gpu.sync()?;
+        // SAFETY: the stream is idle; the buffers and events are used by nothing else.
+        unsafe {
+            for p in bufs {
+                self.gpu.free(p);
+            }
+            let _ = event::destroy(e0);
+            let _ = event::destroy(e1);
+        }
+        Ok(best.map(|b| b.1))
     }
 
     /// Issues the AdamW updates collected so far as one launch.

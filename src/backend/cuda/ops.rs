@@ -49,12 +49,12 @@ fn numel(i: &TensorInfo) -> u64 {
     i.numel() as u64
 }
 
-/// Threads per row for RMSNorm: each thread owns up to MAXC (cuda/rmsnorm.cu) chunks of `v`
-/// features.
+/// Threads per row for RMSNorm: one chunk of `v` features per thread up to 512 threads
+/// (wide blocks keep enough loads in flight), then up to MAXC (cuda/rmsnorm.cu) chunks each.
 const RMS_MAXC: u64 = 4;
 fn rms_threads(h: u64, v: u64) -> Result<u32> {
-    let t = h.div_ceil(v * RMS_MAXC).div_ceil(32) * 32;
-    if t > 512 {
+    let t = (h.div_ceil(v).div_ceil(32) * 32).min(512);
+    if t * v * RMS_MAXC < h {
         return Err(Error::backend(
             "cuda",
             format!(

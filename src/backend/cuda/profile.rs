@@ -69,7 +69,11 @@ impl Profile {
 
     /// Destroys the events (the stream is idle).
     pub fn release(&mut self) {
-        for e in self.free.drain(..).chain(self.pending.drain(..).flat_map(|(_, a, b)| [a, b])) {
+        for e in self
+            .free
+            .drain(..)
+            .chain(self.pending.drain(..).flat_map(|(_, a, b)| [a, b]))
+        {
             // SAFETY: idle events owned here.
             unsafe {
                 let _ = event::destroy(e);
