@@ -47,7 +47,19 @@ pub fn missing_libraries() -> Vec<String> {
                     seen.push(c);
                 }
             }
-            format!("{name} (searched for {})", seen.join(", "))
+            // The plain name and the CUDA 13 one; the rest are older versions and other spellings.
+            let shown: Vec<&str> = seen
+                .iter()
+                .map(|s| s.as_str())
+                .enumerate()
+                .filter(|(i, s)| *i == 0 || s.ends_with(".so.13"))
+                .map(|(_, s)| s)
+                .collect();
+            format!(
+                "{name} (tried {} and {} other names)",
+                shown.join(", "),
+                seen.len().saturating_sub(shown.len())
+            )
         })
         .collect()
 }
