@@ -17,3 +17,6 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 # Benchmarks are compiled, not run (they measure, they do not check).
 cargo build --release --benches
 cargo test --release --lib --bins --tests --examples
+# The CUDA backend loads its libraries at run time: it compiles without a GPU, and its
+# tests (which need one) run with scripts/gpu-test.sh on a machine that has it.
+cargo build --release --features cuda --all-targets

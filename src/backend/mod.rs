@@ -4,6 +4,8 @@
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod cpu;
+#[cfg(all(feature = "cuda", not(target_arch = "wasm32")))]
+pub mod cuda;
 pub mod plan;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod select;
@@ -67,6 +69,18 @@ pub trait Backend {
     }
     /// Submits recorded work (a no-op on synchronous backends).
     fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Called before the launches of one run of program `id` (the executor's index). A
+    /// backend that recorded an earlier run (a CUDA graph) may replay it and return true:
+    /// the caller then skips the launches. Inputs are written before this call, to the same
+    /// planned locations every run, so a replay reads the new values.
+    fn begin_program(&mut self, _id: usize) -> Result<bool> {
+        Ok(false)
+    }
+    /// Called after the last launch of a run of program `id` (or after a replay), before
+    /// `flush`.
+    fn end_program(&mut self, _id: usize) -> Result<()> {
         Ok(())
     }
 }

@@ -25,7 +25,7 @@ pub fn requested(choice: DeviceChoice) -> Result<DeviceChoice> {
 
 #[cfg(feature = "cuda")]
 fn cuda() -> Result<Box<dyn Backend>> {
-    Ok(Box::new(super::cuda::CudaBackend::new(0)?))
+    Ok(Box::new(super::cuda::CudaBackend::new()?))
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -489,7 +489,12 @@ impl Executor {
         for &t in &p.inputs {
             self.backend.write(p.locs[&t], &given[&t].data)?;
         }
+        // A backend that recorded this program's launches before (a CUDA graph) replays them.
+        let replayed = self.backend.begin_program(program)?;
         for &n in &p.schedule {
+            if replayed {
+                break;
+            }
             let node = g.node(n);
             if node.op.is_view() {
                 continue;
@@ -525,6 +530,7 @@ impl Executor {
                 e => e,
             })?;
         }
+        self.backend.end_program(program)?;
         self.backend.flush()?;
         let locs: Vec<Loc> = p
             .spec

@@ -1,0 +1,129 @@
+// Shared by every kernel family: the backend prepends this text to each .cu file before
+// NVRTC compiles it (no #include, no CUDA headers, so NVRTC needs nothing from a toolkit).
+//
+// Storage types are runtime codes (the graph decides dtypes; every float combination the
+// CPU reference accepts must work): 0 = f32, 1 = bf16, 2 = f16, matching
+// `src/backend/cuda/ops.rs::dt_code`. All arithmetic is f32; a load widens, a store rounds to
+// nearest even (bf16 by bit arithmetic, exactly what the `half` crate does on the CPU).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+#define DT_F32 0
+#define DT_BF16 1
+#define DT_F16 2
+
+#define F_INF __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// Round to nearest even; NaN stays a (quiet) NaN. Same as half::bf16::from_f32.
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (u16)((x >> 16) | 0x40u);
+    x += 0x7fffu + ((x >> 16) & 1u);
+    return (u16)(x >> 16);
+}
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("{ .reg .b16 t; cvt.rn.f16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float ldf(const void* p, int dt, i64 i) {
+    if (dt == DT_F32) return ((const float*)p)[i];
+    u16 h = ((const u16*)p)[i];
+    return dt == DT_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
+__device__ __forceinline__ void stf(void* p, int dt, i64 i, float v) {
+    if (dt == DT_F32) {
+        ((float*)p)[i] = v;
+    } else {
+        ((u16*)p)[i] = dt == DT_BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+    }
+}
+
+__device__ __forceinline__ float h16_to_f32(u16 h, int dt) { return dt == DT_BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
+__device__ __forceinline__ u16 f32_to_h16(float v, int dt) { return dt == DT_BF16 ? f32_to_bf16(v) : f32_to_f16(v); }
+
+// Eight consecutive elements starting at i (a multiple of 8; buffers are 256-byte aligned,
+// so these are 16-byte loads and stores).
+__device__ __forceinline__ void ld8(const void* p, int dt, i64 i, float* v) {
+    if (dt == DT_F32) {
+        const float4* q = (const float4*)((const float*)p + i);
+        float4 a = q[0], b = q[1];
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    } else {
+        uint4 u = *(const uint4*)((const u16*)p + i);
+        u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            v[2 * k] = h16_to_f32((u16)(w[k] & 0xffffu), dt);
+            v[2 * k + 1] = h16_to_f32((u16)(w[k] >> 16), dt);
+        }
+    }
+}
+
+__device__ __forceinline__ void st8(void* p, int dt, i64 i, const float* v) {
+    if (dt == DT_F32) {
+        float4* q = (float4*)((float*)p + i);
+        q[0] = make_float4(v[0], v[1], v[2], v[3]);
+        q[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+        u32 w[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) w[k] = (u32)f32_to_h16(v[2 * k], dt) | ((u32)f32_to_h16(v[2 * k + 1], dt) << 16);
+        *(uint4*)((u16*)p + i) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block (any blockDim that is a multiple of 32, at most 1024); every thread
+// gets the result. `red` is 32 floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : 0.f;
+    return warp_sum(v);
+}
+
+__device__ __forceinline__ double block_sum_d(double v, double* red) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : 0.0;
+    return warp_sum_d(v);
+}

@@ -1,0 +1,83 @@
+//! Device time by op kind (`FERROTUNE_CUDA_PROFILE=1`): an event pair around every launch,
+//! read back at each synchronisation, summed per kind and printed to stderr when the backend
+//! is dropped. Graphs are off while profiling (events inside a capture cannot be timed).
+
+use super::gpu::drv;
+use crate::Result;
+use cudarc::driver::result::event;
+use cudarc::driver::sys;
+use std::collections::HashMap;
+
+#[derive(Default)]
+pub struct Profile {
+    pending: Vec<(String, sys::CUevent, sys::CUevent)>,
+    free: Vec<sys::CUevent>,
+    totals: HashMap<String, (u64, f64)>,
+}
+
+impl Profile {
+    fn event(&mut self) -> Result<sys::CUevent> {
+        match self.free.pop() {
+            Some(e) => Ok(e),
+            None => event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| drv("cuEventCreate", e)),
+        }
+    }
+
+    /// Records the start of a launch labelled `what`; returns the event pair to close.
+    pub fn start(&mut self, stream: sys::CUstream) -> Result<(sys::CUevent, sys::CUevent)> {
+        let (a, b) = (self.event()?, self.event()?);
+        // SAFETY: a fresh event on the backend's stream.
+        unsafe { event::record(a, stream) }.map_err(|e| drv("cuEventRecord", e))?;
+        Ok((a, b))
+    }
+
+    pub fn stop(&mut self, stream: sys::CUstream, what: String, ev: (sys::CUevent, sys::CUevent)) -> Result<()> {
+        // SAFETY: as in `start`.
+        unsafe { event::record(ev.1, stream) }.map_err(|e| drv("cuEventRecord", e))?;
+        self.pending.push((what, ev.0, ev.1));
+        Ok(())
+    }
+
+    /// Adds the pending pairs to the totals; call after the stream is synchronised.
+    pub fn collect(&mut self) {
+        for (what, a, b) in std::mem::take(&mut self.pending) {
+            // SAFETY: both events completed (the stream was synchronised).
+            if let Ok(ms) = unsafe { event::elapsed(a, b) } {
+                let t = self.totals.entry(what).or_insert((0, 0.0));
+                t.0 += 1;
+                t.1 += ms as f64;
+            }
+            self.free.extend([a, b]);
+        }
+    }
+
+    /// The totals as a table, largest first.
+    pub fn report(&self) -> String {
+        let mut rows: Vec<_> = self.totals.iter().collect();
+        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        let all: f64 = rows.iter().map(|r| r.1 .1).sum();
+        let mut s = format!("device time by op, {all:.1} ms in all:\n| op | launches | ms | share |\n");
+        for (what, (n, ms)) in rows {
+            s += &format!("| {what} | {n} | {ms:.2} | {:.1}% |\n", 100.0 * ms / all.max(1e-9));
+        }
+        s
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.totals.is_empty() && self.pending.is_empty()
+    }
+
+    /// Destroys the events (the stream is idle).
+    pub fn release(&mut self) {
+        for e in self
+            .free
+            .drain(..)
+            .chain(self.pending.drain(..).flat_map(|(_, a, b)| [a, b]))
+        {
+            // SAFETY: idle events owned here.
+            unsafe {
+                let _ = event::destroy(e);
+            }
+        }
+    }
+}

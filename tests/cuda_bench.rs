@@ -1,0 +1,86 @@
+//! Attention speed on the device (ignored by default: a measurement, not a check). Run with
+//! `--ignored`; prints median milliseconds and TFLOP/s of the forward and backward passes of
+//! causal bf16 attention at 2k, 8k and 16k tokens per row (16k tokens per step) for head dims
+//! 64 and 128 with the default tile shapes of the tensor-core kernels (whose results
+//! `cuda_ops` checks against the CPU). `FERROTUNE_BENCH_TILES=all` adds every other tile
+//! shape; `FERROTUNE_BENCH_TILES="mw,bn,nw,bm;..."` times the listed ones instead.
+#![cfg(feature = "cuda")]
+
+use ferrotune::backend::cuda::bench::{time_attention, AttnShape};
+use ferrotune::backend::cuda::{CudaBackend, CudaOptions, FlashTiles};
+use ferrotune::DType;
+
+fn tile_sets() -> Vec<Option<FlashTiles>> {
+    let mut v = vec![None];
+    let env = std::env::var("FERROTUNE_BENCH_TILES").unwrap_or_default();
+    if env.is_empty() {
+        return v;
+    }
+    if env != "all" {
+        let s = env;
+        // "mw,bn,nw,bm;..." replaces the list below.
+        return s
+            .split(';')
+            .map(|t| {
+                let n: Vec<usize> = t.split(',').map(|x| x.trim().parse().expect("tile numbers")).collect();
+                Some(FlashTiles {
+                    mw: n[0],
+                    bn: n[1],
+                    nw: n[2],
+                    bm: n[3],
+                })
+            })
+            .collect();
+    }
+    for (mw, bn, nw, bm) in [
+        (1, 64, 4, 64),
+        (2, 64, 8, 64),
+        (2, 32, 4, 32),
+        (2, 32, 8, 32),
+        (2, 64, 4, 64),
+    ] {
+        v.push(Some(FlashTiles { mw, bn, nw, bm }));
+    }
+    v
+}
+
+#[test]
+#[ignore]
+fn attention_speed() {
+    eprintln!("| tiles | T | batch | heads | head dim | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s |");
+    for (hd, heads) in [(64usize, 32usize), (128, 16)] {
+        for tiles in tile_sets() {
+            if tiles.is_some_and(|t| !t.valid(hd)) {
+                continue;
+            }
+            let mut be = CudaBackend::with_options(CudaOptions {
+                flash_tiles: tiles,
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("this benchmark needs a CUDA device: {e}"));
+            let label = match tiles {
+                Some(t) => format!("m{}n{} w{}m{}", t.mw, t.bn, t.nw, t.bm),
+                None => "default".to_string(),
+            };
+            for (t, b) in [(2048usize, 8usize), (8192, 2), (16384, 1)] {
+                let sh = AttnShape {
+                    batch: b,
+                    seq_len: t,
+                    n_heads: heads,
+                    n_kv_heads: heads,
+                    head_dim: hd,
+                    causal: true,
+                    dtype: DType::BF16,
+                };
+                let r = time_attention(&mut be, &sh, 3, 10).unwrap();
+                eprintln!(
+                    "| {label} | {t} | {b} | {heads} | {hd} | {:.3} | {:.1} | {:.3} | {:.1} |",
+                    r.fwd_ms,
+                    r.fwd_flops / r.fwd_ms / 1e9,
+                    r.bwd_ms,
+                    r.bwd_flops / r.bwd_ms / 1e9
+                );
+            }
+        }
+    }
+}
