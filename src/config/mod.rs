@@ -254,6 +254,18 @@ pub struct Config {
     pub lora_modules_to_save: Option<Vec<String>>,
     #[serde(default)]
     pub lora_model_dir: Option<PathBuf>,
+
+    /// A DeepSpeed json whose `zero_optimization.stage` selects ZeRO-1/2/3 (multi-GPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deepspeed: Option<String>,
+    /// FSDP (parameters sharded) with `fsdp_config` (multi-GPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsdp_version: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsdp_config: Option<serde_json::Value>,
+    /// Seconds a rank waits in a collective before naming the ranks that did not arrive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ddp_timeout: Option<u64>,
 }
 
 impl Config {
