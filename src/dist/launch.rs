@@ -145,11 +145,11 @@ pub fn launch(o: &LaunchOptions) -> Result<LaunchReport> {
     }
     let failed: Vec<&(usize, ExitStatus)> = exits.iter().filter(|(_, s)| !s.success()).collect();
     if let Some((rank, status)) = failed.first() {
-        let others: Vec<String> = failed[1..].iter().map(|(r, _)| r.to_string()).collect();
+        let others: Vec<usize> = failed[1..].iter().map(|(r, _)| *r).collect();
         let also = if others.is_empty() {
             String::new()
         } else {
-            format!("; then ranks {} failed too", others.join(", "))
+            format!("; then {} failed too", super::collective::name_ranks(&others))
         };
         return Err(crate::msg!("launch: rank {rank} failed first ({status}){also}; see its messages above"));
     }

@@ -812,6 +812,10 @@ pub fn run_hash_for(cfg: &Config, world_size: usize) -> String {
             "gradient_accumulation_steps".into(),
             serde_json::json!(cfg.gradient_accumulation_steps * world_size),
         );
+        // Removed keeping the order of the others (`remove` would move the last key).
+        for k in ["deepspeed", "fsdp_version", "fsdp_config", "ddp_timeout"] {
+            m.shift_remove(k);
+        }
         for k in [
             "output_dir",
             "resume_from_checkpoint",
@@ -827,10 +831,6 @@ pub fn run_hash_for(cfg: &Config, world_size: usize) -> String {
             "max_steps",
             "eval_max_new_tokens",
             "skip_nonfinite_steps",
-            "deepspeed",
-            "fsdp_version",
-            "fsdp_config",
-            "ddp_timeout",
         ] {
             m.remove(k);
         }
