@@ -48,7 +48,12 @@ fn setup(name: &str) -> Setup {
     let dir = temp_dir(name);
     let model = write_tiny_model(&dir.join("model"), 3);
     let (train, eval) = write_arithmetic(&dir.join("data"), 48, 6);
-    Setup { dir, model, train, eval }
+    Setup {
+        dir,
+        model,
+        train,
+        eval,
+    }
 }
 
 impl Setup {
@@ -135,13 +140,22 @@ fn ranks_match_one_rank_for_data_parallel_and_zero_stages() {
     let zero1 = format!("deepspeed: {}\n", write_zero_json(&s.dir, 1));
     let zero2 = format!("deepspeed: {}\n", write_zero_json(&s.dir, 2));
     let fsdp = "fsdp_version: 2\nfsdp_config:\n  reshard_after_forward: true\n  state_dict_type: FULL_STATE_DICT\n";
-    for (name, extra) in [("dp", ""), ("zero1", zero1.as_str()), ("zero2", zero2.as_str()), ("zero3", fsdp)] {
+    for (name, extra) in [
+        ("dp", ""),
+        ("zero1", zero1.as_str()),
+        ("zero2", zero2.as_str()),
+        ("zero3", fsdp),
+    ] {
         for world in [2, 4] {
             let out = s.dir.join(format!("{name}-{world}"));
             let ranks = run_threads(&s.config(&out, 4 / world, extra), world, None);
             for (r, c) in ranks.iter().enumerate() {
                 close(&c.losses, &reference.losses, &format!("{name} x{world} rank {r} loss"));
-                close(&c.grad_norms, &reference.grad_norms, &format!("{name} x{world} rank {r} grad norm"));
+                close(
+                    &c.grad_norms,
+                    &reference.grad_norms,
+                    &format!("{name} x{world} rank {r} grad norm"),
+                );
                 close(&c.eval, &reference.eval, &format!("{name} x{world} rank {r} eval loss"));
             }
             let e = max_rel(&adapter(&out), &ref_w);
@@ -162,7 +176,6 @@ fn ranks_match_one_rank_for_data_parallel_and_zero_stages() {
 #[test]
 fn full_fine_tuning_under_zero2_matches_one_rank() {
     let s = setup("dist-full");
-    let full = "adapter: null\n";
     let reference_out = s.dir.join("reference");
     let mut reference = Collect::default();
     let cfg = |out: &Path, ga, extra: &str| {
@@ -184,7 +197,6 @@ fn full_fine_tuning_under_zero2_matches_one_rank() {
     };
     let e = max_rel(&read(&out), &read(&reference_out));
     assert!(e < 1e-5, "full fine-tune weights differ by {e:e}");
-    let _ = full;
     std::fs::remove_dir_all(&s.dir).unwrap();
 }
 
@@ -245,7 +257,9 @@ fn exercise(c: &mut dyn Collective) {
     assert_eq!(recv, expected_sum(world, n * world)[rank * n..(rank + 1) * n]);
     let mut all = vec![0f32; n * world];
     c.all_gather(&mine, &mut all).unwrap();
-    let want: Vec<f32> = (0..world).flat_map(|r| (0..n).map(move |i| value(r, i) as f32)).collect();
+    let want: Vec<f32> = (0..world)
+        .flat_map(|r| (0..n).map(move |i| value(r, i) as f32))
+        .collect();
     assert_eq!(all, want);
     let mut b = mine.clone();
     c.broadcast(&mut b, world - 1).unwrap();
@@ -254,7 +268,11 @@ fn exercise(c: &mut dyn Collective) {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn rdzv(port: u16, rank: usize, world: usize, hash: &str, timeout: f64) -> RendezvousOptions {
@@ -337,10 +355,13 @@ fn a_rank_that_never_arrives_is_named() {
             drop(c);
             return String::new();
         }
-        let hang = c.all_reduce(&mut [1.0]).unwrap_err().to_string();
-        hang
+        c.all_reduce(&mut [1.0]).unwrap_err().to_string()
     });
-    assert!(errs[0].contains("rank 1 did not arrive at all_reduce within"), "{}", errs[0]);
+    assert!(
+        errs[0].contains("rank 1 did not arrive at all_reduce within"),
+        "{}",
+        errs[0]
+    );
     let errs = tcp_group(2, &[0, 1], &["h"; 2], 5.0, |r, c| {
         let mut c = c.unwrap();
         if r == 1 {
@@ -354,10 +375,15 @@ fn a_rank_that_never_arrives_is_named() {
 
 #[test]
 fn mismatched_configs_are_refused_at_start_up() {
-    let errs = tcp_group(3, &[0, 1, 2], &["aaaa", "aaaa", "bbbb"], 10.0, |_, c| c.err().map(|e| e.to_string()));
+    let errs = tcp_group(3, &[0, 1, 2], &["aaaa", "aaaa", "bbbb"], 10.0, |_, c| {
+        c.err().map(|e| e.to_string())
+    });
     for (r, e) in errs.iter().enumerate() {
         let e = e.clone().unwrap_or_else(|| panic!("rank {r} started"));
-        assert!(e.contains("the config of rank 2 (hash bbbb) differs from rank 0's (aaaa)"), "rank {r}: {e}");
+        assert!(
+            e.contains("the config of rank 2 (hash bbbb) differs from rank 0's (aaaa)"),
+            "rank {r}: {e}"
+        );
     }
     // Through the trainer's own hash: one overridden key differs.
     let s = setup("dist-hash");

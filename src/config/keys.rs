@@ -170,7 +170,10 @@ pub const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
     ("flash_attention", "deprecated in axolotl; use attn_implementation"),
     ("sdp_attention", "deprecated in axolotl; use attn_implementation"),
     ("xformers_attention", "deprecated in axolotl; use attn_implementation"),
-    ("fsdp", "the FSDP1 list is not read; use fsdp_version: 2 with fsdp_config"),
+    (
+        "fsdp",
+        "the FSDP1 list is not read; use fsdp_version: 2 with fsdp_config",
+    ),
     ("context_parallel_size", "sequence parallelism is not implemented yet"),
     ("tensor_parallel_size", "tensor parallelism is not implemented yet"),
     (

@@ -131,7 +131,9 @@ pub fn read(dir: &Path) -> Result<BTreeMap<String, HostTensor>> {
     if shards.iter().any(|s| s.1 != world) || ranks != (0..world).collect::<Vec<_>>() {
         return Err(Error::format(
             dir,
-            format!("the optimizer shards are incomplete or mixed: expected ranks 0..{world} of {world}, found {ranks:?}"),
+            format!(
+                "the optimizer shards are incomplete or mixed: expected ranks 0..{world} of {world}, found {ranks:?}"
+            ),
         ));
     }
     let mut all = BTreeMap::new();

@@ -43,7 +43,9 @@ impl DistEnv {
         }
         let rank = num("RANK", if world_size == 1 { Some(0) } else { None })?;
         if rank >= world_size {
-            return Err(Error::Config(format!("RANK {rank} is not below WORLD_SIZE {world_size}")));
+            return Err(Error::Config(format!(
+                "RANK {rank} is not below WORLD_SIZE {world_size}"
+            )));
         }
         let local_rank = num("LOCAL_RANK", Some(rank))?;
         let master_port = num("MASTER_PORT", Some(DEFAULT_MASTER_PORT as usize))?;
@@ -72,14 +74,25 @@ mod tests {
     #[test]
     fn reads_torchrun_variables_and_rejects_bad_ones() {
         assert_eq!(env(&[]).unwrap(), None);
-        let e = env(&[("WORLD_SIZE", "4"), ("RANK", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "10.0.0.1")])
-            .unwrap()
-            .unwrap();
+        let e = env(&[
+            ("WORLD_SIZE", "4"),
+            ("RANK", "2"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "10.0.0.1"),
+        ])
+        .unwrap()
+        .unwrap();
         assert_eq!((e.rank, e.world_size, e.local_rank, e.master_port), (2, 4, 0, 29500));
         assert_eq!(e.master_addr, "10.0.0.1");
         assert!(env(&[("WORLD_SIZE", "2")]).unwrap_err().to_string().contains("RANK"));
-        assert!(env(&[("WORLD_SIZE", "2"), ("RANK", "2")]).unwrap_err().to_string().contains("below"));
-        assert!(env(&[("WORLD_SIZE", "x")]).unwrap_err().to_string().contains("WORLD_SIZE"));
+        assert!(env(&[("WORLD_SIZE", "2"), ("RANK", "2")])
+            .unwrap_err()
+            .to_string()
+            .contains("below"));
+        assert!(env(&[("WORLD_SIZE", "x")])
+            .unwrap_err()
+            .to_string()
+            .contains("WORLD_SIZE"));
         assert!(env(&[("WORLD_SIZE", "1"), ("MASTER_PORT", "70000")]).is_err());
     }
 }

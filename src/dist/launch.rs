@@ -1,12 +1,12 @@
 //! `ferrotune launch`: starts one process per GPU of this node with the torchrun
-//! environment, forwards Ctrl-C / SIGTERM to them, and when a rank dies reports it by
-//! number, waits briefly for the others to stop (they fail naming it), then ends them.
+//! environment, forwards Ctrl-C / SIGTERM to them (as SIGINT: they save a checkpoint and
+//! stop), and when a rank dies reports it by number, waits briefly for the others to stop
+//! (they fail naming it), then ends them.
 
 use crate::{Error, Result};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -61,6 +61,30 @@ impl LaunchOptions {
     }
 }
 
+/// Interrupts (SIGINT, SIGTERM) received by the launcher.
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+
+#[cfg(unix)]
+extern "C" fn on_signal(_: libc::c_int) {
+    // An atomic add is async-signal-safe.
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
+}
+
+#[cfg(unix)]
+fn catch_signals() {
+    // SAFETY: installs a handler that only touches an atomic.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
+}
+
 #[cfg(unix)]
 fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on a child we started and have not reaped.
@@ -72,14 +96,8 @@ fn signal(child: &Child, sig: i32) {
 /// Starts the ranks and waits for them. An error names the rank that failed first.
 pub fn launch(o: &LaunchOptions) -> Result<LaunchReport> {
     o.check()?;
-    let signals = Arc::new(AtomicUsize::new(0));
-    {
-        let s = signals.clone();
-        ctrlc::set_handler(move || {
-            s.fetch_add(1, Ordering::SeqCst);
-        })
-        .map_err(|e| crate::msg!("launch: cannot handle signals: {e}"))?;
-    }
+    #[cfg(unix)]
+    catch_signals();
     let first_rank = o.node_rank * o.nproc_per_node;
     let mut children: Vec<Option<Child>> = Vec::new();
     for local in 0..o.nproc_per_node {
@@ -108,9 +126,11 @@ pub fn launch(o: &LaunchOptions) -> Result<LaunchReport> {
     let mut failed_at: Option<Instant> = None;
     let mut killed = false;
     while children.iter().any(Option::is_some) {
-        let n = signals.load(Ordering::SeqCst);
+        let n = SIGNALS.load(Ordering::SeqCst);
         while forwarded < n {
             forwarded += 1;
+            // As SIGINT, whichever arrived: the first makes every rank save a checkpoint
+            // and stop after its step, a second aborts.
             eprintln!("launch: forwarding the interrupt to the ranks");
             #[cfg(unix)]
             for c in children.iter().flatten() {
@@ -135,7 +155,10 @@ pub fn launch(o: &LaunchOptions) -> Result<LaunchReport> {
                 killed = true;
                 for (local, c) in children.iter_mut().enumerate() {
                     if let Some(c) = c {
-                        eprintln!("launch: stopping rank {} (still running after a rank failed)", first_rank + local);
+                        eprintln!(
+                            "launch: stopping rank {} (still running after a rank failed)",
+                            first_rank + local
+                        );
                         let _ = c.kill();
                     }
                 }
@@ -151,7 +174,9 @@ pub fn launch(o: &LaunchOptions) -> Result<LaunchReport> {
         } else {
             format!("; then {} failed too", super::collective::name_ranks(&others))
         };
-        return Err(crate::msg!("launch: rank {rank} failed first ({status}){also}; see its messages above"));
+        return Err(crate::msg!(
+            "launch: rank {rank} failed first ({status}){also}; see its messages above"
+        ));
     }
     Ok(LaunchReport { exits })
 }

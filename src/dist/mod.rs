@@ -44,7 +44,9 @@ pub fn config_hash(cfg: &Config) -> String {
 
 /// The collective wait from `ddp_timeout` (seconds), 10 minutes by default.
 pub fn collective_timeout(cfg: &Config) -> Duration {
-    cfg.ddp_timeout.map(Duration::from_secs).unwrap_or(DEFAULT_COLLECTIVE_TIMEOUT)
+    cfg.ddp_timeout
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_COLLECTIVE_TIMEOUT)
 }
 
 /// The start-up wait: `FERROTUNE_RENDEZVOUS_TIMEOUT` seconds, 2 minutes by default.
@@ -77,7 +79,9 @@ pub fn collective_kind(cfg: &Config) -> Result<CollectiveKind> {
         Some("nccl") => Err(Error::Config(
             "FERROTUNE_COLLECTIVE=nccl: this build has no NCCL; rebuild with `--features nccl`".into(),
         )),
-        Some(other) => Err(Error::Config(format!("FERROTUNE_COLLECTIVE={other:?}: expected tcp or nccl"))),
+        Some(other) => Err(Error::Config(format!(
+            "FERROTUNE_COLLECTIVE={other:?}: expected tcp or nccl"
+        ))),
         None => {
             let on_cuda = matches!(cfg.device, crate::config::DeviceChoice::Cuda);
             Ok(if on_cuda && cfg!(feature = "nccl") {
@@ -124,7 +128,9 @@ pub fn connect(cfg: &Config) -> Result<Option<DataParallel>> {
         }
         #[cfg(not(feature = "nccl"))]
         CollectiveKind::Nccl => {
-            return Err(Error::Config("this build has no NCCL; rebuild with `--features nccl`".into()))
+            return Err(Error::Config(
+                "this build has no NCCL; rebuild with `--features nccl`".into(),
+            ))
         }
     };
     Ok(Some(DataParallel::new(coll, sharding)))

@@ -64,7 +64,10 @@ impl NcclCollective {
     pub fn new(local_rank: usize, rank: usize, world: usize, id: &[u8], timeout: Duration) -> Result<Self> {
         libraries_present()?;
         if id.len() != ID_BYTES {
-            return Err(crate::msg!("nccl: the unique id has {} bytes, expected {ID_BYTES}", id.len()));
+            return Err(crate::msg!(
+                "nccl: the unique id has {} bytes, expected {ID_BYTES}",
+                id.len()
+            ));
         }
         let ctx = CudaContext::new(local_rank).map_err(|e| nccl_err(&format!("CUDA device {local_rank}"), e))?;
         let stream = ctx.new_stream().map_err(|e| nccl_err("stream", e))?;
@@ -84,7 +87,10 @@ impl NcclCollective {
     fn upload(&self, v: &[f32]) -> Result<CudaSlice<f32>> {
         // NCCL rejects zero-length buffers on some versions; keep one element.
         if v.is_empty() {
-            return self.stream.clone_htod(&[0f32]).map_err(|e| nccl_err("copy to device", e));
+            return self
+                .stream
+                .clone_htod(&[0f32])
+                .map_err(|e| nccl_err("copy to device", e));
         }
         self.stream.clone_htod(v).map_err(|e| nccl_err("copy to device", e))
     }

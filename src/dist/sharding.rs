@@ -86,8 +86,8 @@ impl ShardingConfig {
 
     pub fn from_deepspeed_file(path: &Path) -> Result<ShardingConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(path, format!("deepspeed: not a JSON file: {e}")))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(path, format!("deepspeed: not a JSON file: {e}")))?;
         Self::from_deepspeed(&v).map_err(|e| Error::format(path, format!("deepspeed: {e}")))
     }
 
@@ -194,12 +194,17 @@ mod tests {
     fn reads_zero_stages_and_fsdp_keys() {
         let s = |v| ShardingConfig::from_deepspeed(&v).unwrap().stage;
         assert_eq!(s(json!({"zero_optimization": {"stage": 1}})), Stage::Zero1);
-        assert_eq!(s(json!({"zero_optimization": {"stage": 2}, "train_batch_size": "auto"})), Stage::Zero2);
+        assert_eq!(
+            s(json!({"zero_optimization": {"stage": 2}, "train_batch_size": "auto"})),
+            Stage::Zero2
+        );
         assert_eq!(s(json!({"zero_optimization": {"stage": 3}})), Stage::Zero3);
         assert_eq!(s(json!({})), Stage::DataParallel);
         assert!(ShardingConfig::from_deepspeed(&json!({"zero_optimization": {"stage": 4}})).is_err());
         let off = json!({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}});
-        assert!(ShardingConfig::from_deepspeed(&off).unwrap_err().contains("offload_param"));
+        assert!(ShardingConfig::from_deepspeed(&off)
+            .unwrap_err()
+            .contains("offload_param"));
         let f = ShardingConfig::from_fsdp(Some(2), Some(&json!({"state_dict_type": "SHARDED_STATE_DICT"}))).unwrap();
         assert_eq!((f.stage, f.state_dict), (Stage::Zero3, StateDict::Sharded));
         let f = ShardingConfig::from_fsdp(Some(2), Some(&json!({"reshard_after_forward": false}))).unwrap();
@@ -213,7 +218,12 @@ mod tests {
     #[test]
     fn owners_balance_sizes() {
         let owners = assign_owners(&[10, 1, 1, 8, 2], 2);
-        let load = |r| (0..5).filter(|&i| owners[i] == r).map(|i| [10, 1, 1, 8, 2][i]).sum::<usize>();
+        let load = |r| {
+            (0..5)
+                .filter(|&i| owners[i] == r)
+                .map(|i| [10, 1, 1, 8, 2][i])
+                .sum::<usize>()
+        };
         assert_eq!(owners[0], 0);
         assert_eq!(owners[3], 1);
         assert_eq!((load(0), load(1)), (11, 11));

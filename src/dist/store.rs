@@ -48,8 +48,9 @@ pub fn rendezvous(o: &RendezvousOptions, payload: &dyn Fn() -> Result<Vec<u8>>) 
     }
     if o.rank == 0 {
         let addr = format!("{}:{}", o.master_addr, o.master_port);
-        let listener = TcpListener::bind(&addr)
-            .map_err(|e| crate::msg!("rank 0: cannot listen on MASTER_ADDR:MASTER_PORT {addr}: {e}; choose a free port"))?;
+        let listener = TcpListener::bind(&addr).map_err(|e| {
+            crate::msg!("rank 0: cannot listen on MASTER_ADDR:MASTER_PORT {addr}: {e}; choose a free port")
+        })?;
         serve(listener, o, payload)
     } else {
         join(o)
@@ -107,7 +108,11 @@ pub fn serve(
                 hello.rank, hello.world_size, o.world_size
             ));
         } else if hello.rank == 0 || hello.rank >= o.world_size {
-            problems.push(format!("a process says RANK {} (expected 1..{})", hello.rank, o.world_size - 1));
+            problems.push(format!(
+                "a process says RANK {} (expected 1..{})",
+                hello.rank,
+                o.world_size - 1
+            ));
         } else if streams[hello.rank - 1].is_some() {
             problems.push(format!("two processes say RANK {}", hello.rank));
         } else {
@@ -193,7 +198,10 @@ pub fn join(o: &RendezvousOptions) -> Result<(Links, Vec<u8>)> {
             o.rank,
             String::from_utf8_lossy(&m)
         ))),
-        Ok((t, _)) => Err(crate::msg!("rank {}: rendezvous: unexpected message {t} from rank 0", o.rank)),
+        Ok((t, _)) => Err(crate::msg!(
+            "rank {}: rendezvous: unexpected message {t} from rank 0",
+            o.rank
+        )),
         Err(ReadFail::TimedOut) => Err(crate::msg!(
             "rank {}: rendezvous: rank 0 at {addr} did not answer within {:.0} s",
             o.rank,

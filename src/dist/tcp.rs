@@ -55,13 +55,16 @@ impl TcpCollective {
                         }
                         Ok((DATA, body)) => format!(
                             "rank {k} called {} while rank 0 called {op}; every rank must run the same steps",
-                            OPS.get(body.first().copied().unwrap_or(99) as usize).unwrap_or(&"an unknown operation")
+                            OPS.get(body.first().copied().unwrap_or(99) as usize)
+                                .unwrap_or(&"an unknown operation")
                         ),
                         Ok((t, _)) => format!("rank {k} sent an unexpected message ({t})"),
                         Err(ReadFail::TimedOut) => {
                             format!("rank {k} did not arrive at {op} within {:.0} s", timeout.as_secs_f64())
                         }
-                        Err(ReadFail::Closed) => format!("rank {k} closed its connection during {op} (it exited or failed)"),
+                        Err(ReadFail::Closed) => {
+                            format!("rank {k} closed its connection during {op} (it exited or failed)")
+                        }
                         Err(ReadFail::Other(e)) => format!("rank {k}: {e}"),
                     };
                     for (j, s) in streams.iter_mut().enumerate() {
@@ -109,11 +112,20 @@ impl TcpCollective {
         }
     }
 
-    fn run(&mut self, op: &'static str, data: &[f32], f: impl FnOnce(&[Vec<f32>]) -> Vec<Vec<f32>>) -> Result<Vec<f32>> {
+    fn run(
+        &mut self,
+        op: &'static str,
+        data: &[f32],
+        f: impl FnOnce(&[Vec<f32>]) -> Vec<Vec<f32>>,
+    ) -> Result<Vec<f32>> {
         let all = self.gather_at_hub(op, data)?;
         if let Some(all) = &all {
             if let Some(k) = all.iter().position(|v| v.len() != data.len()) {
-                let msg = format!("rank {k} passed {} elements to {op}, rank 0 {}", all[k].len(), data.len());
+                let msg = format!(
+                    "rank {k} passed {} elements to {op}, rank 0 {}",
+                    all[k].len(),
+                    data.len()
+                );
                 if let Links::Master(streams) = &mut self.links {
                     for s in streams.iter_mut() {
                         let _ = write_frame(s, ABORT, msg.as_bytes());

@@ -93,11 +93,10 @@ impl ThreadCollective {
                 s.cv.notify_all();
                 return Err(crate::msg!("rank {}: {msg}", self.rank));
             }
-            r = s
-                .cv
-                .wait_timeout(r, deadline - now)
-                .map_err(|_| crate::msg!("{op}: a rank panicked"))?
-                .0;
+            r =
+                s.cv.wait_timeout(r, deadline - now)
+                    .map_err(|_| crate::msg!("{op}: a rank panicked"))?
+                    .0;
             if r.generation != generation {
                 return Ok(r.done.clone());
             }
@@ -146,6 +145,12 @@ impl Collective for ThreadCollective {
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        if root >= self.shared.world {
+            return Err(crate::msg!(
+                "broadcast: root {root} is not a rank of {}",
+                self.shared.world
+            ));
+        }
         let all = self.exchange("broadcast", buf.to_vec())?;
         check_same_len("broadcast", &all, buf.len())?;
         buf.copy_from_slice(&all[root]);

@@ -42,9 +42,10 @@ pub fn read_frame(s: &mut TcpStream, timeout: Duration) -> std::result::Result<(
 fn classify(e: std::io::Error) -> ReadFail {
     match e.kind() {
         ErrorKind::WouldBlock | ErrorKind::TimedOut => ReadFail::TimedOut,
-        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
-            ReadFail::Closed
-        }
+        ErrorKind::UnexpectedEof
+        | ErrorKind::ConnectionReset
+        | ErrorKind::ConnectionAborted
+        | ErrorKind::BrokenPipe => ReadFail::Closed,
         _ => ReadFail::Other(e.to_string()),
     }
 }
@@ -54,8 +55,11 @@ pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 pub fn bytes_f32(b: &[u8]) -> Result<Vec<f32>> {
-    if b.len() % 4 != 0 {
-        return Err(crate::msg!("a collective message of {} bytes is not whole f32 values", b.len()));
+    if !b.len().is_multiple_of(4) {
+        return Err(crate::msg!(
+            "a collective message of {} bytes is not whole f32 values",
+            b.len()
+        ));
     }
     Ok(b.chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))

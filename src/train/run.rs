@@ -148,7 +148,15 @@ pub fn build_trainer_with(
         data.stats.truncated
     ));
     let pad = pad_id(&p.tokenizer)?;
-    let plan = RunPlan::new_distributed(cfg.clone(), &p.model_config, precision, data, pad, &cfg.base_model, dist)?;
+    let plan = RunPlan::new_distributed(
+        cfg.clone(),
+        &p.model_config,
+        precision,
+        data,
+        pad,
+        &cfg.base_model,
+        dist,
+    )?;
     let mut trainer = Trainer::new(plan, backend, &p.store)?;
     let resume = match (&cfg.resume_from_checkpoint, cfg.auto_resume_from_checkpoints) {
         (Some(d), _) => Some(d.clone()),

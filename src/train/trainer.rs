@@ -10,8 +10,8 @@ use super::step_graph::{OptimizerOptions, TrainGraph, EVAL, GRAD_SUMSQ, OPTIMIZE
 use crate::adapters::lora::{self, AdapterConfig};
 use crate::backend::Backend;
 use crate::config::{Config, Every};
-use crate::dist::DataParallel;
 use crate::data::{collate, BatchSchedule, EpochPlan, PackedBatch, PreparedData, ScheduleOptions};
+use crate::dist::DataParallel;
 use crate::exec::{Executor, MemoryPlan};
 use crate::model::llama::{self, BuildOptions, LoraOptions};
 use crate::model::ModelConfig;
