@@ -21,9 +21,9 @@ impl DistEnv {
     }
 
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<DistEnv>> {
-        let Some(world) = get("WORLD_SIZE") else {
+        if get("WORLD_SIZE").is_none() {
             return Ok(None);
-        };
+        }
         let num = |key: &str, default: Option<usize>| -> Result<usize> {
             match (get(key), default) {
                 (Some(v), _) => v
@@ -36,7 +36,6 @@ impl DistEnv {
                 ))),
             }
         };
-        let _ = world;
         let world_size = num("WORLD_SIZE", None)?;
         if world_size == 0 {
             return Err(Error::Config("WORLD_SIZE must be at least 1".into()));
