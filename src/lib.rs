@@ -10,6 +10,7 @@ pub mod adapters;
 pub mod backend;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod exec;
 pub mod graph;

@@ -57,8 +57,8 @@ fn unsupported_axolotl_keys_are_named() {
         e.contains("load_in_4bit: this axolotl key is not supported by ferrotune"),
         "{e}"
     );
-    let e = err(&base("deepspeed: zero3.json\n"));
-    assert!(e.contains("deepspeed"), "{e}");
+    let e = err(&base("deepspeed: no-such-zero3.json\n"));
+    assert!(e.contains("no-such-zero3.json") && e.contains("deepspeed"), "{e}");
 }
 
 #[test]
@@ -90,4 +90,15 @@ fn contradictions_and_missing_paths_are_reported_together() {
     assert!(e.contains("lora_target_modules: \"qkv\" is not a linear module"), "{e}");
     let e = err(&base("lora_target_modules: [q_proj]\n"));
     assert!(e.contains("lora_target_modules: only used with `adapter: lora`"), "{e}");
+}
+
+#[test]
+fn the_config_a_checkpoint_saves_reads_back_the_same() {
+    for extra in ["", "bf16: true\nfp16: false\n", "bf16: false\ntf32: auto\n"] {
+        let c = Config::from_yaml(&base(extra), &[]).unwrap();
+        let again = Config::from_yaml(&c.to_yaml(), &[])
+            .unwrap_or_else(|e| panic!("to_yaml output does not parse ({e}):\n{}", c.to_yaml()));
+        assert_eq!(again.to_json(), c.to_json());
+        assert_eq!((again.bf16, again.fp16, again.tf32), (c.bf16, c.fp16, c.tf32));
+    }
 }

@@ -21,6 +21,34 @@ use std::path::Path;
 pub fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         Command::Train { config, set } => train(&config, &set),
+        Command::Launch {
+            nproc_per_node,
+            nnodes,
+            node_rank,
+            master_addr,
+            master_port,
+            grace_seconds,
+            command,
+        } => {
+            if command.first().map(String::as_str) != Some("train") {
+                return Err(Error::Config(format!(
+                    "launch runs `train CONFIG [--set ...]`, not {:?}",
+                    command.join(" ")
+                )));
+            }
+            let program = std::env::current_exe().map_err(|e| ferrotune::msg!("launch: {e}"))?;
+            ferrotune::dist::launch::launch(&ferrotune::dist::launch::LaunchOptions {
+                nproc_per_node,
+                nnodes,
+                node_rank,
+                master_addr,
+                master_port,
+                program,
+                args: command,
+                grace: std::time::Duration::from_secs(grace_seconds),
+            })
+            .map(|_| ())
+        }
         Command::Eval {
             config,
             adapter,
@@ -102,9 +130,18 @@ fn train(path: &Path, set: &[String]) -> Result<()> {
         eprintln!("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)");
         ferrotune::train::trainer::request_stop();
     });
-    let mut progress = Progress::new();
-    let s = run::train(&cfg, &mut progress)?;
-    drop(progress);
+    // Under `ferrotune launch` (or torchrun) this process is one rank of several.
+    let dist = ferrotune::dist::connect(&cfg)?;
+    let rank = dist.as_ref().map_or(0, |d| d.rank());
+    let s = if rank == 0 {
+        let mut progress = Progress::new();
+        run::train_with(&cfg, &mut progress, dist)?
+    } else {
+        run::train_with(&cfg, &mut run::Quiet, dist)?
+    };
+    if rank != 0 {
+        return Ok(());
+    }
     eprintln!(
         "{} steps, {} tokens in {:.1} s ({:.0} tokens/s); final loss {}; eval loss {}; planned peak memory {}",
         s.steps,

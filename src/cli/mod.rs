@@ -28,6 +28,29 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Start one training process per GPU (data parallel), like torchrun:
+    /// `ferrotune launch --nproc-per-node 4 train config.yaml`.
+    Launch {
+        /// Processes on this node (one per GPU).
+        #[arg(long)]
+        nproc_per_node: usize,
+        #[arg(long, default_value_t = 1)]
+        nnodes: usize,
+        /// This node's index, 0 on the node that hosts rank 0.
+        #[arg(long, default_value_t = 0)]
+        node_rank: usize,
+        /// The address of the node with rank 0 (reachable from every node).
+        #[arg(long, default_value = "127.0.0.1")]
+        master_addr: String,
+        #[arg(long, default_value_t = 29500)]
+        master_port: u16,
+        /// Seconds the other ranks get to stop on their own after one fails.
+        #[arg(long, default_value_t = 30)]
+        grace_seconds: u64,
+        /// The command each rank runs: `train CONFIG [--set KEY=VALUE ...]`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
     /// Evaluation loss on the held-out data and, where rows have reference answers, exact match.
     Eval {
         config: PathBuf,

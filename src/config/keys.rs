@@ -32,6 +32,11 @@ pub const KNOWN_KEYS: &[&str] = &[
     "eot_tokens",
     // optimisation
     "gradient_accumulation_steps",
+    // multi-GPU
+    "deepspeed",
+    "fsdp_version",
+    "fsdp_config",
+    "ddp_timeout",
     "num_epochs",
     "max_steps",
     "learning_rate",
@@ -165,10 +170,10 @@ pub const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
     ("flash_attention", "deprecated in axolotl; use attn_implementation"),
     ("sdp_attention", "deprecated in axolotl; use attn_implementation"),
     ("xformers_attention", "deprecated in axolotl; use attn_implementation"),
-    ("deepspeed", "multi-GPU training is not implemented yet"),
-    ("fsdp", "multi-GPU training is not implemented yet"),
-    ("fsdp_config", "multi-GPU training is not implemented yet"),
-    ("fsdp_version", "multi-GPU training is not implemented yet"),
+    (
+        "fsdp",
+        "the FSDP1 list is not read; use fsdp_version: 2 with fsdp_config",
+    ),
     ("context_parallel_size", "sequence parallelism is not implemented yet"),
     ("tensor_parallel_size", "tensor parallelism is not implemented yet"),
     (

@@ -24,12 +24,23 @@ fn path_error(e: serde_path_to_error::Error<serde_yaml::Error>) -> Error {
 }
 
 /// `bf16` / `fp16` / `tf32`: `auto` or a boolean.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Flag {
     #[default]
     Auto,
     On,
     Off,
+}
+
+/// Written the way it is read: `auto`, `true` or `false`.
+impl Serialize for Flag {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Flag::Auto => s.serialize_str("auto"),
+            Flag::On => s.serialize_bool(true),
+            Flag::Off => s.serialize_bool(false),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Flag {
@@ -254,6 +265,18 @@ pub struct Config {
     pub lora_modules_to_save: Option<Vec<String>>,
     #[serde(default)]
     pub lora_model_dir: Option<PathBuf>,
+
+    /// A DeepSpeed json whose `zero_optimization.stage` selects ZeRO-1/2/3 (multi-GPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deepspeed: Option<String>,
+    /// FSDP (parameters sharded) with `fsdp_config` (multi-GPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsdp_version: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsdp_config: Option<serde_json::Value>,
+    /// Seconds a rank waits in a collective before naming the ranks that did not arrive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ddp_timeout: Option<u64>,
 }
 
 impl Config {

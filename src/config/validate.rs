@@ -225,6 +225,10 @@ impl Config {
                 format!("resume_from_checkpoint: {} is not a checkpoint folder", r.display()),
             );
         }
+        // `deepspeed` names a ZeRO json; read it now so a bad one fails before the model loads.
+        if let Err(err) = crate::dist::ShardingConfig::from_config(self) {
+            e.push(strip(err));
+        }
         if e.is_empty() {
             Ok(())
         } else {

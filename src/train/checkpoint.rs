@@ -65,7 +65,10 @@ pub fn write(output_dir: &Path, ck: &Checkpoint) -> Result<PathBuf> {
         for (name, tensors) in &ck.weights {
             crate::model::write_safetensors(&tmp.join(name), tensors, None)?;
         }
-        crate::model::write_safetensors(&tmp.join(OPTIMIZER_STATE), &ck.optimizer, None)?;
+        // Sharded optimizer state comes as per-rank files in `files` instead.
+        if !ck.optimizer.is_empty() {
+            crate::model::write_safetensors(&tmp.join(OPTIMIZER_STATE), &ck.optimizer, None)?;
+        }
         for (name, bytes) in &ck.files {
             crate::model::atomic::write_atomic(&tmp.join(name), bytes)?;
         }

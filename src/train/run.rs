@@ -8,6 +8,7 @@ use crate::adapters::lora::{self, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::backend::select::{create_backend, precision_for};
 use crate::config::Config;
 use crate::data::{prepare, Tokenizer};
+use crate::dist::DataParallel;
 use crate::model::{ModelConfig, WeightStore};
 use crate::{Error, Result};
 use std::collections::BTreeMap;
@@ -121,6 +122,16 @@ pub fn prepare_data(cfg: &Config, tok: &Tokenizer) -> Result<crate::data::Prepar
 
 /// Builds the trainer for a config, resuming when asked.
 pub fn build_trainer(cfg: &Config, p: &Prepared, cb: &mut dyn Callback) -> Result<Trainer> {
+    build_trainer_with(cfg, p, cb, None)
+}
+
+/// The same for one rank of a data-parallel run (`dist`), or a single process (`None`).
+pub fn build_trainer_with(
+    cfg: &Config,
+    p: &Prepared,
+    cb: &mut dyn Callback,
+    dist: Option<DataParallel>,
+) -> Result<Trainer> {
     let (backend, notices) = create_backend(cfg.device)?;
     for n in notices {
         cb.on_message(&n);
@@ -138,7 +149,15 @@ pub fn build_trainer(cfg: &Config, p: &Prepared, cb: &mut dyn Callback) -> Resul
         data.stats.truncated
     ));
     let pad = pad_id(&p.tokenizer)?;
-    let plan = RunPlan::new(cfg.clone(), &p.model_config, precision, data, pad, &cfg.base_model)?;
+    let plan = RunPlan::new_distributed(
+        cfg.clone(),
+        &p.model_config,
+        precision,
+        data,
+        pad,
+        &cfg.base_model,
+        dist,
+    )?;
     let mut trainer = Trainer::new(plan, backend, &p.store)?;
     let resume = match (&cfg.resume_from_checkpoint, cfg.auto_resume_from_checkpoints) {
         (Some(d), _) => Some(d.clone()),
@@ -153,7 +172,7 @@ pub fn build_trainer(cfg: &Config, p: &Prepared, cb: &mut dyn Callback) -> Resul
             "model.safetensors"
         };
         let trained = read_all(&dir.join(weights_file))?;
-        let optimizer = read_all(&dir.join(checkpoint::OPTIMIZER_STATE))?;
+        let optimizer = crate::dist::checkpoint::read(&dir)?;
         trainer.restore(&trained, &optimizer, state)?;
         cb.on_message(&format!(
             "resumed from {} at step {}",
@@ -197,12 +216,31 @@ impl Metrics {
     }
 }
 
-/// Saves `output_dir/checkpoint-<step>` and applies `save_total_limit`.
+/// Saves `output_dir/checkpoint-<step>` and applies `save_total_limit`. With data
+/// parallelism every rank takes part (the optimizer state may be sharded) and rank 0 writes.
 pub fn save_checkpoint(t: &mut Trainer, p: &Prepared) -> Result<PathBuf> {
     let cfg = t.config().clone();
+    let step = t.state.global_step;
+    let own = t.optimizer_tensors()?;
+    let trainable = t.trainable_infos();
+    let opt = match t.dist_mut() {
+        Some(d) => crate::dist::checkpoint::collect(d, own, &trainable, &cfg.output_dir, step)?,
+        None => Some(crate::dist::checkpoint::OptimizerFiles {
+            tensors: own,
+            files: Vec::new(),
+            staging: None,
+        }),
+    };
+    let Some(opt) = opt else {
+        // Not rank 0: wait until rank 0 has written the checkpoint.
+        if let Some(d) = t.dist_mut() {
+            d.barrier()?;
+        }
+        return Ok(checkpoint::checkpoint_dir(&cfg.output_dir, step));
+    };
     let trained = t.trained_tensors()?;
-    let optimizer = t.optimizer_tensors()?;
     let mut files: Vec<(&str, Vec<u8>)> = vec![("config.yaml", cfg.to_yaml().into_bytes())];
+    files.extend(opt.files.iter().map(|(n, b)| (n.as_str(), b.clone())));
     let weights_file = match t.adapter_config() {
         Some(a) => {
             files.push((ADAPTER_CONFIG, a.to_json().into_bytes()));
@@ -219,13 +257,19 @@ pub fn save_checkpoint(t: &mut Trainer, p: &Prepared) -> Result<PathBuf> {
     let state = t.state.clone();
     let ck = Checkpoint {
         weights: vec![(weights_file, trained)],
-        optimizer,
+        optimizer: opt.tensors,
         state: &state,
         files,
     };
     let dir = checkpoint::write(&cfg.output_dir, &ck)?;
     if let Some(limit) = cfg.save_total_limit {
         checkpoint::rotate(&cfg.output_dir, limit.max(1))?;
+    }
+    if let Some(s) = &opt.staging {
+        let _ = std::fs::remove_dir_all(s);
+    }
+    if let Some(d) = t.dist_mut() {
+        d.barrier()?;
     }
     Ok(dir)
 }
@@ -273,11 +317,27 @@ pub fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
 
 /// Runs training to the end (or to Ctrl-C), evaluating and saving as configured.
 pub fn train(cfg: &Config, cb: &mut dyn Callback) -> Result<TrainSummary> {
+    train_with(cfg, cb, None)
+}
+
+/// [`train`] as one rank of a data-parallel run: every rank steps, evaluates and saves
+/// together; rank 0 alone writes metrics and the outputs.
+pub fn train_with(cfg: &Config, cb: &mut dyn Callback, dist: Option<DataParallel>) -> Result<TrainSummary> {
     let p = open_model(cfg)?;
-    let mut t = build_trainer(cfg, &p, cb)?;
-    let mut metrics = Metrics::open(&cfg.output_dir)?;
+    let mut t = build_trainer_with(cfg, &p, cb, dist)?;
+    let rank0 = t.rank() == 0;
+    let mut metrics = if rank0 {
+        Some(Metrics::open(&cfg.output_dir)?)
+    } else {
+        None
+    };
+    let mut metrics_write = |v: &dyn Fn() -> serde_json::Value| {
+        if let Some(m) = metrics.as_mut() {
+            m.write(&v());
+        }
+    };
     cb.on_start(t.info());
-    metrics.write(&serde_json::json!({"event": "start", "info": t.info()}));
+    metrics_write(&|| serde_json::json!({"event": "start", "info": t.info()}));
     let start = super::trainer::now();
     let mut last_loss = None;
     let mut last_eval = None;
@@ -290,15 +350,16 @@ pub fn train(cfg: &Config, cb: &mut dyn Callback) -> Result<TrainSummary> {
             last_loss = Some(r.loss);
         }
         cb.on_step(&r);
-        metrics.write(&r);
+        metrics_write(&|| serde_json::json!(r));
         if t.eval_due() {
             if let Some(e) = t.evaluate()? {
                 cb.on_eval(&e);
-                metrics.write(&e);
+                metrics_write(&|| serde_json::json!(e));
                 last_eval = Some(e.eval_loss);
             }
         }
-        let stop = stop_requested() || cb.should_stop();
+        // Ranks stop together, whichever of them was asked.
+        let stop = t.agree(stop_requested() || cb.should_stop())?;
         if stop || t.save_due() {
             let dir = save_checkpoint(&mut t, &p)?;
             cb.on_message(&format!("saved {}", dir.display()));
@@ -309,7 +370,7 @@ pub fn train(cfg: &Config, cb: &mut dyn Callback) -> Result<TrainSummary> {
             break;
         }
     }
-    if !interrupted {
+    if !interrupted && rank0 {
         save_outputs(&mut t, &p)?;
         cb.on_message(&format!(
             "saved the trained {} to {}",
@@ -330,6 +391,6 @@ pub fn train(cfg: &Config, cb: &mut dyn Callback) -> Result<TrainSummary> {
         interrupted,
         last_checkpoint,
     };
-    metrics.write(&serde_json::json!({"event": "end", "summary": &summary}));
+    metrics_write(&|| serde_json::json!({"event": "end", "summary": &summary}));
     Ok(summary)
 }

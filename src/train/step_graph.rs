@@ -49,8 +49,15 @@ pub struct TrainGraph {
     pub loss_scale: TensorId,
     /// `[3]` f32: `[lr, 1 - beta1^t, sqrt(1 - beta2^t)]`.
     pub hyper: TensorId,
+    /// The tensors this rank updates (all trainable tensors unless the optimizer is sharded).
     pub params: Vec<ParamState>,
+    /// The gradient accumulator of every trainable tensor, in `model.trainable` order.
+    pub grad_accs: Vec<TensorId>,
     pub grad_norm: TensorId,
+    /// Sharded optimizer: `[1]` input, the sum of squared gradients over all ranks.
+    pub global_sumsq: Option<TensorId>,
+    /// Sharded optimizer: this rank's sum of squared gradients (`None` when it owns nothing).
+    pub local_sumsq: Option<TensorId>,
     micro_effects: Vec<NodeId>,
     opt_effects: Vec<NodeId>,
 }
@@ -58,6 +65,8 @@ pub struct TrainGraph {
 pub const TRAIN: &str = "train";
 pub const OPTIMIZER: &str = "optimizer";
 pub const EVAL: &str = "eval";
+/// Sharded optimizer only: the local sum of squared gradients.
+pub const GRAD_SUMSQ: &str = "grad_sumsq";
 
 /// Hugging Face's Trainer does not decay biases and norm weights.
 fn decays(name: &str) -> bool {
@@ -65,24 +74,47 @@ fn decays(name: &str) -> bool {
 }
 
 impl TrainGraph {
-    pub fn new(mut model: ModelGraph, opt: &OptimizerOptions) -> Result<Self> {
+    pub fn new(model: ModelGraph, opt: &OptimizerOptions) -> Result<Self> {
+        Self::build(model, opt, None)
+    }
+
+    /// A step whose optimizer updates only the trainable tensors marked in `owned` (in
+    /// `model.trainable` order) and has state only for them; the gradient norm's sum of
+    /// squares comes in from the host, summed over ranks (ZeRO).
+    pub fn new_sharded(model: ModelGraph, opt: &OptimizerOptions, owned: &[bool]) -> Result<Self> {
+        if owned.len() != model.trainable.len() {
+            return Err(crate::msg!(
+                "sharded optimizer: {} ownership flags for {} trainable tensors",
+                owned.len(),
+                model.trainable.len()
+            ));
+        }
+        Self::build(model, opt, Some(owned))
+    }
+
+    fn build(mut model: ModelGraph, opt: &OptimizerOptions, owned: Option<&[bool]>) -> Result<Self> {
         let g = &mut model.graph;
         let act = g.dtype(model.loss_sum);
         let loss_scale = g.input("loss_scale", &[1], act);
         let trainable = model.trainable.clone();
         let grads = graph::backward(g, model.loss_sum, loss_scale, &trainable)?;
         let mut params = Vec::new();
+        let mut grad_accs = Vec::new();
         let mut micro_effects = Vec::new();
-        for &p in &trainable {
+        for (i, &p) in trainable.iter().enumerate() {
             let Some(&grad) = grads.get(&p) else {
                 return Err(crate::msg!("{} does not influence the loss", g.info(p).name));
             };
             let (shape, dt, name) = (g.shape(p).to_vec(), g.dtype(p), g.info(p).name.clone());
             let grad_acc = g.state(&format!("{name}.grad"), &shape, dt);
-            let exp_avg = g.state(&format!("{name}.exp_avg"), &shape, dt);
-            let exp_avg_sq = g.state(&format!("{name}.exp_avg_sq"), &shape, dt);
             g.apply(Op::AccumulateGrad, &[grad_acc, grad])?;
             micro_effects.push(NodeId(g.nodes.len() as u32 - 1));
+            grad_accs.push(grad_acc);
+            if owned.is_some_and(|o| !o[i]) {
+                continue;
+            }
+            let exp_avg = g.state(&format!("{name}.exp_avg"), &shape, dt);
+            let exp_avg_sq = g.state(&format!("{name}.exp_avg_sq"), &shape, dt);
             params.push(ParamState {
                 param: p,
                 grad_acc,
@@ -91,7 +123,23 @@ impl TrainGraph {
             });
         }
         let accs: Vec<TensorId> = params.iter().map(|s| s.grad_acc).collect();
-        let sumsq = g.apply1(Op::SumSquares, &accs)?;
+        let (sumsq, global_sumsq, local_sumsq) = if owned.is_some() {
+            let dt = if grad_accs.iter().any(|&t| g.dtype(t) == DType::F64) {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            let local = if accs.is_empty() {
+                None
+            } else {
+                Some(g.apply1(Op::SumSquares, &accs)?)
+            };
+            let global = g.input("global_grad_sumsq", &[1], dt);
+            (global, Some(global), local)
+        } else {
+            let s = g.apply1(Op::SumSquares, &accs)?;
+            (s, None, None)
+        };
         let max_norm = opt.max_grad_norm.filter(|m| *m > 0.0).unwrap_or(f64::INFINITY);
         let nc = g.apply(Op::ClipCoef { max_norm }, &[sumsq])?;
         let hyper = g.input("optimizer_hyper", &[3], DType::F32);
@@ -119,7 +167,10 @@ impl TrainGraph {
             loss_scale,
             hyper,
             params,
+            grad_accs,
             grad_norm: nc[0],
+            global_sumsq,
+            local_sumsq,
             micro_effects,
             opt_effects,
         })
@@ -127,11 +178,15 @@ impl TrainGraph {
 
     pub fn programs(&self) -> Vec<ProgramSpec> {
         let m = &self.model;
-        vec![
+        let mut v = vec![
             ProgramSpec::new(TRAIN, &[m.loss_sum, m.label_count], &self.micro_effects),
             ProgramSpec::new(OPTIMIZER, &[self.grad_norm], &self.opt_effects),
             ProgramSpec::new(EVAL, &[m.loss_sum, m.label_count], &[]),
-        ]
+        ];
+        if let Some(s) = self.local_sumsq {
+            v.push(ProgramSpec::new(GRAD_SUMSQ, &[s], &[]));
+        }
+        v
     }
 
     /// The per-step scalars of AdamW at step `t` (1-based).

@@ -6,11 +6,12 @@ use super::batches::{dropout_seed, model_inputs, StepInputs};
 use super::checkpoint::{DataPosition, TrainerState};
 use super::schedule::LrSchedule;
 use super::session::{load_base_weights, Precision, WeightSource};
-use super::step_graph::{OptimizerOptions, TrainGraph, EVAL, OPTIMIZER, TRAIN};
+use super::step_graph::{OptimizerOptions, TrainGraph, EVAL, GRAD_SUMSQ, OPTIMIZER, TRAIN};
 use crate::adapters::lora::{self, AdapterConfig};
 use crate::backend::Backend;
 use crate::config::{Config, Every};
 use crate::data::{collate, BatchSchedule, EpochPlan, PackedBatch, PreparedData, ScheduleOptions};
+use crate::dist::DataParallel;
 use crate::exec::{Executor, MemoryPlan};
 use crate::model::llama::{self, BuildOptions, LoraOptions};
 use crate::model::ModelConfig;
@@ -89,6 +90,10 @@ pub struct Trainer {
     adapter: Option<AdapterConfig>,
     plan_cache: Option<EpochPlan>,
     info: RunInfo,
+    /// Data-parallel training: this rank's collective and sharding.
+    dist: Option<DataParallel>,
+    /// The sharded optimizer's local sum of squares program.
+    sumsq_prog: Option<usize>,
 }
 
 fn lora_options(cfg: &Config) -> Option<LoraOptions> {
@@ -130,6 +135,7 @@ pub struct RunPlan {
     pad_id: u32,
     opt: OptimizerOptions,
     base_name: String,
+    dist: Option<DataParallel>,
 }
 
 impl RunPlan {
@@ -142,7 +148,23 @@ impl RunPlan {
         pad_id: u32,
         base_name: &str,
     ) -> Result<Self> {
-        let sched_opts = ScheduleOptions::new(&cfg.data, cfg.gradient_accumulation_steps);
+        Self::new_distributed(cfg, model, precision, data, pad_id, base_name, None)
+    }
+
+    /// The same for one rank of a data-parallel run: a step takes
+    /// `micro_batch_size * gradient_accumulation_steps * world_size` rows, of which this
+    /// rank runs its share; under ZeRO the optimizer holds state only for its tensors.
+    pub fn new_distributed(
+        cfg: Config,
+        model: &ModelConfig,
+        precision: Precision,
+        data: PreparedData,
+        pad_id: u32,
+        base_name: &str,
+        mut dist: Option<DataParallel>,
+    ) -> Result<Self> {
+        let world = dist.as_ref().map_or(1, |d| d.world_size());
+        let sched_opts = ScheduleOptions::new(&cfg.data, cfg.gradient_accumulation_steps * world);
         let schedule = BatchSchedule::new(&data.train, sched_opts.clone())?;
         let eval_schedule = if data.eval.is_empty() {
             None
@@ -189,7 +211,19 @@ impl RunPlan {
             weight_decay: cfg.weight_decay,
             max_grad_norm: Some(cfg.max_grad_norm),
         };
-        let tg = TrainGraph::new(llama::build(model, &opts)?, &opt)?;
+        let mg = llama::build(model, &opts)?;
+        let tg = match dist.as_mut() {
+            Some(d) => {
+                let sizes: Vec<usize> = mg.trainable.iter().map(|&t| mg.graph.info(t).numel()).collect();
+                let owned = d.assign(&sizes);
+                if d.is_sharded() {
+                    TrainGraph::new_sharded(mg, &opt, &owned)?
+                } else {
+                    TrainGraph::new(mg, &opt)?
+                }
+            }
+            None => TrainGraph::new(mg, &opt)?,
+        };
         Ok(RunPlan {
             cfg,
             tg,
@@ -202,6 +236,7 @@ impl RunPlan {
             pad_id,
             opt,
             base_name: base_name.to_string(),
+            dist,
         })
     }
 
@@ -236,6 +271,7 @@ impl Trainer {
             pad_id,
             opt,
             base_name,
+            dist,
         } = plan;
         let device = backend.device_info();
         let mut ex = Executor::new(tg.model.graph.clone(), backend, &tg.programs())?;
@@ -244,6 +280,10 @@ impl Trainer {
             ex.program_index(OPTIMIZER)?,
             ex.program_index(EVAL)?,
         ];
+        let sumsq_prog = match tg.local_sumsq {
+            Some(_) => Some(ex.program_index(GRAD_SUMSQ)?),
+            None => None,
+        };
         load_base_weights(&mut ex, &tg.model, weights)?;
         let lora = lora_options(&cfg);
         let adapter = lora
@@ -288,7 +328,7 @@ impl Trainer {
             num_train_epochs: cfg.num_epochs,
             train_batch_size: cfg.data.micro_batch_size,
             seed: cfg.data.seed,
-            config_hash: run_hash(&cfg),
+            config_hash: run_hash_for(&cfg, dist.as_ref().map_or(1, |d| d.world_size())),
             ..Default::default()
         };
         let mut t = Trainer {
@@ -309,6 +349,8 @@ impl Trainer {
             adapter,
             plan_cache: Some(first),
             info,
+            dist,
+            sumsq_prog,
         };
         t.init_adapters()?;
         Ok(t)
@@ -331,6 +373,27 @@ impl Trainer {
     }
     pub fn is_done(&self) -> bool {
         self.state.global_step >= self.total_steps
+    }
+    /// This process's rank (0 without data parallelism).
+    pub fn rank(&self) -> usize {
+        self.dist.as_ref().map_or(0, |d| d.rank())
+    }
+    pub fn dist_mut(&mut self) -> Option<&mut DataParallel> {
+        self.dist.as_mut()
+    }
+
+    /// True on every rank when `flag` is true on any (a stop request seen by one rank).
+    pub fn agree(&mut self, flag: bool) -> Result<bool> {
+        match self.dist.as_mut() {
+            Some(d) => d.any(flag),
+            None => Ok(flag),
+        }
+    }
+
+    /// Name, shape and dtype of every trainable tensor, in the order data parallelism assigns them.
+    pub fn trainable_infos(&self) -> Vec<crate::graph::TensorInfo> {
+        let g = self.ex.graph();
+        self.tg.model.trainable.iter().map(|&t| g.info(t).clone()).collect()
     }
 
     /// PEFT initialisation, or the adapter in `lora_model_dir`.
@@ -373,8 +436,9 @@ impl Trainer {
         self.plan_cache.as_ref().expect("just set")
     }
 
-    /// The next step's micro-batches, advancing over epoch ends.
-    fn next_step_batches(&mut self) -> Result<Option<Vec<PackedBatch>>> {
+    /// The next step's micro-batches (this rank's share), the index of the first of them in
+    /// the step, and the step's micro-batch count over all ranks; advances over epoch ends.
+    fn next_step_batches(&mut self) -> Result<Option<(Vec<PackedBatch>, usize, usize)>> {
         loop {
             let DataPosition { epoch, step_in_epoch } = self.state.position;
             if epoch as usize >= self.epochs {
@@ -384,11 +448,16 @@ impl Trainer {
             let plan = self.epoch_plan(epoch as usize);
             if let Some(step) = plan.steps.get(step_in_epoch as usize) {
                 let mbs = step.micro_batches.clone();
-                return mbs
+                let (n, per_rank) = (mbs.len(), self.cfg.gradient_accumulation_steps);
+                let (mine, first) = match &self.dist {
+                    Some(d) => (d.my_share(mbs, per_rank), d.rank() * per_rank),
+                    None => (mbs, 0),
+                };
+                return mine
                     .iter()
                     .map(|mb| collate(&self.data.train, mb, layout, pad))
                     .collect::<Result<Vec<_>>>()
-                    .map(Some);
+                    .map(|b| Some((b, first, n)));
             }
             self.state.position = DataPosition {
                 epoch: epoch + 1,
@@ -425,7 +494,7 @@ impl Trainer {
             return Ok(None);
         }
         let t0 = now();
-        let Some(batches) = self.next_step_batches()? else {
+        let Some((batches, first_mb, step_mbs)) = self.next_step_batches()? else {
             self.total_steps = self.state.global_step;
             return Ok(None);
         };
@@ -433,25 +502,38 @@ impl Trainer {
             .iter()
             .map(|b| model_inputs(&self.tg.model, b))
             .collect::<Result<_>>()?;
-        let labels: usize = inputs.iter().map(|i| i.label_tokens).sum();
-        let tokens: usize = inputs.iter().map(|i| i.tokens).sum();
+        // The loss is normalised by the label tokens of the step on all ranks.
+        let mut counts = [
+            inputs.iter().map(|i| i.label_tokens).sum::<usize>() as f64,
+            inputs.iter().map(|i| i.tokens).sum::<usize>() as f64,
+        ];
+        if let Some(d) = self.dist.as_mut() {
+            d.sum(&mut counts)?;
+        }
+        let (labels, tokens) = (counts[0] as usize, counts[1] as usize);
         let step = self.state.global_step + 1;
         let lr = self.lr.lr(step);
         let mut loss_sum = 0.0;
         let mut skipped = labels == 0;
         if !skipped {
             let scale = self.scalar(self.tg.loss_scale, 1.0 / labels as f64);
-            for inp in &inputs {
+            for (j, inp) in inputs.iter().enumerate() {
                 let mut extra = vec![(self.tg.loss_scale, scale.clone())];
                 if let Some((seed_t, p_t)) = self.tg.model.dropout {
-                    let seed = dropout_seed(self.cfg.data.seed, self.state.micro_step);
+                    let micro = self.state.micro_step + (first_mb + j) as u64;
+                    let seed = dropout_seed(self.cfg.data.seed, micro);
                     extra.push((seed_t, HostTensor::from_u32(&[1], &[seed])));
                     extra.push((p_t, HostTensor::from_f32(&[1], &[self.cfg.lora_dropout as f32])));
                 }
                 let (l, _) = self.run_inputs(0, inp, &extra).await?;
                 loss_sum += l;
-                self.state.micro_step += 1;
             }
+            self.state.micro_step += step_mbs as u64;
+        }
+        if let Some(d) = self.dist.as_mut() {
+            let mut l = [loss_sum];
+            d.sum(&mut l)?;
+            loss_sum = l[0];
         }
         let loss = if labels > 0 { loss_sum / labels as f64 } else { f64::NAN };
         let mut grad_norm = f64::NAN;
@@ -462,8 +544,7 @@ impl Trainer {
         } else {
             let h = TrainGraph::hyper_values(&self.opt, lr, step);
             let hyper = HostTensor::from_f32(&[3], &h);
-            let out = self.ex.run_async(self.progs[1], &[(self.tg.hyper, &hyper)]).await?;
-            grad_norm = out[0].to_f64()[0];
+            grad_norm = self.optimizer_step(&hyper).await?;
             if !grad_norm.is_finite() {
                 // The update kernels left the weights untouched.
                 skipped = true;
@@ -493,6 +574,31 @@ impl Trainer {
         Ok(Some(report))
     }
 
+    /// Clips and updates; with data parallelism the gradients are reduced first and the
+    /// updated parameters gathered after. Returns the global gradient norm.
+    async fn optimizer_step(&mut self, hyper: &HostTensor) -> Result<f64> {
+        let Some(d) = self.dist.as_mut() else {
+            let out = self.ex.run_async(self.progs[1], &[(self.tg.hyper, hyper)]).await?;
+            return Ok(out[0].to_f64()[0]);
+        };
+        d.reduce_gradients(&mut self.ex, &self.tg.grad_accs).await?;
+        let mut feed = vec![(self.tg.hyper, hyper)];
+        let sumsq;
+        if let Some(g) = self.tg.global_sumsq {
+            let local = match self.sumsq_prog {
+                Some(p) => self.ex.run_async(p, &[]).await?[0].to_f64()[0],
+                None => 0.0,
+            };
+            let mut v = [local];
+            d.sum(&mut v)?;
+            sumsq = HostTensor::from_f64(&[1], &v).cast(self.ex.graph().dtype(g));
+            feed.push((g, &sumsq));
+        }
+        let out = self.ex.run_async(self.progs[1], &feed).await?;
+        d.gather_parameters(&mut self.ex, &self.tg.model.trainable).await?;
+        Ok(out[0].to_f64()[0])
+    }
+
     fn epoch_progress(&self) -> f64 {
         self.state.position.epoch as f64 + self.state.position.step_in_epoch as f64 / self.steps_per_epoch as f64
     }
@@ -514,10 +620,9 @@ impl Trainer {
     }
 
     fn zero_grads(&mut self) -> Result<()> {
-        for s in self.tg.params.clone() {
-            let info = self.ex.graph().info(s.grad_acc).clone();
-            self.ex
-                .set_tensor(s.grad_acc, &HostTensor::zeros(&info.shape, info.dtype))?;
+        for t in self.tg.grad_accs.clone() {
+            let info = self.ex.graph().info(t).clone();
+            self.ex.set_tensor(t, &HostTensor::zeros(&info.shape, info.dtype))?;
         }
         Ok(())
     }
@@ -533,9 +638,13 @@ impl Trainer {
         let Some(es) = &self.eval_schedule else { return Ok(None) };
         let plan = es.epoch(0);
         let layout = es.layout();
+        // Each rank evaluates every world_size-th batch; the sums are added over ranks.
+        let (rank, world) = self.dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world_size()));
         let batches: Vec<PackedBatch> = plan
             .micro_batches()
-            .map(|mb| collate(&self.data.eval, mb, layout, self.pad_id))
+            .enumerate()
+            .filter(|(i, _)| i % world == rank)
+            .map(|(_, mb)| collate(&self.data.eval, mb, layout, self.pad_id))
             .collect::<Result<_>>()?;
         let (mut sum, mut count) = (0.0, 0.0);
         for b in &batches {
@@ -548,6 +657,11 @@ impl Trainer {
             let (l, c) = self.run_inputs(2, &inp, &extra).await?;
             sum += l;
             count += c;
+        }
+        if let Some(d) = self.dist.as_mut() {
+            let mut v = [sum, count];
+            d.sum(&mut v)?;
+            (sum, count) = (v[0], v[1]);
         }
         let r = EvalReport {
             step: self.state.global_step,
@@ -685,9 +799,23 @@ impl Trainer {
 /// A hash of everything that must not change across a resume (data, model, batch shape,
 /// schedule, optimizer), so a checkpoint is only continued by the run that made it.
 pub fn run_hash(cfg: &Config) -> String {
+    run_hash_for(cfg, 1)
+}
+
+/// [`run_hash`] of a run on `world_size` data-parallel ranks: the global batch counts, not
+/// how it is split over ranks, and the sharding settings may change on resume.
+pub fn run_hash_for(cfg: &Config, world_size: usize) -> String {
     use sha2::{Digest, Sha256};
     let mut v = cfg.to_json();
     if let Some(m) = v.as_object_mut() {
+        m.insert(
+            "gradient_accumulation_steps".into(),
+            serde_json::json!(cfg.gradient_accumulation_steps * world_size),
+        );
+        // Removed keeping the order of the others (`remove` would move the last key).
+        for k in ["deepspeed", "fsdp_version", "fsdp_config", "ddp_timeout"] {
+            m.shift_remove(k);
+        }
         for k in [
             "output_dir",
             "resume_from_checkpoint",

@@ -63,7 +63,8 @@ impl Default for CudaOptions {
     fn default() -> Self {
         let env = |k: &str| std::env::var(k).ok();
         CudaOptions {
-            device: 0,
+            // One process per GPU under `ferrotune launch` / torchrun: rank i takes GPU LOCAL_RANK.
+            device: env("LOCAL_RANK").and_then(|v| v.trim().parse().ok()).unwrap_or(0),
             graphs: env("FERROTUNE_CUDA_GRAPHS").as_deref() != Some("0"),
             sync_each_launch: env("FERROTUNE_CUDA_SYNC").as_deref() == Some("1"),
             poison_allocations: false,
@@ -105,7 +106,7 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 
 impl CudaBackend {
-    /// Opens CUDA device 0 with options from the environment.
+    /// Opens CUDA device `LOCAL_RANK` (0 when unset) with options from the environment.
     pub fn new() -> Result<Self> {
         Self::with_options(CudaOptions::default())
     }
