@@ -12,7 +12,7 @@ use super::{Infer, Op, Real};
 use crate::graph::{Graph, TensorId, TensorInfo};
 use crate::tensor::DType;
 use crate::Result;
-use rayon::prelude::*;
+use super::par::*;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AttnSpec {

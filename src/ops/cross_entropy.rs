@@ -6,7 +6,7 @@
 use super::{Infer, Real};
 use crate::graph::TensorInfo;
 use crate::tensor::DType;
-use rayon::prelude::*;
+use super::par::*;
 
 fn out_dtype(logits: &TensorInfo) -> DType {
     if logits.dtype == DType::F64 {

@@ -5,7 +5,7 @@ use super::{Infer, Op, Real};
 use crate::graph::{Graph, TensorId, TensorInfo};
 use crate::tensor::{numel, DType};
 use crate::Result;
-use rayon::prelude::*;
+use super::par::*;
 
 /// `b` broadcasts against `a` when it has `a`'s shape, a suffix of it, or one element;
 /// element `i` of the result then reads `b[i % b.len()]`.

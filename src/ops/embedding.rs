@@ -4,7 +4,7 @@ use super::{Infer, Op, Real};
 use crate::graph::{Graph, TensorId, TensorInfo};
 use crate::tensor::DType;
 use crate::Result;
-use rayon::prelude::*;
+use super::par::*;
 
 pub fn infer(table: &TensorInfo, ids: &TensorInfo) -> Infer {
     if table.shape.len() != 2 || !table.dtype.is_float() {

@@ -11,7 +11,7 @@
 use super::{Infer, Real};
 use crate::graph::TensorInfo;
 use crate::tensor::DType;
-use rayon::prelude::*;
+use super::par::*;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdamWSpec {

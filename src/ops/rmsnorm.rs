@@ -7,7 +7,7 @@ use super::{Infer, Op, Real};
 use crate::graph::{Graph, TensorId, TensorInfo};
 use crate::tensor::DType;
 use crate::Result;
-use rayon::prelude::*;
+use super::par::*;
 
 pub fn infer(x: &TensorInfo, w: &TensorInfo) -> Infer {
     let h = *x.shape.last().ok_or("x must have at least one dim")?;

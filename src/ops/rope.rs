@@ -10,7 +10,7 @@
 use super::{Infer, Real};
 use crate::graph::TensorInfo;
 use crate::tensor::DType;
-use rayon::prelude::*;
+use super::par::*;
 
 pub fn infer(x: &TensorInfo, pos: &TensorInfo, inv_freq: &TensorInfo, head_dim: usize) -> Infer {
     if x.shape.len() != 2 || head_dim == 0 || head_dim % 2 != 0 || x.shape[1] % head_dim != 0 {

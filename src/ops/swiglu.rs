@@ -4,7 +4,7 @@
 use super::{Infer, Op, Real};
 use crate::graph::{Graph, TensorId, TensorInfo};
 use crate::Result;
-use rayon::prelude::*;
+use super::par::*;
 
 pub fn infer(g: &TensorInfo, u: &TensorInfo) -> Infer {
     if g.shape != u.shape || g.dtype != u.dtype || !g.dtype.is_float() {

@@ -3,7 +3,7 @@
 //! clipping, evaluation, checkpoints and exact resume.
 
 use super::batches::{dropout_seed, model_inputs, StepInputs};
-use super::checkpoint::{DataPosition, TrainerState};
+use super::state::{DataPosition, TrainerState};
 use super::schedule::LrSchedule;
 use super::session::{load_base_weights, Precision, WeightSource};
 use super::step_graph::{OptimizerOptions, TrainGraph, EVAL, OPTIMIZER, TRAIN};
@@ -337,7 +337,7 @@ impl Trainer {
     fn init_adapters(&mut self) -> Result<()> {
         let pairs = self.tg.model.lora.clone();
         let r = self.cfg.lora_r;
-        let loaded = match &self.cfg.lora_model_dir {
+        let loaded: Option<(AdapterConfig, BTreeMap<String, HostTensor>)> = match &self.cfg.lora_model_dir {
             #[cfg(not(target_arch = "wasm32"))]
             Some(dir) => Some(lora::load(dir)?),
             _ => None,
