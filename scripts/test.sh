@@ -17,3 +17,7 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 # Benchmarks are compiled, not run (they measure, they do not check).
 cargo build --release --benches
 cargo test --release --lib --bins --tests --examples
+
+# The browser demo in headless Chromium (installs Chromium, wasm-bindgen-cli and
+# playwright-core when missing).
+scripts/web-demo-test.sh
