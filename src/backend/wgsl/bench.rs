@@ -20,6 +20,8 @@ pub struct BenchRow {
     pub kernel: String,
     /// Storage dtype of A and B (C is f32).
     pub dtype: DType,
+    /// B stored [n, k].
+    pub trans_b: bool,
     pub size: usize,
     pub runs: usize,
     pub median_ms: f64,
@@ -32,9 +34,10 @@ impl std::fmt::Display for BenchRow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:<9} {:<5} {:>6} {:>10.3} ms {:>12.1} GFLOP/s  ({} runs, {})",
+            "{:<9} {:<5} {:<3} {:>6} {:>10.3} ms {:>12.1} GFLOP/s  ({} runs, {})",
             self.kernel,
             self.dtype.name(),
+            if self.trans_b { "NT" } else { "NN" },
             self.size,
             self.median_ms,
             self.gflops,
@@ -44,30 +47,37 @@ impl std::fmt::Display for BenchRow {
     }
 }
 
-/// How long to spend per configuration (beyond the warm-up), and run-count bounds.
+/// How long to spend per configuration (beyond the warm-up), run-count bounds, and the
+/// layout of B (`trans_b`: stored [n, k], as a linear layer's weight is).
 #[derive(Clone, Copy, Debug)]
-pub struct BenchBudget {
+pub struct BenchOptions {
     pub seconds: f64,
     pub min_runs: usize,
     pub max_runs: usize,
+    pub trans_b: bool,
 }
 
-impl Default for BenchBudget {
+impl Default for BenchOptions {
     fn default() -> Self {
-        BenchBudget {
+        BenchOptions {
             seconds: 2.0,
             min_runs: 3,
             max_runs: 50,
+            trans_b: false,
         }
     }
 }
 
 /// Deterministic values in [-1, 1) (a 64-bit LCG; benchmarks need no statistics).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -75,14 +85,24 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 
 fn encode_as(v: &[f32], dtype: DType) -> Vec<u8> {
     match dtype {
-        DType::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
-        DType::BF16 => v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect(),
+        DType::F16 => v
+            .iter()
+            .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        DType::BF16 => v
+            .iter()
+            .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+            .collect(),
         _ => bytemuck::cast_slice(v).to_vec(),
     }
 }
 
 /// Time one plan: seconds per run.
-fn time_plan(ctx: &WgslContext, plan: &MatmulPlan, budget: BenchBudget) -> Result<(Vec<f64>, &'static str)> {
+fn time_plan(
+    ctx: &WgslContext,
+    plan: &MatmulPlan,
+    opts: BenchOptions,
+) -> Result<(Vec<f64>, &'static str)> {
     let query = ctx.has_timestamps.then(|| {
         let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("matmul bench"),
@@ -102,11 +122,13 @@ fn time_plan(ctx: &WgslContext, plan: &MatmulPlan, budget: BenchBudget) -> Resul
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("matmul bench"),
-                timestamp_writes: query.as_ref().map(|(set, _)| wgpu::ComputePassTimestampWrites {
-                    query_set: set,
-                    beginning_of_pass_write_index: Some(0),
-                    end_of_pass_write_index: Some(1),
-                }),
+                timestamp_writes: query
+                    .as_ref()
+                    .map(|(set, _)| wgpu::ComputePassTimestampWrites {
+                        query_set: set,
+                        beginning_of_pass_write_index: Some(0),
+                        end_of_pass_write_index: Some(1),
+                    }),
             });
             plan.encode(&mut pass);
         }
@@ -121,7 +143,8 @@ fn time_plan(ctx: &WgslContext, plan: &MatmulPlan, budget: BenchBudget) -> Resul
             Some((_, resolve)) => {
                 let b = pollster::block_on(ctx.read(resolve, 0, 16))?;
                 let ts: &[u64] = bytemuck::cast_slice(&b);
-                let ns = ts[1].saturating_sub(ts[0]) as f64 * ctx.queue.get_timestamp_period() as f64;
+                let ns =
+                    ts[1].saturating_sub(ts[0]) as f64 * ctx.queue.get_timestamp_period() as f64;
                 // A zero span means the driver wrote no timestamps; fall back to wall clock.
                 Ok(if ns > 0.0 { ns * 1e-9 } else { wall })
             }
@@ -129,7 +152,7 @@ fn time_plan(ctx: &WgslContext, plan: &MatmulPlan, budget: BenchBudget) -> Resul
         }
     };
     let warm = run_once()?;
-    let runs = ((budget.seconds / warm.max(1e-6)) as usize).clamp(budget.min_runs, budget.max_runs);
+    let runs = ((opts.seconds / warm.max(1e-6)) as usize).clamp(opts.min_runs, opts.max_runs);
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         times.push(run_once()?);
@@ -160,7 +183,7 @@ pub fn bench_matmul(
     ctx: &WgslContext,
     sizes: &[usize],
     dtypes: &[DType],
-    budget: BenchBudget,
+    opts: BenchOptions,
 ) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     for &n in sizes {
@@ -175,17 +198,26 @@ pub fn bench_matmul(
                 kernels.push(MatmulKernel::Coop);
             }
             for kernel in kernels {
-                let mut args = MatmulArgs::new(BufSlice::whole(&a), BufSlice::whole(&b), BufSlice::whole(&c), n, n, n);
+                let mut args = MatmulArgs::new(
+                    BufSlice::whole(&a),
+                    BufSlice::whole(&b),
+                    BufSlice::whole(&c),
+                    n,
+                    n,
+                    n,
+                );
                 args.a_dtype = dtype;
                 args.b_dtype = dtype;
                 args.kernel = kernel;
+                args.trans_b = opts.trans_b;
                 let plan = plan_matmul(ctx, &args)?;
-                let (times, timing) = time_plan(ctx, &plan, budget)?;
+                let (times, timing) = time_plan(ctx, &plan, opts)?;
                 let runs = times.len();
                 let t = median(times);
                 rows.push(BenchRow {
                     kernel: plan.kernel.name().to_string(),
                     dtype,
+                    trans_b: opts.trans_b,
                     size: n,
                     runs,
                     median_ms: t * 1e3,
@@ -199,9 +231,11 @@ pub fn bench_matmul(
 }
 
 /// The same products in f32 on the CPU with the `gemm` crate (all cores), wall clock.
-pub fn bench_cpu_gemm(sizes: &[usize], budget: BenchBudget) -> Vec<BenchRow> {
+pub fn bench_cpu_gemm(sizes: &[usize], opts: BenchOptions) -> Vec<BenchRow> {
     let mut rows = Vec::new();
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     for &n in sizes {
         let a = values(n * n, 1);
         let b = values(n * n, 2);
@@ -236,12 +270,17 @@ pub fn bench_cpu_gemm(sizes: &[usize], budget: BenchBudget) -> Vec<BenchRow> {
             t0.elapsed()
         };
         let warm = run();
-        let runs = ((budget.seconds / warm.as_secs_f64().max(1e-6)) as usize).clamp(budget.min_runs, budget.max_runs);
-        let times: Vec<f64> = (0..runs).map(|_| run()).map(|d: Duration| d.as_secs_f64()).collect();
+        let runs = ((opts.seconds / warm.as_secs_f64().max(1e-6)) as usize)
+            .clamp(opts.min_runs, opts.max_runs);
+        let times: Vec<f64> = (0..runs)
+            .map(|_| run())
+            .map(|d: Duration| d.as_secs_f64())
+            .collect();
         let t = median(times);
         rows.push(BenchRow {
             kernel: "cpu-gemm".to_string(),
             dtype: DType::F32,
+            trans_b: false,
             size: n,
             runs,
             median_ms: t * 1e3,

@@ -192,6 +192,12 @@ pub async fn list_adapters(backends: Option<wgpu::Backends>) -> Vec<AdapterSumma
     adapters.iter().map(summarize).collect()
 }
 
+/// [`list_adapters`], waiting on the calling thread.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn list_adapters_blocking(backends: Option<wgpu::Backends>) -> Vec<AdapterSummary> {
+    pollster::block_on(list_adapters(backends))
+}
+
 /// Whether the environment asks for checked shader modules.
 fn checked_from_env() -> bool {
     #[cfg(not(target_arch = "wasm32"))]
