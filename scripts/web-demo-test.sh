@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 DEVICE="${WEB_DEMO_DEVICE:-webgpu}"
 OUT=outputs/web-demo
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 STEPS=8 ROWS=64
 OPTIONS="{\"rank\":8,\"learning_rate\":0.01,\"steps\":$STEPS,\"seed\":42,\"sequence_len\":128,\"micro_batch_size\":2}"
 

@@ -30,7 +30,8 @@ fn run() -> ferrotune::Result<()> {
     };
     let backend: Box<dyn Backend> = match device.as_str() {
         "cpu" => Box::new(ferrotune::backend::cpu::CpuBackend::new()),
-        other => return Err(ferrotune::msg!("--device {other:?}: expected cpu")),
+        "wgsl" => ferrotune::backend::wgsl::create()?,
+        other => return Err(ferrotune::msg!("--device {other:?}: expected cpu or wgsl")),
     };
     let model = Model::bundled()?;
     let data = Dataset::Addition {
