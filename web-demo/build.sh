@@ -15,7 +15,9 @@ if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$WB_VERSION"
 fi
 
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
-cargo build --release --lib -p ferrotune-web-demo --target wasm32-unknown-unknown
+# No debug info in the shipped module (native builds keep theirs).
+CARGO_PROFILE_RELEASE_DEBUG=0 \
+  cargo build --release --lib -p ferrotune-web-demo --target wasm32-unknown-unknown
 rm -rf web-demo/www/pkg.tmp
 wasm-bindgen --target web --no-typescript --out-dir web-demo/www/pkg.tmp \
   "$TARGET_DIR/wasm32-unknown-unknown/release/ferrotune_web_demo.wasm"

@@ -132,7 +132,13 @@ pub fn prepare(datasets: &[DatasetSpec], opts: &DataOptions, tok: &Tokenizer) ->
 /// [`prepare`] for one dataset whose file is given as bytes (the browser has no paths);
 /// `name` (e.g. `train.jsonl`) names it in errors and picks JSON array vs JSON Lines.
 /// No cache is used.
-pub fn prepare_bytes(spec: &DatasetSpec, name: &str, bytes: Vec<u8>, opts: &DataOptions, tok: &Tokenizer) -> Result<PreparedData> {
+pub fn prepare_bytes(
+    spec: &DatasetSpec,
+    name: &str,
+    bytes: Vec<u8>,
+    opts: &DataOptions,
+    tok: &Tokenizer,
+) -> Result<PreparedData> {
     opts.validate()?;
     let source = SourceFile {
         path: name.into(),

@@ -47,7 +47,10 @@ pub fn read_safetensors_bytes(bytes: &[u8], what: &str) -> Result<BTreeMap<Strin
         let dtype = dtype_from_safetensors(view.dtype()).ok_or_else(|| {
             Error::format(
                 what,
-                format!("tensor `{name}` is stored as {:?}, which ferrotune cannot hold", view.dtype()),
+                format!(
+                    "tensor `{name}` is stored as {:?}, which ferrotune cannot hold",
+                    view.dtype()
+                ),
             )
         })?;
         out.insert(
@@ -80,7 +83,10 @@ impl View for HostView<'_> {
 }
 
 /// The bytes of a safetensors file holding `tensors` (metadata `{"format": "pt"}` unless given).
-pub fn safetensors_bytes(tensors: &[(String, HostTensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
+pub fn safetensors_bytes(
+    tensors: &[(String, HostTensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let mut seen = std::collections::HashSet::new();
     for (name, t) in tensors {
         if t.data.len() != t.numel() * t.dtype.size() {
@@ -122,6 +128,9 @@ mod tests {
     fn garbage_is_a_clear_error() {
         let e = read_safetensors_bytes(b"not safetensors at all", "dropped.safetensors").unwrap_err();
         let m = e.to_string();
-        assert!(m.contains("dropped.safetensors") && m.contains("not a safetensors file"), "{m}");
+        assert!(
+            m.contains("dropped.safetensors") && m.contains("not a safetensors file"),
+            "{m}"
+        );
     }
 }

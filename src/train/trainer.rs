@@ -3,9 +3,9 @@
 //! clipping, evaluation, checkpoints and exact resume.
 
 use super::batches::{dropout_seed, model_inputs, StepInputs};
-use super::state::{DataPosition, TrainerState};
 use super::schedule::LrSchedule;
 use super::session::{load_base_weights, Precision, WeightSource};
+use super::state::{DataPosition, TrainerState};
 use super::step_graph::{OptimizerOptions, TrainGraph, EVAL, OPTIMIZER, TRAIN};
 use crate::adapters::lora::{self, AdapterConfig};
 use crate::backend::Backend;

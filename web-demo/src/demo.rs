@@ -71,7 +71,10 @@ impl Model {
             files.tokenizer_json.as_deref().unwrap_or_default(),
             files.tokenizer_config_json.as_deref(),
         )?;
-        let weights = ferrotune::model::read_safetensors_bytes(files.weights.as_deref().unwrap_or_default(), "model.safetensors")?;
+        let weights = ferrotune::model::read_safetensors_bytes(
+            files.weights.as_deref().unwrap_or_default(),
+            "model.safetensors",
+        )?;
         Ok(Model {
             name: name.to_string(),
             config,
@@ -110,12 +113,13 @@ pub enum Dataset {
 /// Which of our dataset types a row is, from its keys.
 pub fn detect_type(name: &str, bytes: &[u8]) -> Result<DatasetType> {
     let text = std::str::from_utf8(bytes).map_err(|_| Error::Data(format!("{name}: not UTF-8 text")))?;
-    let first = text.lines().find(|l| !l.trim().is_empty()).ok_or_else(|| {
-        Error::Data(format!("{name}: the file is empty; give one JSON object per line"))
-    })?;
+    let first = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .ok_or_else(|| Error::Data(format!("{name}: the file is empty; give one JSON object per line")))?;
     let row: serde_json::Value = if first.trim_start().starts_with('[') {
-        let all: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| Error::Data(format!("{name}:{}: not valid JSON: {e}", e.line())))?;
+        let all: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| Error::Data(format!("{name}:{}: not valid JSON: {e}", e.line())))?;
         all.get(0).cloned().unwrap_or_default()
     } else {
         serde_json::from_str(first).map_err(|e| {
@@ -215,7 +219,11 @@ impl Run {
                     text.push_str(&p.chat_line());
                     text.push('\n');
                 }
-                ("addition.jsonl".to_string(), text.into_bytes(), DatasetType::ChatTemplate)
+                (
+                    "addition.jsonl".to_string(),
+                    text.into_bytes(),
+                    DatasetType::ChatTemplate,
+                )
             }
             Dataset::File { name, bytes } => {
                 let kind = detect_type(&name, &bytes)?;
@@ -285,7 +293,11 @@ pub async fn generate(
 ) -> Result<String> {
     let tok = &model.tokenizer;
     let template = ChatTemplate::from_tokenizer(tok)?;
-    let text = template.render(&[Message::new("user", prompt)], true, &TemplateVars::from_tokenizer(tok))?;
+    let text = template.render(
+        &[Message::new("user", prompt)],
+        true,
+        &TemplateVars::from_tokenizer(tok),
+    )?;
     let ids = tok.encode(&text, false)?;
     let merged;
     let weights: &dyn WeightSource = match adapter {
@@ -308,7 +320,15 @@ pub async fn generate(
         opts.stop_ids.extend(tok.token_to_id(t));
     }
     let n = ids.len();
-    let mut gen = Generator::new(&model.config, weights, backend, Precision::F32, 1, n, n + max_new_tokens)?;
+    let mut gen = Generator::new(
+        &model.config,
+        weights,
+        backend,
+        Precision::F32,
+        1,
+        n,
+        n + max_new_tokens,
+    )?;
     let out = gen.generate_async(&[ids], &opts).await?;
     tok.decode(&out[0], true)
 }

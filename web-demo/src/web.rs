@@ -24,6 +24,7 @@ impl Device {
     /// Checks that the device can be used (for WebGPU: an adapter and a device can be had).
     pub async fn open(name: String) -> Result<Device, JsError> {
         let b = backend(&name).await?;
+        check_gpu()?;
         Ok(Device {
             info: b.device_info(),
             name,
@@ -36,6 +37,16 @@ impl Device {
     #[wasm_bindgen(getter)]
     pub fn info(&self) -> String {
         self.info.clone()
+    }
+}
+
+/// Fails with WebGPU's first error since the last check (the results it came with are wrong).
+fn check_gpu() -> Result<(), JsError> {
+    match crate::webgpu::take_error() {
+        Some(e) => Err(JsError::new(&format!(
+            "WebGPU reported an error, so the results are not valid: {e}\nChoose the cpu device to continue."
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -89,9 +100,11 @@ impl WebModel {
     /// The base model's reply to `prompt`.
     pub async fn generate(&self, prompt: String, max_new_tokens: usize, device: String) -> Result<String, JsError> {
         let b = backend(&device).await?;
-        demo::generate(&self.inner, None, &prompt, max_new_tokens, b)
+        let out = demo::generate(&self.inner, None, &prompt, max_new_tokens, b)
             .await
-            .map_err(js_err)
+            .map_err(js_err)?;
+        check_gpu()?;
+        Ok(out)
     }
 }
 
@@ -133,6 +146,7 @@ impl WebRun {
         let model = model.inner.clone();
         let b = backend(&device).await?;
         let run = Run::new(&model, data, &o, b).map_err(js_err)?;
+        check_gpu()?;
         Ok(WebRun {
             run,
             model,
@@ -160,6 +174,7 @@ impl WebRun {
     /// when the run is complete.
     pub async fn step(&mut self) -> Result<Option<String>, JsError> {
         let r = self.run.step().await.map_err(js_err)?;
+        check_gpu()?;
         Ok(r.map(|r| serde_json::to_string(&r).expect("report serializes")))
     }
 
@@ -196,8 +211,10 @@ impl WebRun {
         let b = backend(&self.device.clone()).await?;
         self.current_adapter().await?;
         let (model, adapter) = (self.model.clone(), &self.adapter.as_ref().expect("set").1);
-        demo::generate(&model, Some(adapter), &prompt, max_new_tokens, b)
+        let out = demo::generate(&model, Some(adapter), &prompt, max_new_tokens, b)
             .await
-            .map_err(js_err)
+            .map_err(js_err)?;
+        check_gpu()?;
+        Ok(out)
     }
 }

@@ -138,8 +138,16 @@ mod native {
             "model_max_length": 256,
             "chat_template": CHATML
         });
-        write(&dir, "config.json", &serde_json::to_string_pretty(&config).expect("json"))?;
-        write(&dir, "tokenizer_config.json", &serde_json::to_string_pretty(&tok_config).expect("json"))?;
+        write(
+            &dir,
+            "config.json",
+            &serde_json::to_string_pretty(&config).expect("json"),
+        )?;
+        write(
+            &dir,
+            "tokenizer_config.json",
+            &serde_json::to_string_pretty(&tok_config).expect("json"),
+        )?;
         write(&dir, "tokenizer.json", &tokenizer()?)?;
         ferrotune::model::write_safetensors(&dir.join("model.safetensors"), &weights(), None)?;
         println!("wrote {}", dir.display());

@@ -21,7 +21,12 @@ fn run() -> ferrotune::Result<()> {
     use ferrotune_web_demo::demo::{Dataset, Model, Run, TrainOptions};
 
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let get = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let device = get("--device").unwrap_or_else(|| "cpu".into());
     let rows: usize = get("--rows").map(|r| r.parse().expect("--rows N")).unwrap_or(64);
     let options: TrainOptions = match get("--options") {
