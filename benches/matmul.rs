@@ -29,7 +29,10 @@ fn main() {
                     .and_then(|s| s.parse().ok())
                     .expect("--seconds takes a number");
             }
-            s => sizes.push(s.parse::<usize>().unwrap_or_else(|_| panic!("not a size: {s:?}"))),
+            s => sizes.push(
+                s.parse::<usize>()
+                    .unwrap_or_else(|_| panic!("not a size: {s:?}")),
+            ),
         }
     }
     if sizes.is_empty() {
@@ -58,7 +61,9 @@ fn main() {
             }
         }
         if cpu {
-            bench_cpu_gemm(&[n], opts).iter().for_each(|r| println!("{r}"));
+            bench_cpu_gemm(&[n], opts)
+                .iter()
+                .for_each(|r| println!("{r}"));
         }
     }
 }

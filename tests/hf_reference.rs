@@ -111,10 +111,7 @@ fn check(arch: &str, backend: MakeBackend) {
         let want_logits = exp.get_raw(lk).unwrap().to_f64();
         let err = common::rel_err(&out[0].to_f64(), &want_logits);
         let on = ex.backend().name();
-        assert!(
-            err < 1e-4,
-            "{arch} on {on} (lora {with_lora}): logits relative error {err:e}"
-        );
+        assert!(err < 1e-4, "{arch} on {on} (lora {with_lora}): logits relative error {err:e}");
         let loss = out[1].to_f64()[0] / count;
         let want = exp.get_raw(sk).unwrap().to_f64()[0];
         assert!(

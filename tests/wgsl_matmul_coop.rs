@@ -14,7 +14,8 @@ use ferrotune::DType;
 use wgsl_matmul_support::{check, context, Case};
 
 fn compile_to_spirv(src: &str, policy: naga::proc::BoundsCheckPolicy) -> Vec<u32> {
-    let module = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{}", e.emit_to_string(src)));
+    let module =
+        naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{}", e.emit_to_string(src)));
     // What wgpu grants a Vulkan device with SHADER_F16 and cooperative matrices.
     let caps = naga::valid::Capabilities::COOPERATIVE_MATRIX
         | naga::valid::Capabilities::SHADER_FLOAT16
@@ -92,10 +93,16 @@ fn cases() -> Vec<Case> {
         (255, 130, 70),
     ] {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            v.push(Case::new(m, n, k).trans(ta, tb).dtypes(DType::F16, DType::F16));
+            v.push(
+                Case::new(m, n, k)
+                    .trans(ta, tb)
+                    .dtypes(DType::F16, DType::F16),
+            );
         }
     }
-    let mut c = Case::new(40, 72, 48).dtypes(DType::F16, DType::F16).trans(false, true);
+    let mut c = Case::new(40, 72, 48)
+        .dtypes(DType::F16, DType::F16)
+        .trans(false, true);
     c.batch = 3;
     v.push(c);
     let mut c = Case::new(100, 90, 80).dtypes(DType::F16, DType::F16);
@@ -112,13 +119,28 @@ fn cases() -> Vec<Case> {
 fn coop_matmul_matches_reference() {
     let ctx = context();
     if ctx.has_coop_matrix {
-        println!("adapter {}: running the cooperative-matrix kernel", ctx.info.name);
+        println!(
+            "adapter {}: running the cooperative-matrix kernel",
+            ctx.info.name
+        );
         for (i, case) in cases().into_iter().enumerate() {
             // f16 products are exact in f32; the tensor cores' f32 accumulation may round
             // differently from IEEE adds, hence a looser bound than the SIMT kernel's.
-            let o = check(&ctx, &case.kernel(MatmulKernel::Coop), 1000 + i as u64, 1e-3);
-            assert!(matches!(o.kernel, KernelChoice::Coop { .. }), "{:?}", o.kernel);
-            println!("  {i}: max rel {:.2e}, Frobenius {:.2e}", o.max_rel, o.rel_fro);
+            let o = check(
+                &ctx,
+                &case.kernel(MatmulKernel::Coop),
+                1000 + i as u64,
+                1e-3,
+            );
+            assert!(
+                matches!(o.kernel, KernelChoice::Coop { .. }),
+                "{:?}",
+                o.kernel
+            );
+            println!(
+                "  {i}: max rel {:.2e}, Frobenius {:.2e}",
+                o.max_rel, o.rel_fro
+            );
         }
     } else {
         println!(
@@ -127,7 +149,12 @@ fn coop_matmul_matches_reference() {
             ctx.info.name
         );
         for (i, case) in cases().into_iter().enumerate() {
-            let o = check(&ctx, &case.kernel(MatmulKernel::Simt), 1000 + i as u64, 1e-5);
+            let o = check(
+                &ctx,
+                &case.kernel(MatmulKernel::Simt),
+                1000 + i as u64,
+                1e-5,
+            );
             assert!(matches!(o.kernel, KernelChoice::Simt { .. }));
         }
     }

@@ -130,15 +130,7 @@ fn reduce_sum_every_path() {
         (&[9, 4133], &[1]),
     ] {
         let x = randn(&mut r, x_shape, DType::F32);
-        check_both(
-            &mut f,
-            &mut s,
-            &Op::ReduceSum {
-                shape: y_shape.to_vec(),
-            },
-            &[x],
-            TOL,
-        );
+        check_both(&mut f, &mut s, &Op::ReduceSum { shape: y_shape.to_vec() }, &[x], TOL);
     }
     // Rows wider than the sliced backend binds take the thread-per-column kernel.
     let x = randn(&mut r, &[5, 2051], DType::F32);
@@ -182,13 +174,7 @@ fn rope_forward_inverse_scaled_large_positions() {
                 inverse,
                 scale,
             };
-            check_both(
-                &mut f,
-                &mut s,
-                &op,
-                &[x.clone(), pos.clone(), inv_freq(hd, 10000.0)],
-                TOL,
-            );
+            check_both(&mut f, &mut s, &op, &[x.clone(), pos.clone(), inv_freq(hd, 10000.0)], TOL);
         }
     }
 }
@@ -213,11 +199,7 @@ fn dropout_mask_is_bit_identical() {
     let mut r = rng(9);
     let x = randn(&mut r, &[23, 45], DType::F32);
     for (seed, salt, p) in [(12345u32, 3u32, 0.3f32), (7, 0, 0.05), (1, 9, 1.0), (99, 2, 0.0)] {
-        let inputs = [
-            x.clone(),
-            HostTensor::from_u32(&[1], &[seed]),
-            HostTensor::from_f32(&[1], &[p]),
-        ];
+        let inputs = [x.clone(), HostTensor::from_u32(&[1], &[seed]), HostTensor::from_f32(&[1], &[p])];
         for (be, mis) in [(&mut f, 0), (&mut s, MISALIGN)] {
             let (cpu, gpu) = check_at(be, &Op::Dropout { salt }, &inputs, TOL, mis);
             let (a, b) = (cpu.outputs[0].to_f32(), gpu.outputs[0].to_f32());
@@ -305,13 +287,7 @@ fn cross_entropy_and_backward() {
         check_at(&mut s, &op, &[logits.clone(), labels.clone()], TOL, MISALIGN);
         let dloss = HostTensor::from_f32(&[1], &[0.37]);
         let bwd = [logits, labels, cpu.outputs[2].clone(), dloss];
-        check_both(
-            &mut f,
-            &mut s,
-            &Op::CrossEntropyBackward { ignore_index: -100 },
-            &bwd,
-            TOL,
-        );
+        check_both(&mut f, &mut s, &Op::CrossEntropyBackward { ignore_index: -100 }, &bwd, TOL);
     }
 }
 
@@ -333,13 +309,7 @@ fn embedding_and_deterministic_scatter_add() {
         check_both(&mut f, &mut s, &Op::Embedding, &[table, ids.clone()], TOL);
     }
     let dy = randn(&mut r, &[n, h], DType::F32);
-    check_both(
-        &mut f,
-        &mut s,
-        &Op::EmbeddingBackward { vocab },
-        &[dy.clone(), ids.clone()],
-        TOL,
-    );
+    check_both(&mut f, &mut s, &Op::EmbeddingBackward { vocab }, &[dy.clone(), ids.clone()], TOL);
     // Wide rows: each invocation owns several columns.
     let dy = randn(&mut r, &[40, 600], DType::F32);
     let ids = ints(&[40], (0..40).map(|i| (i * 7) % 9).collect());
@@ -370,11 +340,7 @@ fn optimizer_ops() {
     let n = [13, 77];
     let hyper = HostTensor::from_f32(&[3], &[1e-3, 1.0 - 0.9f32.powi(3), (1.0 - 0.999f32.powi(3)).sqrt()]);
     for coef in [0.73f32, f32::NAN] {
-        let v = randn(&mut r, &n, DType::F32)
-            .to_f32()
-            .iter()
-            .map(|x| x.abs())
-            .collect::<Vec<_>>();
+        let v = randn(&mut r, &n, DType::F32).to_f32().iter().map(|x| x.abs()).collect::<Vec<_>>();
         let inputs = [
             randn(&mut r, &n, DType::F32),
             randn(&mut r, &n, DType::F32),
@@ -385,10 +351,7 @@ fn optimizer_ops() {
         ];
         check_both(&mut f, &mut s, &Op::AdamW(spec.clone()), &inputs, TOL);
     }
-    let acc = [
-        randn(&mut r, &[3, 999], DType::F32),
-        randn(&mut r, &[3, 999], DType::F32),
-    ];
+    let acc = [randn(&mut r, &[3, 999], DType::F32), randn(&mut r, &[3, 999], DType::F32)];
     check_both(&mut f, &mut s, &Op::AccumulateGrad, &acc, TOL);
 }
 
@@ -409,13 +372,7 @@ fn kv_cache_write_and_cached_attention() {
         let kc = randn(&mut r, &[b, tc, w], DType::F32);
         let vc = randn(&mut r, &[b, tc, w], DType::F32);
         let pos: Vec<i32> = (0..b * tq)
-            .map(|i| {
-                if i % 5 == 4 {
-                    -1
-                } else {
-                    r.random_range(0..tc as i32 + 3)
-                }
-            })
+            .map(|i| if i % 5 == 4 { -1 } else { r.random_range(0..tc as i32 + 3) })
             .collect();
         let inputs = [q, kc, vc, ints(&[b * tq], pos)];
         check_both(&mut f, &mut s, &Op::AttentionCached(sp), &inputs, TOL);
@@ -442,10 +399,7 @@ fn matmul_shapes_transposes_and_weight_dtypes() {
         let b_shape = if tb { [3, n, k] } else { [3, k, n] };
         let a = randn(&mut r, &a_shape, DType::F32);
         let b = randn(&mut r, &b_shape, DType::F32);
-        let op = Op::MatMul {
-            trans_a: ta,
-            trans_b: tb,
-        };
+        let op = Op::MatMul { trans_a: ta, trans_b: tb };
         check_both(&mut f, &mut s, &op, &[a, b], TOL);
         // A 2-D product, e.g. a weight gradient dy^T x.
         let a2 = randn(&mut r, &a_shape[1..], DType::F32);
@@ -459,15 +413,11 @@ fn unsupported_storage_is_an_error_not_a_wrong_answer() {
     let mut f = wgsl();
     let mut r = rng(17);
     let x = randn(&mut r, &[4, 5], DType::F64);
-    let err = run(&mut f, &Op::Scale { factor: 2.0 }, &[x])
-        .err()
-        .expect("f64 must be refused");
+    let err = run(&mut f, &Op::Scale { factor: 2.0 }, &[x]).err().expect("f64 must be refused");
     assert!(err.to_string().contains("f64"), "{err}");
     let x = randn(&mut r, &[4, 6], DType::F16);
     let w = randn(&mut r, &[6], DType::F16);
-    let err = run(&mut f, &Op::RmsNorm { eps: 1e-5 }, &[x, w])
-        .err()
-        .expect("an f16 output must be refused");
+    let err = run(&mut f, &Op::RmsNorm { eps: 1e-5 }, &[x, w]).err().expect("an f16 output must be refused");
     assert!(err.to_string().contains("f32"), "{err}");
     // Attention reads bf16 but writes f32 only: a bf16 q (and so a bf16 output) is refused.
     let sp = spec(4, 2, 8, 11, true, None);
@@ -475,8 +425,6 @@ fn unsupported_storage_is_an_error_not_a_wrong_answer() {
     let k = randn(&mut r, &[22, 16], DType::BF16);
     let v = randn(&mut r, &[22, 16], DType::BF16);
     let seg = segments(&mut r, 2, 11);
-    let err = run(&mut f, &Op::Attention(sp), &[q, k, v, seg])
-        .err()
-        .expect("bf16 attention output");
+    let err = run(&mut f, &Op::Attention(sp), &[q, k, v, seg]).err().expect("bf16 attention output");
     assert!(err.to_string().contains("f32"), "{err}");
 }

@@ -43,8 +43,7 @@ fn weights(tg: &TrainGraph, seed: u64) -> BTreeMap<String, HostTensor> {
         let shape = g.shape(*t).to_vec();
         let mut v = rand_tensor(&mut r, &shape, DType::F64).to_f64();
         let norm = name.contains("norm");
-        v.iter_mut()
-            .for_each(|x| *x = if norm { 1.0 + 0.1 * *x } else { 0.3 * *x });
+        v.iter_mut().for_each(|x| *x = if norm { 1.0 + 0.1 * *x } else { 0.3 * *x });
         out.insert(name.clone(), HostTensor::from_f64(&shape, &v));
     }
     out
@@ -109,10 +108,7 @@ fn train_steps(backend: Box<dyn Backend>, cfg: &ModelConfig, opts: &BuildOptions
         HostTensor::from_i32(&[n], &seg),
         HostTensor::from_i32(&[n], &targets),
     ];
-    let (train, optim) = (
-        ex.program_index("train").unwrap(),
-        ex.program_index("optimizer").unwrap(),
-    );
+    let (train, optim) = (ex.program_index("train").unwrap(), ex.program_index("optimizer").unwrap());
     let mut out = Steps {
         losses: vec![],
         norms: vec![],
@@ -128,10 +124,7 @@ fn train_steps(backend: Box<dyn Backend>, cfg: &ModelConfig, opts: &BuildOptions
         ];
         let drop = tg.model.dropout.map(|(s, p)| {
             (
-                (
-                    s,
-                    HostTensor::from_u32(&[1], &[0x9e37_79b9u32.wrapping_mul(step as u32)]),
-                ),
+                (s, HostTensor::from_u32(&[1], &[0x9e37_79b9u32.wrapping_mul(step as u32)])),
                 (p, HostTensor::from_f32(&[1], &[0.25])),
             )
         });
@@ -161,18 +154,10 @@ fn lora_opts(rows: usize, seq: usize, weight_dtype: DType, dropout: f64) -> Buil
             alpha: 8.0,
             dropout,
             use_rslora: false,
-            targets: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         }),
         train_base: false,
         modules_to_save: vec![],
@@ -182,30 +167,18 @@ fn lora_opts(rows: usize, seq: usize, weight_dtype: DType, dropout: f64) -> Buil
 
 fn compare(what: &str, cpu: &Steps, gpu: &Steps) {
     for (k, (a, b)) in cpu.losses.iter().zip(&gpu.losses).enumerate() {
-        assert!(
-            (a - b).abs() <= 1e-4 * a.abs(),
-            "{what}: step {k} loss cpu {a} vs wgsl {b}"
-        );
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "{what}: step {k} loss cpu {a} vs wgsl {b}");
     }
     for (k, (a, b)) in cpu.norms.iter().zip(&gpu.norms).enumerate() {
-        assert!(
-            (a - b).abs() <= 1e-4 * a.abs(),
-            "{what}: step {k} grad norm cpu {a} vs wgsl {b}"
-        );
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "{what}: step {k} grad norm cpu {a} vs wgsl {b}");
     }
     assert_eq!(cpu.params.len(), gpu.params.len());
     for (k, (a, b)) in cpu.params.iter().zip(&gpu.params).enumerate() {
         let e = rel_err(&b.to_f64(), &a.to_f64());
-        assert!(
-            e < 1e-4,
-            "{what}: trainable tensor {k} after the steps: relative error {e:e}"
-        );
+        assert!(e < 1e-4, "{what}: trainable tensor {k} after the steps: relative error {e:e}");
     }
     // The steps did something: the losses moved.
-    assert!(
-        cpu.losses[0] != cpu.losses[cpu.losses.len() - 1],
-        "{what}: loss did not change"
-    );
+    assert!(cpu.losses[0] != cpu.losses[cpu.losses.len() - 1], "{what}: loss did not change");
 }
 
 #[test]
@@ -223,10 +196,7 @@ fn lora_training_steps_match_the_cpu_for_llama_qwen2_mistral() {
         let (cpu, _, _) = train_steps(Box::new(CpuBackend::new()), &cfg, &opts, 3);
         let (gpu, planned, allocated) = train_steps(wgsl(), &cfg, &opts, 3);
         compare(arch, &cpu, &gpu);
-        assert_eq!(
-            planned, allocated,
-            "{arch}: memory plan vs bytes the WGSL backend allocated"
-        );
+        assert_eq!(planned, allocated, "{arch}: memory plan vs bytes the WGSL backend allocated");
     }
 }
 
@@ -291,10 +261,7 @@ fn cli_train_on_wgsl_writes_an_adapter() {
         std::fs::write(&cfg_path, train_yaml(&model, &tr, &ev, &out, device)).unwrap();
         let (ok, text) = cli(&["train", cfg_path.to_str().unwrap()], env);
         assert!(ok, "train on wgsl failed:\n{text}");
-        assert!(
-            text.contains("device: wgsl ("),
-            "the run did not say it used wgsl:\n{text}"
-        );
+        assert!(text.contains("device: wgsl ("), "the run did not say it used wgsl:\n{text}");
         let (acfg, tensors) = ferrotune::adapters::lora::load(&out).unwrap();
         assert_eq!(acfg.r, 4);
         assert!(!tensors.is_empty());
@@ -324,9 +291,6 @@ fn without_a_vulkan_driver_wgsl_is_a_clear_error_and_auto_uses_the_cpu() {
     let (ok, text) = cli(&["train", cfg_path.to_str().unwrap()], &env);
     assert!(!ok, "training on wgsl without a driver succeeded:\n{text}");
     assert!(!text.contains("panicked"), "{text}");
-    assert!(
-        text.contains("no GPU adapter found") && text.contains("Vulkan"),
-        "{text}"
-    );
+    assert!(text.contains("no GPU adapter found") && text.contains("Vulkan"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -106,11 +106,7 @@ pub fn run(be: &mut dyn Backend, op: &Op, inputs: &[HostTensor]) -> ferrotune::R
 /// [`run`] with every operand `misalign` bytes past an alignment boundary (a multiple of
 /// 8), so bindings start below the operand and kernels index from an element offset.
 pub fn run_at(be: &mut dyn Backend, op: &Op, inputs: &[HostTensor], misalign: u64) -> ferrotune::Result<Run> {
-    let ins: Vec<TensorInfo> = inputs
-        .iter()
-        .enumerate()
-        .map(|(k, t)| info(format!("in{k}"), t))
-        .collect();
+    let ins: Vec<TensorInfo> = inputs.iter().enumerate().map(|(k, t)| info(format!("in{k}"), t)).collect();
     let in_refs: Vec<&TensorInfo> = ins.iter().collect();
     let outs: Vec<TensorInfo> = op
         .infer(&in_refs)
@@ -185,13 +181,7 @@ pub fn run_at(be: &mut dyn Backend, op: &Op, inputs: &[HostTensor], misalign: u6
     let mut prev = 0u64;
     for &(o, n) in ranges.iter().chain(std::iter::once(&(total, 0))) {
         for (k, &b) in whole[prev as usize..o as usize].iter().enumerate() {
-            assert_eq!(
-                b,
-                GUARD,
-                "{}: byte {} outside every operand was written",
-                op.name(),
-                prev as usize + k
-            );
+            assert_eq!(b, GUARD, "{}: byte {} outside every operand was written", op.name(), prev as usize + k);
         }
         prev = prev.max((o + n as u64).next_multiple_of(4));
     }
@@ -200,11 +190,7 @@ pub fn run_at(be: &mut dyn Backend, op: &Op, inputs: &[HostTensor], misalign: u6
         dtype: t.dtype,
         data: whole[o as usize..o as usize + t.bytes()].to_vec(),
     };
-    let out_offs = if op.is_alias() {
-        vec![in_offs[0]; outs.len()]
-    } else {
-        out_offs
-    };
+    let out_offs = if op.is_alias() { vec![in_offs[0]; outs.len()] } else { out_offs };
     Ok(Run {
         outputs: outs.iter().zip(&out_offs).map(|(t, &o)| take(t, o)).collect(),
         inputs: ins.iter().zip(&in_offs).map(|(t, &o)| take(t, o)).collect(),
@@ -231,19 +217,11 @@ pub fn check_at(be: &mut WgslBackend, op: &Op, inputs: &[HostTensor], tol: f64, 
     let (cpu, gpu) = both_at(be, op, inputs, misalign);
     for (k, (a, b)) in gpu.outputs.iter().zip(&cpu.outputs).enumerate() {
         let e = rel_err(a, b);
-        assert!(
-            e < tol,
-            "{:?}: output {k} relative error {e:.3e} (tolerance {tol:e})",
-            op
-        );
+        assert!(e < tol, "{:?}: output {k} relative error {e:.3e} (tolerance {tol:e})", op);
     }
     for &k in op.writes() {
         let e = rel_err(&gpu.inputs[k], &cpu.inputs[k]);
-        assert!(
-            e < tol,
-            "{:?}: in-place input {k} relative error {e:.3e} (tolerance {tol:e})",
-            op
-        );
+        assert!(e < tol, "{:?}: in-place input {k} relative error {e:.3e} (tolerance {tol:e})", op);
     }
     (cpu, gpu)
 }

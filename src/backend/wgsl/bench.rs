@@ -70,10 +70,14 @@ impl Default for BenchOptions {
 
 /// Deterministic values in [-1, 1) (a 64-bit LCG; benchmarks need no statistics).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -81,14 +85,24 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 
 fn encode_as(v: &[f32], dtype: DType) -> Vec<u8> {
     match dtype {
-        DType::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
-        DType::BF16 => v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect(),
+        DType::F16 => v
+            .iter()
+            .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        DType::BF16 => v
+            .iter()
+            .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+            .collect(),
         _ => bytemuck::cast_slice(v).to_vec(),
     }
 }
 
 /// Time one plan: seconds per run.
-fn time_plan(ctx: &WgslContext, plan: &MatmulPlan, opts: BenchOptions) -> Result<(Vec<f64>, &'static str)> {
+fn time_plan(
+    ctx: &WgslContext,
+    plan: &MatmulPlan,
+    opts: BenchOptions,
+) -> Result<(Vec<f64>, &'static str)> {
     let query = ctx.has_timestamps.then(|| {
         let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("matmul bench"),
@@ -108,11 +122,13 @@ fn time_plan(ctx: &WgslContext, plan: &MatmulPlan, opts: BenchOptions) -> Result
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("matmul bench"),
-                timestamp_writes: query.as_ref().map(|(set, _)| wgpu::ComputePassTimestampWrites {
-                    query_set: set,
-                    beginning_of_pass_write_index: Some(0),
-                    end_of_pass_write_index: Some(1),
-                }),
+                timestamp_writes: query
+                    .as_ref()
+                    .map(|(set, _)| wgpu::ComputePassTimestampWrites {
+                        query_set: set,
+                        beginning_of_pass_write_index: Some(0),
+                        end_of_pass_write_index: Some(1),
+                    }),
             });
             plan.encode(&mut pass);
         }
@@ -127,7 +143,8 @@ fn time_plan(ctx: &WgslContext, plan: &MatmulPlan, opts: BenchOptions) -> Result
             Some((_, resolve)) => {
                 let b = pollster::block_on(ctx.read(resolve, 0, 16))?;
                 let ts: &[u64] = bytemuck::cast_slice(&b);
-                let ns = ts[1].saturating_sub(ts[0]) as f64 * ctx.queue.get_timestamp_period() as f64;
+                let ns =
+                    ts[1].saturating_sub(ts[0]) as f64 * ctx.queue.get_timestamp_period() as f64;
                 // A zero span means the driver wrote no timestamps; fall back to wall clock.
                 Ok(if ns > 0.0 { ns * 1e-9 } else { wall })
             }
@@ -162,7 +179,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Benchmark `C = A B` at each size, for each storage dtype of A and B, with the SIMT kernel
 /// and (for f16, where the device has it) the cooperative-matrix kernel.
-pub fn bench_matmul(ctx: &WgslContext, sizes: &[usize], dtypes: &[DType], opts: BenchOptions) -> Result<Vec<BenchRow>> {
+pub fn bench_matmul(
+    ctx: &WgslContext,
+    sizes: &[usize],
+    dtypes: &[DType],
+    opts: BenchOptions,
+) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     for &n in sizes {
         for &dtype in dtypes {
@@ -176,7 +198,14 @@ pub fn bench_matmul(ctx: &WgslContext, sizes: &[usize], dtypes: &[DType], opts: 
                 kernels.push(MatmulKernel::Coop);
             }
             for kernel in kernels {
-                let mut args = MatmulArgs::new(BufSlice::whole(&a), BufSlice::whole(&b), BufSlice::whole(&c), n, n, n);
+                let mut args = MatmulArgs::new(
+                    BufSlice::whole(&a),
+                    BufSlice::whole(&b),
+                    BufSlice::whole(&c),
+                    n,
+                    n,
+                    n,
+                );
                 args.a_dtype = dtype;
                 args.b_dtype = dtype;
                 args.kernel = kernel;
@@ -204,7 +233,9 @@ pub fn bench_matmul(ctx: &WgslContext, sizes: &[usize], dtypes: &[DType], opts: 
 /// The same products in f32 on the CPU with the `gemm` crate (all cores), wall clock.
 pub fn bench_cpu_gemm(sizes: &[usize], opts: BenchOptions) -> Vec<BenchRow> {
     let mut rows = Vec::new();
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     for &n in sizes {
         let a = values(n * n, 1);
         let b = values(n * n, 2);
@@ -239,8 +270,12 @@ pub fn bench_cpu_gemm(sizes: &[usize], opts: BenchOptions) -> Vec<BenchRow> {
             t0.elapsed()
         };
         let warm = run();
-        let runs = ((opts.seconds / warm.as_secs_f64().max(1e-6)) as usize).clamp(opts.min_runs, opts.max_runs);
-        let times: Vec<f64> = (0..runs).map(|_| run()).map(|d: Duration| d.as_secs_f64()).collect();
+        let runs = ((opts.seconds / warm.as_secs_f64().max(1e-6)) as usize)
+            .clamp(opts.min_runs, opts.max_runs);
+        let times: Vec<f64> = (0..runs)
+            .map(|_| run())
+            .map(|d: Duration| d.as_secs_f64())
+            .collect();
         let t = median(times);
         rows.push(BenchRow {
             kernel: "cpu-gemm".to_string(),

@@ -747,7 +747,11 @@ fn shader_spec(ctx: &WgslContext, args: &MatmulArgs, kernel: KernelChoice, vec_a
             prelude += &simt_operand("a", 0, args.a_dtype, vec_a, native);
             prelude += &simt_operand("b", 1, args.b_dtype, vec_b, native);
             ShaderSpec {
-                name: if tm == 8 { "matmul_simt_8x8" } else { "matmul_simt_4x4" },
+                name: if tm == 8 {
+                    "matmul_simt_8x8"
+                } else {
+                    "matmul_simt_4x4"
+                },
                 source: if tm == 8 { SIMT8_SRC } else { SIMT4_SRC },
                 enables: if needs_f16 { vec!["f16"] } else { vec![] },
                 prelude,

@@ -22,8 +22,8 @@ pub use buffers::BufSlice;
 #[cfg(not(target_arch = "wasm32"))]
 pub use context::list_adapters_blocking;
 pub use context::{list_adapters, AdapterSummary, WgslContext, WgslOptions};
-pub use executor::WgslBackend;
 #[cfg(not(target_arch = "wasm32"))]
 pub use executor::{create, create_gpu_only};
+pub use executor::WgslBackend;
 pub use kernels::shader_files;
 pub use matmul::{encode_matmul, MatmulArgs, MatmulKernel, MatmulPlan};

@@ -35,16 +35,10 @@ fn consts(d: u64) -> String {
 fn check_spec(op: &Op, s: &AttnSpec) -> Result<()> {
     let (hq, hk, d) = (s.n_heads, s.n_kv_heads, s.head_dim);
     if hq == 0 || hk == 0 || hq % hk != 0 || d == 0 || s.seq_len == 0 {
-        return Err(err(
-            op,
-            format!("bad heads {hq}/{hk}, head dim {d} or seq len {}", s.seq_len),
-        ));
+        return Err(err(op, format!("bad heads {hq}/{hk}, head dim {d} or seq len {}", s.seq_len)));
     }
     if d > 256 {
-        return Err(err(
-            op,
-            format!("head dim {d} is larger than the 256 this kernel supports"),
-        ));
+        return Err(err(op, format!("head dim {d} is larger than the 256 this kernel supports")));
     }
     Ok(())
 }
@@ -189,7 +183,10 @@ pub(super) fn cache_write(b: &mut Builder, op: &Op, i: &[Arg]) -> Result<()> {
     let pipe = b.pipeline(&ATTENTION, "cache_write", &[("x", ops[1].dtype)], &consts(1))?;
     for (u0, nu) in b.chunks(cache_rows, &ops, u64::MAX)? {
         let binds = b.windows(&ops, u0, nu);
-        let u = Uniforms::new(&[n as u32, w as u32, u0 as u32, nu as u32, cache_rows as u32], &[]);
+        let u = Uniforms::new(
+            &[n as u32, w as u32, u0 as u32, nu as u32, cache_rows as u32],
+            &[],
+        );
         b.dispatch(&pipe, &ATTENTION, binds, u, grid(n)?);
     }
     Ok(())

@@ -27,12 +27,7 @@ pub(super) fn forward(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg]) -> Result<
     let table = opnd("table", &i[0], Part::Rows(h));
     let ids = opnd("ids", &i[1], Part::Whole);
     let y = opnd("y", &o[0], Part::Rows(h));
-    let pipe = b.pipeline(
-        &EMBEDDING,
-        "emb_fwd",
-        &[("table", table.dtype)],
-        "const MAXC: u32 = 1u;\n",
-    )?;
+    let pipe = b.pipeline(&EMBEDDING, "emb_fwd", &[("table", table.dtype)], "const MAXC: u32 = 1u;\n")?;
     let max_rows = ((1u64 << 31) / h.max(1)).max(1);
     let t_chunks = b.chunks(vocab.max(1), &[table, ids], u64::MAX)?;
     let y_chunks = b.chunks(n, &[y, ids], max_rows)?;
@@ -49,13 +44,7 @@ pub(super) fn forward(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg]) -> Result<
                 vocab as u32,
                 (tk == 0) as u32,
             ];
-            b.dispatch(
-                &pipe,
-                &EMBEDDING,
-                binds,
-                Uniforms::new(&u, &[]),
-                grid(elems.div_ceil(256))?,
-            );
+            b.dispatch(&pipe, &EMBEDDING, binds, Uniforms::new(&u, &[]), grid(elems.div_ceil(256))?);
         }
     }
     Ok(())

@@ -56,11 +56,7 @@ pub(super) fn cross_entropy_backward(b: &mut Builder, op: &Op, i: &[Arg], o: &[A
         opnd("dloss", &i[3], Part::Whole),
         opnd("dlogits", &o[0], Part::Rows(v)),
     ];
-    let dtypes: Vec<(&'static str, DType)> = ops
-        .iter()
-        .filter(|x| x.name != "labels")
-        .map(|x| (x.name, x.dtype))
-        .collect();
+    let dtypes: Vec<(&'static str, DType)> = ops.iter().filter(|x| x.name != "labels").map(|x| (x.name, x.dtype)).collect();
     let pipe = b.pipeline(&CROSS_ENTROPY, "ce_bwd", &dtypes, "")?;
     // Element indices are 32-bit: at most 2^31 elements per dispatch.
     let max_rows = ((1u64 << 31) / v).max(1);

@@ -231,11 +231,7 @@ pub(crate) fn shader_spec(
 ) -> Result<ShaderSpec> {
     let mut prelude = String::from(consts);
     for (i, &(name, kind)) in file.names.iter().enumerate() {
-        let dt = dtypes
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|x| x.1)
-            .unwrap_or(DType::F32);
+        let dt = dtypes.iter().find(|(n, _)| *n == name).map(|x| x.1).unwrap_or(DType::F32);
         prelude += &declare(i + 1, name, kind, dt);
     }
     for (name, _) in dtypes {

@@ -30,12 +30,7 @@ pub(super) fn rms_norm(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg], eps: f64)
         opnd("w", &i[1], Part::Whole),
         opnd("y", &o[0], Part::Rows(h)),
     ];
-    let pipe = b.pipeline(
-        &RMSNORM,
-        "rms_fwd",
-        &[("x", ops[0].dtype), ("w", ops[1].dtype)],
-        "const MAXC: u32 = 1u;\n",
-    )?;
+    let pipe = b.pipeline(&RMSNORM, "rms_fwd", &[("x", ops[0].dtype), ("w", ops[1].dtype)], "const MAXC: u32 = 1u;\n")?;
     for (u0, nu) in b.chunks(rows, &ops, u64::MAX)? {
         let binds = b.windows(&ops, u0, nu);
         let u = Uniforms::new(&[h as u32, nu as u32], &[eps as f32]);

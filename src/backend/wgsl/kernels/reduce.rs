@@ -53,10 +53,7 @@ fn total(b: &mut Builder, inputs: &[Operand], y: Operand, square: bool) -> Resul
         b.dispatch(&pipe, &REDUCE, binds, Uniforms::new(&u, &[]), grid(g)?);
     }
     let pipe = b.pipeline(&REDUCE, "final_sum", &[], "")?;
-    let binds = vec![
-        b.window(&part, 0, 0),
-        b.window(&y.rename("y").with_part(Part::Whole), 0, 0),
-    ];
+    let binds = vec![b.window(&part, 0, 0), b.window(&y.rename("y").with_part(Part::Whole), 0, 0)];
     b.dispatch(&pipe, &REDUCE, binds, Uniforms::new(&[slots as u32], &[]), [1, 1, 1]);
     Ok(())
 }
