@@ -139,25 +139,25 @@ impl AdapterConfig {
     /// Parses `adapter_config.json`'s text; `p` names it in errors.
     pub fn from_json(text: &str, p: &Path) -> Result<AdapterConfig> {
         let c: AdapterConfig =
-            serde_json::from_str(&text).map_err(|e| Error::format(&p, format!("not a PEFT LoRA config: {e}")))?;
+            serde_json::from_str(text).map_err(|e| Error::format(p, format!("not a PEFT LoRA config: {e}")))?;
         if c.peft_type != "LORA" {
             return Err(Error::format(
-                &p,
+                p,
                 format!("peft_type is {:?}; only LORA adapters are supported", c.peft_type),
             ));
         }
         if c.use_dora {
-            return Err(Error::format(&p, "DoRA adapters are not supported yet"));
+            return Err(Error::format(p, "DoRA adapters are not supported yet"));
         }
         if c.bias != "none" {
             return Err(Error::format(
-                &p,
+                p,
                 format!("bias {:?}: only adapters without bias terms are supported", c.bias),
             ));
         }
         if !c.rank_pattern.is_empty() || !c.alpha_pattern.is_empty() {
             return Err(Error::format(
-                &p,
+                p,
                 "per-module rank_pattern / alpha_pattern are not supported yet",
             ));
         }
