@@ -20,3 +20,7 @@ cargo test --release --lib --bins --tests --examples
 # The CUDA backend loads its libraries at run time: it compiles without a GPU, and its
 # tests (which need one) run with scripts/gpu-test.sh on a machine that has it.
 cargo build --release --features cuda --all-targets
+
+# The browser demo in headless Chromium (installs Chromium, wasm-bindgen-cli and
+# playwright-core when missing).
+scripts/web-demo-test.sh

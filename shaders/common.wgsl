@@ -48,7 +48,10 @@ fn is_finite(x: f32) -> bool {
 }
 
 fn nan_f32() -> f32 {
-    return bitcast<f32>(0x7fc00000u);
+    // Through a variable: WGSL forbids a NaN in a constant expression, and browsers'
+    // compilers (Tint) reject `bitcast<f32>(0x7fc00000u)` folded as one.
+    var bits = 0x7fc00000u;
+    return bitcast<f32>(bits);
 }
 
 // IEEE binary16 bits -> f32 (exact; subnormals included).

@@ -133,26 +133,31 @@ impl AdapterConfig {
     pub fn read(dir: &Path) -> Result<AdapterConfig> {
         let p = dir.join(ADAPTER_CONFIG);
         let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        Self::from_json(&text, &p)
+    }
+
+    /// Parses `adapter_config.json`'s text; `p` names it in errors.
+    pub fn from_json(text: &str, p: &Path) -> Result<AdapterConfig> {
         let c: AdapterConfig =
-            serde_json::from_str(&text).map_err(|e| Error::format(&p, format!("not a PEFT LoRA config: {e}")))?;
+            serde_json::from_str(text).map_err(|e| Error::format(p, format!("not a PEFT LoRA config: {e}")))?;
         if c.peft_type != "LORA" {
             return Err(Error::format(
-                &p,
+                p,
                 format!("peft_type is {:?}; only LORA adapters are supported", c.peft_type),
             ));
         }
         if c.use_dora {
-            return Err(Error::format(&p, "DoRA adapters are not supported yet"));
+            return Err(Error::format(p, "DoRA adapters are not supported yet"));
         }
         if c.bias != "none" {
             return Err(Error::format(
-                &p,
+                p,
                 format!("bias {:?}: only adapters without bias terms are supported", c.bias),
             ));
         }
         if !c.rank_pattern.is_empty() || !c.alpha_pattern.is_empty() {
             return Err(Error::format(
-                &p,
+                p,
                 "per-module rank_pattern / alpha_pattern are not supported yet",
             ));
         }
@@ -183,8 +188,15 @@ pub fn init_pair(pair: &LoraPair, r: usize, seed: u64, index: usize, dtype: DTyp
     (a, b)
 }
 
+/// The contents of `adapter_model.safetensors` and `adapter_config.json`, for places
+/// without a file system (the browser offers them as downloads).
+pub fn to_bytes(config: &AdapterConfig, tensors: &[(String, HostTensor)]) -> Result<(Vec<u8>, String)> {
+    Ok((crate::model::safetensors_bytes(tensors, None)?, config.to_json()))
+}
+
 /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir` (each file
 /// written to a temporary name and renamed).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn save(dir: &Path, config: &AdapterConfig, tensors: &[(String, HostTensor)]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut meta = std::collections::HashMap::new();
@@ -194,6 +206,7 @@ pub fn save(dir: &Path, config: &AdapterConfig, tensors: &[(String, HostTensor)]
 }
 
 /// Reads an adapter folder: its config and tensors (f32).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn load(dir: &Path) -> Result<(AdapterConfig, BTreeMap<String, HostTensor>)> {
     let config = AdapterConfig::read(dir)?;
     let store = crate::model::WeightStore::open(&dir.join(ADAPTER_WEIGHTS))?;

@@ -2,7 +2,6 @@
 //! out, and launch one op on planned locations. Backends know kernels, not models, and
 //! never learn about gradients (autodiff happened in the graph).
 
-#[cfg(not(target_arch = "wasm32"))]
 pub mod cpu;
 #[cfg(all(feature = "cuda", not(target_arch = "wasm32")))]
 pub mod cuda;

@@ -289,6 +289,20 @@ impl Config {
 
     /// Parses YAML text, applies `key=value` overrides (`--set`), then checks keys and types.
     pub fn from_yaml(text: &str, overrides: &[String]) -> Result<Config> {
+        let cfg = Self::parse_yaml(text, overrides)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// [`Config::from_yaml`] for a run whose model and datasets are given as bytes rather
+    /// than paths (in the browser): the paths it names are not checked.
+    pub fn from_yaml_without_files(text: &str) -> Result<Config> {
+        let cfg = Self::parse_yaml(text, &[])?;
+        cfg.validate_without_files()?;
+        Ok(cfg)
+    }
+
+    fn parse_yaml(text: &str, overrides: &[String]) -> Result<Config> {
         let mut value: serde_yaml::Value =
             serde_yaml::from_str(text).map_err(|e| Error::Config(format!("the file is not valid YAML: {e}")))?;
         if value.is_null() {
@@ -304,9 +318,7 @@ impl Config {
         // on their own first so a type error names its key.
         serde_path_to_error::deserialize::<_, DataOptions>(keys::subset(&value, keys::DATA_OPTION_KEYS))
             .map_err(path_error)?;
-        let cfg: Config = serde_path_to_error::deserialize(value).map_err(path_error)?;
-        cfg.validate()?;
-        Ok(cfg)
+        serde_path_to_error::deserialize(value).map_err(path_error)
     }
 
     /// True when training LoRA adapters rather than every weight.

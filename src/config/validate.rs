@@ -10,7 +10,18 @@ use std::path::Path;
 pub const ADAMW_NAMES: &[&str] = &["adamw_torch", "adamw_torch_fused", "adamw"];
 
 impl Config {
+    /// Every check, including that the files and folders the config names exist.
     pub fn validate(&self) -> Result<()> {
+        self.check(true)
+    }
+
+    /// Every check except file existence, for a config whose model and data are given as
+    /// bytes (in the browser).
+    pub fn validate_without_files(&self) -> Result<()> {
+        self.check(false)
+    }
+
+    fn check(&self, files: bool) -> Result<()> {
         let mut e: Vec<String> = Vec::new();
         need(
             &mut e,
@@ -167,7 +178,7 @@ impl Config {
                 if let Some(d) = &self.lora_model_dir {
                     need(
                         &mut e,
-                        d.join("adapter_model.safetensors").is_file(),
+                        !files || d.join("adapter_model.safetensors").is_file(),
                         format!("lora_model_dir: {} has no adapter_model.safetensors", d.display()),
                     );
                 }
@@ -188,7 +199,7 @@ impl Config {
             }
             need(
                 &mut e,
-                Path::new(&d.path).exists(),
+                !files || Path::new(&d.path).exists(),
                 format!("{at}.path: {} does not exist", d.path),
             );
         }
@@ -199,7 +210,7 @@ impl Config {
             }
             need(
                 &mut e,
-                Path::new(&d.path).exists(),
+                !files || Path::new(&d.path).exists(),
                 format!("{at}.path: {} does not exist", d.path),
             );
         }
@@ -211,7 +222,7 @@ impl Config {
         let base = Path::new(&self.base_model);
         need(
             &mut e,
-            base.is_dir() || (base.is_file() && self.base_model.ends_with(".gguf")),
+            !files || base.is_dir() || (base.is_file() && self.base_model.ends_with(".gguf")),
             format!(
                 "base_model: {} is neither a model folder nor a .gguf file (models come from local files; \
                  `ferrotune fetch smollm2-135m-instruct` installs one)",
@@ -221,7 +232,7 @@ impl Config {
         if let Some(r) = &self.resume_from_checkpoint {
             need(
                 &mut e,
-                r.is_dir(),
+                !files || r.is_dir(),
                 format!("resume_from_checkpoint: {} is not a checkpoint folder", r.display()),
             );
         }

@@ -129,6 +129,24 @@ pub fn prepare(datasets: &[DatasetSpec], opts: &DataOptions, tok: &Tokenizer) ->
     Ok(data)
 }
 
+/// [`prepare`] for one dataset whose file is given as bytes (the browser has no paths);
+/// `name` (e.g. `train.jsonl`) names it in errors and picks JSON array vs JSON Lines.
+/// No cache is used.
+pub fn prepare_bytes(
+    spec: &DatasetSpec,
+    name: &str,
+    bytes: Vec<u8>,
+    opts: &DataOptions,
+    tok: &Tokenizer,
+) -> Result<PreparedData> {
+    opts.validate()?;
+    let source = SourceFile {
+        path: name.into(),
+        bytes,
+    };
+    prepare_uncached(&[(spec, vec![source])], opts, tok)
+}
+
 fn prepare_uncached(
     sources: &[(&DatasetSpec, Vec<SourceFile>)],
     opts: &DataOptions,

@@ -31,7 +31,7 @@ mod tokenizer_config;
 pub use chat_template::{ChatTemplate, Message, TemplateVars};
 pub use collate::{collate, PackedBatch};
 pub use config::{ChatTemplateChoice, DataOptions, DatasetSpec, DatasetType, ExcessLengthStrategy, TrainOnEos};
-pub use dataset::{prepare, DataStats, PreparedData};
+pub use dataset::{prepare, prepare_bytes, DataStats, PreparedData};
 pub use sample::{Sample, IGNORE_INDEX};
 pub use schedule::{BatchLayout, BatchSchedule, EpochPlan, MicroBatch, ScheduleOptions, SchedulePosition, Step};
 pub use tokenizer::{SpecialTokens, Tokenizer};

@@ -3,6 +3,7 @@
 #[cfg(not(target_arch = "wasm32"))]
 pub mod exact_match;
 pub mod generate;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod score;
 
 pub use generate::{GenerateOptions, Generator};

@@ -6,6 +6,7 @@
 pub mod hf_config;
 pub mod llama;
 pub mod rope;
+pub mod safetensors_mem;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod atomic;
@@ -20,6 +21,7 @@ pub mod weights_write;
 
 pub use hf_config::{Arch, ModelConfig, RopeScaling};
 pub use rope::RopeInit;
+pub use safetensors_mem::{read_safetensors_bytes, safetensors_bytes};
 
 #[cfg(not(target_arch = "wasm32"))]
 pub use fetch::fetch_smollm2_135m_instruct;

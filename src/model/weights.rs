@@ -39,29 +39,7 @@ impl std::fmt::Debug for WeightStore {
     }
 }
 
-/// Our element type for a stored safetensors type, if we can hold it.
-pub fn dtype_from_safetensors(d: StDtype) -> Option<DType> {
-    Some(match d {
-        StDtype::F32 => DType::F32,
-        StDtype::F16 => DType::F16,
-        StDtype::BF16 => DType::BF16,
-        StDtype::F64 => DType::F64,
-        StDtype::I32 => DType::I32,
-        StDtype::U32 => DType::U32,
-        _ => return None,
-    })
-}
-
-pub fn dtype_to_safetensors(d: DType) -> StDtype {
-    match d {
-        DType::F32 => StDtype::F32,
-        DType::F16 => StDtype::F16,
-        DType::BF16 => StDtype::BF16,
-        DType::F64 => StDtype::F64,
-        DType::I32 => StDtype::I32,
-        DType::U32 => StDtype::U32,
-    }
-}
+pub use super::safetensors_mem::{dtype_from_safetensors, dtype_to_safetensors};
 
 fn map_file(path: &Path) -> Result<Mmap> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;

@@ -8,11 +8,11 @@
 //! `dS = P * (dP - Di)`, `dQ = s dS K`, `dK = s dS^T Q`.
 //! Query head `h` reads key/value head `h / (Hq / Hkv)`.
 
+use super::par::*;
 use super::{Infer, Op, Real};
 use crate::graph::{Graph, TensorId, TensorInfo};
 use crate::tensor::DType;
 use crate::Result;
-use rayon::prelude::*;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AttnSpec {

@@ -3,10 +3,10 @@
 //! normalise by the label tokens of a whole optimizer step. Backward:
 //! `dlogits = (softmax(logits) - onehot(label)) * dloss` on counted rows, 0 elsewhere.
 
+use super::par::*;
 use super::{Infer, Real};
 use crate::graph::TensorInfo;
 use crate::tensor::DType;
-use rayon::prelude::*;
 
 fn out_dtype(logits: &TensorInfo) -> DType {
     if logits.dtype == DType::F64 {

@@ -1,11 +1,11 @@
 //! Elementwise and shape ops: add, mul (with suffix/scalar broadcasting), scale, cast,
 //! reshape, reduce-sum, broadcast, dropout.
 
+use super::par::*;
 use super::{Infer, Op, Real};
 use crate::graph::{Graph, TensorId, TensorInfo};
 use crate::tensor::{numel, DType};
 use crate::Result;
-use rayon::prelude::*;
 
 /// `b` broadcasts against `a` when it has `a`'s shape, a suffix of it, or one element;
 /// element `i` of the result then reads `b[i % b.len()]`.

@@ -1,10 +1,10 @@
 //! Embedding gather `y[i] = table[ids[i]]` and its scatter-add backward.
 
+use super::par::*;
 use super::{Infer, Op, Real};
 use crate::graph::{Graph, TensorId, TensorInfo};
 use crate::tensor::DType;
 use crate::Result;
-use rayon::prelude::*;
 
 pub fn infer(table: &TensorInfo, ids: &TensorInfo) -> Infer {
     if table.shape.len() != 2 || !table.dtype.is_float() {

@@ -138,6 +138,12 @@ pub fn backward(
 
 // ---- CPU reference -------------------------------------------------------------------
 
+/// All cores natively; the web's wasm32 has no threads.
+#[cfg(not(target_arch = "wasm32"))]
+const PARALLELISM: gemm::Parallelism = gemm::Parallelism::Rayon(0);
+#[cfg(target_arch = "wasm32")]
+const PARALLELISM: gemm::Parallelism = gemm::Parallelism::None;
+
 /// `c = op(a) @ op(b)` (or `c += ...` when `accumulate`), row-major, through the `gemm` crate.
 #[allow(clippy::too_many_arguments)]
 pub fn cpu<T: Real>(a: &[T], b: &[T], c: &mut [T], d: MatmulDims, trans_a: bool, trans_b: bool, accumulate: bool) {
@@ -181,7 +187,7 @@ pub fn cpu<T: Real>(a: &[T], b: &[T], c: &mut [T], d: MatmulDims, trans_a: bool,
                 false,
                 false,
                 false,
-                gemm::Parallelism::Rayon(0),
+                PARALLELISM,
             );
         }
     }

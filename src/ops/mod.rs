@@ -11,6 +11,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod matmul;
 pub mod optim;
+pub mod par;
 pub mod real;
 pub mod rmsnorm;
 pub mod rope;

@@ -8,10 +8,10 @@
 //! overflowed) skips the update. The update zeroes the gradient buffer,
 //! which is the accumulator the next optimizer step's micro-batches add into.
 
+use super::par::*;
 use super::{Infer, Real};
 use crate::graph::TensorInfo;
 use crate::tensor::DType;
-use rayon::prelude::*;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdamWSpec {

@@ -3,11 +3,11 @@
 //! Backward, with `r = 1/sqrt(mean(x^2) + eps)`, `xh = x r`, `g = dy * w`:
 //! `dx = r (g - xh * mean(g * xh))`, `dw = sum_rows(dy * xh)`.
 
+use super::par::*;
 use super::{Infer, Op, Real};
 use crate::graph::{Graph, TensorId, TensorInfo};
 use crate::tensor::DType;
 use crate::Result;
-use rayon::prelude::*;
 
 pub fn infer(x: &TensorInfo, w: &TensorInfo) -> Infer {
     let h = *x.shape.last().ok_or("x must have at least one dim")?;

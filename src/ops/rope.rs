@@ -7,10 +7,10 @@
 //! enters: the model computes them once. The rotation is orthogonal, so the backward pass
 //! is the same op with the angle negated.
 
+use super::par::*;
 use super::{Infer, Real};
 use crate::graph::TensorInfo;
 use crate::tensor::DType;
-use rayon::prelude::*;
 
 pub fn infer(x: &TensorInfo, pos: &TensorInfo, inv_freq: &TensorInfo, head_dim: usize) -> Infer {
     if x.shape.len() != 2 || head_dim == 0 || head_dim % 2 != 0 || x.shape[1] % head_dim != 0 {

@@ -1,10 +1,10 @@
 //! SwiGLU gate (Shazeer 2020): `y = silu(g) * u`, `silu(g) = g * sigmoid(g)`.
 //! Backward: `dg = dy * u * sig * (1 + g (1 - sig))`, `du = dy * silu(g)`.
 
+use super::par::*;
 use super::{Infer, Op, Real};
 use crate::graph::{Graph, TensorId, TensorInfo};
 use crate::Result;
-use rayon::prelude::*;
 
 pub fn infer(g: &TensorInfo, u: &TensorInfo) -> Infer {
     if g.shape != u.shape || g.dtype != u.dtype || !g.dtype.is_float() {

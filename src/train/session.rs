@@ -5,7 +5,7 @@ use crate::exec::Executor;
 use crate::model::llama::ModelGraph;
 use crate::model::ModelConfig;
 use crate::tensor::{DType, HostTensor};
-use crate::{Error, Result};
+use crate::Result;
 
 /// Anything that can hand out named weights (a safetensors store, an in-memory map).
 pub trait WeightSource {
@@ -102,7 +102,7 @@ pub fn check_model_dir(dir: &std::path::Path) -> Result<()> {
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(Error::format(
+        Err(crate::Error::format(
             dir,
             format!("not a model folder: missing {}", missing.join(", ")),
         ))

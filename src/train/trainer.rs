@@ -3,9 +3,9 @@
 //! clipping, evaluation, checkpoints and exact resume.
 
 use super::batches::{dropout_seed, model_inputs, StepInputs};
-use super::checkpoint::{DataPosition, TrainerState};
 use super::schedule::LrSchedule;
 use super::session::{load_base_weights, Precision, WeightSource};
+use super::state::{DataPosition, TrainerState};
 use super::step_graph::{OptimizerOptions, TrainGraph, EVAL, GRAD_SUMSQ, OPTIMIZER, TRAIN};
 use crate::adapters::lora::{self, AdapterConfig};
 use crate::backend::Backend;
@@ -400,7 +400,7 @@ impl Trainer {
     fn init_adapters(&mut self) -> Result<()> {
         let pairs = self.tg.model.lora.clone();
         let r = self.cfg.lora_r;
-        let loaded = match &self.cfg.lora_model_dir {
+        let loaded: Option<(AdapterConfig, BTreeMap<String, HostTensor>)> = match &self.cfg.lora_model_dir {
             #[cfg(not(target_arch = "wasm32"))]
             Some(dir) => Some(lora::load(dir)?),
             _ => None,

@@ -1,5 +1,5 @@
 //! The CPU backend: the reference every kernel is checked against, and a real backend
-//! (matmuls through the `gemm` crate, everything else parallel over rows with rayon).
+//! (matmuls through the `gemm` crate, everything else parallel over rows with rayon natively, sequential on the web).
 //!
 //! Ops compute in f32, or in f64 when any operand is f64 (gradient checks). Operands
 //! stored in another float type (f16, bf16) are widened into a temporary first.
@@ -366,7 +366,7 @@ impl Backend for CpuBackend {
         "cpu"
     }
     fn device_info(&self) -> String {
-        format!("CPU, {} threads", rayon::current_num_threads())
+        format!("CPU, {} threads", crate::ops::par::threads())
     }
     fn max_buffer_bytes(&self) -> u64 {
         u64::MAX / 4

@@ -1,0 +1,57 @@
+//! The demo's training run natively, for comparison with the browser: the bundled model
+//! on the built-in addition task with the page's options, printing one JSON object
+//! `{"device", "options", "rows", "losses"}`.
+//!
+//! web-demo-reference [--device cpu|wgsl] [--rows N] [--options JSON]
+
+#[cfg(target_arch = "wasm32")]
+fn main() {}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn run() -> ferrotune::Result<()> {
+    use ferrotune::backend::Backend;
+    use ferrotune_web_demo::demo::{Dataset, Model, Run, TrainOptions};
+
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let get = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let device = get("--device").unwrap_or_else(|| "cpu".into());
+    let rows: usize = get("--rows").map(|r| r.parse().expect("--rows N")).unwrap_or(64);
+    let options: TrainOptions = match get("--options") {
+        Some(j) => serde_json::from_str(&j).map_err(|e| ferrotune::msg!("--options: {e}"))?,
+        None => TrainOptions::default(),
+    };
+    let backend: Box<dyn Backend> = match device.as_str() {
+        "cpu" => Box::new(ferrotune::backend::cpu::CpuBackend::new()),
+        "wgsl" => ferrotune::backend::wgsl::create()?,
+        other => return Err(ferrotune::msg!("--device {other:?}: expected cpu or wgsl")),
+    };
+    let model = Model::bundled()?;
+    let data = Dataset::Addition {
+        digits: 2,
+        rows,
+        seed: options.seed,
+    };
+    let mut run = Run::new(&model, data, &options, backend)?;
+    while pollster::block_on(run.step())?.is_some() {}
+    let out = serde_json::json!({
+        "device": device,
+        "options": options,
+        "rows": rows,
+        "losses": run.losses,
+    });
+    println!("{out}");
+    Ok(())
+}
