@@ -65,6 +65,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "device",
     "gradient_checkpointing",
     "attn_implementation",
+    "flex_attention_mask",
     // LoRA
     "adapter",
     "lora_r",
@@ -162,9 +163,6 @@ pub const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
         "lora_o_kernel",
         "fused LoRA kernels are chosen by the backend; remove the key",
     ),
-    ("flash_attention", "deprecated in axolotl; use attn_implementation"),
-    ("sdp_attention", "deprecated in axolotl; use attn_implementation"),
-    ("xformers_attention", "deprecated in axolotl; use attn_implementation"),
     ("deepspeed", "multi-GPU training is not implemented yet"),
     ("fsdp", "multi-GPU training is not implemented yet"),
     ("fsdp_config", "multi-GPU training is not implemented yet"),

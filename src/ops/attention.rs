@@ -8,11 +8,13 @@
 //! `dS = P * (dP - Di)`, `dQ = s dS K`, `dK = s dS^T Q`.
 //! Query head `h` reads key/value head `h / (Hq / Hkv)`.
 
+use super::attn_mask::{FlexMask, RowMask};
 use super::{Infer, Op, Real};
 use crate::graph::{Graph, TensorId, TensorInfo};
 use crate::tensor::DType;
 use crate::Result;
 use rayon::prelude::*;
+use std::ops::Range;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AttnSpec {
@@ -25,30 +27,19 @@ pub struct AttnSpec {
     /// Keys at distance `>= window` from the query are masked (Mistral's sliding window).
     pub window: Option<usize>,
     pub scale: f64,
+    /// Prefix-LM and user mask terms (see [`super::attn_mask`]); default: none.
+    pub flex: FlexMask,
 }
 
 impl AttnSpec {
-    /// Whether query `i` sees key `j` (both indices within one row).
-    pub fn visible(&self, seg: &[i32], i: usize, j: usize) -> bool {
-        if seg[i] != seg[j] || (self.causal && j > i) {
-            return false;
-        }
-        match self.window {
-            Some(w) => i.abs_diff(j) < w,
-            None => true,
-        }
-    }
-
-    fn check(
-        &self,
-        q: &TensorInfo,
-        k: &TensorInfo,
-        v: &TensorInfo,
-        seg: &TensorInfo,
-    ) -> std::result::Result<usize, String> {
+    fn check(&self, x: &[&TensorInfo]) -> std::result::Result<usize, String> {
+        let (q, k, v, seg) = (x[0], x[1], x[2], x[3]);
         let (hq, hk, d, t) = (self.n_heads, self.n_kv_heads, self.head_dim, self.seq_len);
         if hq == 0 || hk == 0 || hq % hk != 0 || d == 0 || t == 0 {
             return Err(format!("bad heads {hq}/{hk}, head dim {d} or seq len {t}"));
+        }
+        if self.window == Some(0) {
+            return Err("a sliding window of 0 hides every key".into());
         }
         if q.shape.len() != 2 || q.shape[1] != hq * d || q.shape[0] % t != 0 {
             return Err(format!("q must be [rows*{t}, {}], got {:?}", hq * d, q.shape));
@@ -62,12 +53,7 @@ impl AttnSpec {
                 return Err(format!("{name} dtype {} differs from q's {}", x.dtype, q.dtype));
             }
         }
-        if seg.shape != [n] || seg.dtype != DType::I32 {
-            return Err(format!(
-                "segment ids must be [{n}] i32, got {:?} {}",
-                seg.shape, seg.dtype
-            ));
-        }
+        check_ids("segment ids", seg, n)?;
         Ok(n)
     }
 
@@ -79,15 +65,25 @@ impl AttnSpec {
         }
     }
 
-    pub fn infer(&self, q: &TensorInfo, k: &TensorInfo, v: &TensorInfo, seg: &TensorInfo) -> Infer {
-        let n = self.check(q, k, v, seg)?;
+    /// `(q, k, v, seg[, prefix])`
+    pub fn infer(&self, x: &[&TensorInfo]) -> Infer {
+        want_inputs(x, self.forward_inputs())?;
+        let n = self.check(x)?;
+        if self.flex.prefix_lm {
+            check_ids("prefix flags", x[4], n)?;
+        }
         let lse = vec![n / self.seq_len, self.n_heads, self.seq_len];
-        Ok(vec![(q.shape.clone(), q.dtype), (lse, Self::lse_dtype(q))])
+        Ok(vec![(x[0].shape.clone(), x[0].dtype), (lse, Self::lse_dtype(x[0]))])
     }
 
+    /// `(q, k, v, seg, o, lse, do[, prefix])`
     pub fn infer_backward(&self, x: &[&TensorInfo]) -> Infer {
-        let (q, k, v, seg, o, lse, d_o) = (x[0], x[1], x[2], x[3], x[4], x[5], x[6]);
-        let n = self.check(q, k, v, seg)?;
+        want_inputs(x, 3 + self.forward_inputs())?;
+        let (q, k, v, o, lse, d_o) = (x[0], x[1], x[2], x[4], x[5], x[6]);
+        let n = self.check(x)?;
+        if self.flex.prefix_lm {
+            check_ids("prefix flags", x[7], n)?;
+        }
         if o.shape != q.shape || d_o.shape != q.shape {
             return Err("o and do must have q's shape".into());
         }
@@ -102,6 +98,21 @@ impl AttnSpec {
     }
 }
 
+fn want_inputs(x: &[&TensorInfo], n: usize) -> std::result::Result<(), String> {
+    if x.len() == n {
+        Ok(())
+    } else {
+        Err(format!("takes {n} inputs, got {}", x.len()))
+    }
+}
+
+fn check_ids(what: &str, x: &TensorInfo, n: usize) -> std::result::Result<(), String> {
+    if x.shape != [n] || x.dtype != DType::I32 {
+        return Err(format!("{what} must be [{n}] i32, got {:?} {}", x.shape, x.dtype));
+    }
+    Ok(())
+}
+
 pub fn backward(
     g: &mut Graph,
     s: &AttnSpec,
@@ -109,82 +120,163 @@ pub fn backward(
     o: &[TensorId],
     d_o: TensorId,
 ) -> Result<Vec<Option<TensorId>>> {
-    let outs = g.apply(
-        Op::AttentionBackward(s.clone()),
-        &[i[0], i[1], i[2], i[3], o[0], o[1], d_o],
-    )?;
-    Ok(vec![Some(outs[0]), Some(outs[1]), Some(outs[2]), None])
+    let mut inputs = vec![i[0], i[1], i[2], i[3], o[0], o[1], d_o];
+    inputs.extend_from_slice(&i[4..]);
+    let outs = g.apply(Op::AttentionBackward(s.clone()), &inputs)?;
+    let mut grads = vec![Some(outs[0]), Some(outs[1]), Some(outs[2])];
+    grads.resize(i.len(), None);
+    Ok(grads)
 }
 
-// ---- CPU reference -------------------------------------------------------------------
+// ---- CPU reference: tiled, online softmax (FlashAttention-2 on the CPU) -------------------
+//
+// Work is split over (row, head, block of BQ queries); each task walks the key blocks its
+// queries can see (ranges from `RowMask`, so causal, windowed and packed rows skip the
+// masked tiles) keeping a running max `m`, sum `l` and output accumulator per query.
+// Scratch is O(BQ * (BK + D)) per task: no score matrix exists.
+
+const BQ: usize = 32;
+const BK: usize = 64;
 
 fn dot<T: Real>(a: &[T], b: &[T]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x.f64() * y.f64()).sum()
 }
 
-/// One (row, query head) task's result: its output columns and its log-sum-exps.
-type HeadOut = (Vec<f64>, Vec<f64>);
+/// Shapes and row slices shared by the forward and backward kernels.
+struct Layout<'a> {
+    t: usize,
+    d: usize,
+    hq: usize,
+    group: usize,
+    qw: usize,
+    kw: usize,
+    masks: Vec<RowMask<'a>>,
+}
 
-pub fn cpu<T: Real>(s: &AttnSpec, q: &[T], k: &[T], v: &[T], seg: &[i32], o: &mut [T], lse: &mut [T]) {
-    let (hq, hk, d, t) = (s.n_heads, s.n_kv_heads, s.head_dim, s.seq_len);
-    let rows = seg.len() / t;
-    let group = hq / hk;
-    let (qw, kw) = (hq * d, hk * d);
-    let results: Vec<HeadOut> = (0..rows * hq)
+impl<'a> Layout<'a> {
+    fn new(s: &'a AttnSpec, seg: &'a [i32], prefix: Option<&'a [i32]>) -> Self {
+        let t = s.seq_len;
+        let masks = (0..seg.len() / t)
+            .map(|b| RowMask::new(s, &seg[b * t..(b + 1) * t], prefix.map(|p| &p[b * t..(b + 1) * t])))
+            .collect();
+        Layout {
+            t,
+            d: s.head_dim,
+            hq: s.n_heads,
+            group: s.n_heads / s.n_kv_heads,
+            qw: s.n_heads * s.head_dim,
+            kw: s.n_kv_heads * s.head_dim,
+            masks,
+        }
+    }
+    /// Row `i` of row `b`, head `h`, in a `[N, heads * d]` tensor of width `w`.
+    fn at<'x, T>(&self, x: &'x [T], w: usize, b: usize, i: usize, h: usize) -> &'x [T] {
+        &x[(b * self.t + i) * w + h * self.d..][..self.d]
+    }
+    /// The union of `range(i)` over a block of tokens.
+    fn span(&self, block: Range<usize>, range: impl Fn(usize) -> Range<usize>) -> Range<usize> {
+        let (mut lo, mut hi) = (usize::MAX, 0);
+        for i in block {
+            let r = range(i);
+            if !r.is_empty() {
+                lo = lo.min(r.start);
+                hi = hi.max(r.end);
+            }
+        }
+        lo.min(hi)..hi
+    }
+}
+
+/// Forward: `o` and the row log-sum-exp `lse` (`-inf` for a query that sees nothing).
+#[allow(clippy::too_many_arguments)]
+pub fn cpu<T: Real>(
+    s: &AttnSpec,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    seg: &[i32],
+    prefix: Option<&[i32]>,
+    o: &mut [T],
+    lse: &mut [T],
+) {
+    let l = Layout::new(s, seg, prefix);
+    let (t, d, hq) = (l.t, l.d, l.hq);
+    let nqb = t.div_ceil(BQ);
+    let results: Vec<(Vec<f64>, Vec<f64>)> = (0..l.masks.len() * hq * nqb)
         .into_par_iter()
         .map(|task| {
-            let (b, h) = (task / hq, task % hq);
-            let kh = h / group;
-            let seg = &seg[b * t..(b + 1) * t];
-            let mut out = vec![0f64; t * d];
-            let mut lses = vec![0f64; t];
-            let mut p = vec![0f64; t];
-            for i in 0..t {
-                let qi = &q[(b * t + i) * qw + h * d..][..d];
-                let mut m = f64::NEG_INFINITY;
-                for j in 0..t {
-                    p[j] = if s.visible(seg, i, j) {
-                        let sc = s.scale * dot(qi, &k[(b * t + j) * kw + kh * d..][..d]);
-                        m = m.max(sc);
-                        sc
-                    } else {
-                        f64::NEG_INFINITY
-                    };
-                }
-                let mut l = 0.0;
-                for pj in p.iter_mut() {
-                    *pj = if pj.is_finite() { (*pj - m).exp() } else { 0.0 };
-                    l += *pj;
-                }
-                let oi = &mut out[i * d..(i + 1) * d];
-                for (j, &pj) in p.iter().enumerate() {
-                    if pj > 0.0 {
-                        let vj = &v[(b * t + j) * kw + kh * d..][..d];
-                        for c in 0..d {
-                            oi[c] += pj * vj[c].f64();
+            let (b, h, qb) = (task / (hq * nqb), task / nqb % hq, task % nqb);
+            let kh = h / l.group;
+            let m = &l.masks[b];
+            let qs = qb * BQ..((qb + 1) * BQ).min(t);
+            let nq = qs.len();
+            let mut acc = vec![0f64; nq * d];
+            let mut mx = vec![f64::NEG_INFINITY; nq];
+            let mut sum = vec![0f64; nq];
+            let mut sc = vec![0f64; BK];
+            let keys = l.span(qs.clone(), |i| m.key_range(i));
+            for k0 in keys.clone().step_by(BK) {
+                let ks = k0..(k0 + BK).min(keys.end);
+                for (r, i) in qs.clone().enumerate() {
+                    let qi = l.at(q, l.qw, b, i, h);
+                    let mut bmax = f64::NEG_INFINITY;
+                    for (c, j) in ks.clone().enumerate() {
+                        sc[c] = if m.visible(i, j) {
+                            let x = s.scale * dot(qi, l.at(k, l.kw, b, j, kh));
+                            bmax = bmax.max(x);
+                            x
+                        } else {
+                            f64::NEG_INFINITY
+                        };
+                    }
+                    if bmax == f64::NEG_INFINITY {
+                        continue;
+                    }
+                    let new_max = mx[r].max(bmax);
+                    let a = &mut acc[r * d..(r + 1) * d];
+                    if mx[r] != f64::NEG_INFINITY && new_max > mx[r] {
+                        let f = (mx[r] - new_max).exp();
+                        sum[r] *= f;
+                        a.iter_mut().for_each(|x| *x *= f);
+                    }
+                    mx[r] = new_max;
+                    for (c, j) in ks.clone().enumerate() {
+                        if sc[c] == f64::NEG_INFINITY {
+                            continue;
+                        }
+                        let p = (sc[c] - new_max).exp();
+                        sum[r] += p;
+                        for (x, y) in a.iter_mut().zip(l.at(v, l.kw, b, j, kh)) {
+                            *x += p * y.f64();
                         }
                     }
                 }
-                oi.iter_mut().for_each(|x| *x /= l);
-                lses[i] = m + l.ln();
             }
-            (out, lses)
+            let mut lses = vec![f64::NEG_INFINITY; nq];
+            for r in 0..nq {
+                if sum[r] > 0.0 {
+                    acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x /= sum[r]);
+                    lses[r] = mx[r] + sum[r].ln();
+                }
+            }
+            (acc, lses)
         })
         .collect();
-    for (task, (out, lses)) in results.into_iter().enumerate() {
-        let (b, h) = (task / hq, task % hq);
-        for i in 0..t {
+    for (task, (acc, lses)) in results.into_iter().enumerate() {
+        let (b, h, qb) = (task / (hq * nqb), task / nqb % hq, task % nqb);
+        for (r, i) in (qb * BQ..((qb + 1) * BQ).min(t)).enumerate() {
+            let row = (b * t + i) * l.qw + h * d;
             for c in 0..d {
-                o[(b * t + i) * qw + h * d + c] = T::of(out[i * d + c]);
+                o[row + c] = T::of(acc[r * d + c]);
             }
-            lse[(b * hq + h) * t + i] = T::of(lses[i]);
+            lse[(b * hq + h) * t + i] = T::of(lses[r]);
         }
     }
 }
 
-/// Gradients of one (row, kv head) task: dq for each query head of its group, dk, dv.
-type KvGrads = (Vec<f64>, Vec<f64>, Vec<f64>);
-
+/// Backward (FlashAttention-2, Alg. 2, split in two passes so no task shares an output):
+/// `dK, dV` over (row, kv head, key block), then `dQ` over (row, head, query block). Both
+/// recompute `P = exp(s Q K^T - lse)` for the visible pairs only.
 #[allow(clippy::too_many_arguments)]
 pub fn cpu_backward<T: Real>(
     s: &AttnSpec,
@@ -192,6 +284,7 @@ pub fn cpu_backward<T: Real>(
     k: &[T],
     v: &[T],
     seg: &[i32],
+    prefix: Option<&[i32]>,
     o: &[T],
     lse: &[T],
     d_o: &[T],
@@ -199,58 +292,94 @@ pub fn cpu_backward<T: Real>(
     dk: &mut [T],
     dv: &mut [T],
 ) {
-    let (hq, hk, d, t) = (s.n_heads, s.n_kv_heads, s.head_dim, s.seq_len);
-    let rows = seg.len() / t;
-    let group = hq / hk;
-    let (qw, kw) = (hq * d, hk * d);
-    // Parallel over (row, kv head): each task owns its dk/dv columns and the dq columns of
-    // the query heads that read them.
-    let results: Vec<KvGrads> = (0..rows * hk)
+    let l = Layout::new(s, seg, prefix);
+    let (t, d, hq) = (l.t, l.d, l.hq);
+    let hk = hq / l.group;
+    let rows = l.masks.len();
+    // Di = rowsum(dO * O), per (row, head, query).
+    let di: Vec<f64> = (0..rows * hq * t)
+        .into_par_iter()
+        .map(|x| {
+            let (b, h, i) = (x / (hq * t), x / t % hq, x % t);
+            dot(l.at(d_o, l.qw, b, i, h), l.at(o, l.qw, b, i, h))
+        })
+        .collect();
+    // P and dS of one visible pair.
+    let pair = |b: usize, h: usize, i: usize, j: usize| -> (f64, f64) {
+        let kh = h / l.group;
+        let x = (b * hq + h) * t + i;
+        let p = (s.scale * dot(l.at(q, l.qw, b, i, h), l.at(k, l.kw, b, j, kh)) - lse[x].f64()).exp();
+        let dp = dot(l.at(d_o, l.qw, b, i, h), l.at(v, l.kw, b, j, kh));
+        (p, p * (dp - di[x]))
+    };
+
+    let nkb = t.div_ceil(BK);
+    let kv: Vec<(Vec<f64>, Vec<f64>)> = (0..rows * hk * nkb)
         .into_par_iter()
         .map(|task| {
-            let (b, kh) = (task / hk, task % hk);
-            let seg = &seg[b * t..(b + 1) * t];
-            let mut gq = vec![0f64; group * t * d];
-            let mut gk = vec![0f64; t * d];
-            let mut gv = vec![0f64; t * d];
-            for hg in 0..group {
-                let h = kh * group + hg;
-                for i in 0..t {
-                    let row = (b * t + i) * qw + h * d;
-                    let (qi, oi, doi) = (&q[row..row + d], &o[row..row + d], &d_o[row..row + d]);
-                    let di = dot(doi, oi);
-                    let l = lse[(b * hq + h) * t + i].f64();
-                    for j in 0..t {
-                        if !s.visible(seg, i, j) {
+            let (b, kh, kb) = (task / (hk * nkb), task / nkb % hk, task % nkb);
+            let m = &l.masks[b];
+            let ks = kb * BK..((kb + 1) * BK).min(t);
+            let mut gk = vec![0f64; ks.len() * d];
+            let mut gv = vec![0f64; ks.len() * d];
+            let queries = l.span(ks.clone(), |j| m.query_range(j));
+            for h in kh * l.group..(kh + 1) * l.group {
+                for i in queries.clone() {
+                    let (qi, doi) = (l.at(q, l.qw, b, i, h), l.at(d_o, l.qw, b, i, h));
+                    for (c, j) in ks.clone().enumerate() {
+                        if !m.visible(i, j) {
                             continue;
                         }
-                        let (kj, vj) = (
-                            &k[(b * t + j) * kw + kh * d..][..d],
-                            &v[(b * t + j) * kw + kh * d..][..d],
-                        );
-                        let p = (s.scale * dot(qi, kj) - l).exp();
-                        let ds = p * (dot(doi, vj) - di);
-                        for c in 0..d {
-                            gv[j * d + c] += p * doi[c].f64();
-                            gq[(hg * t + i) * d + c] += s.scale * ds * kj[c].f64();
-                            gk[j * d + c] += s.scale * ds * qi[c].f64();
+                        let (p, ds) = pair(b, h, i, j);
+                        for e in 0..d {
+                            gv[c * d + e] += p * doi[e].f64();
+                            gk[c * d + e] += s.scale * ds * qi[e].f64();
                         }
                     }
                 }
             }
-            (gq, gk, gv)
+            (gk, gv)
         })
         .collect();
-    for (task, (gq, gk, gv)) in results.into_iter().enumerate() {
-        let (b, kh) = (task / hk, task % hk);
-        for i in 0..t {
-            for c in 0..d {
-                dk[(b * t + i) * kw + kh * d + c] = T::of(gk[i * d + c]);
-                dv[(b * t + i) * kw + kh * d + c] = T::of(gv[i * d + c]);
-                for hg in 0..group {
-                    let h = kh * group + hg;
-                    dq[(b * t + i) * qw + h * d + c] = T::of(gq[(hg * t + i) * d + c]);
+    for (task, (gk, gv)) in kv.into_iter().enumerate() {
+        let (b, kh, kb) = (task / (hk * nkb), task / nkb % hk, task % nkb);
+        for (c, j) in (kb * BK..((kb + 1) * BK).min(t)).enumerate() {
+            let row = (b * t + j) * l.kw + kh * d;
+            for e in 0..d {
+                dk[row + e] = T::of(gk[c * d + e]);
+                dv[row + e] = T::of(gv[c * d + e]);
+            }
+        }
+    }
+
+    let nqb = t.div_ceil(BQ);
+    let gq: Vec<Vec<f64>> = (0..rows * hq * nqb)
+        .into_par_iter()
+        .map(|task| {
+            let (b, h, qb) = (task / (hq * nqb), task / nqb % hq, task % nqb);
+            let m = &l.masks[b];
+            let qs = qb * BQ..((qb + 1) * BQ).min(t);
+            let mut g = vec![0f64; qs.len() * d];
+            for (r, i) in qs.enumerate() {
+                for j in m.key_range(i) {
+                    if !m.visible(i, j) {
+                        continue;
+                    }
+                    let (_, ds) = pair(b, h, i, j);
+                    for (x, y) in g[r * d..(r + 1) * d].iter_mut().zip(l.at(k, l.kw, b, j, h / l.group)) {
+                        *x += s.scale * ds * y.f64();
+                    }
                 }
+            }
+            g
+        })
+        .collect();
+    for (task, g) in gq.into_iter().enumerate() {
+        let (b, h, qb) = (task / (hq * nqb), task / nqb % hq, task % nqb);
+        for (r, i) in (qb * BQ..((qb + 1) * BQ).min(t)).enumerate() {
+            let row = (b * t + i) * l.qw + h * d;
+            for e in 0..d {
+                dq[row + e] = T::of(g[r * d + e]);
             }
         }
     }
@@ -280,6 +409,9 @@ pub fn infer_cache_write(cache: &TensorInfo, x: &TensorInfo, slot: &TensorInfo) 
 impl AttnSpec {
     pub fn infer_cached(&self, q: &TensorInfo, kc: &TensorInfo, vc: &TensorInfo, pos: &TensorInfo) -> Infer {
         let (hq, hk, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        if !self.flex.is_plain() {
+            return Err("generation over a KV cache supports causal and sliding-window masks only".into());
+        }
         if kc.shape.len() != 3 || kc.shape[2] != hk * d || vc.shape != kc.shape {
             return Err(format!(
                 "caches must be [B, T, {}], got {:?} and {:?}",

@@ -189,7 +189,7 @@ impl RunPlan {
             weight_decay: cfg.weight_decay,
             max_grad_norm: Some(cfg.max_grad_norm),
         };
-        let tg = TrainGraph::new(llama::build(model, &opts)?, &opt)?;
+        let tg = TrainGraph::new(llama::build_with_attention(model, &opts, &cfg.attn_options()?)?, &opt)?;
         Ok(RunPlan {
             cfg,
             tg,
