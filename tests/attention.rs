@@ -245,7 +245,10 @@ fn custom_expressions() {
     // Strictly earlier keys plus an attention sink: the first token of each document sees
     // nothing (zero output, no gradient) on both paths.
     check(Case {
-        spec: with_expr(spec(2, 1, 128, t, true, None), "kv_idx < q_idx || (kv_idx == 0 && q_idx > 0)"),
+        spec: with_expr(
+            spec(2, 1, 128, t, true, None),
+            "kv_idx < q_idx || (kv_idx == 0 && q_idx > 0)",
+        ),
         seg: packed_segments(t),
         prefix: None,
     });
@@ -265,7 +268,10 @@ fn fused_op_rejects_bad_prefix_inputs() {
     let q = g.input("q", &[10, 16], DType::F64);
     let k = g.input("k", &[10, 8], DType::F64);
     let seg = g.input("seg", &[10], DType::I32);
-    let e = g.apply(Op::Attention(s.clone()), &[q, k, k, seg]).unwrap_err().to_string();
+    let e = g
+        .apply(Op::Attention(s.clone()), &[q, k, k, seg])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("takes 5 inputs, got 4"), "{e}");
     let bad = g.input("prefix", &[9], DType::I32);
     let e = g.apply(Op::Attention(s), &[q, k, k, seg, bad]).unwrap_err().to_string();

@@ -49,7 +49,11 @@ fn tokenize(s: &str) -> Vec<String> {
             out.push(c[st..i].iter().collect());
         } else {
             let two: String = c[i..(i + 2).min(c.len())].iter().collect();
-            let n = if ["&&", "||", "==", "!=", "<=", ">="].contains(&two.as_str()) { 2 } else { 1 };
+            let n = if ["&&", "||", "==", "!=", "<=", ">="].contains(&two.as_str()) {
+                2
+            } else {
+                1
+            };
             out.push(c[i..i + n].iter().collect());
             i += n;
         }
@@ -86,7 +90,9 @@ impl Eval<'_> {
     fn binary(&mut self, min_prec: u8) -> V {
         let mut lhs = self.atom();
         loop {
-            let Some(op) = self.peek().map(str::to_string) else { return lhs };
+            let Some(op) = self.peek().map(str::to_string) else {
+                return lhs;
+            };
             let prec = match op.as_str() {
                 "||" => 1,
                 "&&" => 2,

@@ -34,7 +34,11 @@ fn plan(seq_len: usize, eager: bool) -> (u64, bool) {
         eager,
         ..Default::default()
     };
-    let tg = TrainGraph::new(build_with_attention(&cfg, &opts, &attn).unwrap(), &OptimizerOptions::default()).unwrap();
+    let tg = TrainGraph::new(
+        build_with_attention(&cfg, &opts, &attn).unwrap(),
+        &OptimizerOptions::default(),
+    )
+    .unwrap();
     let g = tg.model.graph.clone();
     let square = g.tensors.iter().any(|t| t.shape.ends_with(&[seq_len, seq_len]));
     let ex = Executor::new(g, Box::new(PlanBackend::like(&CpuBackend::new())), &tg.programs()).unwrap();
@@ -47,7 +51,10 @@ fn fused_attention_memory_is_linear_and_eager_is_quadratic() {
     let fused: Vec<(u64, bool)> = [4096, 8192, 16384].iter().map(|&t| plan(t, false)).collect();
     let eager: Vec<(u64, bool)> = [4096, 8192, 16384].iter().map(|&t| plan(t, true)).collect();
     assert!(fused.iter().all(|(_, sq)| !sq), "the fused graph holds no score matrix");
-    assert!(eager.iter().all(|(_, sq)| *sq), "the eager graph holds the score matrix");
+    assert!(
+        eager.iter().all(|(_, sq)| *sq),
+        "the eager graph holds the score matrix"
+    );
     // With P(T) = a T^2 + b T + c at T, 2T, 4T: D1 = P(2T) - P(T) = 3aT^2 + bT and
     // D2 = P(4T) - P(2T) = 12aT^2 + 2bT, so D2 - 2 D1 = 6aT^2.
     let t = 4096f64;
@@ -65,5 +72,10 @@ fn fused_attention_memory_is_linear_and_eager_is_quadratic() {
     // 30 layers x 9 heads x 4 bytes per T^2.
     assert!(ae >= 30.0 * 9.0 * 4.0, "eager: {ae} bytes per T^2 (peaks {eager:?})");
     // Fused at 16k needs less than the eager step at 4k.
-    assert!(fused[2].0 < eager[0].0, "fused 16k {} vs eager 4k {}", fused[2].0, eager[0].0);
+    assert!(
+        fused[2].0 < eager[0].0,
+        "fused 16k {} vs eager 4k {}",
+        fused[2].0,
+        eager[0].0
+    );
 }

@@ -45,7 +45,11 @@ pub const LEGACY_FLAGS: [(&str, &str); 7] = [
 
 impl AttnImplementation {
     pub fn name(self) -> &'static str {
-        SUPPORTED.iter().find(|(_, v)| *v == self).map(|(n, _)| *n).unwrap_or("sdpa")
+        SUPPORTED
+            .iter()
+            .find(|(_, v)| *v == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("sdpa")
     }
 
     /// Parses a value; unsupported axolotl values and typos get an error naming the choices.
@@ -135,9 +139,11 @@ pub fn flex_mask(value: Option<&str>) -> std::result::Result<FlexMask, String> {
             prefix_lm: true,
             expr: None,
         }),
-        Some(src) => MaskExpr::parse(src).map(|e| FlexMask {
-            prefix_lm: false,
-            expr: Some(e),
-        }).map_err(|e| e.to_string()),
+        Some(src) => MaskExpr::parse(src)
+            .map(|e| FlexMask {
+                prefix_lm: false,
+                expr: Some(e),
+            })
+            .map_err(|e| e.to_string()),
     }
 }

@@ -330,10 +330,7 @@ pub fn build_with_attention(cfg: &ModelConfig, opts: &BuildOptions, attn: &AttnO
     let input_ids = b.g.input("input_ids", &[n], DType::I32);
     let positions = b.g.input("position_ids", &[n], DType::I32);
     let segments = b.g.input("segment_ids", &[n], DType::I32);
-    let prefix = attn
-        .flex
-        .prefix_lm
-        .then(|| b.g.input("prefix_flags", &[n], DType::I32));
+    let prefix = attn.flex.prefix_lm.then(|| b.g.input("prefix_flags", &[n], DType::I32));
     if opts.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
         let seed = b.g.input("dropout_seed", &[1], DType::U32);
         let p = b.g.input("dropout_p", &[1], DType::F32);

@@ -9,6 +9,7 @@
 //! Query head `h` reads key/value head `h / (Hq / Hkv)`.
 
 use super::attn_mask::{FlexMask, RowMask};
+use super::matmul::{self, MatmulDims};
 use super::{Infer, Op, Real};
 use crate::graph::{Graph, TensorId, TensorInfo};
 use crate::tensor::DType;
@@ -132,17 +133,31 @@ pub fn backward(
 //
 // Work is split over (row, head, block of BQ queries); each task walks the key blocks its
 // queries can see (ranges from `RowMask`, so causal, windowed and packed rows skip the
-// masked tiles) keeping a running max `m`, sum `l` and output accumulator per query.
-// Scratch is O(BQ * (BK + D)) per task: no score matrix exists.
+// masked tiles), computes each score tile with a small matmul and keeps a running max,
+// sum and output accumulator per query. Scratch is O(BQ * BK + (BQ + BK) * D) per task:
+// no score matrix exists.
 
-const BQ: usize = 32;
+const BQ: usize = 64;
 const BK: usize = 64;
 
 fn dot<T: Real>(a: &[T], b: &[T]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x.f64() * y.f64()).sum()
 }
 
-/// Shapes and row slices shared by the forward and backward kernels.
+/// `c (+)= op(a) @ op(b)` for one small row-major tile.
+#[allow(clippy::too_many_arguments)]
+fn mm<T: Real>(a: &[T], b: &[T], c: &mut [T], m: usize, n: usize, k: usize, ta: bool, tb: bool, acc: bool) {
+    let d = MatmulDims {
+        batch: 1,
+        m,
+        n,
+        k,
+        shared_b: false,
+    };
+    matmul::cpu(&a[..m * k], &b[..k * n], &mut c[..m * n], d, ta, tb, acc);
+}
+
+/// Shapes and row masks shared by the forward and backward kernels.
 struct Layout<'a> {
     t: usize,
     d: usize,
@@ -169,9 +184,21 @@ impl<'a> Layout<'a> {
             masks,
         }
     }
-    /// Row `i` of row `b`, head `h`, in a `[N, heads * d]` tensor of width `w`.
-    fn at<'x, T>(&self, x: &'x [T], w: usize, b: usize, i: usize, h: usize) -> &'x [T] {
-        &x[(b * self.t + i) * w + h * self.d..][..self.d]
+    /// Copies tokens `rows` of head `h` of row `b` (a `[N, heads * d]` tensor of width `w`)
+    /// into a contiguous `[rows, d]` tile.
+    fn gather<T: Real>(&self, x: &[T], w: usize, b: usize, h: usize, rows: Range<usize>, tile: &mut [T]) {
+        for (r, i) in rows.enumerate() {
+            tile[r * self.d..(r + 1) * self.d].copy_from_slice(&x[(b * self.t + i) * w + h * self.d..][..self.d]);
+        }
+    }
+    /// Writes a `[rows, d]` tile back to head `h` of row `b`.
+    fn scatter<T: Real>(&self, tile: &[f64], w: usize, b: usize, h: usize, rows: Range<usize>, x: &mut [T]) {
+        for (r, i) in rows.enumerate() {
+            let dst = &mut x[(b * self.t + i) * w + h * self.d..][..self.d];
+            for (y, v) in dst.iter_mut().zip(&tile[r * self.d..]) {
+                *y = T::of(*v);
+            }
+        }
     }
     /// The union of `range(i)` over a block of tokens.
     fn span(&self, block: Range<usize>, range: impl Fn(usize) -> Range<usize>) -> Range<usize> {
@@ -184,6 +211,18 @@ impl<'a> Layout<'a> {
             }
         }
         lo.min(hi)..hi
+    }
+    fn blocks(r: Range<usize>, size: usize) -> impl Iterator<Item = Range<usize>> {
+        r.clone().step_by(size).map(move |s| s..(s + size).min(r.end))
+    }
+}
+
+/// Visibility of the keys `ks` for query `i`, through the exact range when the mask has one.
+fn visible_fn<'m>(m: &'m RowMask, i: usize) -> impl Fn(usize) -> bool + 'm {
+    let exact = m.ranges_exact().then(|| m.key_range(i));
+    move |j| match &exact {
+        Some(r) => r.contains(&j),
+        None => m.visible(i, j),
     }
 }
 
@@ -210,46 +249,58 @@ pub fn cpu<T: Real>(
             let m = &l.masks[b];
             let qs = qb * BQ..((qb + 1) * BQ).min(t);
             let nq = qs.len();
+            let (mut qt, mut kt, mut vt) = (
+                vec![T::zero(); nq * d],
+                vec![T::zero(); BK * d],
+                vec![T::zero(); BK * d],
+            );
+            let (mut st, mut pt, mut pv) = (
+                vec![T::zero(); nq * BK],
+                vec![T::zero(); nq * BK],
+                vec![T::zero(); nq * d],
+            );
             let mut acc = vec![0f64; nq * d];
             let mut mx = vec![f64::NEG_INFINITY; nq];
             let mut sum = vec![0f64; nq];
-            let mut sc = vec![0f64; BK];
-            let keys = l.span(qs.clone(), |i| m.key_range(i));
-            for k0 in keys.clone().step_by(BK) {
-                let ks = k0..(k0 + BK).min(keys.end);
+            l.gather(q, l.qw, b, h, qs.clone(), &mut qt);
+            for ks in Layout::blocks(l.span(qs.clone(), |i| m.key_range(i)), BK) {
+                let nk = ks.len();
+                l.gather(k, l.kw, b, kh, ks.clone(), &mut kt);
+                l.gather(v, l.kw, b, kh, ks.clone(), &mut vt);
+                mm(&qt, &kt, &mut st, nq, nk, d, false, true, false);
                 for (r, i) in qs.clone().enumerate() {
-                    let qi = l.at(q, l.qw, b, i, h);
-                    let mut bmax = f64::NEG_INFINITY;
-                    for (c, j) in ks.clone().enumerate() {
-                        sc[c] = if m.visible(i, j) {
-                            let x = s.scale * dot(qi, l.at(k, l.kw, b, j, kh));
-                            bmax = bmax.max(x);
-                            x
-                        } else {
-                            f64::NEG_INFINITY
-                        };
-                    }
+                    let vis = visible_fn(m, i);
+                    let (srow, prow) = (&st[r * nk..(r + 1) * nk], &mut pt[r * nk..(r + 1) * nk]);
+                    let bmax = ks
+                        .clone()
+                        .zip(srow)
+                        .filter(|(j, _)| vis(*j))
+                        .map(|(_, x)| s.scale * x.f64())
+                        .fold(f64::NEG_INFINITY, f64::max);
                     if bmax == f64::NEG_INFINITY {
+                        prow.fill(T::zero());
                         continue;
                     }
                     let new_max = mx[r].max(bmax);
-                    let a = &mut acc[r * d..(r + 1) * d];
-                    if mx[r] != f64::NEG_INFINITY && new_max > mx[r] {
+                    if new_max > mx[r] && mx[r] != f64::NEG_INFINITY {
                         let f = (mx[r] - new_max).exp();
                         sum[r] *= f;
-                        a.iter_mut().for_each(|x| *x *= f);
+                        acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= f);
                     }
                     mx[r] = new_max;
-                    for (c, j) in ks.clone().enumerate() {
-                        if sc[c] == f64::NEG_INFINITY {
-                            continue;
-                        }
-                        let p = (sc[c] - new_max).exp();
-                        sum[r] += p;
-                        for (x, y) in a.iter_mut().zip(l.at(v, l.kw, b, j, kh)) {
-                            *x += p * y.f64();
-                        }
+                    for ((j, x), p) in ks.clone().zip(srow).zip(prow.iter_mut()) {
+                        let e = if vis(j) {
+                            (s.scale * x.f64() - new_max).exp()
+                        } else {
+                            0.0
+                        };
+                        sum[r] += e;
+                        *p = T::of(e);
                     }
+                }
+                mm(&pt, &vt, &mut pv, nq, d, nk, false, false, false);
+                for (a, x) in acc.iter_mut().zip(&pv) {
+                    *a += x.f64();
                 }
             }
             let mut lses = vec![f64::NEG_INFINITY; nq];
@@ -264,19 +315,65 @@ pub fn cpu<T: Real>(
         .collect();
     for (task, (acc, lses)) in results.into_iter().enumerate() {
         let (b, h, qb) = (task / (hq * nqb), task / nqb % hq, task % nqb);
-        for (r, i) in (qb * BQ..((qb + 1) * BQ).min(t)).enumerate() {
-            let row = (b * t + i) * l.qw + h * d;
-            for c in 0..d {
-                o[row + c] = T::of(acc[r * d + c]);
-            }
+        let qs = qb * BQ..((qb + 1) * BQ).min(t);
+        l.scatter(&acc, l.qw, b, h, qs.clone(), o);
+        for (r, i) in qs.enumerate() {
             lse[(b * hq + h) * t + i] = T::of(lses[r]);
+        }
+    }
+}
+
+/// `P` and `dS = P * (dP - Di)` (times `scale`) of a tile of queries `qs` (head `h`) and
+/// keys `ks`, from gathered tiles; `P` is 0 where the mask hides the key.
+struct TileGrad<T> {
+    p: Vec<T>,
+    ds: Vec<T>,
+    dp: Vec<T>,
+}
+
+impl<T: Real> TileGrad<T> {
+    fn new() -> Self {
+        TileGrad {
+            p: vec![T::zero(); BQ * BK],
+            ds: vec![T::zero(); BQ * BK],
+            dp: vec![T::zero(); BQ * BK],
+        }
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn compute(
+        &mut self,
+        s: &AttnSpec,
+        m: &RowMask,
+        qs: Range<usize>,
+        ks: Range<usize>,
+        tiles: [&[T]; 4],
+        lse: &[T],
+        di: &[f64],
+    ) {
+        let [qt, dot, kt, vt] = tiles;
+        let (nq, nk, d) = (qs.len(), ks.len(), s.head_dim);
+        mm(qt, kt, &mut self.p, nq, nk, d, false, true, false);
+        mm(dot, vt, &mut self.dp, nq, nk, d, false, true, false);
+        for (r, i) in qs.enumerate() {
+            let vis = visible_fn(m, i);
+            let l = lse[i].f64();
+            for (c, j) in ks.clone().enumerate() {
+                let x = r * nk + c;
+                let p = if vis(j) {
+                    (s.scale * self.p[x].f64() - l).exp()
+                } else {
+                    0.0
+                };
+                self.p[x] = T::of(p);
+                self.ds[x] = T::of(s.scale * p * (self.dp[x].f64() - di[i]));
+            }
         }
     }
 }
 
 /// Backward (FlashAttention-2, Alg. 2, split in two passes so no task shares an output):
 /// `dK, dV` over (row, kv head, key block), then `dQ` over (row, head, query block). Both
-/// recompute `P = exp(s Q K^T - lse)` for the visible pairs only.
+/// recompute `P = exp(s Q K^T - lse)` tile by tile for the visible pairs.
 #[allow(clippy::too_many_arguments)]
 pub fn cpu_backward<T: Real>(
     s: &AttnSpec,
@@ -301,16 +398,13 @@ pub fn cpu_backward<T: Real>(
         .into_par_iter()
         .map(|x| {
             let (b, h, i) = (x / (hq * t), x / t % hq, x % t);
-            dot(l.at(d_o, l.qw, b, i, h), l.at(o, l.qw, b, i, h))
+            let x = (b * t + i) * l.qw + h * d;
+            dot(&d_o[x..x + d], &o[x..x + d])
         })
         .collect();
-    // P and dS of one visible pair.
-    let pair = |b: usize, h: usize, i: usize, j: usize| -> (f64, f64) {
-        let kh = h / l.group;
-        let x = (b * hq + h) * t + i;
-        let p = (s.scale * dot(l.at(q, l.qw, b, i, h), l.at(k, l.kw, b, j, kh)) - lse[x].f64()).exp();
-        let dp = dot(l.at(d_o, l.qw, b, i, h), l.at(v, l.kw, b, j, kh));
-        (p, p * (dp - di[x]))
+    let row_stats = |b: usize, h: usize| {
+        let x = (b * hq + h) * t;
+        (&lse[x..x + t], &di[x..x + t])
     };
 
     let nkb = t.div_ceil(BK);
@@ -320,36 +414,34 @@ pub fn cpu_backward<T: Real>(
             let (b, kh, kb) = (task / (hk * nkb), task / nkb % hk, task % nkb);
             let m = &l.masks[b];
             let ks = kb * BK..((kb + 1) * BK).min(t);
-            let mut gk = vec![0f64; ks.len() * d];
-            let mut gv = vec![0f64; ks.len() * d];
+            let nk = ks.len();
+            let (mut kt, mut vt) = (vec![T::zero(); nk * d], vec![T::zero(); nk * d]);
+            l.gather(k, l.kw, b, kh, ks.clone(), &mut kt);
+            l.gather(v, l.kw, b, kh, ks.clone(), &mut vt);
+            let (mut qt, mut dot) = (vec![T::zero(); BQ * d], vec![T::zero(); BQ * d]);
+            let (mut gk, mut gv) = (vec![T::zero(); nk * d], vec![T::zero(); nk * d]);
+            let mut tg = TileGrad::new();
             let queries = l.span(ks.clone(), |j| m.query_range(j));
             for h in kh * l.group..(kh + 1) * l.group {
-                for i in queries.clone() {
-                    let (qi, doi) = (l.at(q, l.qw, b, i, h), l.at(d_o, l.qw, b, i, h));
-                    for (c, j) in ks.clone().enumerate() {
-                        if !m.visible(i, j) {
-                            continue;
-                        }
-                        let (p, ds) = pair(b, h, i, j);
-                        for e in 0..d {
-                            gv[c * d + e] += p * doi[e].f64();
-                            gk[c * d + e] += s.scale * ds * qi[e].f64();
-                        }
-                    }
+                let (lse_r, di_r) = row_stats(b, h);
+                for qs in Layout::blocks(queries.clone(), BQ) {
+                    let nq = qs.len();
+                    l.gather(q, l.qw, b, h, qs.clone(), &mut qt);
+                    l.gather(d_o, l.qw, b, h, qs.clone(), &mut dot);
+                    tg.compute(s, m, qs, ks.clone(), [&qt, &dot, &kt, &vt], lse_r, di_r);
+                    mm(&tg.p, &dot, &mut gv, nk, d, nq, true, false, true);
+                    mm(&tg.ds, &qt, &mut gk, nk, d, nq, true, false, true);
                 }
             }
-            (gk, gv)
+            let f = |x: Vec<T>| x.into_iter().map(|y| y.f64()).collect::<Vec<f64>>();
+            (f(gk), f(gv))
         })
         .collect();
     for (task, (gk, gv)) in kv.into_iter().enumerate() {
         let (b, kh, kb) = (task / (hk * nkb), task / nkb % hk, task % nkb);
-        for (c, j) in (kb * BK..((kb + 1) * BK).min(t)).enumerate() {
-            let row = (b * t + j) * l.kw + kh * d;
-            for e in 0..d {
-                dk[row + e] = T::of(gk[c * d + e]);
-                dv[row + e] = T::of(gv[c * d + e]);
-            }
-        }
+        let ks = kb * BK..((kb + 1) * BK).min(t);
+        l.scatter(&gk, l.kw, b, kh, ks.clone(), dk);
+        l.scatter(&gv, l.kw, b, kh, ks, dv);
     }
 
     let nqb = t.div_ceil(BQ);
@@ -357,31 +449,29 @@ pub fn cpu_backward<T: Real>(
         .into_par_iter()
         .map(|task| {
             let (b, h, qb) = (task / (hq * nqb), task / nqb % hq, task % nqb);
-            let m = &l.masks[b];
+            let (m, kh) = (&l.masks[b], h / l.group);
             let qs = qb * BQ..((qb + 1) * BQ).min(t);
-            let mut g = vec![0f64; qs.len() * d];
-            for (r, i) in qs.enumerate() {
-                for j in m.key_range(i) {
-                    if !m.visible(i, j) {
-                        continue;
-                    }
-                    let (_, ds) = pair(b, h, i, j);
-                    for (x, y) in g[r * d..(r + 1) * d].iter_mut().zip(l.at(k, l.kw, b, j, h / l.group)) {
-                        *x += s.scale * ds * y.f64();
-                    }
-                }
+            let nq = qs.len();
+            let (mut qt, mut dot) = (vec![T::zero(); nq * d], vec![T::zero(); nq * d]);
+            l.gather(q, l.qw, b, h, qs.clone(), &mut qt);
+            l.gather(d_o, l.qw, b, h, qs.clone(), &mut dot);
+            let (mut kt, mut vt) = (vec![T::zero(); BK * d], vec![T::zero(); BK * d]);
+            let mut g = vec![T::zero(); nq * d];
+            let mut tg = TileGrad::new();
+            let (lse_r, di_r) = row_stats(b, h);
+            for ks in Layout::blocks(l.span(qs.clone(), |i| m.key_range(i)), BK) {
+                let nk = ks.len();
+                l.gather(k, l.kw, b, kh, ks.clone(), &mut kt);
+                l.gather(v, l.kw, b, kh, ks.clone(), &mut vt);
+                tg.compute(s, m, qs.clone(), ks, [&qt, &dot, &kt, &vt], lse_r, di_r);
+                mm(&tg.ds, &kt, &mut g, nq, d, nk, false, false, true);
             }
-            g
+            g.into_iter().map(|y| y.f64()).collect()
         })
         .collect();
     for (task, g) in gq.into_iter().enumerate() {
         let (b, h, qb) = (task / (hq * nqb), task / nqb % hq, task % nqb);
-        for (r, i) in (qb * BQ..((qb + 1) * BQ).min(t)).enumerate() {
-            let row = (b * t + i) * l.qw + h * d;
-            for e in 0..d {
-                dq[row + e] = T::of(g[r * d + e]);
-            }
-        }
+        l.scatter(&g, l.qw, b, h, qb * BQ..((qb + 1) * BQ).min(t), dq);
     }
 }
 

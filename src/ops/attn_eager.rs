@@ -127,7 +127,11 @@ pub fn cpu_masked_softmax<T: Real>(s: &AttnSpec, x: &[T], seg: &[i32], prefix: O
         let mut sum = 0.0;
         let e: Vec<f64> = (0..t)
             .map(|j| {
-                let p = if m.visible(i, j) { (xs[j].f64() - max).exp() } else { 0.0 };
+                let p = if m.visible(i, j) {
+                    (xs[j].f64() - max).exp()
+                } else {
+                    0.0
+                };
                 sum += p;
                 p
             })

@@ -120,6 +120,12 @@ impl<'a> RowMask<'a> {
         !self.spec.causal || j <= i || (self.in_prefix(i) && self.in_prefix(j))
     }
 
+    /// True when `key_range` and `query_range` are exactly the visible sets (no prefix or
+    /// expression terms, and each segment id forms one run).
+    pub fn ranges_exact(&self) -> bool {
+        self.spec.flex.is_plain() && self.runs_are_documents
+    }
+
     /// Keys that query `i` may see (a superset; `visible` decides).
     pub fn key_range(&self, i: usize) -> Range<usize> {
         let (lo, mut hi) = self.doc_bounds(i);

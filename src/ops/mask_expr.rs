@@ -191,10 +191,7 @@ impl Expr {
     pub fn is_bool(&self) -> bool {
         match self {
             Expr::Bool(_) | Expr::Unary(UnOp::Not, _) => true,
-            Expr::Binary(op, ..) => !matches!(
-                op,
-                BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem
-            ),
+            Expr::Binary(op, ..) => !matches!(op, BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem),
             Expr::Int(_) | Expr::Var(_) | Expr::Unary(UnOp::Neg, _) => false,
         }
     }
@@ -210,7 +207,10 @@ impl MaskExpr {
         };
         let root = p.expr()?;
         if let Some(t) = p.peek() {
-            return Err(p.err(t.col, format!("expected an operator or the end, found {}", t.kind.show())));
+            return Err(p.err(
+                t.col,
+                format!("expected an operator or the end, found {}", t.kind.show()),
+            ));
         }
         if root.ty != Ty::Bool {
             return Err(p.err(
@@ -291,7 +291,10 @@ fn lex(src: &str) -> Result<Vec<Token>, MaskError> {
             if v > i32::MAX as i64 + 1 {
                 return Err(err(col, format!("{text} does not fit in a 32-bit integer")));
             }
-            out.push(Token { kind: Kind::Int(v), col });
+            out.push(Token {
+                kind: Kind::Int(v),
+                col,
+            });
         } else if c.is_ascii_alphabetic() || c == '_' {
             let start = i;
             while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_') {
@@ -318,7 +321,10 @@ fn lex(src: &str) -> Result<Vec<Token>, MaskError> {
             if *op == "=" {
                 return Err(err(col, "`=` is not an operator; write `==` to compare".into()));
             }
-            out.push(Token { kind: Kind::Op(op), col });
+            out.push(Token {
+                kind: Kind::Op(op),
+                col,
+            });
             i += op.chars().count();
         }
     }
@@ -407,10 +413,7 @@ impl Parser<'_> {
             }
         }
         if want.is_none() && a.ty != b.ty {
-            return Err(self.err(
-                b.col,
-                format!("`{sym}` compares {} with {}", a.ty.name(), b.ty.name()),
-            ));
+            return Err(self.err(b.col, format!("`{sym}` compares {} with {}", a.ty.name(), b.ty.name())));
         }
         if matches!(op, BinOp::Div | BinOp::Rem) && b.expr == Expr::Int(0) {
             return Err(self.err(col, format!("`{sym}` by zero")));
@@ -480,7 +483,10 @@ impl Parser<'_> {
             }
             Kind::Name(n) => {
                 if let Some(Token { kind: Kind::LParen, .. }) = self.peek() {
-                    return Err(self.err(t.col, format!("`{n}(...)`: function calls are not part of the mask language")));
+                    return Err(self.err(
+                        t.col,
+                        format!("`{n}(...)`: function calls are not part of the mask language"),
+                    ));
                 }
                 let (expr, ty) = match n.as_str() {
                     "q_idx" => (Expr::Var(Var::QIdx), Ty::Int),
@@ -500,18 +506,17 @@ impl Parser<'_> {
             Kind::LParen => {
                 let inner = self.expr()?;
                 match self.peek() {
-                    Some(Token {
-                        kind: Kind::RParen, ..
-                    }) => {
+                    Some(Token { kind: Kind::RParen, .. }) => {
                         self.pos += 1;
-                        Ok(Node {
-                            col: t.col,
-                            ..inner
-                        })
+                        Ok(Node { col: t.col, ..inner })
                     }
                     Some(other) => Err(self.err(
                         other.col,
-                        format!("expected `)` to close the `(` at column {}, found {}", t.col, other.kind.show()),
+                        format!(
+                            "expected `)` to close the `(` at column {}, found {}",
+                            t.col,
+                            other.kind.show()
+                        ),
                     )),
                     None => Err(self.err(
                         self.end_col(),
@@ -575,7 +580,11 @@ mod tests {
         assert_eq!(e.column, 10);
         assert!(e.message.contains("ends early"), "{e}");
         let e = err("q_idx >= kv_idy");
-        assert_eq!((e.column, e.message.contains("unknown name `kv_idy`")), (10, true), "{e}");
+        assert_eq!(
+            (e.column, e.message.contains("unknown name `kv_idy`")),
+            (10, true),
+            "{e}"
+        );
         let e = err("q_idx = kv_idx");
         assert_eq!(e.column, 7);
         assert!(e.message.contains("=="), "{e}");

@@ -5,7 +5,9 @@
 //! stored in another float type (f16, bf16) are widened into a temporary first.
 
 use super::{Arg, Backend, BufferId, Loc};
-use crate::ops::{attention, attn_eager, cross_entropy, elementwise, embedding, matmul, optim, rmsnorm, rope, swiglu, Op, Real};
+use crate::ops::{
+    attention, attn_eager, cross_entropy, elementwise, embedding, matmul, optim, rmsnorm, rope, swiglu, Op, Real,
+};
 use crate::tensor::{DType, HostTensor};
 use crate::{Error, Result};
 use std::borrow::Cow;
