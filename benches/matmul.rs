@@ -1,7 +1,7 @@
-//! `cargo bench --bench matmul [-- SIZES...] [--cpu] [--dtypes f32,f16,bf16] [--seconds S]`:
+//! `cargo bench --bench matmul [-- SIZES...] [--cpu] [--trans-b] [--dtypes f32,f16,bf16] [--seconds S]`:
 //! WGSL matmul throughput on the default adapter (GFLOP/s, median of several runs).
 
-use ferrotune::backend::wgsl::bench::{bench_cpu_gemm, bench_matmul, BenchBudget};
+use ferrotune::backend::wgsl::bench::{bench_cpu_gemm, bench_matmul, BenchOptions};
 use ferrotune::backend::wgsl::{WgslContext, WgslOptions};
 use ferrotune::DType;
 
@@ -9,11 +9,12 @@ fn main() {
     let mut sizes = Vec::new();
     let mut dtypes = vec![DType::F32, DType::F16];
     let mut cpu = false;
-    let mut budget = BenchBudget::default();
+    let mut opts = BenchOptions::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--cpu" => cpu = true,
+            "--trans-b" => opts.trans_b = true,
             "--bench" => {}
             "--dtypes" => {
                 let list = args.next().unwrap_or_default();
@@ -23,7 +24,7 @@ fn main() {
                     .collect();
             }
             "--seconds" => {
-                budget.seconds = args
+                opts.seconds = args
                     .next()
                     .and_then(|s| s.parse().ok())
                     .expect("--seconds takes a number");
@@ -49,7 +50,7 @@ fn main() {
         );
     }
     for &n in &sizes {
-        match bench_matmul(&ctx, &[n], &dtypes, budget) {
+        match bench_matmul(&ctx, &[n], &dtypes, opts) {
             Ok(rows) => rows.iter().for_each(|r| println!("{r}")),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -57,7 +58,7 @@ fn main() {
             }
         }
         if cpu {
-            bench_cpu_gemm(&[n], budget).iter().for_each(|r| println!("{r}"));
+            bench_cpu_gemm(&[n], opts).iter().for_each(|r| println!("{r}"));
         }
     }
 }

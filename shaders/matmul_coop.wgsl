@@ -40,8 +40,10 @@ const B_GROUPS: u32 = B_ROWS * B_COLS / 8u;
 const A_PER_T: u32 = (A_GROUPS + THREADS - 1u) / THREADS;
 const B_PER_T: u32 = (B_GROUPS + THREADS - 1u) / THREADS;
 
-var<workgroup> a_sh: array<f16, 2u * A_STAGE>;
-var<workgroup> b_sh: array<f16, 2u * B_STAGE>;
+// Staged tiles as vec4<f16>: two 8-byte stores per group of 8 halves; fragment loads take a
+// vec4<f16> pointer, so their strides count vec4s.
+var<workgroup> a_sh: array<vec4<f16>, 2u * A_STAGE / 4u>;
+var<workgroup> b_sh: array<vec4<f16>, 2u * B_STAGE / 4u>;
 var<workgroup> c_sh: array<f32, WM * WN * 256u>;
 
 // Eight halves of a stored row starting at column c (a multiple of 8), zeros past the edges.
@@ -112,40 +114,34 @@ fn fetch_b(g: u32, base: u32, col0: u32, k0: u32) -> vec4<u32> {
 fn put_a(s: u32, g: u32, v: vec4<u32>) {
     let r = g / (A_COLS / 8u);
     let c = (g % (A_COLS / 8u)) * 8u;
-    let o = s * A_STAGE + r * A_LD + c;
-    for (var q = 0u; q < 4u; q++) {
-        let h = vec2<f16>(unpack2x16float(v[q]));
-        a_sh[o + 2u * q] = h.x;
-        a_sh[o + 2u * q + 1u] = h.y;
-    }
+    let o = (s * A_STAGE + r * A_LD + c) / 4u;
+    a_sh[o] = vec4<f16>(vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y)));
+    a_sh[o + 1u] = vec4<f16>(vec4<f32>(unpack2x16float(v.z), unpack2x16float(v.w)));
 }
 
 fn put_b(s: u32, g: u32, v: vec4<u32>) {
     let r = g / (B_COLS / 8u);
     let c = (g % (B_COLS / 8u)) * 8u;
-    let o = s * B_STAGE + r * B_LD + c;
-    for (var q = 0u; q < 4u; q++) {
-        let h = vec2<f16>(unpack2x16float(v[q]));
-        b_sh[o + 2u * q] = h.x;
-        b_sh[o + 2u * q + 1u] = h.y;
-    }
+    let o = (s * B_STAGE + r * B_LD + c) / 4u;
+    b_sh[o] = vec4<f16>(vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y)));
+    b_sh[o + 1u] = vec4<f16>(vec4<f32>(unpack2x16float(v.z), unpack2x16float(v.w)));
 }
 
 // Fragment of op(A): rows m .. m+16, columns kk .. kk+16 of the staged tile in stage s.
 fn frag_a(s: u32, m: u32, kk: u32) -> coop_mat16x16<f16, A> {
     if TRANS_A {
-        return coopLoad<coop_mat16x16<f16, A>>(&a_sh[s * A_STAGE + kk * A_LD + m], A_LD);
+        return coopLoad<coop_mat16x16<f16, A>>(&a_sh[(s * A_STAGE + kk * A_LD + m) / 4u], A_LD / 4u);
     } else {
-        return coopLoadT<coop_mat16x16<f16, A>>(&a_sh[s * A_STAGE + m * A_LD + kk], A_LD);
+        return coopLoadT<coop_mat16x16<f16, A>>(&a_sh[(s * A_STAGE + m * A_LD + kk) / 4u], A_LD / 4u);
     }
 }
 
 // Fragment of op(B): rows kk .. kk+16, columns n .. n+16.
 fn frag_b(s: u32, kk: u32, n: u32) -> coop_mat16x16<f16, B> {
     if TRANS_B {
-        return coopLoad<coop_mat16x16<f16, B>>(&b_sh[s * B_STAGE + n * B_LD + kk], B_LD);
+        return coopLoad<coop_mat16x16<f16, B>>(&b_sh[(s * B_STAGE + n * B_LD + kk) / 4u], B_LD / 4u);
     } else {
-        return coopLoadT<coop_mat16x16<f16, B>>(&b_sh[s * B_STAGE + kk * B_LD + n], B_LD);
+        return coopLoadT<coop_mat16x16<f16, B>>(&b_sh[(s * B_STAGE + kk * B_LD + n) / 4u], B_LD / 4u);
     }
 }
 

@@ -13,7 +13,9 @@
 // are multiples of 4, so a group of 4 contiguous elements is either wholly inside or outside.
 //
 // Workgroup (x, y, z) computes rows [y*BM, y*BM+BM) and columns [x*BN, x*BN+BN) of batch z.
-// Each step stages a BM x BK slice of op(A) and a BK x BN slice of op(B) in workgroup memory
+// This file holds the staging; matmul_simt_4x4.wgsl / matmul_simt_8x8.wgsl (appended to it)
+// hold the entry point for TM = TN = 4 or 8, written out without indexed private arrays so
+// the accumulators stay in registers on every compiler. Each step stages a BM x BK slice of op(A) and a BK x BN slice of op(B) in workgroup memory
 // (both k-major, so an invocation reads its TM rows / TN columns as vec4s), zero-filled past
 // the edges; every invocation then accumulates its TM x TN block in registers. This is the
 // classic register-blocked GEMM (e.g. siboehm's "kernel 5/6", gpu.cpp's matmul v9).
@@ -164,57 +166,14 @@ fn store_c(idx: u32, col: u32, v: f32) {
     }
 }
 
-@compute @workgroup_size(THREADS)
-fn main(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wg: vec3<u32>) {
-    let row0 = wg.y * BM;
-    let col0 = wg.x * BN;
-    let a_base = p.a_off + wg.z * p.a_bstride;
-    let b_base = p.b_off + wg.z * p.b_bstride;
-    let c_base = p.c_off + wg.z * p.c_bstride;
-    let tx = t % WG_X;
-    let ty = t / WG_X;
-
-    // acc[i * TN/4 + j] holds row ty*TM + i, columns tx*TN + 4j .. 4j+3.
-    var acc: array<vec4<f32>, TM * TN / 4u>;
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        load_a_tile(t, a_base, row0, k0);
-        load_b_tile(t, b_base, col0, k0);
-        workgroupBarrier();
-        for (var kk = 0u; kk < BK; kk++) {
-            var a: array<vec4<f32>, TM / 4u>;
-            var b: array<vec4<f32>, TN / 4u>;
-            for (var i = 0u; i < TM / 4u; i++) {
-                a[i] = a_tile[(kk * BM + ty * TM) / 4u + i];
-            }
-            for (var j = 0u; j < TN / 4u; j++) {
-                b[j] = b_tile[(kk * BN + tx * TN) / 4u + j];
-            }
-            for (var i = 0u; i < TM / 4u; i++) {
-                for (var j = 0u; j < TN / 4u; j++) {
-                    let r = 4u * i * (TN / 4u) + j;
-                    acc[r] = fma(vec4<f32>(a[i].x), b[j], acc[r]);
-                    acc[r + TN / 4u] = fma(vec4<f32>(a[i].y), b[j], acc[r + TN / 4u]);
-                    acc[r + 2u * (TN / 4u)] = fma(vec4<f32>(a[i].z), b[j], acc[r + 2u * (TN / 4u)]);
-                    acc[r + 3u * (TN / 4u)] = fma(vec4<f32>(a[i].w), b[j], acc[r + 3u * (TN / 4u)]);
-                }
-            }
-        }
-        workgroupBarrier();
-    }
-
-    for (var i = 0u; i < TM; i++) {
-        let row = row0 + ty * TM + i;
-        if row >= p.m {
-            break;
-        }
-        for (var j = 0u; j < TN / 4u; j++) {
-            let col = col0 + tx * TN + 4u * j;
-            let idx = c_base + row * p.ldc + col;
-            let v = p.alpha * acc[i * (TN / 4u) + j];
-            store_c(idx, col, v.x);
-            store_c(idx + 1u, col + 1u, v.y);
-            store_c(idx + 2u, col + 2u, v.z);
-            store_c(idx + 3u, col + 3u, v.w);
-        }
+// Row `row` of C, four columns from `col`, scaled by alpha.
+fn store4(c_base: u32, row: u32, col: u32, v: vec4<f32>) {
+    if row < p.m {
+        let idx = c_base + row * p.ldc + col;
+        let w = p.alpha * v;
+        store_c(idx, col, w.x);
+        store_c(idx + 1u, col + 1u, w.y);
+        store_c(idx + 2u, col + 2u, w.z);
+        store_c(idx + 3u, col + 3u, w.w);
     }
 }

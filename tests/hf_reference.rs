@@ -4,7 +4,8 @@
 
 mod common;
 use ferrotune::adapters::lora;
-use ferrotune::exec::ProgramSpec;
+use ferrotune::backend::Backend;
+use ferrotune::exec::{Executor, ProgramSpec};
 use ferrotune::graph;
 use ferrotune::model::llama::{build, BuildOptions, LoraOptions, LINEAR_MODULES};
 use ferrotune::model::{ModelConfig, WeightStore};
@@ -24,7 +25,23 @@ fn fixture(arch: &str) -> PathBuf {
     d
 }
 
-fn check(arch: &str) {
+/// A backend to run the check on.
+type MakeBackend = fn() -> Box<dyn Backend>;
+
+fn cpu() -> Box<dyn Backend> {
+    Box::new(ferrotune::backend::cpu::CpuBackend::new())
+}
+
+/// The WGSL backend on the default adapter (lavapipe in CI); no adapter fails the test.
+fn wgsl() -> Box<dyn Backend> {
+    use ferrotune::backend::wgsl::{WgslBackend, WgslContext, WgslOptions};
+    match WgslContext::new_blocking(WgslOptions::default()) {
+        Ok(c) => Box::new(WgslBackend::new(c)),
+        Err(e) => panic!("the WGSL tests need a GPU adapter (lavapipe is enough): {e}"),
+    }
+}
+
+fn check(arch: &str, backend: MakeBackend) {
     let d = fixture(arch);
     let cfg = ModelConfig::from_file(&d.join("model/config.json")).unwrap();
     let store = WeightStore::open(&d.join("model")).unwrap();
@@ -67,7 +84,7 @@ fn check(arch: &str) {
             let grads = graph::backward(&mut m.graph, m.loss_sum, seed, &trainable).unwrap();
             outputs.extend(trainable.iter().map(|t| grads[t]));
         }
-        let mut ex = common::cpu_executor(m.graph.clone(), &[ProgramSpec::new("f", &outputs, &[])]);
+        let mut ex = Executor::new(m.graph.clone(), backend(), &[ProgramSpec::new("f", &outputs, &[])]).unwrap();
         load_base_weights(&mut ex, &m, &store).unwrap();
         for p in &m.lora {
             ex.set_tensor(p.a, &adapter[&lora::lora_a_key(&p.module)]).unwrap();
@@ -93,19 +110,23 @@ fn check(arch: &str) {
         };
         let want_logits = exp.get_raw(lk).unwrap().to_f64();
         let err = common::rel_err(&out[0].to_f64(), &want_logits);
-        assert!(err < 1e-4, "{arch} (lora {with_lora}): logits relative error {err:e}");
+        let on = ex.backend().name();
+        assert!(
+            err < 1e-4,
+            "{arch} on {on} (lora {with_lora}): logits relative error {err:e}"
+        );
         let loss = out[1].to_f64()[0] / count;
         let want = exp.get_raw(sk).unwrap().to_f64()[0];
         assert!(
             (loss - want).abs() < 1e-4 * want,
-            "{arch} (lora {with_lora}): loss {loss} vs {want}"
+            "{arch} on {on} (lora {with_lora}): loss {loss} vs {want}"
         );
         if with_lora {
             for (k, &t) in trainable.iter().enumerate() {
                 let name = &ex.graph().info(t).name;
                 let want = exp.get_raw(&format!("grad.{name}")).unwrap().to_f64();
                 let err = common::rel_err(&out[2 + k].to_f64(), &want);
-                assert!(err < 1e-4, "{arch}: gradient of {name}: relative error {err:e}");
+                assert!(err < 1e-4, "{arch} on {on}: gradient of {name}: relative error {err:e}");
             }
         }
     }
@@ -113,15 +134,22 @@ fn check(arch: &str) {
 
 #[test]
 fn llama_matches_transformers_and_peft() {
-    check("llama");
+    check("llama", cpu);
 }
 
 #[test]
 fn mistral_with_sliding_window_matches_transformers_and_peft() {
-    check("mistral");
+    check("mistral", cpu);
 }
 
 #[test]
 fn qwen2_with_biases_matches_transformers_and_peft() {
-    check("qwen2");
+    check("qwen2", cpu);
+}
+
+#[test]
+fn wgsl_matches_transformers_and_peft_for_llama_mistral_qwen2() {
+    for arch in ["llama", "mistral", "qwen2"] {
+        check(arch, wgsl);
+    }
 }

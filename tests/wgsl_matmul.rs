@@ -175,6 +175,17 @@ fn operand_larger_than_one_binding() {
     }
 }
 
+/// One row of C with 16.8 M columns: with 256-column tiles that is more than the 65535
+/// workgroups a dispatch may have along one dimension, so the columns are split.
+#[test]
+fn more_than_65535_workgroups() {
+    let ctx = context();
+    let n = 65535 * 256 + 300;
+    let o = check(&ctx, &Case::new(1, n, 1), 900, TOL_F32);
+    assert!(matches!(o.kernel, KernelChoice::Simt { bn: 256, .. }), "{:?}", o.kernel);
+    assert!(o.dispatches >= 2, "{} dispatches", o.dispatches);
+}
+
 #[test]
 fn bad_arguments_are_errors() {
     let ctx = context();

@@ -1,5 +1,6 @@
-//! Device selection: `cuda` (when built in and present) > a GPU through wgpu > `cpu`,
-//! overridable by the config's `device` and by `FERROTUNE_DEVICE`.
+//! Device selection: `cuda` (when built in and present) > a GPU adapter through wgpu (not a
+//! CPU adapter such as lavapipe, which is slower than the cpu backend) > `cpu`, overridable
+//! by the config's `device` and by `FERROTUNE_DEVICE`. `device: wgsl` takes any adapter.
 
 use super::Backend;
 use crate::config::{Config, DeviceChoice, Flag};
@@ -42,16 +43,17 @@ pub fn create_backend(choice: DeviceChoice) -> Result<(Box<dyn Backend>, Vec<Str
     match requested(choice)? {
         DeviceChoice::Cpu => Ok((Box::new(super::cpu::CpuBackend::new()), notices)),
         DeviceChoice::Cuda => Ok((cuda()?, notices)),
-        DeviceChoice::Wgsl => Err(Error::backend(
-            "wgsl",
-            "the WGSL executor backend is not wired into training yet",
-        )),
+        DeviceChoice::Wgsl => Ok((super::wgsl::create()?, notices)),
         DeviceChoice::Auto => {
             if cfg!(feature = "cuda") {
                 match cuda() {
                     Ok(b) => return Ok((b, notices)),
                     Err(e) => notices.push(format!("device auto: cuda not used ({e})")),
                 }
+            }
+            match super::wgsl::create_gpu_only() {
+                Ok(b) => return Ok((b, notices)),
+                Err(e) => notices.push(format!("device auto: wgsl not used ({e})")),
             }
             notices.push("device auto: using the cpu".into());
             Ok((Box::new(super::cpu::CpuBackend::new()), notices))

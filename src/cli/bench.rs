@@ -56,7 +56,7 @@ fn matmul(sizes: &[usize]) -> Result<()> {
     use ferrotune::backend::wgsl::{bench, WgslContext, WgslOptions};
     match WgslContext::new_blocking(WgslOptions::default()) {
         Ok(ctx) => {
-            let rows = bench::bench_matmul(&ctx, sizes, &[DType::F32, DType::F16], bench::BenchBudget::default())?;
+            let rows = bench::bench_matmul(&ctx, sizes, &[DType::F32, DType::F16], bench::BenchOptions::default())?;
             for r in rows {
                 let name = format!("{} {} ({})", r.kernel, r.dtype, ctx.info.name);
                 println!("{:<8} {:<28} {:>6} {:>12.1}", "wgsl", name, r.size, r.gflops);

@@ -612,12 +612,21 @@ fn data(what: DataCommand) -> Result<()> {
 
 fn devices() -> Result<()> {
     println!("cpu: available ({} threads)", rayon::current_num_threads());
-    let adapters = pollster::block_on(ferrotune::backend::wgsl::list_adapters(None));
+    let adapters = ferrotune::backend::wgsl::list_adapters_blocking(None);
     if adapters.is_empty() {
-        println!("wgsl: no adapter found (install a Vulkan driver; on a machine without a GPU, mesa-vulkan-drivers gives lavapipe)");
+        // Opening the default adapter names the graphics APIs tried and how to get one.
+        match ferrotune::backend::wgsl::WgslContext::new_blocking(Default::default()) {
+            Ok(ctx) => println!("wgsl: {}", ctx.describe()),
+            Err(e) => println!("wgsl: not available: {e}"),
+        }
     }
     for a in adapters {
-        println!("wgsl: {a}");
+        let note = if a.info.device_type == wgpu::DeviceType::Cpu {
+            "CPU adapter: device auto skips it (the cpu backend is faster); device: wgsl uses it"
+        } else {
+            "GPU adapter: usable by device auto and device: wgsl"
+        };
+        println!("wgsl: {a}\n      {note}");
     }
     if cfg!(feature = "cuda") {
         match create_backend(DeviceChoice::Cuda) {
@@ -628,7 +637,12 @@ fn devices() -> Result<()> {
         println!("cuda: not built in (build with --features cuda)");
     }
     match create_backend(DeviceChoice::Auto) {
-        Ok((b, _)) => println!("default (device: auto): {} ({})", b.name(), b.device_info()),
+        Ok((b, notices)) => {
+            for n in notices {
+                println!("{n}");
+            }
+            println!("default (device: auto): {} ({})", b.name(), b.device_info())
+        }
         Err(e) => println!("default: {e}"),
     }
     Ok(())

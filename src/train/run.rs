@@ -125,6 +125,7 @@ pub fn build_trainer(cfg: &Config, p: &Prepared, cb: &mut dyn Callback) -> Resul
     for n in notices {
         cb.on_message(&n);
     }
+    cb.on_message(&format!("device: {} ({})", backend.name(), backend.device_info()));
     let precision: Precision = precision_for(backend.as_ref(), cfg);
     let data = prepare_data(cfg, &p.tokenizer)?;
     cb.on_message(&format!(

@@ -20,6 +20,8 @@ pub struct BenchRow {
     pub kernel: String,
     /// Storage dtype of A and B (C is f32).
     pub dtype: DType,
+    /// B stored [n, k].
+    pub trans_b: bool,
     pub size: usize,
     pub runs: usize,
     pub median_ms: f64,
@@ -32,9 +34,10 @@ impl std::fmt::Display for BenchRow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:<9} {:<5} {:>6} {:>10.3} ms {:>12.1} GFLOP/s  ({} runs, {})",
+            "{:<9} {:<5} {:<3} {:>6} {:>10.3} ms {:>12.1} GFLOP/s  ({} runs, {})",
             self.kernel,
             self.dtype.name(),
+            if self.trans_b { "NT" } else { "NN" },
             self.size,
             self.median_ms,
             self.gflops,
@@ -44,20 +47,23 @@ impl std::fmt::Display for BenchRow {
     }
 }
 
-/// How long to spend per configuration (beyond the warm-up), and run-count bounds.
+/// How long to spend per configuration (beyond the warm-up), run-count bounds, and the
+/// layout of B (`trans_b`: stored [n, k], as a linear layer's weight is).
 #[derive(Clone, Copy, Debug)]
-pub struct BenchBudget {
+pub struct BenchOptions {
     pub seconds: f64,
     pub min_runs: usize,
     pub max_runs: usize,
+    pub trans_b: bool,
 }
 
-impl Default for BenchBudget {
+impl Default for BenchOptions {
     fn default() -> Self {
-        BenchBudget {
+        BenchOptions {
             seconds: 2.0,
             min_runs: 3,
             max_runs: 50,
+            trans_b: false,
         }
     }
 }
@@ -82,7 +88,7 @@ fn encode_as(v: &[f32], dtype: DType) -> Vec<u8> {
 }
 
 /// Time one plan: seconds per run.
-fn time_plan(ctx: &WgslContext, plan: &MatmulPlan, budget: BenchBudget) -> Result<(Vec<f64>, &'static str)> {
+fn time_plan(ctx: &WgslContext, plan: &MatmulPlan, opts: BenchOptions) -> Result<(Vec<f64>, &'static str)> {
     let query = ctx.has_timestamps.then(|| {
         let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("matmul bench"),
@@ -129,7 +135,7 @@ fn time_plan(ctx: &WgslContext, plan: &MatmulPlan, budget: BenchBudget) -> Resul
         }
     };
     let warm = run_once()?;
-    let runs = ((budget.seconds / warm.max(1e-6)) as usize).clamp(budget.min_runs, budget.max_runs);
+    let runs = ((opts.seconds / warm.max(1e-6)) as usize).clamp(opts.min_runs, opts.max_runs);
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         times.push(run_once()?);
@@ -156,12 +162,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Benchmark `C = A B` at each size, for each storage dtype of A and B, with the SIMT kernel
 /// and (for f16, where the device has it) the cooperative-matrix kernel.
-pub fn bench_matmul(
-    ctx: &WgslContext,
-    sizes: &[usize],
-    dtypes: &[DType],
-    budget: BenchBudget,
-) -> Result<Vec<BenchRow>> {
+pub fn bench_matmul(ctx: &WgslContext, sizes: &[usize], dtypes: &[DType], opts: BenchOptions) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     for &n in sizes {
         for &dtype in dtypes {
@@ -179,13 +180,15 @@ pub fn bench_matmul(
                 args.a_dtype = dtype;
                 args.b_dtype = dtype;
                 args.kernel = kernel;
+                args.trans_b = opts.trans_b;
                 let plan = plan_matmul(ctx, &args)?;
-                let (times, timing) = time_plan(ctx, &plan, budget)?;
+                let (times, timing) = time_plan(ctx, &plan, opts)?;
                 let runs = times.len();
                 let t = median(times);
                 rows.push(BenchRow {
                     kernel: plan.kernel.name().to_string(),
                     dtype,
+                    trans_b: opts.trans_b,
                     size: n,
                     runs,
                     median_ms: t * 1e3,
@@ -199,7 +202,7 @@ pub fn bench_matmul(
 }
 
 /// The same products in f32 on the CPU with the `gemm` crate (all cores), wall clock.
-pub fn bench_cpu_gemm(sizes: &[usize], budget: BenchBudget) -> Vec<BenchRow> {
+pub fn bench_cpu_gemm(sizes: &[usize], opts: BenchOptions) -> Vec<BenchRow> {
     let mut rows = Vec::new();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     for &n in sizes {
@@ -236,12 +239,13 @@ pub fn bench_cpu_gemm(sizes: &[usize], budget: BenchBudget) -> Vec<BenchRow> {
             t0.elapsed()
         };
         let warm = run();
-        let runs = ((budget.seconds / warm.as_secs_f64().max(1e-6)) as usize).clamp(budget.min_runs, budget.max_runs);
+        let runs = ((opts.seconds / warm.as_secs_f64().max(1e-6)) as usize).clamp(opts.min_runs, opts.max_runs);
         let times: Vec<f64> = (0..runs).map(|_| run()).map(|d: Duration| d.as_secs_f64()).collect();
         let t = median(times);
         rows.push(BenchRow {
             kernel: "cpu-gemm".to_string(),
             dtype: DType::F32,
+            trans_b: false,
             size: n,
             runs,
             median_ms: t * 1e3,

@@ -23,6 +23,9 @@ pub struct WgslOptions {
     pub checked: Option<bool>,
     /// Enable wgpu's experimental cooperative-matrix (tensor core) feature when the adapter has it.
     pub cooperative_matrix: bool,
+    /// Optional features never to enable even when the adapter has them (e.g.
+    /// `SHADER_F16 | SUBGROUP`), to run the fallback kernels of devices without them.
+    pub without: wgpu::Features,
 }
 
 impl Default for WgslOptions {
@@ -33,6 +36,7 @@ impl Default for WgslOptions {
             adapter_name: None,
             checked: None,
             cooperative_matrix: true,
+            without: wgpu::Features::empty(),
         }
     }
 }
@@ -192,6 +196,12 @@ pub async fn list_adapters(backends: Option<wgpu::Backends>) -> Vec<AdapterSumma
     adapters.iter().map(summarize).collect()
 }
 
+/// [`list_adapters`], waiting on the calling thread.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn list_adapters_blocking(backends: Option<wgpu::Backends>) -> Vec<AdapterSummary> {
+    pollster::block_on(list_adapters(backends))
+}
+
 /// Whether the environment asks for checked shader modules.
 fn checked_from_env() -> bool {
     #[cfg(not(target_arch = "wasm32"))]
@@ -261,7 +271,7 @@ impl WgslContext {
         } else {
             Vec::new()
         };
-        let features = avail & wanted;
+        let features = avail & wanted & !opts.without;
         let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
             // SAFETY: the only experimental feature requested is cooperative matrices; our
             // shaders use them in uniform control flow with configurations the adapter reports.

@@ -23,7 +23,14 @@ use super::buffers::BufSlice;
 use super::context::WgslContext;
 use super::pipelines::{CachedPipeline, ShaderSpec};
 
-const SIMT_SRC: &str = include_str!("../../../shaders/matmul_simt.wgsl");
+const SIMT4_SRC: &str = concat!(
+    include_str!("../../../shaders/matmul_simt.wgsl"),
+    include_str!("../../../shaders/matmul_simt_4x4.wgsl")
+);
+const SIMT8_SRC: &str = concat!(
+    include_str!("../../../shaders/matmul_simt.wgsl"),
+    include_str!("../../../shaders/matmul_simt_8x8.wgsl")
+);
 const COOP_SRC: &str = include_str!("../../../shaders/matmul_coop.wgsl");
 
 /// Which kernel to use.
@@ -740,8 +747,8 @@ fn shader_spec(ctx: &WgslContext, args: &MatmulArgs, kernel: KernelChoice, vec_a
             prelude += &simt_operand("a", 0, args.a_dtype, vec_a, native);
             prelude += &simt_operand("b", 1, args.b_dtype, vec_b, native);
             ShaderSpec {
-                name: "matmul_simt",
-                source: SIMT_SRC,
+                name: if tm == 8 { "matmul_simt_8x8" } else { "matmul_simt_4x4" },
+                source: if tm == 8 { SIMT8_SRC } else { SIMT4_SRC },
                 enables: if needs_f16 { vec!["f16"] } else { vec![] },
                 prelude,
                 entry: "main",

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 use super::context::WgslContext;
 
@@ -136,7 +136,7 @@ impl WgslContext {
         });
         #[cfg(not(target_arch = "wasm32"))]
         if let Some(err) = pollster::block_on(scope.pop()) {
-            return Err(Error::backend(
+            return Err(crate::error::Error::backend(
                 "wgsl",
                 format!(
                     "building shader {} (entry {}) failed: {err}\n--- source ---\n{}",
@@ -151,6 +151,7 @@ impl WgslContext {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn numbered(src: &str) -> String {
     src.lines()
         .enumerate()
