@@ -148,7 +148,7 @@ fn masked_softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         if (visible(i, j, si, ldi_seg(kj), pi, mask_prefix(kj), ri, mask_rs(kj))) {
             p = exp(ld_x(base + j) - m) * inv;
         }
-        st_y(base + j, p);
+        st2_y(base + j, p, 0.0, false);
     }
 }
 

@@ -141,13 +141,22 @@ pub(super) fn mask_operands(
     }
     if s.flex.expr.is_some() {
         let rs = b.workspace("rs", rows * t * 4).with_part(Part::Rows(t));
-        let rs = Operand { dtype: DType::I32, ..rs };
+        let rs = Operand {
+            dtype: DType::I32,
+            ..rs
+        };
         let seg = seg.rename("seg").with_part(Part::Rows(t));
         let pipe = b.pipeline(&ATTENTION, "run_starts", &[], &consts(1, 0, Some(s)))?;
         let ops = [seg, rs];
         for (u0, nu) in b.chunks(rows, &ops, MAX_GROUPS)? {
             let binds = b.windows(&ops, u0, nu);
-            b.dispatch(&pipe, &ATTENTION, binds, Uniforms::new(&[t as u32], &[]), [nu as u32, 1, 1]);
+            b.dispatch(
+                &pipe,
+                &ATTENTION,
+                binds,
+                Uniforms::new(&[t as u32], &[]),
+                [nu as u32, 1, 1],
+            );
         }
         out.push(rs);
     }

@@ -23,7 +23,14 @@ fn layout_check(op: &Op, l: &HeadLayout, i: &[Arg], o: &[Arg]) -> Result<()> {
 
 /// Runs `entry` over whole batch rows: `x` and `y` sliced by rows of `x_row` / `y_row`
 /// elements.
-fn by_rows(b: &mut Builder, entry: &'static str, l: &HeadLayout, ops: [Operand; 2], rows: u64, y_row: u64) -> Result<()> {
+fn by_rows(
+    b: &mut Builder,
+    entry: &'static str,
+    l: &HeadLayout,
+    ops: [Operand; 2],
+    rows: u64,
+    y_row: u64,
+) -> Result<()> {
     let dtypes = [("x", ops[0].dtype), ("y", ops[1].dtype)];
     let pipe = b.pipeline(&ATTN_EAGER, entry, &dtypes, &plain_prelude())?;
     for (u0, nu) in b.chunks(rows, &ops, u64::MAX)? {
@@ -39,7 +46,13 @@ fn by_rows(b: &mut Builder, entry: &'static str, l: &HeadLayout, ops: [Operand; 
             l.head_dim as u32,
         ];
         let binds = b.windows(&ops, u0, nu);
-        b.dispatch(&pipe, &ATTN_EAGER, binds, Uniforms::new(&u, &[]), grid(n.div_ceil(2).div_ceil(256))?);
+        b.dispatch(
+            &pipe,
+            &ATTN_EAGER,
+            binds,
+            Uniforms::new(&u, &[]),
+            grid(n.div_ceil(2).div_ceil(256))?,
+        );
     }
     Ok(())
 }
