@@ -278,3 +278,71 @@ ATTN_ENTRIES(1)
 ATTN_ENTRIES(2)
 ATTN_ENTRIES(4)
 ATTN_ENTRIES(8)
+
+// Eager attention's own ops (src/ops/attn_eager.rs has the CPU reference); its score
+// products are ordinary matmuls.
+//   split_heads:      y[b, hh, i, :] = x[b*T + i, (hh / r)*D ..]   [B*T, H*D] -> [B, H*r, T, D]
+//   merge_heads:      y[b*T + i, h*D + e] = sum_c x[b, h*r + c, i, e]           (the adjoint)
+//   masked_softmax:   each score row (b, h, i) of [B, H, T, T] as a softmax over the keys
+//                     query i sees (the rule above), 0 elsewhere and in a row that sees none
+//   softmax_backward: ds = p * (dp - rowsum(p * dp)) over rows of `cols`
+// split/merge: one thread per output element. softmax: one block per row.
+
+extern "C" __global__ void split_heads(const void* x, int dtx, void* y, int dty, i64 n, i64 T, int H, int r, int D) {
+    i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n) return;
+    i64 dd = e % D, row = e / D, i = row % T, bh = row / T;
+    i64 hh = bh % ((i64)H * r), b = bh / ((i64)H * r);
+    stf(y, dty, e, ldf(x, dtx, (b * T + i) * H * D + (hh / r) * D + dd));
+}
+
+extern "C" __global__ void merge_heads(const void* x, int dtx, void* y, int dty, i64 n, i64 T, int H, int r, int D) {
+    i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n) return;
+    i64 dd = e % D, rest = e / D, hd = rest % H, row = rest / H, i = row % T, b = row / T;
+    float acc = 0.f;
+    for (int c = 0; c < r; c++) acc += ldf(x, dtx, (((b * H + hd) * r + c) * T + i) * D + dd);
+    stf(y, dty, e, acc);
+}
+
+__device__ __forceinline__ float block_max(float v, float* red) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : -F_INF;
+    return warp_max(v);
+}
+
+extern "C" __global__ void masked_softmax(const void* x, int dtx, const int* seg, void* y, int dty, i64 T, int H,
+                                          int causal, int window) {
+    __shared__ float red[32];
+    i64 row = blockIdx.x, b = row / ((i64)H * T), i = row % T, base = row * T;
+    int si = seg[b * T + i];
+    const int* sk = seg + b * T;
+#define VISIBLE(j) (sk[j] == si && (!causal || (j) <= i) && (window == 0 || llabs(i - (j)) < window))
+    float m = -F_INF;
+    for (i64 j = threadIdx.x; j < T; j += blockDim.x)
+        if (VISIBLE(j)) m = fmaxf(m, ldf(x, dtx, base + j));
+    m = block_max(m, red);
+    float l = 0.f;
+    for (i64 j = threadIdx.x; j < T; j += blockDim.x)
+        if (VISIBLE(j)) l += __expf(ldf(x, dtx, base + j) - m);
+    l = block_sum(l, red);
+    float inv = l > 0.f ? 1.f / l : 0.f;
+    for (i64 j = threadIdx.x; j < T; j += blockDim.x)
+        stf(y, dty, base + j, VISIBLE(j) ? __expf(ldf(x, dtx, base + j) - m) * inv : 0.f);
+#undef VISIBLE
+}
+
+extern "C" __global__ void softmax_backward(const void* p, int dtp, const void* dp, int dtdp, void* ds, int dts,
+                                            i64 cols) {
+    __shared__ float red[32];
+    i64 base = (i64)blockIdx.x * cols;
+    float dot = 0.f;
+    for (i64 j = threadIdx.x; j < cols; j += blockDim.x) dot += ldf(p, dtp, base + j) * ldf(dp, dtdp, base + j);
+    dot = block_sum(dot, red);
+    for (i64 j = threadIdx.x; j < cols; j += blockDim.x)
+        stf(ds, dts, base + j, ldf(p, dtp, base + j) * (ldf(dp, dtdp, base + j) - dot));
+}

@@ -1,22 +1,30 @@
-// Scaled dot-product attention with grouped-query heads, segment ids, causal masking and
-// an optional sliding window (src/ops/attention.rs), plus the key/value cache of
-// generation. A straightforward tiled version: one invocation per query (forward, dq) or
-// per key (dk, dv), key/query tiles staged in workgroup memory, f32 accumulation.
+// Scaled dot-product attention with grouped-query heads, segment ids and every mask of
+// shaders/attn_mask.wgsl (causal, sliding window, document, prefix-LM, a user expression),
+// plus the key/value cache of generation. FlashAttention-2 style: one invocation per query
+// (forward, dq) or per key (dk, dv), key/query tiles staged in workgroup memory, f32
+// accumulation whatever the storage type.
 //
 // Shapes, for one batch row b of T tokens: q [T, Hq*D], k, v [T, Hkv*D], seg [T] i32,
-// o like q, lse [Hq, T]; query head h reads key/value head h / (Hq / Hkv). Query i sees
-// key j when seg[i] == seg[j], j <= i (causal) and |i - j| < window (when set).
+// o like q, lse [Hq, T]; query head h reads key/value head h / (Hq / Hkv).
 //
 // Forward (online softmax, Milakov & Gimelshein 2018): s_j = scale q.k_j,
-//   m = max_j s_j, l = sum_j exp(s_j - m), o = sum_j exp(s_j - m) v_j / l, lse = m + ln l.
+//   m = max_j s_j, l = sum_j exp(s_j - m), o = sum_j exp(s_j - m) v_j / l, lse = m + ln l;
+//   a query that sees no key gets o = 0 and lse = -inf (as the CPU reference).
 // Backward (FlashAttention-2, Dao 2023, Alg. 2), probabilities recomputed from lse:
 //   p_ij = exp(s_ij - lse_i), D_i = do_i . o_i, ds_ij = p_ij (do_i . v_j - D_i),
 //   dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i p_ij do_i.
-// Three kernels (dq, dk, dv) keep each within 8 storage bindings.
+// Three kernels (dq, dk, dv) keep each within 10 storage bindings.
+//
+// Tiles: the keys (or queries) a block can reach follow from the causal and window rules
+// alone; inside that range each tile's mask data (segment ids, prefix flags, run starts)
+// is staged first, and a tile no (query, key) pair of the block sees is skipped before its
+// K/V (Q/dO) rows are loaded: other documents of a packed row, and whatever a prefix-LM or
+// user mask hides, evaluated per element.
 //
 // The host sets D (head dim), BQ (invocations per workgroup) and BK (tile rows). Uniforms:
 // u0 = T, u1 = Hq, u2 = Hkv, u3 = causal, u4 = has window, u5 = window; f0 = scale. The grid
-// is (ceil(T / BQ), heads, batch rows of this dispatch).
+// is (ceil(T / BQ), heads, batch rows of this dispatch). Outputs are written in pairs
+// (st2), so f16/bf16 outputs need an even D.
 //
 // attn_cached: q [B*Tq, Hq*D] over caches [B, Tc, Hkv*D]; the query at position p sees
 //   cache rows max(0, p+1-window) ..= min(p, Tc-1); p < 0 gives zeros. One invocation per
@@ -29,30 +37,20 @@
 var<workgroup> ta: array<f32, BK * D>;
 var<workgroup> tb: array<f32, BK * D>;
 var<workgroup> ts: array<i32, BK>;
+var<workgroup> tp: array<i32, BK>;
+var<workgroup> tr: array<i32, BK>;
 var<workgroup> tl: array<f32, BK>;
 var<workgroup> td: array<f32, BK>;
+var<workgroup> hits: array<u32, BQ>;
+var<workgroup> hit_all: u32;
 var<workgroup> flag: array<u32, 256>;
 
-fn visible(i: u32, j: u32, si: i32, sj: i32) -> bool {
-    if (si != sj) {
-        return false;
-    }
-    if (pu(3u) == 1u && j > i) {
-        return false;
-    }
-    if (pu(4u) == 1u) {
-        let dist = select(j - i, i - j, i > j);
-        if (dist >= pu(5u)) {
-            return false;
-        }
-    }
-    return true;
-}
+const NEG_INF_BITS: u32 = 0xff800000u;
 
-// Keys [begin, end) any query of [i0, i_last] can see.
+// Keys [begin, end) any query of [i0, i_last] can see under the causal and window rules.
 fn key_range(i0: u32, i_last: u32, t: u32) -> vec2<u32> {
     var end = t;
-    if (pu(3u) == 1u) {
+    if (causal_bound()) {
         end = i_last + 1u;
     }
     var begin = 0u;
@@ -66,10 +64,10 @@ fn key_range(i0: u32, i_last: u32, t: u32) -> vec2<u32> {
     return vec2<u32>(begin, end);
 }
 
-// Queries [begin, end) that can see some key of [j0, j_last].
+// Queries [begin, end) that can see some key of [j0, j_last] under the same rules.
 fn query_range(j0: u32, j_last: u32, t: u32) -> vec2<u32> {
     var begin = 0u;
-    if (pu(3u) == 1u) {
+    if (causal_bound()) {
         begin = j0;
     }
     var end = t;
@@ -81,6 +79,30 @@ fn query_range(j0: u32, j_last: u32, t: u32) -> vec2<u32> {
         }
     }
     return vec2<u32>(begin, end);
+}
+
+// Stages the mask data of tokens [r0, r0 + BK) of batch row b (clamped to the row).
+fn stage_mask(b: u32, r0: u32, t: u32, lid: u32) {
+    for (var x = lid; x < BK; x += BQ) {
+        let r = b * t + min(r0 + x, t - 1u);
+        ts[x] = ldi_seg(r);
+        tp[x] = mask_prefix(r);
+        tr[x] = mask_rs(r);
+    }
+}
+
+// Whether any invocation of the workgroup has `any` set; the same value in all of them.
+fn tile_hit(lid: u32, any: bool) -> bool {
+    hits[lid] = select(0u, 1u, any);
+    workgroupBarrier();
+    if (lid == 0u) {
+        var h = 0u;
+        for (var x = 0u; x < BQ; x++) {
+            h |= hits[x];
+        }
+        hit_all = h;
+    }
+    return workgroupUniformLoad(&hit_all) != 0u;
 }
 
 @compute @workgroup_size(BQ)
@@ -95,60 +117,76 @@ fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let kw = hkv * D;
     let i0 = wid.x * BQ;
     let i = i0 + lid;
+    let live = i < t;
     let iq = min(i, t - 1u);
     let qrow = (b * t + iq) * qw + h * D;
+    let scale = pf(0u);
     var q: array<f32, D>;
     var acc: array<f32, D>;
     for (var c = 0u; c < D; c++) {
-        q[c] = ld_q(qrow + c);
+        q[c] = ld_q(qrow + c) * scale;
         acc[c] = 0.0;
     }
     let si = ldi_seg(b * t + iq);
-    let scale = pf(0u);
+    let pi = mask_prefix(b * t + iq);
+    let ri = mask_rs(b * t + iq);
     var m = NEG_BIG;
     var l = 0.0;
     let kr = key_range(i0, min(i0 + BQ, t) - 1u, t);
     for (var k0 = kr.x; k0 < kr.y; k0 += BK) {
-        for (var e = lid; e < BK * D; e += BQ) {
-            let j = min(k0 + e / D, t - 1u);
-            let src = (b * t + j) * kw + kh * D + e % D;
-            ta[e] = ld_k(src);
-            tb[e] = ld_v(src);
-        }
-        for (var jj = lid; jj < BK; jj += BQ) {
-            ts[jj] = ldi_seg(b * t + min(k0 + jj, t - 1u));
-        }
-        workgroupBarrier();
         let kn = min(BK, kr.y - k0);
-        for (var jj = 0u; jj < kn; jj++) {
-            if (visible(i, k0 + jj, si, ts[jj])) {
-                var dot = 0.0;
-                for (var c = 0u; c < D; c++) {
-                    dot += q[c] * ta[jj * D + c];
+        stage_mask(b, k0, t, lid);
+        workgroupBarrier();
+        var any = false;
+        if (live) {
+            for (var jj = 0u; jj < kn; jj++) {
+                if (visible(i, k0 + jj, si, ts[jj], pi, tp[jj], ri, tr[jj])) {
+                    any = true;
+                    break;
                 }
-                let s = dot * scale;
-                if (s > m) {
-                    let corr = exp(m - s);
-                    l *= corr;
-                    for (var c = 0u; c < D; c++) {
-                        acc[c] *= corr;
+            }
+        }
+        if (tile_hit(lid, any)) {
+            for (var e = lid; e < BK * D; e += BQ) {
+                let j = min(k0 + e / D, t - 1u);
+                let src = (b * t + j) * kw + kh * D + e % D;
+                ta[e] = ld_k(src);
+                tb[e] = ld_v(src);
+            }
+            workgroupBarrier();
+            if (any) {
+                for (var jj = 0u; jj < kn; jj++) {
+                    if (visible(i, k0 + jj, si, ts[jj], pi, tp[jj], ri, tr[jj])) {
+                        var s = 0.0;
+                        for (var c = 0u; c < D; c++) {
+                            s += q[c] * ta[jj * D + c];
+                        }
+                        if (s > m) {
+                            let corr = exp(m - s);
+                            l *= corr;
+                            for (var c = 0u; c < D; c++) {
+                                acc[c] *= corr;
+                            }
+                            m = s;
+                        }
+                        let p = exp(s - m);
+                        l += p;
+                        for (var c = 0u; c < D; c++) {
+                            acc[c] += p * tb[jj * D + c];
+                        }
                     }
-                    m = s;
-                }
-                let p = exp(s - m);
-                l += p;
-                for (var c = 0u; c < D; c++) {
-                    acc[c] += p * tb[jj * D + c];
                 }
             }
         }
         workgroupBarrier();
     }
-    if (i < t) {
-        for (var c = 0u; c < D; c++) {
-            st_o(qrow + c, acc[c] / l);
+    if (live) {
+        let inv = select(0.0, 1.0 / l, l > 0.0);
+        for (var c = 0u; c < D; c += 2u) {
+            st2_o(qrow + c, acc[c] * inv, acc[min(c + 1u, D - 1u)] * inv, c + 1u < D);
         }
-        st_lse((b * hq + h) * t + i, m + log(l));
+        let lse = select(bitcast<f32>(NEG_INF_BITS), m + log(l), l > 0.0);
+        st_lse((b * hq + h) * t + i, lse);
     }
 }
 
@@ -164,6 +202,7 @@ fn attn_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     let kw = hkv * D;
     let i0 = wid.x * BQ;
     let i = i0 + lid;
+    let live = i < t;
     let iq = min(i, t - 1u);
     let qrow = (b * t + iq) * qw + h * D;
     var q: array<f32, D>;
@@ -178,40 +217,71 @@ fn attn_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     }
     let li = ld_lse((b * hq + h) * t + iq);
     let si = ldi_seg(b * t + iq);
+    let pi = mask_prefix(b * t + iq);
+    let ri = mask_rs(b * t + iq);
     let scale = pf(0u);
     let kr = key_range(i0, min(i0 + BQ, t) - 1u, t);
     for (var k0 = kr.x; k0 < kr.y; k0 += BK) {
-        for (var e = lid; e < BK * D; e += BQ) {
-            let j = min(k0 + e / D, t - 1u);
-            let src = (b * t + j) * kw + kh * D + e % D;
-            ta[e] = ld_k(src);
-            tb[e] = ld_v(src);
-        }
-        for (var jj = lid; jj < BK; jj += BQ) {
-            ts[jj] = ldi_seg(b * t + min(k0 + jj, t - 1u));
-        }
-        workgroupBarrier();
         let kn = min(BK, kr.y - k0);
-        for (var jj = 0u; jj < kn; jj++) {
-            if (visible(i, k0 + jj, si, ts[jj])) {
-                var dot = 0.0;
-                var dp = 0.0;
-                for (var c = 0u; c < D; c++) {
-                    dot += q[c] * ta[jj * D + c];
-                    dp += g[c] * tb[jj * D + c];
+        stage_mask(b, k0, t, lid);
+        workgroupBarrier();
+        var any = false;
+        if (live) {
+            for (var jj = 0u; jj < kn; jj++) {
+                if (visible(i, k0 + jj, si, ts[jj], pi, tp[jj], ri, tr[jj])) {
+                    any = true;
+                    break;
                 }
-                let p = exp(dot * scale - li);
-                let ds = p * (dp - di) * scale;
-                for (var c = 0u; c < D; c++) {
-                    dq[c] += ds * ta[jj * D + c];
+            }
+        }
+        if (tile_hit(lid, any)) {
+            for (var e = lid; e < BK * D; e += BQ) {
+                let j = min(k0 + e / D, t - 1u);
+                let src = (b * t + j) * kw + kh * D + e % D;
+                ta[e] = ld_k(src);
+                tb[e] = ld_v(src);
+            }
+            workgroupBarrier();
+            if (any) {
+                for (var jj = 0u; jj < kn; jj++) {
+                    if (visible(i, k0 + jj, si, ts[jj], pi, tp[jj], ri, tr[jj])) {
+                        var dot = 0.0;
+                        var dp = 0.0;
+                        for (var c = 0u; c < D; c++) {
+                            dot += q[c] * ta[jj * D + c];
+                            dp += g[c] * tb[jj * D + c];
+                        }
+                        let p = exp(dot * scale - li);
+                        let ds = p * (dp - di) * scale;
+                        for (var c = 0u; c < D; c++) {
+                            dq[c] += ds * ta[jj * D + c];
+                        }
+                    }
                 }
             }
         }
         workgroupBarrier();
     }
-    if (i < t) {
-        for (var c = 0u; c < D; c++) {
-            st_dq(qrow + c, dq[c]);
+    if (live) {
+        for (var c = 0u; c < D; c += 2u) {
+            st2_dq(qrow + c, dq[c], dq[min(c + 1u, D - 1u)], c + 1u < D);
+        }
+    }
+}
+
+// Stages lse (and D_i = do_i . o_i when `with_di`) of queries [i0, i0 + BK) of head h.
+fn stage_queries(b: u32, h: u32, i0: u32, t: u32, lid: u32, with_di: bool) {
+    let hq = pu(1u);
+    for (var ii = lid; ii < BK; ii += BQ) {
+        let i = min(i0 + ii, t - 1u);
+        tl[ii] = ld_lse((b * hq + h) * t + i);
+        if (with_di) {
+            let row = (b * t + i) * hq * D + h * D;
+            var di = 0.0;
+            for (var c = 0u; c < D; c++) {
+                di += ld_dout(row + c) * ld_o(row + c);
+            }
+            td[ii] = di;
         }
     }
 }
@@ -228,51 +298,66 @@ fn attn_bwd_dv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     let kw = hkv * D;
     let j0 = wid.x * BQ;
     let j = j0 + lid;
+    let live = j < t;
     let jk = min(j, t - 1u);
     let krow = (b * t + jk) * kw + kh * D;
+    let scale = pf(0u);
     var k: array<f32, D>;
     var dv: array<f32, D>;
     for (var c = 0u; c < D; c++) {
-        k[c] = ld_k(krow + c);
+        k[c] = ld_k(krow + c) * scale;
         dv[c] = 0.0;
     }
     let sj = ldi_seg(b * t + jk);
-    let scale = pf(0u);
+    let pj = mask_prefix(b * t + jk);
+    let rj = mask_rs(b * t + jk);
     let qr = query_range(j0, min(j0 + BQ, t) - 1u, t);
-    for (var hg = 0u; hg < group; hg++) {
-        let h = kh * group + hg;
-        for (var i0 = qr.x; i0 < qr.y; i0 += BK) {
-            for (var e = lid; e < BK * D; e += BQ) {
-                let i = min(i0 + e / D, t - 1u);
-                let src = (b * t + i) * qw + h * D + e % D;
-                ta[e] = ld_q(src);
-                tb[e] = ld_dout(src);
-            }
-            for (var ii = lid; ii < BK; ii += BQ) {
-                let i = min(i0 + ii, t - 1u);
-                ts[ii] = ldi_seg(b * t + i);
-                tl[ii] = ld_lse((b * hq + h) * t + i);
-            }
-            workgroupBarrier();
-            let qn = min(BK, qr.y - i0);
+    for (var i0 = qr.x; i0 < qr.y; i0 += BK) {
+        let qn = min(BK, qr.y - i0);
+        stage_mask(b, i0, t, lid);
+        workgroupBarrier();
+        var any = false;
+        if (live) {
             for (var ii = 0u; ii < qn; ii++) {
-                if (visible(i0 + ii, j, ts[ii], sj)) {
-                    var dot = 0.0;
-                    for (var c = 0u; c < D; c++) {
-                        dot += ta[ii * D + c] * k[c];
-                    }
-                    let p = exp(dot * scale - tl[ii]);
-                    for (var c = 0u; c < D; c++) {
-                        dv[c] += p * tb[ii * D + c];
-                    }
+                if (visible(i0 + ii, j, ts[ii], sj, tp[ii], pj, tr[ii], rj)) {
+                    any = true;
+                    break;
                 }
             }
-            workgroupBarrier();
         }
+        if (tile_hit(lid, any)) {
+            for (var hg = 0u; hg < group; hg++) {
+                let h = kh * group + hg;
+                for (var e = lid; e < BK * D; e += BQ) {
+                    let i = min(i0 + e / D, t - 1u);
+                    let src = (b * t + i) * qw + h * D + e % D;
+                    ta[e] = ld_q(src);
+                    tb[e] = ld_dout(src);
+                }
+                stage_queries(b, h, i0, t, lid, false);
+                workgroupBarrier();
+                if (any) {
+                    for (var ii = 0u; ii < qn; ii++) {
+                        if (visible(i0 + ii, j, ts[ii], sj, tp[ii], pj, tr[ii], rj)) {
+                            var dot = 0.0;
+                            for (var c = 0u; c < D; c++) {
+                                dot += ta[ii * D + c] * k[c];
+                            }
+                            let p = exp(dot - tl[ii]);
+                            for (var c = 0u; c < D; c++) {
+                                dv[c] += p * tb[ii * D + c];
+                            }
+                        }
+                    }
+                }
+                workgroupBarrier();
+            }
+        }
+        workgroupBarrier();
     }
-    if (j < t) {
-        for (var c = 0u; c < D; c++) {
-            st_dv(krow + c, dv[c]);
+    if (live) {
+        for (var c = 0u; c < D; c += 2u) {
+            st2_dv(krow + c, dv[c], dv[min(c + 1u, D - 1u)], c + 1u < D);
         }
     }
 }
@@ -289,6 +374,7 @@ fn attn_bwd_dk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     let kw = hkv * D;
     let j0 = wid.x * BQ;
     let j = j0 + lid;
+    let live = j < t;
     let jk = min(j, t - 1u);
     let krow = (b * t + jk) * kw + kh * D;
     var k: array<f32, D>;
@@ -300,51 +386,59 @@ fn attn_bwd_dk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         dk[c] = 0.0;
     }
     let sj = ldi_seg(b * t + jk);
+    let pj = mask_prefix(b * t + jk);
+    let rj = mask_rs(b * t + jk);
     let scale = pf(0u);
     let qr = query_range(j0, min(j0 + BQ, t) - 1u, t);
-    for (var hg = 0u; hg < group; hg++) {
-        let h = kh * group + hg;
-        for (var i0 = qr.x; i0 < qr.y; i0 += BK) {
-            for (var e = lid; e < BK * D; e += BQ) {
-                let i = min(i0 + e / D, t - 1u);
-                let src = (b * t + i) * qw + h * D + e % D;
-                ta[e] = ld_q(src);
-                tb[e] = ld_dout(src);
-            }
-            for (var ii = lid; ii < BK; ii += BQ) {
-                let i = min(i0 + ii, t - 1u);
-                ts[ii] = ldi_seg(b * t + i);
-                tl[ii] = ld_lse((b * hq + h) * t + i);
-                let row = (b * t + i) * qw + h * D;
-                var di = 0.0;
-                for (var c = 0u; c < D; c++) {
-                    di += ld_dout(row + c) * ld_o(row + c);
-                }
-                td[ii] = di;
-            }
-            workgroupBarrier();
-            let qn = min(BK, qr.y - i0);
+    for (var i0 = qr.x; i0 < qr.y; i0 += BK) {
+        let qn = min(BK, qr.y - i0);
+        stage_mask(b, i0, t, lid);
+        workgroupBarrier();
+        var any = false;
+        if (live) {
             for (var ii = 0u; ii < qn; ii++) {
-                if (visible(i0 + ii, j, ts[ii], sj)) {
-                    var dot = 0.0;
-                    var dp = 0.0;
-                    for (var c = 0u; c < D; c++) {
-                        dot += ta[ii * D + c] * k[c];
-                        dp += tb[ii * D + c] * v[c];
-                    }
-                    let p = exp(dot * scale - tl[ii]);
-                    let ds = p * (dp - td[ii]) * scale;
-                    for (var c = 0u; c < D; c++) {
-                        dk[c] += ds * ta[ii * D + c];
-                    }
+                if (visible(i0 + ii, j, ts[ii], sj, tp[ii], pj, tr[ii], rj)) {
+                    any = true;
+                    break;
                 }
             }
-            workgroupBarrier();
         }
+        if (tile_hit(lid, any)) {
+            for (var hg = 0u; hg < group; hg++) {
+                let h = kh * group + hg;
+                for (var e = lid; e < BK * D; e += BQ) {
+                    let i = min(i0 + e / D, t - 1u);
+                    let src = (b * t + i) * qw + h * D + e % D;
+                    ta[e] = ld_q(src);
+                    tb[e] = ld_dout(src);
+                }
+                stage_queries(b, h, i0, t, lid, true);
+                workgroupBarrier();
+                if (any) {
+                    for (var ii = 0u; ii < qn; ii++) {
+                        if (visible(i0 + ii, j, ts[ii], sj, tp[ii], pj, tr[ii], rj)) {
+                            var dot = 0.0;
+                            var dp = 0.0;
+                            for (var c = 0u; c < D; c++) {
+                                dot += ta[ii * D + c] * k[c];
+                                dp += tb[ii * D + c] * v[c];
+                            }
+                            let p = exp(dot * scale - tl[ii]);
+                            let ds = p * (dp - td[ii]) * scale;
+                            for (var c = 0u; c < D; c++) {
+                                dk[c] += ds * ta[ii * D + c];
+                            }
+                        }
+                    }
+                }
+                workgroupBarrier();
+            }
+        }
+        workgroupBarrier();
     }
-    if (j < t) {
-        for (var c = 0u; c < D; c++) {
-            st_dk(krow + c, dk[c]);
+    if (live) {
+        for (var c = 0u; c < D; c += 2u) {
+            st2_dk(krow + c, dk[c], dk[min(c + 1u, D - 1u)], c + 1u < D);
         }
     }
 }
@@ -367,8 +461,8 @@ fn attn_cached(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let out = row * hq * D + h * D;
     let p = ldi_pos(row);
     if (p < 0) {
-        for (var c = 0u; c < D; c++) {
-            st_o(out + c, 0.0);
+        for (var c = 0u; c < D; c += 2u) {
+            st2_o(out + c, 0.0, 0.0, c + 1u < D);
         }
         return;
     }
@@ -408,8 +502,8 @@ fn attn_cached(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
             acc[c] += e * ld_v(kb + c);
         }
     }
-    for (var c = 0u; c < D; c++) {
-        st_o(out + c, acc[c] / l);
+    for (var c = 0u; c < D; c += 2u) {
+        st2_o(out + c, acc[c] / l, acc[min(c + 1u, D - 1u)] / l, c + 1u < D);
     }
 }
 

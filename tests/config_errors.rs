@@ -102,3 +102,108 @@ fn the_config_a_checkpoint_saves_reads_back_the_same() {
         assert_eq!((again.bf16, again.fp16, again.tf32), (c.bf16, c.fp16, c.tf32));
     }
 }
+
+#[test]
+fn attn_implementation_values_and_legacy_flags() {
+    use ferrotune::config::AttnImplementation as A;
+    let c = Config::from_yaml(&base(""), &[]).unwrap();
+    assert_eq!(c.attn_implementation, None);
+    assert!(!c.attn_options().unwrap().eager, "the default is the fused op (sdpa)");
+    for (v, want) in [
+        ("eager", A::Eager),
+        ("sdpa", A::Sdpa),
+        ("flash_attention_2", A::FlashAttention2),
+        ("flex_attention", A::FlexAttention),
+        ("xformers", A::Xformers),
+    ] {
+        let c = Config::from_yaml(&base(&format!("attn_implementation: {v}\n")), &[]).unwrap();
+        assert_eq!(c.attn_implementation, Some(want));
+        assert_eq!(c.attn_options().unwrap().eager, v == "eager");
+        assert!(c.to_yaml().contains(&format!("attn_implementation: {v}")));
+    }
+    for v in [
+        "flash_attention_3",
+        "sage",
+        "s2",
+        "fp8",
+        "flash",
+        "kernels-community/flash-attn3",
+        "fast",
+    ] {
+        let e = err(&base(&format!("attn_implementation: {v}\n")));
+        assert!(e.contains("attn_implementation"), "{e}");
+        assert!(
+            e.contains("supported: eager, sdpa, flash_attention_2, flex_attention, xformers"),
+            "{v}: {e}"
+        );
+    }
+    assert!(err(&base("attn_implementation: flash_attention_3\n")).contains("not implemented"));
+    // Legacy booleans map to the value (the highest-priority flag wins) and conflict with
+    // an explicit attn_implementation.
+    for (flag, want) in [
+        ("flash_attention", A::FlashAttention2),
+        ("sdp_attention", A::Sdpa),
+        ("xformers_attention", A::Xformers),
+        ("flex_attention", A::FlexAttention),
+        ("eager_attention", A::Eager),
+    ] {
+        let c = Config::from_yaml(&base(&format!("{flag}: true\n")), &[]).unwrap();
+        assert_eq!(c.attn_implementation, Some(want), "{flag}");
+    }
+    let c = Config::from_yaml(
+        &base("flash_attention: true\nsdp_attention: true\neager_attention: false\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.attn_implementation, Some(A::FlashAttention2));
+    let c = Config::from_yaml(&base("flash_attention: false\n"), &[]).unwrap();
+    assert_eq!(c.attn_implementation, None);
+    let e = err(&base("s2_attention: true\nflash_attention: true\n"));
+    assert!(e.contains("\"s2\"") && e.contains("supported:"), "{e}");
+    let e = err(&base("flash_attention: true\nattn_implementation: sdpa\n"));
+    assert!(
+        e.contains("flash_attention: the legacy flag conflicts with attn_implementation"),
+        "{e}"
+    );
+    let e = err(&base("flash_attention: yes please\n"));
+    assert!(e.contains("flash_attention: expected true or false"), "{e}");
+}
+
+#[test]
+fn flex_attention_mask_is_parsed_and_checked() {
+    let c = Config::from_yaml(
+        &base(
+            "attn_implementation: flex_attention\nflex_attention_mask: \"q_idx >= kv_idx && q_idx - kv_idx < 256\"\n",
+        ),
+        &[],
+    )
+    .unwrap();
+    let m = c.attn_options().unwrap().flex;
+    let e = m.expr.expect("an expression");
+    assert!(e.eval(300, 100, 1) && !e.eval(300, 44, 1) && !e.eval(3, 4, 1));
+    let c = Config::from_yaml(
+        &base("attn_implementation: eager\nflex_attention_mask: prefix_lm\n"),
+        &[],
+    )
+    .unwrap();
+    assert!(c.attn_options().unwrap().flex.prefix_lm);
+    // `causal` is the default and needs no particular implementation.
+    Config::from_yaml(&base("flex_attention_mask: causal\n"), &[]).unwrap();
+    let e = err(&base(
+        "attn_implementation: flex_attention\nflex_attention_mask: \"q_idx >= kv_idx &&\"\n",
+    ));
+    assert!(
+        e.contains("flex_attention_mask: column 19: the expression ends early"),
+        "{e}"
+    );
+    assert!(e.contains("q_idx >= kv_idx &&\n"), "the source is shown: {e}");
+    let e = err(&base(
+        "attn_implementation: flex_attention\nflex_attention_mask: \"q_idx >= kv\"\n",
+    ));
+    assert!(e.contains("column 10: unknown name `kv`"), "{e}");
+    let e = err(&base("flex_attention_mask: prefix_lm\n"));
+    assert!(
+        e.contains("flex_attention_mask: needs `attn_implementation: flex_attention` (or `eager`"),
+        "{e}"
+    );
+}

@@ -730,6 +730,7 @@ fn spec(hq: usize, hkv: usize, hd: usize, t: usize, causal: bool, window: Option
         causal,
         window,
         scale: 1.0 / (hd as f64).sqrt(),
+        flex: Default::default(),
     }
 }
 
@@ -747,6 +748,82 @@ fn attention_general_path() {
     }
     // f32 head dims the tensor-core path also has go through the general kernels.
     attention_case(&mut g, &mut r, DType::F32, spec(4, 2, 128, 70, true, None), 2, true);
+}
+
+/// Eager attention's own ops (head split/merge with grouped-query repeats, masked softmax,
+/// softmax backward) against the CPU, then the whole eager graph forward and backward
+/// against the fused op on the CPU.
+#[test]
+fn eager_attention_ops() {
+    use ferrotune::ops::HeadLayout;
+    let mut g = cuda();
+    let mut r = rng(16);
+    for dt in [DType::F32, DType::BF16] {
+        for (t_len, heads, d, repeat) in [(7usize, 3usize, 5usize, 1usize), (33, 2, 64, 4)] {
+            let l = HeadLayout {
+                seq_len: t_len,
+                heads,
+                head_dim: d,
+                repeat,
+            };
+            let x = t(&mut r, &[2 * t_len, heads * d], dt);
+            compare(&mut g, &format!("split_heads {dt} {l:?}"), &Op::SplitHeads(l), &[x]);
+            let y = t(&mut r, &[2, heads * repeat, t_len, d], dt);
+            compare(&mut g, &format!("merge_heads {dt} {l:?}"), &Op::MergeHeads(l), &[y]);
+        }
+        for (sp, rows, packed) in [
+            (spec(4, 2, 8, 37, true, Some(5)), 2, true),
+            (spec(3, 3, 8, 300, true, None), 1, true),
+            (spec(2, 1, 8, 23, false, Some(4)), 1, false),
+        ] {
+            let n = rows * sp.seq_len;
+            let scores = t(&mut r, &[rows, sp.n_heads, sp.seq_len, sp.seq_len], dt);
+            let seg = if packed {
+                segments(&mut r, rows, sp.seq_len)
+            } else {
+                vec![0; n]
+            };
+            let seg = HostTensor::from_i32(&[n], &seg);
+            let what = format!("masked_softmax {dt} T {} window {:?}", sp.seq_len, sp.window);
+            let p = compare(&mut g, &what, &Op::MaskedSoftmax(sp.clone()), &[scores.clone(), seg]);
+            let dp = t(&mut r, &scores.shape, dt);
+            compare(
+                &mut g,
+                &format!("softmax_backward {dt}"),
+                &Op::SoftmaxBackward,
+                &[p[0].clone(), dp],
+            );
+        }
+    }
+}
+
+#[test]
+fn prefix_lm_and_mask_expressions_are_refused_with_an_error() {
+    let mut g = cuda();
+    let mut sp = spec(2, 2, 8, 4, true, None);
+    sp.flex.expr = Some(ferrotune::ops::MaskExpr::parse("q_idx >= kv_idx").unwrap());
+    let info = |shape: &[usize], dtype| TensorInfo {
+        name: "x".into(),
+        shape: shape.to_vec(),
+        dtype,
+        role: Role::Input,
+    };
+    let (q, seg) = (info(&[4, 16], DType::F32), info(&[4], DType::I32));
+    let op = Op::Attention(sp.clone());
+    let outs: Vec<TensorInfo> = op
+        .infer(&[&q, &q, &q, &seg])
+        .unwrap()
+        .into_iter()
+        .map(|(shape, dtype)| info(&shape, dtype))
+        .collect();
+    let e = g
+        .prepare(&op, &[&q, &q, &q, &seg], &outs.iter().collect::<Vec<_>>())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("the custom mask `q_idx >= kv_idx`") && e.contains("device: cpu"),
+        "{e}"
+    );
 }
 
 #[test]

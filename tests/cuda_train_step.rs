@@ -20,7 +20,7 @@ use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::backend::cuda::{CudaBackend, CudaOptions};
 use ferrotune::exec::Executor;
 use ferrotune::graph::{Role, TensorId};
-use ferrotune::model::llama::{build, shift_targets, BuildOptions, LoraOptions};
+use ferrotune::model::llama::{build, build_with_attention, shift_targets, AttnOptions, BuildOptions, LoraOptions};
 use ferrotune::model::ModelConfig;
 use ferrotune::train::step_graph::{OPTIMIZER, TRAIN};
 use ferrotune::train::{OptimizerOptions, TrainGraph};
@@ -45,12 +45,12 @@ fn check(what: &str, got: &HostTensor, want: &HostTensor, tol: f64) {
     assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:e}");
 }
 
-fn run_steps(cfg: &ModelConfig, opts: BuildOptions, tol: f64) {
+fn run_steps(cfg: &ModelConfig, opts: BuildOptions, attn: &AttnOptions, tol: f64) {
     let opt = OptimizerOptions {
         weight_decay: 0.01,
         ..Default::default()
     };
-    let tg = TrainGraph::new(build(cfg, &opts).unwrap(), &opt).unwrap();
+    let tg = TrainGraph::new(build_with_attention(cfg, &opts, attn).unwrap(), &opt).unwrap();
     let specs = tg.programs();
     let graph = tg.model.graph.clone();
     let gpu_backend = CudaBackend::with_options(CudaOptions {
@@ -163,7 +163,35 @@ fn f32_full_fine_tune_with_lora_dropout_matches_cpu() {
         modules_to_save: vec![],
         loss_rows: None,
     };
-    run_steps(&cfg, opts, 1e-5);
+    run_steps(&cfg, opts, &AttnOptions::default(), 1e-5);
+}
+
+/// `attn_implementation: eager` on CUDA: scores through cuBLASLt, the masked softmax and
+/// its backward as kernels, equal to the CPU over three LoRA steps on packed rows.
+#[test]
+fn f32_lora_step_with_eager_attention_matches_cpu() {
+    let cfg = config(16, 24, 4, 2, 23, 2);
+    let opts = BuildOptions {
+        rows: 2,
+        seq_len: 19,
+        weight_dtype: DType::F32,
+        act_dtype: DType::F32,
+        lora: Some(LoraOptions {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            use_rslora: false,
+            targets: vec!["q_proj".into(), "k_proj".into(), "v_proj".into(), "o_proj".into()],
+        }),
+        train_base: false,
+        modules_to_save: vec![],
+        loss_rows: None,
+    };
+    let eager = AttnOptions {
+        eager: true,
+        ..Default::default()
+    };
+    run_steps(&cfg, opts, &eager, 1e-5);
 }
 
 /// Named values for every weight the executor holds: the same sequence of random values
@@ -234,6 +262,7 @@ fn bf16_lora_step_on_tensor_cores_is_as_accurate_as_the_cpu() {
         causal: true,
         window: None,
         scale: 0.125,
+        flex: Default::default(),
     };
     assert_eq!(gpu_backend.attention_path(&spec, DType::BF16), "tensor-core");
     let (g16, g32) = (tg16.model.graph.clone(), tg32.model.graph.clone());

@@ -138,6 +138,7 @@ fn attention_causal_gqa_packed() {
         causal: true,
         window: None,
         scale: 0.7,
+        flex: Default::default(),
     };
     attn_case(spec, vec![1, 1, 2, 2, 2, 1, 1, 1, 1, 1]);
 }
@@ -152,6 +153,7 @@ fn attention_sliding_window_and_bidirectional() {
         causal: true,
         window: Some(3),
         scale: 0.5,
+        flex: Default::default(),
     };
     attn_case(spec, vec![1; 7]);
     let spec = AttnSpec {
@@ -162,6 +164,7 @@ fn attention_sliding_window_and_bidirectional() {
         causal: false,
         window: None,
         scale: 0.9,
+        flex: Default::default(),
     };
     attn_case(spec, vec![1, 1, 1, 2, 2, 2]);
 }

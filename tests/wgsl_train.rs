@@ -10,7 +10,9 @@ use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::backend::wgsl::{WgslBackend, WgslContext, WgslOptions};
 use ferrotune::backend::Backend;
 use ferrotune::exec::Executor;
-use ferrotune::model::llama::{build, shift_targets, BuildOptions, LoraOptions};
+use ferrotune::model::llama::{
+    build_with_attention, prefix_flags, shift_targets, AttnOptions, BuildOptions, LoraOptions,
+};
 use ferrotune::model::ModelConfig;
 use ferrotune::train::session::load_base_weights;
 use ferrotune::train::{OptimizerOptions, TrainGraph};
@@ -72,11 +74,22 @@ struct Steps {
 
 /// Runs `steps` training steps (train program, then optimizer program) on `backend`.
 fn train_steps(backend: Box<dyn Backend>, cfg: &ModelConfig, opts: &BuildOptions, steps: u64) -> (Steps, u64, u64) {
+    train_steps_with(backend, cfg, opts, &AttnOptions::default(), steps)
+}
+
+/// [`train_steps`] with an attention implementation and mask.
+fn train_steps_with(
+    backend: Box<dyn Backend>,
+    cfg: &ModelConfig,
+    opts: &BuildOptions,
+    attn: &AttnOptions,
+    steps: u64,
+) -> (Steps, u64, u64) {
     let opt = OptimizerOptions {
         max_grad_norm: Some(0.5),
         ..OptimizerOptions::default()
     };
-    let tg = TrainGraph::new(build(cfg, opts).unwrap(), &opt).unwrap();
+    let tg = TrainGraph::new(build_with_attention(cfg, opts, attn).unwrap(), &opt).unwrap();
     let mut ex = Executor::new(tg.model.graph.clone(), backend, &tg.programs()).unwrap();
     load_base_weights(&mut ex, &tg.model, &weights(&tg, 3)).unwrap();
     let mut r = rng(5);
@@ -115,6 +128,10 @@ fn train_steps(backend: Box<dyn Backend>, cfg: &ModelConfig, opts: &BuildOptions
         .collect();
     let targets = shift_targets(&labels, &seg, seq);
     let count = targets.iter().filter(|&&t| t != -100).count();
+    // The first few tokens of each document carry no label: the prompt of a prefix-LM.
+    let prompt_labels: Vec<i32> = (0..n).map(|i| if pos[i] < 3 { -100 } else { labels[i] }).collect();
+    let seg_u: Vec<u32> = seg.iter().map(|&x| x as u32).collect();
+    let prefix = HostTensor::from_i32(&[n], &prefix_flags(&prompt_labels, &seg_u, seq));
     let scale = HostTensor::from_f64(&[1], &[1.0 / count as f64]).cast(ex.graph().dtype(tg.loss_scale));
     let inputs = [
         HostTensor::from_i32(&[n], &ids),
@@ -139,6 +156,9 @@ fn train_steps(backend: Box<dyn Backend>, cfg: &ModelConfig, opts: &BuildOptions
             (tg.model.targets, &inputs[3]),
             (tg.loss_scale, &scale),
         ];
+        if let Some(p) = tg.model.prefix {
+            feed.push((p, &prefix));
+        }
         let drop = tg.model.dropout.map(|(s, p)| {
             (
                 (
@@ -268,6 +288,46 @@ fn full_fine_tuning_steps_match_the_cpu() {
     let (gpu, planned, allocated) = train_steps(wgsl(), &cfg, &opts, 2);
     compare("qwen2 full", &cpu, &gpu);
     assert_eq!(planned, allocated, "memory plan vs bytes the WGSL backend allocated");
+}
+
+#[test]
+fn eager_attention_training_steps_match_the_cpu() {
+    // attn_implementation: eager (scores as graph ops) on the WGSL backend, with the plain
+    // causal mask, a sliding window, a prefix-LM mask and a user mask expression.
+    use ferrotune::ops::{FlexMask, MaskExpr};
+    let expr = FlexMask {
+        prefix_lm: false,
+        expr: Some(MaskExpr::parse("kv_idx <= q_idx && q_idx - kv_idx < 4").unwrap()),
+    };
+    let prefix = FlexMask {
+        prefix_lm: true,
+        expr: None,
+    };
+    for (arch, extra, flex) in [
+        ("LlamaForCausalLM", "", FlexMask::default()),
+        ("MistralForCausalLM", r#", "sliding_window": 4"#, FlexMask::default()),
+        ("LlamaForCausalLM", "", prefix),
+        ("LlamaForCausalLM", "", expr),
+    ] {
+        let cfg = tiny(arch, extra);
+        let opts = lora_opts(2, 11, DType::F32, 0.0);
+        let attn = AttnOptions { eager: true, flex };
+        let what = format!("{arch} eager {:?}", attn.flex);
+        let (cpu, _, _) = train_steps_with(Box::new(CpuBackend::new()), &cfg, &opts, &attn, 2);
+        let (gpu, planned, allocated) = train_steps_with(wgsl(), &cfg, &opts, &attn, 2);
+        compare(&what, &cpu, &gpu);
+        assert_eq!(
+            planned, allocated,
+            "{what}: memory plan vs bytes the WGSL backend allocated"
+        );
+        // The fused kernels give the same steps as eager on the CPU.
+        let fused = AttnOptions {
+            eager: false,
+            ..attn.clone()
+        };
+        let (gpu, _, _) = train_steps_with(wgsl(), &cfg, &opts, &fused, 2);
+        compare(&format!("{what} fused on wgsl vs eager on cpu"), &cpu, &gpu);
+    }
 }
 
 fn train_yaml(model: &std::path::Path, tr: &str, ev: &str, out: &std::path::Path, device: &str) -> String {

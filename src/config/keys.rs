@@ -70,6 +70,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "device",
     "gradient_checkpointing",
     "attn_implementation",
+    "flex_attention_mask",
     // LoRA
     "adapter",
     "lora_r",
@@ -167,9 +168,6 @@ pub const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
         "lora_o_kernel",
         "fused LoRA kernels are chosen by the backend; remove the key",
     ),
-    ("flash_attention", "deprecated in axolotl; use attn_implementation"),
-    ("sdp_attention", "deprecated in axolotl; use attn_implementation"),
-    ("xformers_attention", "deprecated in axolotl; use attn_implementation"),
     (
         "fsdp",
         "the FSDP1 list is not read; use fsdp_version: 2 with fsdp_config",

@@ -3,6 +3,7 @@
 //! YAML and checked before anything is loaded. Unknown keys are errors that suggest the
 //! closest known key; axolotl keys we do not implement are errors that say so by name.
 
+mod attention;
 mod keys;
 mod validate;
 
@@ -11,6 +12,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::path::{Path, PathBuf};
 
+pub use attention::{flex_mask, AttnImplementation, LEGACY_FLAGS};
 pub use keys::{KNOWN_KEYS, UNSUPPORTED_KEYS};
 
 fn path_error(e: serde_path_to_error::Error<serde_yaml::Error>) -> Error {
@@ -104,13 +106,6 @@ pub enum Scheduler {
     Linear,
     Constant,
     ConstantWithWarmup,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AttnImplementation {
-    Eager,
-    Sdpa,
 }
 
 /// Overrides of the tokenizer's special tokens.
@@ -244,8 +239,12 @@ pub struct Config {
     pub device: DeviceChoice,
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// `sdpa` when unset; see [`AttnImplementation`].
     #[serde(default)]
     pub attn_implementation: Option<AttnImplementation>,
+    /// `causal` (default), `prefix_lm`, or a mask expression (`q_idx >= kv_idx && ...`).
+    #[serde(default)]
+    pub flex_attention_mask: Option<String>,
 
     #[serde(default)]
     pub adapter: Option<String>,
@@ -313,6 +312,7 @@ impl Config {
         for o in overrides {
             keys::apply_override(&mut value, o)?;
         }
+        attention::normalize_legacy_flags(&mut value)?;
         keys::check_keys(&value)?;
         // The data keys are flattened into Config, where serde loses their names: read them
         // on their own first so a type error names its key.
@@ -339,6 +339,16 @@ impl Config {
             // PEFT's default for the Llama family.
             None => vec!["q_proj".into(), "v_proj".into()],
         }
+    }
+
+    /// The attention implementation and mask terms the model graph is built with.
+    pub fn attn_options(&self) -> Result<crate::model::llama::AttnOptions> {
+        let flex = flex_mask(self.flex_attention_mask.as_deref())
+            .map_err(|e| Error::Config(format!("flex_attention_mask: {e}")))?;
+        Ok(crate::model::llama::AttnOptions {
+            eager: self.attn_implementation.unwrap_or_default().is_eager(),
+            flex,
+        })
     }
 
     /// The same config as YAML (saved beside checkpoints).

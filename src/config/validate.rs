@@ -124,6 +124,19 @@ impl Config {
         if self.fp16 == Some(super::Flag::On) {
             e.push("fp16: f16 training is not supported; use bf16 (the default, `auto`)".into());
         }
+        if let Some(m) = &self.flex_attention_mask {
+            use super::AttnImplementation as A;
+            let imp = self.attn_implementation.unwrap_or_default();
+            match super::flex_mask(Some(m)) {
+                Err(err) => e.push(format!("flex_attention_mask: {err}")),
+                Ok(f) if !f.is_plain() && !matches!(imp, A::FlexAttention | A::Eager) => e.push(format!(
+                    "flex_attention_mask: needs `attn_implementation: flex_attention` (or `eager`, the reference), \
+                     not `{}`",
+                    imp.name()
+                )),
+                Ok(_) => {}
+            }
+        }
         if self.gradient_checkpointing {
             e.push(
                 "gradient_checkpointing: not implemented yet; remove it (the memory plan is shown by `ferrotune plan`)"

@@ -8,7 +8,7 @@
 
 use super::hf_config::ModelConfig;
 use crate::graph::{Graph, TensorId};
-use crate::ops::{AttnSpec, Op};
+use crate::ops::{attn_eager, AttnSpec, FlexMask, Op};
 use crate::tensor::DType;
 use crate::Result;
 
@@ -64,6 +64,15 @@ pub struct BuildOptions {
     pub loss_rows: Option<usize>,
 }
 
+/// How attention is computed (`attn_implementation`) and masked (`flex_attention_mask`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AttnOptions {
+    /// Materialise the scores as graph ops (`eager`) instead of the fused attention op.
+    pub eager: bool,
+    /// Prefix-LM or a user mask beyond the causal / window / document rules.
+    pub flex: FlexMask,
+}
+
 /// A LoRA adapter pair on one module, with PEFT's tensor names.
 #[derive(Clone, Debug)]
 pub struct LoraPair {
@@ -86,6 +95,9 @@ pub struct ModelGraph {
     pub positions: TensorId,
     /// `[N]` i32 segment ids (documents in a row; padding is its own segment).
     pub segments: TensorId,
+    /// `[N]` i32 prompt-prefix flags, with prefix-LM masks (see [`prefix_flags`]).
+    pub prefix: Option<TensorId>,
+    pub attn: AttnOptions,
     /// `[K]` i32 rows of the hidden state to compute logits for (when `loss_rows` is set).
     pub loss_index: Option<TensorId>,
     /// `[K or N]` i32 next-token targets, -100 where no loss is taken.
@@ -109,6 +121,7 @@ struct Builder<'a> {
     opts: &'a BuildOptions,
     /// Weights by name, so several passes (prefill and decode) share one tensor.
     by_name: std::collections::HashMap<String, TensorId>,
+    attn: AttnOptions,
     weights: Vec<(String, TensorId)>,
     lora: Vec<LoraPair>,
     trainable: Vec<TensorId>,
@@ -218,9 +231,22 @@ impl Builder<'_> {
                 causal: true,
                 window: cfg.sliding_window.filter(|_| cfg.layer_uses_sliding_window(i)),
                 scale: 1.0 / (hd as f64).sqrt(),
+                flex: FlexMask::default(),
             };
             let o = match attend {
-                Attend::Packed { segments } => self.g.attention(spec, q, k, v, *segments)?.0,
+                Attend::Packed { segments, prefix } => {
+                    let spec = AttnSpec {
+                        flex: self.attn.flex.clone(),
+                        ..spec
+                    };
+                    let mut inputs = vec![q, k, v, *segments];
+                    inputs.extend(prefix);
+                    if self.attn.eager {
+                        attn_eager::build(&mut self.g, &spec, &inputs)?
+                    } else {
+                        self.g.apply(Op::Attention(spec), &inputs)?[0]
+                    }
+                }
                 Attend::Cached { caches, slots, .. } => {
                     let (kc, vc) = caches[i];
                     let kc = self.g.apply1(Op::CacheWrite, &[kc, k, *slots])?;
@@ -258,6 +284,7 @@ impl Builder<'_> {
 enum Attend {
     Packed {
         segments: TensorId,
+        prefix: Option<TensorId>,
     },
     Cached {
         caches: Vec<(TensorId, TensorId)>,
@@ -281,6 +308,7 @@ fn new_builder<'a>(cfg: &'a ModelConfig, opts: &'a BuildOptions) -> Builder<'a> 
         cfg,
         opts,
         by_name: Default::default(),
+        attn: AttnOptions::default(),
         weights: Vec::new(),
         lora: Vec::new(),
         trainable: Vec::new(),
@@ -288,13 +316,21 @@ fn new_builder<'a>(cfg: &'a ModelConfig, opts: &'a BuildOptions) -> Builder<'a> 
     }
 }
 
-/// Builds the forward graph and the summed cross-entropy loss.
+/// Builds the forward graph and the summed cross-entropy loss (fused attention, no extra
+/// mask terms).
 pub fn build(cfg: &ModelConfig, opts: &BuildOptions) -> Result<ModelGraph> {
+    build_with_attention(cfg, opts, &AttnOptions::default())
+}
+
+/// [`build`] with a choice of attention implementation and mask.
+pub fn build_with_attention(cfg: &ModelConfig, opts: &BuildOptions, attn: &AttnOptions) -> Result<ModelGraph> {
     let mut b = new_builder(cfg, opts);
+    b.attn = attn.clone();
     let n = opts.rows * opts.seq_len;
     let input_ids = b.g.input("input_ids", &[n], DType::I32);
     let positions = b.g.input("position_ids", &[n], DType::I32);
     let segments = b.g.input("segment_ids", &[n], DType::I32);
+    let prefix = attn.flex.prefix_lm.then(|| b.g.input("prefix_flags", &[n], DType::I32));
     if opts.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
         let seed = b.g.input("dropout_seed", &[1], DType::U32);
         let p = b.g.input("dropout_p", &[1], DType::F32);
@@ -307,7 +343,7 @@ pub fn build(cfg: &ModelConfig, opts: &BuildOptions) -> Result<ModelGraph> {
         positions,
         inv_freq,
         rope.attention_scaling as f64,
-        &Attend::Packed { segments },
+        &Attend::Packed { segments, prefix },
     )?;
     let (loss_index, k) = match opts.loss_rows {
         Some(k) => {
@@ -330,6 +366,8 @@ pub fn build(cfg: &ModelConfig, opts: &BuildOptions) -> Result<ModelGraph> {
         input_ids,
         positions,
         segments,
+        prefix,
+        attn: attn.clone(),
         loss_index,
         targets,
         logits,
@@ -341,6 +379,21 @@ pub fn build(cfg: &ModelConfig, opts: &BuildOptions) -> Result<ModelGraph> {
         lora: b.lora,
         trainable: b.trainable,
     })
+}
+
+/// Prefix-LM flags of a batch: a token is in its document's prompt prefix when it and every
+/// earlier token of its segment carry no label (`labels` aligned with the tokens, -100 = none).
+pub fn prefix_flags(labels: &[i32], segments: &[u32], seq_len: usize) -> Vec<i32> {
+    let mut out = vec![0; labels.len()];
+    let mut open = false;
+    for i in 0..labels.len() {
+        if i % seq_len == 0 || segments[i] != segments[i - 1] {
+            open = true;
+        }
+        open &= labels[i] == crate::data::IGNORE_INDEX;
+        out[i] = open as i32;
+    }
+    out
 }
 
 /// Inputs and outputs of one generation pass over `rows` sequences of `seq_len` new tokens.

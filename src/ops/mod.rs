@@ -6,9 +6,13 @@
 //! weight is `[out, in]` as in Hugging Face checkpoints, applied as `x @ W^T`.
 
 pub mod attention;
+pub mod attn_eager;
+pub mod attn_mask;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
+pub mod mask_codegen;
+pub mod mask_expr;
 pub mod matmul;
 pub mod optim;
 pub mod par;
@@ -22,6 +26,9 @@ use crate::tensor::DType;
 use crate::Result;
 
 pub use attention::AttnSpec;
+pub use attn_eager::HeadLayout;
+pub use attn_mask::FlexMask;
+pub use mask_expr::{MaskError, MaskExpr};
 pub use optim::AdamWSpec;
 pub use real::Real;
 
@@ -66,10 +73,18 @@ pub enum Op {
     /// `(x, seed [1] u32, p [1] f32) -> x * mask / (1 - p)`, mask from a counter-based hash
     /// of (seed, salt, element index); the salt makes each call site's mask independent.
     Dropout { salt: u32 },
-    /// `(q, k, v, seg) -> (o, lse)`; see [`attention`].
+    /// `(q, k, v, seg[, prefix]) -> (o, lse)`; see [`attention`] (`prefix` with prefix-LM masks).
     Attention(AttnSpec),
-    /// `(q, k, v, seg, o, lse, do) -> (dq, dk, dv)`
+    /// `(q, k, v, seg, o, lse, do[, prefix]) -> (dq, dk, dv)`
     AttentionBackward(AttnSpec),
+    /// Eager attention's head split: `x [B*T, H*D] -> [B, H*repeat, T, D]`; see [`attn_eager`].
+    SplitHeads(HeadLayout),
+    /// The adjoint of `SplitHeads`: `[B, H*repeat, T, D] -> [B*T, H*D]`, summing the repeats.
+    MergeHeads(HeadLayout),
+    /// `(scores [B, H, T, T], seg [B*T] i32[, prefix]) -> p`: softmax over the visible keys.
+    MaskedSoftmax(AttnSpec),
+    /// `(p, dp) -> p * (dp - rowsum(p * dp))` over the last dim.
+    SoftmaxBackward,
     /// `(logits [N, V], labels [N] i32) -> (loss_sum [1], label_count [1], lse [N])`
     CrossEntropy { ignore_index: i32 },
     /// `(logits, labels, lse, dloss [1]) -> dlogits`
@@ -114,6 +129,10 @@ impl Op {
             Op::Dropout { .. } => "dropout",
             Op::Attention(_) => "attention",
             Op::AttentionBackward(_) => "attention_backward",
+            Op::SplitHeads(_) => "split_heads",
+            Op::MergeHeads(_) => "merge_heads",
+            Op::MaskedSoftmax(_) => "masked_softmax",
+            Op::SoftmaxBackward => "softmax_backward",
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::CrossEntropyBackward { .. } => "cross_entropy_backward",
             Op::SumSquares => "sum_squares",
@@ -215,13 +234,20 @@ impl Op {
                 want(3)?;
                 elementwise::infer_dropout(x[0], x[1], x[2])
             }
-            Op::Attention(s) => {
-                want(4)?;
-                s.infer(x[0], x[1], x[2], x[3])
+            Op::Attention(s) => s.infer(x),
+            Op::AttentionBackward(s) => s.infer_backward(x),
+            Op::SplitHeads(l) => {
+                want(1)?;
+                l.infer_split(x[0])
             }
-            Op::AttentionBackward(s) => {
-                want(7)?;
-                s.infer_backward(x)
+            Op::MergeHeads(l) => {
+                want(1)?;
+                l.infer_merge(x[0])
+            }
+            Op::MaskedSoftmax(s) => attn_eager::infer_masked_softmax(s, x),
+            Op::SoftmaxBackward => {
+                want(2)?;
+                attn_eager::infer_softmax_backward(x[0], x[1])
             }
             Op::CrossEntropy { .. } => {
                 want(2)?;
@@ -312,6 +338,14 @@ impl Op {
                 None,
             ]),
             Op::Attention(s) => attention::backward(g, s, i, o, dy),
+            Op::SplitHeads(l) => Ok(vec![Some(g.apply1(Op::MergeHeads(*l), &[dy])?)]),
+            Op::MergeHeads(l) => Ok(vec![Some(g.apply1(Op::SplitHeads(*l), &[dy])?)]),
+            Op::MaskedSoftmax(_) => {
+                let ds = g.apply1(Op::SoftmaxBackward, &[o[0], dy])?;
+                let mut grads = vec![Some(ds)];
+                grads.resize(i.len(), None);
+                Ok(grads)
+            }
             Op::CrossEntropy { ignore_index } => {
                 let dl = g.apply1(
                     Op::CrossEntropyBackward {
@@ -340,6 +374,7 @@ impl Op {
             | Op::RmsNormBackward { .. }
             | Op::SwigluBackward
             | Op::AttentionBackward(_)
+            | Op::SoftmaxBackward
             | Op::CrossEntropyBackward { .. }
             | Op::ClipCoef { .. }
             | Op::AdamW(_)

@@ -40,6 +40,10 @@ pub fn model_inputs(m: &ModelGraph, b: &PackedBatch) -> crate::Result<StepInputs
         (m.positions, HostTensor::from_i32(&[n], &as_i32(&b.position_ids))),
         (m.segments, HostTensor::from_i32(&[n], &as_i32(&b.segment_ids))),
     ];
+    if let Some(p) = m.prefix {
+        let flags = crate::model::llama::prefix_flags(&b.labels, &b.segment_ids, b.seq_len);
+        tensors.push((p, HostTensor::from_i32(&[n], &flags)));
+    }
     match (m.loss_index, m.opts.loss_rows) {
         (Some(index_t), Some(k)) => {
             let rows: Vec<usize> = (0..n).filter(|&i| targets[i] != crate::data::IGNORE_INDEX).collect();

@@ -211,7 +211,7 @@ impl RunPlan {
             weight_decay: cfg.weight_decay,
             max_grad_norm: Some(cfg.max_grad_norm),
         };
-        let mg = llama::build(model, &opts)?;
+        let mg = llama::build_with_attention(model, &opts, &cfg.attn_options()?)?;
         let tg = match dist.as_mut() {
             Some(d) => {
                 let sizes: Vec<usize> = mg.trainable.iter().map(|&t| mg.graph.info(t).numel()).collect();

@@ -5,7 +5,9 @@
 //! stored in another float type (f16, bf16) are widened into a temporary first.
 
 use super::{Arg, Backend, BufferId, Loc};
-use crate::ops::{attention, cross_entropy, elementwise, embedding, matmul, optim, rmsnorm, rope, swiglu, Op, Real};
+use crate::ops::{
+    attention, attn_eager, cross_entropy, elementwise, embedding, matmul, optim, rmsnorm, rope, swiglu, Op, Real,
+};
 use crate::tensor::{DType, HostTensor};
 use crate::{Error, Result};
 use std::borrow::Cow;
@@ -263,7 +265,8 @@ impl CpuBackend {
             Op::Attention(s) => {
                 let (mut out, mut lse) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]));
                 let (q, k, v) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]), self.src::<T>(&i[2]));
-                attention::cpu(s, &q, &k, &v, self.ints(&i[3]), out.get(), lse.get());
+                let prefix = i.get(4).map(|p| self.ints(p));
+                attention::cpu(s, &q, &k, &v, self.ints(&i[3]), prefix, out.get(), lse.get());
                 out.finish();
                 lse.finish();
             }
@@ -277,6 +280,7 @@ impl CpuBackend {
                     &k,
                     &v,
                     self.ints(&i[3]),
+                    i.get(7).map(|p| self.ints(p)),
                     &out,
                     &lse,
                     &d_o,
@@ -287,6 +291,29 @@ impl CpuBackend {
                 dq.finish();
                 dk.finish();
                 dv.finish();
+            }
+            Op::SplitHeads(l) | Op::MergeHeads(l) => {
+                let mut y = self.dst::<T>(&o[0]);
+                let x = self.src::<T>(&i[0]);
+                if matches!(op, Op::SplitHeads(_)) {
+                    l.cpu_split(&x, y.get());
+                } else {
+                    l.cpu_merge(&x, y.get());
+                }
+                y.finish();
+            }
+            Op::MaskedSoftmax(s) => {
+                let mut y = self.dst::<T>(&o[0]);
+                let prefix = i.get(2).map(|p| self.ints(p));
+                attn_eager::cpu_masked_softmax(s, &self.src::<T>(&i[0]), self.ints(&i[1]), prefix, y.get());
+                y.finish();
+            }
+            Op::SoftmaxBackward => {
+                let cols = *i[0].info.shape.last().unwrap_or(&1);
+                let mut y = self.dst::<T>(&o[0]);
+                let (p, dp) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]));
+                attn_eager::cpu_softmax_backward(&p, &dp, y.get(), cols);
+                y.finish();
             }
             Op::CrossEntropy { ignore_index } => {
                 let (mut loss, mut count, mut lse) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]), self.dst::<T>(&o[2]));

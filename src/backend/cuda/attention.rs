@@ -61,7 +61,7 @@ fn granules(seq_len: usize) -> usize {
     seq_len.div_ceil(GRAN)
 }
 
-fn window(s: &AttnSpec) -> Result<i32> {
+pub(super) fn window(s: &AttnSpec) -> Result<i32> {
     match s.window {
         None => Ok(0),
         Some(0) => Err(Error::backend("cuda", "an attention window of 0 hides every key")),

@@ -70,6 +70,7 @@ pub fn time_attention(be: &mut CudaBackend, sh: &AttnShape, warmup: usize, reps:
         causal: sh.causal,
         window: None,
         scale: 1.0 / (sh.head_dim as f64).sqrt(),
+        flex: Default::default(),
     };
     let (qd, kd) = (sh.n_heads * sh.head_dim, sh.n_kv_heads * sh.head_dim);
     let infos = [

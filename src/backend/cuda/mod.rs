@@ -13,6 +13,7 @@
 //! `FERROTUNE_CUDA_PROFILE=1` prints device time by op kind when the backend is dropped.
 
 mod attention;
+mod attn_eager;
 pub mod bench;
 mod gpu;
 mod graphs;

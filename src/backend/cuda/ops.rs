@@ -146,9 +146,19 @@ impl CudaBackend {
             Op::SumSquares | Op::ClipCoef { .. } | Op::AdamW(_) => {
                 self.mods.load(Family::Optim)?;
             }
-            Op::Attention(s) => self.prepare_attention(s, i, o, false)?,
-            Op::AttentionBackward(s) => self.prepare_attention(s, i, o, true)?,
-            Op::AttentionCached(_) => {
+            Op::Attention(s) => {
+                s.require_plain_mask("cuda")?;
+                self.prepare_attention(s, i, o, false)?
+            }
+            Op::AttentionBackward(s) => {
+                s.require_plain_mask("cuda")?;
+                self.prepare_attention(s, i, o, true)?
+            }
+            Op::MaskedSoftmax(s) => {
+                s.require_plain_mask("cuda")?;
+                self.mods.load(Family::Attention)?;
+            }
+            Op::AttentionCached(_) | Op::SplitHeads(_) | Op::MergeHeads(_) | Op::SoftmaxBackward => {
                 self.mods.load(Family::Attention)?;
             }
             _ => {
@@ -476,6 +486,10 @@ impl CudaBackend {
             Op::Attention(s) => self.attention_fwd(s, i, o),
             Op::AttentionBackward(s) => self.attention_bwd(s, i, o),
             Op::AttentionCached(s) => self.attention_cached(s, i, o),
+            Op::SplitHeads(l) => self.head_layout(l, false, &i[0], &o[0]),
+            Op::MergeHeads(l) => self.head_layout(l, true, &i[0], &o[0]),
+            Op::MaskedSoftmax(s) => self.masked_softmax(s, i, o),
+            Op::SoftmaxBackward => self.softmax_backward(i, o),
             Op::CacheWrite => {
                 // The output is the cache itself (Op::is_alias): write the rows in place.
                 want(&i[2], DType::I32, "cache slots")?;

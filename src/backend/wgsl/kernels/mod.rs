@@ -10,6 +10,7 @@
 //! buffer, and a buffer may not be bound read-only and writable in one dispatch.
 
 mod attention;
+mod attn_eager;
 mod elementwise;
 mod embedding;
 mod loss;
@@ -98,9 +99,20 @@ pub(crate) static ROPE: ShaderFile = ShaderFile {
     names: &[("x", Float), ("pos", I32), ("inv", Float), ("y", Float)],
 };
 
+/// `shaders/common.wgsl`, the mask rules and an attention file.
+macro_rules! masked_source {
+    ($file:literal) => {
+        concat!(
+            include_str!("../../../../shaders/common.wgsl"),
+            include_str!("../../../../shaders/attn_mask.wgsl"),
+            include_str!(concat!("../../../../shaders/", $file))
+        )
+    };
+}
+
 pub(crate) static ATTENTION: ShaderFile = ShaderFile {
     name: "attention",
-    source: shader_source!("attention.wgsl"),
+    source: masked_source!("attention.wgsl"),
     names: &[
         ("q", Float),
         ("k", Float),
@@ -116,6 +128,23 @@ pub(crate) static ATTENTION: ShaderFile = ShaderFile {
         ("cache", Float),
         ("x", Float),
         ("slot", I32),
+        ("prefix", I32),
+        ("rs", I32),
+    ],
+};
+
+pub(crate) static ATTN_EAGER: ShaderFile = ShaderFile {
+    name: "attn_eager",
+    source: masked_source!("attn_eager.wgsl"),
+    names: &[
+        ("x", Float),
+        ("y", Float),
+        ("seg", I32),
+        ("prefix", I32),
+        ("rs", I32),
+        ("p", Float),
+        ("dp", Float),
+        ("ds", Float),
     ],
 };
 
@@ -168,6 +197,7 @@ pub fn shader_files() -> Vec<(&'static str, &'static str)> {
         &RMSNORM,
         &ROPE,
         &ATTENTION,
+        &ATTN_EAGER,
         &CROSS_ENTROPY,
         &EMBEDDING,
         &OPTIM,
@@ -191,7 +221,13 @@ fn declare(slot: usize, name: &str, kind: Kind, dtype: DType) -> String {
     let k = slot - 1;
     let var = |ty: &str| format!("@group(0) @binding({slot}) var<storage, read_write> {name}_buf: array<{ty}>;\n");
     match kind {
-        Kind::I32 => var("i32") + &format!("fn ldi_{name}(i: u32) -> i32 {{ return {name}_buf[eo({k}u) + i]; }}\n"),
+        Kind::I32 => {
+            var("i32")
+                + &format!(
+                    "fn ldi_{name}(i: u32) -> i32 {{ return {name}_buf[eo({k}u) + i]; }}\n\
+                     fn sti_{name}(i: u32, v: i32) {{ {name}_buf[eo({k}u) + i] = v; }}\n"
+                )
+        }
         Kind::U32 => var("u32") + &format!("fn ldu_{name}(i: u32) -> u32 {{ return {name}_buf[eo({k}u) + i]; }}\n"),
         Kind::Float => match dtype {
             DType::F16 | DType::BF16 => {
@@ -340,6 +376,10 @@ pub(crate) fn plan(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg]) -> Result<()>
         Op::AttentionBackward(s) => attention::backward(b, op, s, i, o),
         Op::AttentionCached(s) => attention::cached(b, op, s, i, o),
         Op::CacheWrite => attention::cache_write(b, op, i),
+        Op::SplitHeads(l) => attn_eager::split_heads(b, op, l, i, o),
+        Op::MergeHeads(l) => attn_eager::merge_heads(b, op, l, i, o),
+        Op::MaskedSoftmax(s) => attn_eager::masked_softmax(b, op, s, i, o),
+        Op::SoftmaxBackward => attn_eager::softmax_backward(b, op, i, o),
         Op::CrossEntropy { ignore_index } => loss::cross_entropy(b, op, i, o, *ignore_index),
         Op::CrossEntropyBackward { ignore_index } => loss::cross_entropy_backward(b, op, i, o, *ignore_index),
         Op::Embedding => embedding::forward(b, op, i, o),
