@@ -23,7 +23,7 @@ if [ "$mode" = build ]; then
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}"
   mkdir -p "$dir"
   cargo test --release --features cuda --no-run --message-format=json \
-    --test cuda_ops --test cuda_train_step --test cuda_bench --test cuda_nvrtc |
+    --test cuda_ops --test cuda_train_step --test cuda_bench --test cuda_nvrtc --test cuda_dist |
     python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
@@ -76,7 +76,7 @@ run_test() { # binary test-name
   rm -f "$log"
 }
 
-for bin in "$dir"/cuda_nvrtc "$dir"/cuda_ops "$dir"/cuda_train_step; do
+for bin in "$dir"/cuda_nvrtc "$dir"/cuda_ops "$dir"/cuda_train_step "$dir"/cuda_dist; do
   skip "$(basename "$bin")" && continue
   [ -x "$bin" ] || { results+=("MISSING $bin"); failed=1; continue; }
   for name in $("$bin" --list 2>/dev/null | sed -n 's/: test$//p'); do
