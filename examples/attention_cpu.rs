@@ -38,7 +38,7 @@ fn main() {
             let outs = vec![gr[&q], gr[&k], gr[&v]];
             let mut ex = Executor::new(g, Box::new(CpuBackend::new()), &[ProgramSpec::new("a", &outs, &[])]).unwrap();
             for (p, w) in [(q, 576), (k, 192), (v, 192)] {
-                let d: Vec<f32> = (0..t * w).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5)).collect();
+                let d: Vec<f32> = (0..t * w).map(|i| (i * 7919 % 1000) as f32 / 1000.0 - 0.5).collect();
                 ex.set_tensor(p, &HostTensor::from_f32(&[t, w], &d)).unwrap();
             }
             let segv = HostTensor::from_i32(&[t], &vec![1; t]);
