@@ -10,7 +10,7 @@ use ferrotune::data::{collate, BatchSchedule, ScheduleOptions, Tokenizer};
 use ferrotune::exec::{Executor, ProgramSpec};
 use ferrotune::infer::exact_match::{exact_match, references};
 use ferrotune::infer::{GenerateOptions, Generator};
-use ferrotune::model::llama::{build, BuildOptions};
+use ferrotune::model::llama::{build_with_attention, BuildOptions};
 use ferrotune::train::batches::model_inputs;
 use ferrotune::train::run::{self, open_model, pad_id, prepare_data};
 use ferrotune::train::session::{load_base_weights, WeightSource};
@@ -232,7 +232,7 @@ fn eval(path: &Path, adapter: Option<&Path>, set: &[String], limit: usize, json:
             modules_to_save: vec![],
             loss_rows: None,
         };
-        let m = build(&p.model_config, &opts)?;
+        let m = build_with_attention(&p.model_config, &opts, &cfg.attn_options()?)?;
         let spec = ProgramSpec::new("eval", &[m.loss_sum, m.label_count], &[]);
         let mut ex = Executor::new(m.graph.clone(), backend.take().expect("unused"), &[spec])?;
         load_base_weights(&mut ex, &m, weights.source())?;

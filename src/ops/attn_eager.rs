@@ -27,7 +27,7 @@ pub struct HeadLayout {
 impl HeadLayout {
     fn rows_shape(&self, x: &TensorInfo) -> std::result::Result<usize, String> {
         let (t, w) = (self.seq_len, self.heads * self.head_dim);
-        if t == 0 || self.repeat == 0 || x.shape.len() != 2 || x.shape[1] != w || x.shape[0] % t != 0 {
+        if t == 0 || self.repeat == 0 || x.shape.len() != 2 || x.shape[1] != w || !x.shape[0].is_multiple_of(t) {
             return Err(format!("expects [rows*{t}, {w}], got {:?}", x.shape));
         }
         Ok(x.shape[0] / t)
