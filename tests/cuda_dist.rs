@@ -48,7 +48,10 @@ fn nccl_world_size_one_equals_the_plain_run() {
     let want = ferrotune::adapters::lora::load(&dir.join("plain")).unwrap().1;
     let zero2 = dir.join("zero2.json");
     std::fs::write(&zero2, r#"{"zero_optimization": {"stage": 2}}"#).unwrap();
-    for (name, extra) in [("dp", String::new()), ("zero2", format!("deepspeed: {}\n", zero2.display()))] {
+    for (name, extra) in [
+        ("dp", String::new()),
+        ("zero2", format!("deepspeed: {}\n", zero2.display())),
+    ] {
         let cfg = config(&dir, name, &extra);
         let id = unique_id().unwrap_or_else(|e| panic!("this test needs NCCL: {e}"));
         let nccl = NcclCollective::new(0, 0, 1, &id, Duration::from_secs(60)).unwrap();
@@ -58,7 +61,12 @@ fn nccl_world_size_one_equals_the_plain_run() {
         eprintln!("{name}: losses {:?} vs {:?}", got.0, plain.0);
         assert_eq!(got.0.len(), 3);
         for (a, b) in got.0.iter().zip(&plain.0).chain(got.1.iter().zip(&plain.1)) {
-            assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-6), "{name}: {got:?} vs {plain:?}", got = (&got.0, &got.1), plain = (&plain.0, &plain.1));
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1e-6),
+                "{name}: {got:?} vs {plain:?}",
+                got = (&got.0, &got.1),
+                plain = (&plain.0, &plain.1)
+            );
         }
         let adapter = ferrotune::adapters::lora::load(&dir.join(name)).unwrap().1;
         for (k, w) in &want {

@@ -14,6 +14,17 @@ pub struct PlanBackend {
 }
 
 impl PlanBackend {
+    /// A device with this name, offset alignment and largest buffer.
+    pub fn new(name: &'static str, alignment: u64, max_buffer: u64) -> Self {
+        PlanBackend {
+            name,
+            alignment,
+            max_buffer,
+            allocated: 0,
+            buffers: 0,
+        }
+    }
+
     /// Mirrors a device's alignment and largest buffer.
     pub fn like(real: &dyn Backend) -> Self {
         PlanBackend {

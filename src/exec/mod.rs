@@ -143,6 +143,39 @@ fn check_write_order(g: &Graph, name: &str, schedule: &[NodeId]) -> Result<()> {
     Ok(())
 }
 
+/// A tensor larger than the device's largest buffer cannot be placed: names it and says
+/// what makes it smaller.
+fn check_fits(g: &Graph, t: TensorId, chunk: u64, backend: &'static str) -> Result<()> {
+    let info = g.info(t);
+    let bytes = info.bytes() as u64;
+    if bytes <= chunk {
+        return Ok(());
+    }
+    let size = |b: u64| match b {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{b} bytes"),
+    };
+    let hint = if info.name.starts_with("attn_") {
+        "; eager attention's scores grow with the square of sequence_len: \
+         `attn_implementation: sdpa` keeps attention memory linear in it"
+    } else {
+        ""
+    };
+    Err(Error::backend(
+        backend,
+        format!(
+            "tensor `{}` {:?} {} needs {}, more than the largest buffer this device allows \
+             ({}): shorten sequence_len or micro_batch_size{hint}",
+            info.name,
+            info.shape,
+            info.dtype,
+            size(bytes),
+            size(chunk)
+        ),
+    ))
+}
+
 impl Executor {
     /// Plans memory for all programs, allocates it, and prepares every kernel.
     pub fn new(graph: Graph, mut backend: Box<dyn Backend>, specs: &[ProgramSpec]) -> Result<Self> {
@@ -188,6 +221,9 @@ impl Executor {
                 ));
             }
         }
+        for &t in &persist {
+            check_fits(g, t, chunk, backend.name())?;
+        }
         let sizes: Vec<u64> = persist.iter().map(|&t| g.info(t).bytes() as u64).collect();
         let (p_off, p_total) = plan::layout_sequential(&sizes, align, chunk);
         let mut breakdown = PersistentBytes::default();
@@ -231,6 +267,9 @@ impl Executor {
             }
             let mut roots: Vec<TensorId> = live.keys().copied().collect();
             roots.sort();
+            for &r in &roots {
+                check_fits(g, r, chunk, backend.name())?;
+            }
             let items: Vec<Interval> = roots
                 .iter()
                 .map(|r| Interval {
@@ -558,5 +597,32 @@ impl Executor {
                 }
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::plan::PlanBackend;
+    use crate::tensor::DType;
+
+    #[test]
+    fn a_tensor_larger_than_the_largest_buffer_is_named() {
+        let mut g = Graph::new();
+        let x = g.input("x", &[64, 32], DType::F32);
+        let y = g.matmul(x, x, false, true).unwrap();
+        g.set_name(y, "attn_scores.7".to_string());
+        let spec = ProgramSpec::new("p", &[y], &[]);
+        let small = Box::new(PlanBackend::new("wgsl", 256, 8192));
+        let e = Executor::new(g.clone(), small, &[spec.clone()])
+            .err()
+            .expect("16 KiB > 8 KiB")
+            .to_string();
+        assert!(
+            e.contains("tensor `attn_scores.7` [64, 64] f32 needs 16384 bytes, more than the largest buffer this device allows (8192 bytes)")
+                && e.contains("attn_implementation: sdpa"),
+            "{e}"
+        );
+        Executor::new(g, Box::new(PlanBackend::new("wgsl", 256, 16384)), &[spec]).unwrap();
     }
 }
