@@ -16,7 +16,7 @@ struct Watch {
 impl Callback for Watch {
     fn on_step(&mut self, r: &StepReport) {
         self.last = r.loss;
-        if r.step % 10 == 0 {
+        if r.step.is_multiple_of(10) {
             println!(
                 "step {}/{}: loss {:.4}, lr {:.2e}",
                 r.step, r.total_steps, r.loss, r.learning_rate

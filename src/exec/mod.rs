@@ -614,7 +614,7 @@ mod tests {
         g.set_name(y, "attn_scores.7".to_string());
         let spec = ProgramSpec::new("p", &[y], &[]);
         let small = Box::new(PlanBackend::new("wgsl", 256, 8192));
-        let e = Executor::new(g.clone(), small, &[spec.clone()])
+        let e = Executor::new(g.clone(), small, std::slice::from_ref(&spec))
             .err()
             .expect("16 KiB > 8 KiB")
             .to_string();

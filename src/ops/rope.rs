@@ -13,7 +13,7 @@ use crate::graph::TensorInfo;
 use crate::tensor::DType;
 
 pub fn infer(x: &TensorInfo, pos: &TensorInfo, inv_freq: &TensorInfo, head_dim: usize) -> Infer {
-    if x.shape.len() != 2 || head_dim == 0 || head_dim % 2 != 0 || x.shape[1] % head_dim != 0 {
+    if x.shape.len() != 2 || head_dim == 0 || !head_dim.is_multiple_of(2) || !x.shape[1].is_multiple_of(head_dim) {
         return Err(format!(
             "x must be [N, heads*{head_dim}] with an even head dim, got {:?}",
             x.shape

@@ -683,7 +683,7 @@ impl Trainer {
             (None, Some(k)) => (self.steps_per_epoch / k.max(1)).max(1),
             (None, None) => self.steps_per_epoch,
         };
-        s % interval == 0 || s == self.total_steps
+        s.is_multiple_of(interval) || s == self.total_steps
     }
 
     pub fn eval_due(&self) -> bool {

@@ -93,7 +93,7 @@ impl GradCheck {
         let seed = g.input("seed", &[1], DType::F64);
         let grads = graph::backward(&mut g, loss, seed, &params).expect("backward");
         let grad_ids: Vec<TensorId> = params.iter().map(|p| grads[p]).collect();
-        assert!(g.with_role(Role::Gradient).len() > 0);
+        assert!(!g.with_role(Role::Gradient).is_empty());
         let mut ex = cpu_executor(
             g,
             &[

@@ -95,7 +95,7 @@ fn check_spec(op: &Op, s: &AttnSpec) -> Result<()> {
 fn check_pair_out(op: &Op, what: &str, d: DType, head_dim: usize) -> Result<()> {
     match d {
         DType::F32 => Ok(()),
-        DType::F16 | DType::BF16 if head_dim % 2 == 0 => Ok(()),
+        DType::F16 | DType::BF16 if head_dim.is_multiple_of(2) => Ok(()),
         DType::F16 | DType::BF16 => Err(err(
             op,
             format!("{what} is {d} with the odd head dim {head_dim}; half outputs need an even head dim (use f32)"),
