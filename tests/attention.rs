@@ -3,11 +3,13 @@
 //! gradients against eager (1e-10), for packed and unpacked rows, odd lengths, head dims
 //! 64/96/128, grouped-query heads and every mask rule.
 
+mod attn_cases;
 mod common;
+use attn_cases::{packed_segments, prompt_flags, spec, with_expr};
 use common::{cpu_executor, rand_tensor, rng, GradCheck};
 use ferrotune::exec::ProgramSpec;
 use ferrotune::graph::{self, Graph, TensorId};
-use ferrotune::ops::{attn_eager, AttnSpec, FlexMask, MaskExpr, Op};
+use ferrotune::ops::{attn_eager, AttnSpec, FlexMask, Op};
 use ferrotune::{DType, HostTensor};
 
 #[derive(Clone)]
@@ -15,51 +17,6 @@ struct Case {
     spec: AttnSpec,
     seg: Vec<i32>,
     prefix: Option<Vec<i32>>,
-}
-
-fn spec(hq: usize, hk: usize, d: usize, t: usize, causal: bool, window: Option<usize>) -> AttnSpec {
-    AttnSpec {
-        n_heads: hq,
-        n_kv_heads: hk,
-        head_dim: d,
-        seq_len: t,
-        causal,
-        window,
-        scale: 1.0 / (d as f64).sqrt(),
-        flex: FlexMask::default(),
-    }
-}
-
-fn with_expr(mut s: AttnSpec, e: &str) -> AttnSpec {
-    s.flex.expr = Some(MaskExpr::parse(e).unwrap());
-    s
-}
-
-/// Two rows: three documents and a padding segment, then one document.
-fn packed_segments(t: usize) -> Vec<i32> {
-    let mut seg: Vec<i32> = (0..t)
-        .map(|i| match i * 10 / t {
-            0..=2 => 1,
-            3..=6 => 2,
-            7 | 8 => 3,
-            _ => 4,
-        })
-        .collect();
-    seg.extend(std::iter::repeat_n(1, t));
-    seg
-}
-
-/// The first few tokens of each document are its prompt.
-fn prompt_flags(seg: &[i32], t: usize) -> Vec<i32> {
-    let mut out = vec![0; seg.len()];
-    let mut start = 0;
-    for i in 0..seg.len() {
-        if i % t == 0 || seg[i] != seg[i - 1] {
-            start = i;
-        }
-        out[i] = (i - start < 5) as i32;
-    }
-    out
 }
 
 /// Independent statement of the mask: the documented rules, pair by pair.
@@ -222,13 +179,13 @@ fn prefix_lm_packed() {
     s.flex.prefix_lm = true;
     check(Case {
         spec: s.clone(),
-        prefix: Some(prompt_flags(&seg, t)),
+        prefix: Some(prompt_flags(&seg, t, 5)),
         seg,
     });
     s.window = Some(6);
     check(Case {
         spec: s,
-        prefix: Some(prompt_flags(&vec![1; t], t)),
+        prefix: Some(prompt_flags(&vec![1; t], t, 5)),
         seg: vec![1; t],
     });
 }

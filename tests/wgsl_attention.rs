@@ -4,13 +4,15 @@
 //! grouped-query heads and every mask (causal, sliding window, prefix-LM, a user
 //! expression). Small shapes keep it fast on lavapipe; it fails when there is no adapter.
 
+mod attn_cases;
 mod wgsl_support;
 
+use attn_cases::{packed_segments, prompt_flags, spec, with_expr};
 use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::backend::Backend;
 use ferrotune::exec::{Executor, ProgramSpec};
 use ferrotune::graph::{self, Graph, TensorId};
-use ferrotune::ops::{attn_eager, AttnSpec, FlexMask, HeadLayout, MaskExpr, Op};
+use ferrotune::ops::{attn_eager, AttnSpec, HeadLayout, Op};
 use ferrotune::{DType, HostTensor};
 use wgsl_support::*;
 
@@ -26,51 +28,6 @@ struct Case {
     prefix: Option<Vec<i32>>,
 }
 
-fn spec(hq: usize, hk: usize, d: usize, t: usize, causal: bool, window: Option<usize>) -> AttnSpec {
-    AttnSpec {
-        n_heads: hq,
-        n_kv_heads: hk,
-        head_dim: d,
-        seq_len: t,
-        causal,
-        window,
-        scale: 1.0 / (d as f64).sqrt(),
-        flex: FlexMask::default(),
-    }
-}
-
-fn with_expr(mut s: AttnSpec, e: &str) -> AttnSpec {
-    s.flex.expr = Some(MaskExpr::parse(e).unwrap());
-    s
-}
-
-/// Two rows: three documents and a padding segment, then one document.
-fn packed(t: usize) -> Vec<i32> {
-    let mut seg: Vec<i32> = (0..t)
-        .map(|i| match i * 10 / t {
-            0..=2 => 1,
-            3..=6 => 2,
-            7 | 8 => 3,
-            _ => 4,
-        })
-        .collect();
-    seg.extend(std::iter::repeat_n(1, t));
-    seg
-}
-
-/// The first few tokens of each document are its prompt.
-fn prompt_flags(seg: &[i32], t: usize) -> Vec<i32> {
-    let mut out = vec![0; seg.len()];
-    let mut start = 0;
-    for i in 0..seg.len() {
-        if i % t == 0 || seg[i] != seg[i - 1] {
-            start = i;
-        }
-        out[i] = (i - start < 4) as i32;
-    }
-    out
-}
-
 fn cases() -> Vec<Case> {
     let plain = |s: AttnSpec, seg: Vec<i32>| Case {
         spec: s,
@@ -81,13 +38,13 @@ fn cases() -> Vec<Case> {
     prefix_spec.flex.prefix_lm = true;
     vec![
         plain(spec(4, 2, 64, 37, true, None), vec![1; 74]),
-        plain(spec(4, 2, 64, 37, true, None), packed(37)),
-        plain(spec(3, 1, 96, 29, true, Some(7)), packed(29)),
-        plain(spec(2, 2, 96, 19, false, None), packed(19)),
+        plain(spec(4, 2, 64, 37, true, None), packed_segments(37)),
+        plain(spec(3, 1, 96, 29, true, Some(7)), packed_segments(29)),
+        plain(spec(2, 2, 96, 19, false, None), packed_segments(19)),
         Case {
             spec: prefix_spec,
-            seg: packed(23),
-            prefix: Some(prompt_flags(&packed(23), 23)),
+            seg: packed_segments(23),
+            prefix: Some(prompt_flags(&packed_segments(23), 23, 4)),
         },
         // Strictly earlier keys plus a sink: each document's first token sees nothing.
         plain(
@@ -95,11 +52,11 @@ fn cases() -> Vec<Case> {
                 spec(2, 1, 64, 41, true, None),
                 "kv_idx < q_idx || (kv_idx == 0 && q_idx > 0)",
             ),
-            packed(41),
+            packed_segments(41),
         ),
         plain(
             with_expr(spec(2, 2, 128, 21, false, Some(9)), "seg % 2 == 0 || kv_idx <= q_idx"),
-            packed(21),
+            packed_segments(21),
         ),
     ]
 }
@@ -233,13 +190,13 @@ fn fused_ops_sliced_by_rows_with_flex_masks() {
     // from misaligned windows, prefix flags and run starts included.
     let mut sliced = wgsl_sliced(4096);
     let t = 13;
-    let seg = [packed(t), packed(t)].concat();
+    let seg = [packed_segments(t), packed_segments(t)].concat();
     let mut p = spec(4, 2, 8, t, true, None);
     p.flex.prefix_lm = true;
     for c in [
         Case {
             spec: p,
-            prefix: Some(prompt_flags(&seg, t)),
+            prefix: Some(prompt_flags(&seg, t, 4)),
             seg: seg.clone(),
         },
         Case {
@@ -290,8 +247,8 @@ fn eager_ops_full_and_sliced() {
         }
     }
     // Score rows: every mask kind, including rows that see no key.
-    let seg = ints(&[n], [packed(t), vec![5; t]].concat());
-    let pre = ints(&[n], prompt_flags(&seg.to_i32(), t));
+    let seg = ints(&[n], [packed_segments(t), vec![5; t]].concat());
+    let pre = ints(&[n], prompt_flags(&seg.to_i32(), t, 4));
     let mut p = spec(2, 1, 4, t, true, None);
     p.flex.prefix_lm = true;
     for (s, with_prefix) in [
