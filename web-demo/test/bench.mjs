@@ -2,16 +2,21 @@
 // opens the page on DEVICE, the folder is picked in the page's folder input, a LoRA run
 // of a few steps trains on the built-in addition task. Records the model's load time, the
 // run's preparation time, each step's time, steps/s, tokens/s, the wasm module's memory
-// and the browser processes' peak resident memory (sampled from /proc every 200 ms).
+// and the browser processes' peak resident memory (sampled from /proc every 200 ms). The
+// run's options come from REFERENCE_JSON (web-demo-reference on the same folder), whose
+// losses the browser's must equal within 1e-3 (the exit status says whether they did).
 // Writes OUT_DIR/bench-DEVICE.json and OUT_DIR/bench-DEVICE.png.
 //
-// node bench.mjs URL MODEL_DIR OUT_DIR DEVICE STEPS RANK SEQ BATCH ROWS
+// node bench.mjs URL MODEL_DIR OUT_DIR DEVICE REFERENCE_JSON
 import { chromium } from 'playwright-core';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-const [url, modelDir, outDir, device, steps, rank, seq, batch, rows] = process.argv.slice(2);
+const [url, modelDir, outDir, device, refPath] = process.argv.slice(2);
+const ref = JSON.parse(fs.readFileSync(refPath, 'utf8'));
+const o = ref.options;
+const TOL = 1e-3;
 const chromiumPath = process.env.CHROMIUM || '/usr/bin/chromium';
 const TIMEOUT = Number(process.env.WEB_DEMO_BENCH_TIMEOUT_MS || 3 * 3600 * 1000);
 
@@ -61,9 +66,10 @@ async function main() {
   page.on('console', (m) => console.log(`  [page ${m.type()}] ${m.text()}`));
   page.on('pageerror', (e) => console.log(`  [page exception] ${e.message}`));
 
-  const result = { device, model_dir: modelDir, options: { steps: +steps, rank: +rank, sequence_len: +seq, micro_batch_size: +batch, rows: +rows } };
+  const result = { device, model_dir: modelDir, options: o, rows: ref.rows, reference: { device: ref.device, losses: ref.losses } };
   const t0 = Date.now();
-  await page.goto(`${url}?device=${device}&steps=${steps}&rank=${rank}&seq=${seq}&batch=${batch}&rows=${rows}&lr=1e-3`);
+  await page.goto(`${url}?device=${device}&steps=${o.steps}&rank=${o.rank}&seq=${o.sequence_len}` +
+    `&batch=${o.micro_batch_size}&rows=${ref.rows}&lr=${o.learning_rate}&seed=${o.seed}`);
   await page.waitForFunction(() => window.demoState && window.demoState.ready, null, { timeout: 120000 });
   result.page_load_ms = Date.now() - t0;
   result.device_used = await page.evaluate(() => window.demoState.device);
@@ -113,8 +119,14 @@ async function main() {
   await page.screenshot({ path: path.join(outDir, `bench-${device}.png`), fullPage: true });
   await ctx.close();
   fs.rmSync(dir, { recursive: true, force: true });
+  const n = (result.losses || []).length;
+  result.max_abs_loss_diff = n === ref.losses.length ? Math.max(...ref.losses.map((r, i) => Math.abs(r - result.losses[i]))) : null;
   fs.writeFileSync(path.join(outDir, `bench-${device}.json`), JSON.stringify(result, null, 2));
   console.log(JSON.stringify(result, null, 2));
+  const ok = result.max_abs_loss_diff !== null && result.max_abs_loss_diff <= TOL;
+  console.log(ok ? `ok   ${device}: losses equal the native ${ref.device} run's within ${TOL} (max |diff| ${result.max_abs_loss_diff.toExponential(2)})`
+    : `FAIL ${device}: ${n} of ${ref.losses.length} steps, losses ${JSON.stringify(result.losses)} vs native ${JSON.stringify(ref.losses)}`);
+  process.exit(ok ? 0 : 1);
 }
 
 main().catch((e) => { console.error(e); process.exit(1); });

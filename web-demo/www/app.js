@@ -166,6 +166,12 @@ function options() {
   return o;
 }
 
+// A rate with three significant digits (a large model on a CPU-emulated GPU makes well
+// under one step per second).
+function rate(v) {
+  return v >= 100 ? v.toFixed(0) : v.toPrecision(3);
+}
+
 function drawChart(losses, total) {
   const c = $('chart');
   const g = c.getContext('2d');
@@ -239,8 +245,8 @@ async function train() {
       const secs = (performance.now() - t0) / 1000;
       $('stat-step').textContent = `${r.step} / ${r.total_steps}`;
       $('stat-loss').textContent = r.loss.toFixed(4);
-      $('stat-tps').textContent = (tokens / secs).toFixed(0);
-      $('stat-sps').textContent = (r.step / secs).toFixed(2);
+      $('stat-tps').textContent = rate(tokens / secs);
+      $('stat-sps').textContent = rate(r.step / secs);
       state.stepsPerSecond = r.step / secs;
       state.tokensPerSecond = tokens / secs;
       drawChart(state.losses, r.total_steps);
