@@ -39,7 +39,12 @@ async function openDevice(name) {
     const d = await Device.open(name);
     state.device = name;
     $('device').value = name;
-    $('device-info').textContent = d.info;
+    // A WebGPU adapter of device type Cpu (Chromium's SwiftShader without a GPU driver)
+    // runs every kernel on the CPU: the wasm CPU device is faster there (14x for
+    // SmolLM2-135M, 35x for the bundled model; docs/benchmarks.md).
+    const emulated = name === 'webgpu' && /\(BrowserWebGpu, Cpu,/.test(d.info);
+    $('device-info').textContent = d.info + (emulated
+      ? ' — a CPU implementation of WebGPU (no GPU driver in use): the CPU device trains faster here' : '');
     return true;
   } catch (e) {
     return errorText(e);
@@ -100,7 +105,8 @@ async function loadModelFiles(files) {
     state.modelLoadMs = performance.now() - t0;
     noteMemory();
     $('model-info').textContent = model.describe();
-    message(`Model loaded in ${(state.modelLoadMs / 1000).toFixed(1)} s: ${model.describe()}`, 'ok');
+    const took = state.modelLoadMs < 1000 ? `${state.modelLoadMs.toFixed(0)} ms` : `${(state.modelLoadMs / 1000).toFixed(1)} s`;
+    message(`Model loaded in ${took}: ${model.describe()}`, 'ok');
   } catch (e) {
     message(`${errorText(e)}\nThe model in use is unchanged.`, 'error');
   }
