@@ -45,8 +45,6 @@ var<workgroup> hits: array<u32, BQ>;
 var<workgroup> hit_all: u32;
 var<workgroup> flag: array<u32, 256>;
 
-const NEG_INF_BITS: u32 = 0xff800000u;
-
 // Keys [begin, end) any query of [i0, i_last] can see under the causal and window rules.
 fn key_range(i0: u32, i_last: u32, t: u32) -> vec2<u32> {
     var end = t;
@@ -185,7 +183,7 @@ fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         for (var c = 0u; c < D; c += 2u) {
             st2_o(qrow + c, acc[c] * inv, acc[min(c + 1u, D - 1u)] * inv, c + 1u < D);
         }
-        let lse = select(bitcast<f32>(NEG_INF_BITS), m + log(l), l > 0.0);
+        let lse = select(neg_inf_f32(), m + log(l), l > 0.0);
         st_lse((b * hq + h) * t + i, lse);
     }
 }

@@ -54,6 +54,12 @@ fn nan_f32() -> f32 {
     return bitcast<f32>(bits);
 }
 
+fn neg_inf_f32() -> f32 {
+    // Through a variable, as nan_f32: Tint rejects -inf folded in a constant expression.
+    var bits = 0xff800000u;
+    return bitcast<f32>(bits);
+}
+
 // IEEE binary16 bits -> f32 (exact; subnormals included).
 fn f16_to_f32(h: u32) -> f32 {
     let sign = (h & 0x8000u) << 16u;

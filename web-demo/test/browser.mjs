@@ -8,6 +8,7 @@ import { chromium } from 'playwright-core';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 const [url, refPath, outDir, device] = process.argv.slice(2);
 const ref = JSON.parse(fs.readFileSync(refPath, 'utf8'));
@@ -66,6 +67,15 @@ async function main() {
   await page.waitForFunction(() => /safetensors/.test(window.demoState.messages.at(-1).text), null, { timeout: 10000 });
   m = await lastMessage(page);
   check('an unreadable model.safetensors is reported', m.kind === 'error' && /not a safetensors file/.test(m.text), m.text.split('\n')[0]);
+
+  // A model folder picked as a folder (the bundled model's), then back to the bundled model.
+  await page.setInputFiles('#model-folder', fileURLToPath(new URL('../model', import.meta.url)));
+  await page.waitForFunction(() => window.demoState.messages.at(-1).kind === 'ok', null, { timeout: 30000 });
+  m = await lastMessage(page);
+  check('a picked model folder loads', /Model loaded in .*: model: 2 layers, hidden 64/.test(m.text), m.text);
+  await page.click('#use-bundled');
+  m = await lastMessage(page);
+  check('the bundled model is back in use', /bundled/.test(m.text) && /ferrotune-tiny-llama/.test(await page.textContent('#model-info')), m.text);
 
   // A dataset line that does not parse.
   await page.check('input[name=data][value=file]');

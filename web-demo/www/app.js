@@ -8,6 +8,7 @@ const $ = (id) => document.getElementById(id);
 const state = window.demoState = { ready: false, training: false, done: false, losses: [], error: null, device: null, messages: [] };
 
 let model = null;
+let wasmMemory = null;
 let run = null;
 let cancelRequested = false;
 let busy = false;
@@ -27,7 +28,7 @@ function errorText(e) {
 
 function setBusy(b) {
   busy = b;
-  for (const id of ['train', 'use-bundled', 'model-files', 'data-file', 'generate', 'device']) $(id).disabled = b;
+  for (const id of ['train', 'use-bundled', 'model-files', 'model-folder', 'data-file', 'generate', 'device']) $(id).disabled = b;
   $('cancel').disabled = !b;
 }
 
@@ -38,7 +39,12 @@ async function openDevice(name) {
     const d = await Device.open(name);
     state.device = name;
     $('device').value = name;
-    $('device-info').textContent = d.info;
+    // A WebGPU adapter of device type Cpu (Chromium's SwiftShader without a GPU driver)
+    // runs every kernel on the CPU: the wasm CPU device is faster there (14x for
+    // SmolLM2-135M, 35x for the bundled model; docs/benchmarks.md).
+    const emulated = name === 'webgpu' && /\(BrowserWebGpu, Cpu,/.test(d.info);
+    $('device-info').textContent = d.info + (emulated
+      ? ' — a CPU implementation of WebGPU (no GPU driver in use): the CPU device trains faster here' : '');
     return true;
   } catch (e) {
     return errorText(e);
@@ -89,13 +95,18 @@ async function loadModelFiles(files) {
     message('Sharded weights (model.safetensors.index.json) are not supported in the browser; save the model as one model.safetensors. The model in use is unchanged.', 'error');
     return;
   }
+  const t0 = performance.now();
   try {
     const name = (files[0].webkitRelativePath || '').split('/')[0] || 'dropped model';
+    message(`Reading ${name}…`, 'info');
     const m = WebModel.fromFiles(name, await bytes('config.json'), await bytes('model.safetensors'),
       await bytes('tokenizer.json'), await bytes('tokenizer_config.json'));
     model = m;
+    state.modelLoadMs = performance.now() - t0;
+    noteMemory();
     $('model-info').textContent = model.describe();
-    message(`Model loaded: ${model.describe()}`, 'ok');
+    const took = state.modelLoadMs < 1000 ? `${state.modelLoadMs.toFixed(0)} ms` : `${(state.modelLoadMs / 1000).toFixed(1)} s`;
+    message(`Model loaded in ${took}: ${model.describe()}`, 'ok');
   } catch (e) {
     message(`${errorText(e)}\nThe model in use is unchanged.`, 'error');
   }
@@ -103,6 +114,7 @@ async function loadModelFiles(files) {
 
 $('use-bundled').addEventListener('click', () => { if (useBundled()) message('Using the bundled tiny model.', 'ok'); });
 $('model-files').addEventListener('change', (e) => loadModelFiles([...e.target.files]));
+$('model-folder').addEventListener('change', (e) => loadModelFiles([...e.target.files]));
 
 async function entriesToFiles(items) {
   const out = [];
@@ -136,17 +148,34 @@ drop.addEventListener('drop', async (e) => {
 
 // ---- training -----------------------------------------------------------------------
 
+// Sequence length and micro-batch size: 128 and 2, or `?seq=` and `?batch=` in the URL.
+const query = new URLSearchParams(location.search);
+const sequenceLen = Math.floor(Number(query.get('seq') || 128));
+const microBatch = Math.floor(Number(query.get('batch') || 2));
+
+// The WebAssembly module's linear memory (it only grows), the peak kept in the state.
+function noteMemory() {
+  if (!wasmMemory) return;
+  state.wasmMemoryBytes = Math.max(state.wasmMemoryBytes || 0, wasmMemory.buffer.byteLength);
+}
+
 function options() {
   const num = (id) => Number($(id).value);
   const o = {
     rank: num('rank'), learning_rate: Number($('lr').value), steps: num('steps'), seed: num('seed'),
-    sequence_len: 128, micro_batch_size: 2,
+    sequence_len: sequenceLen, micro_batch_size: microBatch,
   };
   for (const [k, v] of Object.entries(o)) {
     if (!Number.isFinite(v) || v < 0 || (k !== 'seed' && v <= 0)) throw new Error(`${k}: ${$(k === 'learning_rate' ? 'lr' : k).value} is not a valid positive number`);
   }
   for (const k of ['rank', 'steps', 'seed']) o[k] = Math.floor(o[k]);
   return o;
+}
+
+// A rate with three significant digits (a large model on a CPU-emulated GPU makes well
+// under one step per second).
+function rate(v) {
+  return v >= 100 ? v.toFixed(0) : v.toPrecision(3);
 }
 
 function drawChart(losses, total) {
@@ -199,23 +228,31 @@ async function train() {
     const d = await datasetInput();
     $('status').textContent = 'preparing…';
     run = null;
+    const tPrepare = performance.now();
     run = await WebRun.create(model, d.name, d.bytes, d.rows, JSON.stringify(o), state.device);
+    state.prepareMs = performance.now() - tPrepare;
+    state.stepMs = [];
+    noteMemory();
     $('data-info').textContent = `${run.trainSamples} training samples, ${run.trainableParameters.toLocaleString()} trainable parameters`;
     message(`Training ${run.totalSteps} steps on ${state.device}…`, 'info');
     const t0 = performance.now();
     let tokens = 0;
     for (;;) {
+      const tStep = performance.now();
       if (cancelRequested) { message(`Cancelled after ${state.losses.length} steps; the adapter so far can be tried and downloaded.`, 'info'); break; }
       const text = await run.step();
       if (text === undefined || text === null) { message(`Done: ${state.losses.length} steps, loss ${state.losses[0].toFixed(4)} → ${state.losses.at(-1).toFixed(4)}.`, 'ok'); break; }
       const r = JSON.parse(text);
+      state.stepMs.push(performance.now() - tStep);
+      state.stepTokens = r.tokens;
+      noteMemory();
       state.losses.push(r.loss);
       tokens += r.tokens;
       const secs = (performance.now() - t0) / 1000;
       $('stat-step').textContent = `${r.step} / ${r.total_steps}`;
       $('stat-loss').textContent = r.loss.toFixed(4);
-      $('stat-tps').textContent = (tokens / secs).toFixed(0);
-      $('stat-sps').textContent = (r.step / secs).toFixed(2);
+      $('stat-tps').textContent = rate(tokens / secs);
+      $('stat-sps').textContent = rate(r.step / secs);
       state.stepsPerSecond = r.step / secs;
       state.tokensPerSecond = tokens / secs;
       drawChart(state.losses, r.total_steps);
@@ -286,7 +323,7 @@ $('generate').addEventListener('click', async () => {
 
 async function start() {
   try {
-    await init();
+    wasmMemory = (await init()).memory;
   } catch (e) {
     message(`The WebAssembly module could not be loaded: ${errorText(e)}. Build it with web-demo/build.sh.`, 'error');
     return;

@@ -39,7 +39,8 @@ impl WgslContext {
             return Err(Error::backend(
                 "wgsl",
                 format!(
-                    "buffer {label:?} needs {size} bytes but adapter {:?} allows at most {} per buffer",
+                    "buffer {label:?} needs {size} bytes but adapter {:?} allows at most {} per buffer \
+                     (maxBufferSize); use a shorter sequence, a smaller micro-batch or model, or the cpu device",
                     self.info.name, self.limits.max_buffer_size
                 ),
             ));

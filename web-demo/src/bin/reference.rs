@@ -1,8 +1,9 @@
 //! The demo's training run natively, for comparison with the browser: the bundled model
-//! on the built-in addition task with the page's options, printing one JSON object
-//! `{"device", "options", "rows", "losses"}`.
+//! (or the model folder given with `--model`, read as the page reads it) on the built-in
+//! addition task with the page's options, printing one JSON object
+//! `{"device", "model", "options", "rows", "losses"}`.
 //!
-//! web-demo-reference [--device cpu|wgsl] [--rows N] [--options JSON]
+//! web-demo-reference [--device cpu|wgsl] [--model DIR] [--rows N] [--options JSON]
 
 #[cfg(target_arch = "wasm32")]
 fn main() {}
@@ -38,7 +39,10 @@ fn run() -> ferrotune::Result<()> {
         "wgsl" => ferrotune::backend::wgsl::create()?,
         other => return Err(ferrotune::msg!("--device {other:?}: expected cpu or wgsl")),
     };
-    let model = Model::bundled()?;
+    let model = match get("--model") {
+        Some(dir) => load_folder(std::path::Path::new(&dir))?,
+        None => Model::bundled()?,
+    };
     let data = Dataset::Addition {
         digits: 2,
         rows,
@@ -48,10 +52,36 @@ fn run() -> ferrotune::Result<()> {
     while pollster::block_on(run.step())?.is_some() {}
     let out = serde_json::json!({
         "device": device,
+        "model": model.name,
         "options": options,
         "rows": rows,
         "losses": run.losses,
     });
     println!("{out}");
     Ok(())
+}
+
+/// A model folder's files, named by the folder, as the page's folder picker passes them.
+#[cfg(not(target_arch = "wasm32"))]
+fn load_folder(dir: &std::path::Path) -> ferrotune::Result<ferrotune_web_demo::demo::Model> {
+    use ferrotune_web_demo::demo::{Model, ModelFiles};
+    let read = |name: &str| -> ferrotune::Result<Option<Vec<u8>>> {
+        let p = dir.join(name);
+        match std::fs::read(&p) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ferrotune::Error::io(&p, e)),
+        }
+    };
+    let files = ModelFiles {
+        config_json: read("config.json")?,
+        weights: read("model.safetensors")?,
+        tokenizer_json: read("tokenizer.json")?,
+        tokenizer_config_json: read("tokenizer_config.json")?,
+    };
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    Model::load(&name, files)
 }
