@@ -322,6 +322,94 @@ fn matmul_every_form_and_type() {
 }
 
 #[test]
+fn fused_products_and_accumulation() {
+    let mut g = cuda();
+    let mut r = rng(17);
+    // (a, b, trans_a, trans_b): a linear layer (shared 2-D B), a weight gradient (a^T b),
+    // and a batched product.
+    let forms: [(&[usize], &[usize], bool, bool); 3] = [
+        (&[3, 41, 64], &[96, 64], false, true),
+        (&[53, 17], &[53, 11], true, false),
+        (&[2, 13, 21], &[2, 21, 9], false, false),
+    ];
+    for (a, b, ta, tb) in forms {
+        let out = {
+            let ia = ferrotune::graph::TensorInfo {
+                name: "a".into(),
+                shape: a.to_vec(),
+                dtype: DType::F32,
+                role: Role::Input,
+            };
+            let ib = ferrotune::graph::TensorInfo {
+                name: "b".into(),
+                shape: b.to_vec(),
+                dtype: DType::F32,
+                role: Role::Input,
+            };
+            let op = Op::MatMul {
+                trans_a: ta,
+                trans_b: tb,
+            };
+            op.infer(&[&ia, &ib]).unwrap()[0].0.clone()
+        };
+        // Operand types, then the type of C / the output / the accumulator.
+        for (dt, dc) in [
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::BF16),
+            (DType::BF16, DType::F32),
+            (DType::F16, DType::F32),
+        ] {
+            for add in [false, true] {
+                if !add && dc != dt {
+                    continue;
+                }
+                let op = Op::MatMulFused {
+                    trans_a: ta,
+                    trans_b: tb,
+                    alpha: 1.75,
+                    add,
+                };
+                let mut ins = vec![t(&mut r, a, dt), t(&mut r, b, dt)];
+                if add {
+                    ins.push(t(&mut r, &out, dc));
+                }
+                compare(
+                    &mut g,
+                    &format!("fused {a:?}{dt} x {b:?} ta {ta} tb {tb} add {add} -> {dc}"),
+                    &op,
+                    &ins,
+                );
+            }
+            let op = Op::MatMulAccumulate {
+                trans_a: ta,
+                trans_b: tb,
+                alpha: -0.5,
+            };
+            let ins = [t(&mut r, a, dt), t(&mut r, b, dt), t(&mut r, &out, dc)];
+            compare(
+                &mut g,
+                &format!("accumulate {a:?}{dt} x {b:?} ta {ta} tb {tb} into {dc}"),
+                &op,
+                &ins,
+            );
+        }
+    }
+    // A 16-bit activation times an f32 LoRA weight, added to a 16-bit base output.
+    let op = Op::MatMulFused {
+        trans_a: false,
+        trans_b: true,
+        alpha: 2.0,
+        add: true,
+    };
+    let ins = [
+        t(&mut r, &[3, 41, 16], DType::BF16),
+        t(&mut r, &[96, 16], DType::F32),
+        t(&mut r, &[3, 41, 96], DType::BF16),
+    ];
+    compare(&mut g, "fused bf16 x f32 weight + bf16 c", &op, &ins);
+}
+
+#[test]
 fn rms_norm_forward_and_backward() {
     let mut g = cuda();
     let mut r = rng(8);

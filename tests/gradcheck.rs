@@ -200,3 +200,26 @@ fn lora_linear_with_dropout() {
         });
     check(err);
 }
+
+#[test]
+fn fused_product_with_c_every_transpose() {
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        let (m, k, n) = (3, 4, 5);
+        let a: Vec<usize> = if ta { vec![2, k, m] } else { vec![2, m, k] };
+        let b: Vec<usize> = if tb { vec![2, n, k] } else { vec![2, k, n] };
+        for add in [false, true] {
+            let mut params: Vec<(&str, &[usize])> = vec![("a", &a), ("b", &b)];
+            if add {
+                params.push(("c", &[2, 3, 5]));
+            }
+            let op = Op::MatMulFused {
+                trans_a: ta,
+                trans_b: tb,
+                alpha: -0.625,
+                add,
+            };
+            let err = GradCheck::new(&params).run(|g, p, _| vec![g.apply1(op.clone(), p).unwrap()]);
+            check(err);
+        }
+    }
+}

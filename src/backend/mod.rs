@@ -62,6 +62,11 @@ pub trait Backend {
     }
     /// Records or runs one op. In-place ops write the inputs listed by `Op::writes`.
     fn launch(&mut self, op: &Op, inputs: &[Arg], outputs: &[Arg]) -> Result<()>;
+    /// Whether this device runs [`Op::MatMulFused`] and [`Op::MatMulAccumulate`], so the
+    /// executor may rewrite product epilogues into them (`graph::fuse`).
+    fn fuses_matmul_epilogues(&self) -> bool {
+        false
+    }
     /// The storage type this device prefers for frozen half-precision weights.
     fn preferred_weight_dtype(&self) -> crate::tensor::DType {
         crate::tensor::DType::F32

@@ -11,6 +11,7 @@ pub struct PlanBackend {
     max_buffer: u64,
     allocated: u64,
     buffers: u32,
+    fuses: bool,
 }
 
 impl PlanBackend {
@@ -22,6 +23,7 @@ impl PlanBackend {
             max_buffer,
             allocated: 0,
             buffers: 0,
+            fuses: matches!(name, "cpu" | "cuda"),
         }
     }
 
@@ -33,6 +35,7 @@ impl PlanBackend {
             max_buffer: real.max_buffer_bytes(),
             allocated: 0,
             buffers: 0,
+            fuses: real.fuses_matmul_epilogues(),
         }
     }
 }
@@ -49,6 +52,9 @@ impl Backend for PlanBackend {
     }
     fn alignment(&self) -> u64 {
         self.alignment
+    }
+    fn fuses_matmul_epilogues(&self) -> bool {
+        self.fuses
     }
     fn alloc(&mut self, bytes: u64) -> Result<BufferId> {
         self.allocated += bytes;

@@ -85,6 +85,12 @@ pub struct Executor {
     plan: MemoryPlan,
 }
 
+/// Product epilogues are fused (`graph::fuse`) unless `FERROTUNE_FUSE=0`, which keeps
+/// the graph as built (for comparisons and debugging).
+fn fusion_enabled() -> bool {
+    std::env::var("FERROTUNE_FUSE").map_or(true, |v| v != "0")
+}
+
 /// Follows reshapes back to the tensor that owns the memory.
 fn storage_root(g: &Graph, mut t: TensorId) -> TensorId {
     while let Some(n) = g.producer[t.idx()] {
@@ -178,7 +184,22 @@ fn check_fits(g: &Graph, t: TensorId, chunk: u64, backend: &'static str) -> Resu
 
 impl Executor {
     /// Plans memory for all programs, allocates it, and prepares every kernel.
-    pub fn new(graph: Graph, mut backend: Box<dyn Backend>, specs: &[ProgramSpec]) -> Result<Self> {
+    pub fn new(graph: Graph, backend: Box<dyn Backend>, specs: &[ProgramSpec]) -> Result<Self> {
+        Self::with_fusion(graph, backend, specs, fusion_enabled())
+    }
+
+    /// [`Executor::new`], fusing product epilogues (`graph::fuse`) only when `fuse` is set
+    /// and the backend runs the fused products.
+    pub fn with_fusion(
+        mut graph: Graph,
+        mut backend: Box<dyn Backend>,
+        specs: &[ProgramSpec],
+        fuse: bool,
+    ) -> Result<Self> {
+        if fuse && backend.fuses_matmul_epilogues() {
+            let keep: HashSet<TensorId> = specs.iter().flat_map(|s| s.outputs.iter().copied()).collect();
+            crate::graph::fuse::matmul_epilogues(&mut graph, &keep);
+        }
         let g = &graph;
         let align = backend.alignment();
         let chunk = backend.max_buffer_bytes();

@@ -3,6 +3,7 @@
 
 pub mod autodiff;
 pub mod builder;
+pub mod fuse;
 pub mod ir;
 
 pub use autodiff::backward;

@@ -106,8 +106,15 @@ pub fn backward(
             da = Some(mm(g, dc, b, false, !tb)?);
         }
         if need[1] {
-            let a2 = g.apply1(Op::Reshape { shape: vec![d.m, d.k] }, &[a])?;
-            let dc2 = g.apply1(Op::Reshape { shape: vec![d.m, d.n] }, &[dc])?;
+            let flat = |g: &mut Graph, t: TensorId, shape: Vec<usize>| {
+                if g.shape(t) == shape.as_slice() {
+                    Ok(t)
+                } else {
+                    g.apply1(Op::Reshape { shape }, &[t])
+                }
+            };
+            let a2 = flat(g, a, vec![d.m, d.k])?;
+            let dc2 = flat(g, dc, vec![d.m, d.n])?;
             db = Some(if tb {
                 mm(g, dc2, a2, true, false)?
             } else {
@@ -147,6 +154,21 @@ const PARALLELISM: gemm::Parallelism = gemm::Parallelism::None;
 /// `c = op(a) @ op(b)` (or `c += ...` when `accumulate`), row-major, through the `gemm` crate.
 #[allow(clippy::too_many_arguments)]
 pub fn cpu<T: Real>(a: &[T], b: &[T], c: &mut [T], d: MatmulDims, trans_a: bool, trans_b: bool, accumulate: bool) {
+    cpu_scaled(a, b, c, d, trans_a, trans_b, accumulate, T::one());
+}
+
+/// `c = alpha op(a) @ op(b)` (or `c += ...` when `accumulate`).
+#[allow(clippy::too_many_arguments)]
+pub fn cpu_scaled<T: Real>(
+    a: &[T],
+    b: &[T],
+    c: &mut [T],
+    d: MatmulDims,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+    alpha: T,
+) {
     let (m, n, k) = (d.m, d.n, d.k);
     // (row stride, column stride) of op(X) for X stored row-major.
     let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
@@ -183,7 +205,7 @@ pub fn cpu<T: Real>(a: &[T], b: &[T], c: &mut [T], d: MatmulDims, trans_a: bool,
                 b_cs,
                 b_rs,
                 T::one(),
-                T::one(),
+                alpha,
                 false,
                 false,
                 false,

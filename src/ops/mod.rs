@@ -14,6 +14,7 @@ pub mod embedding;
 pub mod mask_codegen;
 pub mod mask_expr;
 pub mod matmul;
+pub mod matmul_fused;
 pub mod optim;
 pub mod par;
 pub mod real;
@@ -44,6 +45,16 @@ pub enum Op {
     /// `op(a) @ op(b)`; a 2-D `b` is shared by every row of `a` (leading dims of `a` are
     /// flattened into M, `trans_a` must be false); otherwise both have the same batch dims.
     MatMul { trans_a: bool, trans_b: bool },
+    /// `(a, b[, c]) -> alpha op(a) @ op(b) (+ c)`, one pass (see [`matmul_fused`]); built by
+    /// the fusion pass, never by model code.
+    MatMulFused {
+        trans_a: bool,
+        trans_b: bool,
+        alpha: f64,
+        add: bool,
+    },
+    /// In place: `(a, b, acc)`: `acc += alpha op(a) @ op(b)`; built by the fusion pass.
+    MatMulAccumulate { trans_a: bool, trans_b: bool, alpha: f64 },
     /// `a + b`; `b` has `a`'s shape, a suffix of it (a bias), or one element.
     Add,
     /// `a * b` with the same broadcasting as `Add`.
@@ -114,6 +125,8 @@ impl Op {
             Op::Embedding => "embedding",
             Op::EmbeddingBackward { .. } => "embedding_backward",
             Op::MatMul { .. } => "matmul",
+            Op::MatMulFused { .. } => "matmul_fused",
+            Op::MatMulAccumulate { .. } => "matmul_accumulate",
             Op::Add => "add",
             Op::Mul => "mul",
             Op::Scale { .. } => "scale",
@@ -149,6 +162,7 @@ impl Op {
         match self {
             Op::AdamW(_) => &[0, 1, 2, 3],
             Op::AccumulateGrad | Op::CacheWrite => &[0],
+            Op::MatMulAccumulate { .. } => &[2],
             _ => &[],
         }
     }
@@ -186,6 +200,10 @@ impl Op {
                 want(2)?;
                 matmul::infer(x[0], x[1], *trans_a, *trans_b)
             }
+            Op::MatMulFused {
+                trans_a, trans_b, add, ..
+            } => matmul_fused::infer(x, *trans_a, *trans_b, *add),
+            Op::MatMulAccumulate { trans_a, trans_b, .. } => matmul_fused::infer_accumulate(x, *trans_a, *trans_b),
             Op::Add | Op::Mul => {
                 want(2)?;
                 elementwise::infer_binary(x[0], x[1])
@@ -299,6 +317,12 @@ impl Op {
         match self {
             Op::Embedding => embedding::backward(g, i, dy, need),
             Op::MatMul { trans_a, trans_b } => matmul::backward(g, i, dy, need, *trans_a, *trans_b),
+            Op::MatMulFused {
+                trans_a,
+                trans_b,
+                alpha,
+                ..
+            } => matmul_fused::backward(g, i, dy, need, (*trans_a, *trans_b, *alpha)),
             Op::Add => elementwise::backward_add(g, i, dy, need),
             Op::Mul => elementwise::backward_mul(g, i, dy, need),
             Op::Scale { factor } => Ok(vec![Some(g.apply1(Op::Scale { factor: *factor }, &[dy])?)]),
@@ -379,6 +403,7 @@ impl Op {
             | Op::ClipCoef { .. }
             | Op::AdamW(_)
             | Op::AccumulateGrad
+            | Op::MatMulAccumulate { .. }
             | Op::CacheWrite
             | Op::AttentionCached(_) => Err(crate::Error::shape(
                 self.name(),

@@ -6,7 +6,8 @@
 
 use super::{Arg, Backend, BufferId, Loc};
 use crate::ops::{
-    attention, attn_eager, cross_entropy, elementwise, embedding, matmul, optim, rmsnorm, rope, swiglu, Op, Real,
+    attention, attn_eager, cross_entropy, elementwise, embedding, matmul, matmul_fused, optim, rmsnorm, rope, swiglu,
+    Op, Real,
 };
 use crate::tensor::{DType, HostTensor};
 use crate::{Error, Result};
@@ -187,6 +188,40 @@ impl CpuBackend {
                     false,
                 );
                 y.finish();
+            }
+            Op::MatMulFused {
+                trans_a,
+                trans_b,
+                alpha,
+                add,
+            } => {
+                let d = matmul::dims(&i[0].info.shape, &i[1].info.shape, *trans_a, *trans_b)
+                    .map_err(|e| Error::backend("cpu", e))?;
+                let c = add.then(|| self.src::<T>(&i[2]));
+                let mut y = self.dst::<T>(&o[0]);
+                matmul_fused::cpu(
+                    &self.src::<T>(&i[0]),
+                    &self.src::<T>(&i[1]),
+                    c.as_deref(),
+                    y.get(),
+                    d,
+                    *trans_a,
+                    *trans_b,
+                    *alpha,
+                );
+                y.finish();
+            }
+            Op::MatMulAccumulate {
+                trans_a,
+                trans_b,
+                alpha,
+            } => {
+                let d = matmul::dims(&i[0].info.shape, &i[1].info.shape, *trans_a, *trans_b)
+                    .map_err(|e| Error::backend("cpu", e))?;
+                let (a, b) = (self.src::<T>(&i[0]).into_owned(), self.src::<T>(&i[1]).into_owned());
+                let mut acc = self.inplace::<T>(&i[2]);
+                matmul_fused::cpu_accumulate(&a, &b, acc.get(), d, *trans_a, *trans_b, *alpha);
+                acc.finish();
             }
             Op::Add | Op::Mul => {
                 let mut y = self.dst::<T>(&o[0]);
@@ -400,6 +435,9 @@ impl Backend for CpuBackend {
     }
     fn alignment(&self) -> u64 {
         64
+    }
+    fn fuses_matmul_epilogues(&self) -> bool {
+        true
     }
     fn alloc(&mut self, bytes: u64) -> Result<BufferId> {
         let words = bytes.div_ceil(8) as usize;

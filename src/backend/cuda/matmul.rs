@@ -76,6 +76,31 @@ fn cuda_type(d: DType) -> lt::cudaDataType {
     }
 }
 
+/// Device pointers and scalars of one product `d = alpha op(a) op(b) + beta c`.
+#[derive(Clone, Copy, Debug)]
+pub struct Operands {
+    pub a: u64,
+    pub b: u64,
+    pub c: u64,
+    pub d: u64,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl Operands {
+    /// `d = op(a) op(b)`.
+    pub fn plain(a: u64, b: u64, d: u64) -> Operands {
+        Operands {
+            a,
+            b,
+            c: d,
+            d,
+            alpha: 1.0,
+            beta: 0.0,
+        }
+    }
+}
+
 /// A prepared product: descriptors, the heuristic's candidate algorithms (best first by its
 /// estimate) and the one in use (the first, or the fastest measured by `CudaBackend::tune`).
 pub struct Plan {
@@ -173,7 +198,8 @@ impl Plan {
         } else {
             layout(ct, k, m, k, batch, (m * k) as i64)?
         };
-        let c = layout(ct, n, m, n, batch, (m * n) as i64)?;
+        // C and D: the compute type, or f32 for a 16-bit product summed into f32.
+        let c = layout(key.c, n, m, n, batch, (m * n) as i64)?;
         let pref = cudarc::cublaslt::result::create_matmul_pref()
             .map_err(|e| Error::backend("cuda", format!("cuBLASLt preference: {e:?}")))?;
         let ws = WORKSPACE_BYTES;
@@ -228,24 +254,30 @@ impl Plan {
         })
     }
 
-    /// `c = op(a) op(b)` on device pointers already in the compute type.
-    pub fn run(&self, handle: lt::cublasLtHandle_t, gpu: &Gpu, a: u64, b: u64, c: u64, workspace: u64) -> Result<()> {
-        self.run_algo(&self.algo, handle, gpu, a, b, c, workspace)
+    /// `d = alpha op(a) op(b) + beta c` on device pointers, `a` and `b` already in the
+    /// compute type, `c` and `d` in the key's `c` type (`c` may be `d`: in place).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(&self, handle: lt::cublasLtHandle_t, gpu: &Gpu, ops: Operands, workspace: u64) -> Result<()> {
+        self.run_algo(&self.algo, handle, gpu, ops, workspace)
     }
 
     /// The same with a given algorithm (one of `candidates`).
-    #[allow(clippy::too_many_arguments)]
     pub fn run_algo(
         &self,
         algo: &lt::cublasLtMatmulAlgo_t,
         handle: lt::cublasLtHandle_t,
         gpu: &Gpu,
-        a: u64,
-        b: u64,
-        c: u64,
+        ops: Operands,
         workspace: u64,
     ) -> Result<()> {
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let Operands {
+            a,
+            b,
+            c,
+            d,
+            alpha,
+            beta,
+        } = ops;
         // SAFETY: the pointers address tensors of the planned shapes and types; the
         // workspace holds WORKSPACE_BYTES.
         let s = unsafe {
@@ -260,7 +292,7 @@ impl Plan {
                 &beta as *const f32 as *const c_void,
                 c as *const c_void,
                 self.layout_c,
-                c as *mut c_void,
+                d as *mut c_void,
                 self.layout_c,
                 algo,
                 workspace as *mut c_void,
@@ -284,9 +316,10 @@ impl Drop for Plan {
     }
 }
 
-/// Operand bytes of a product in its compute type: (a, b, c).
+/// Operand bytes of a product: (a, b) in the compute type, c in its own.
 pub fn operand_bytes(key: &MatmulKey) -> Result<(u64, u64, u64)> {
     let e = precision(key.a, key.b, key.c)?.compute.size() as u64;
+    let ec = key.c.size() as u64;
     let (batch, m, n, k) = (
         key.dims.0 as u64,
         key.dims.1 as u64,
@@ -294,7 +327,7 @@ pub fn operand_bytes(key: &MatmulKey) -> Result<(u64, u64, u64)> {
         key.dims.3 as u64,
     );
     let b_batch = if key.shared_b { 1 } else { batch };
-    Ok((batch * m * k * e, b_batch * k * n * e, batch * m * n * e))
+    Ok((batch * m * k * e, b_batch * k * n * e, batch * m * n * ec))
 }
 
 pub fn key(d: MatmulDims, trans_a: bool, trans_b: bool, a: DType, b: DType, c: DType) -> MatmulKey {

@@ -276,7 +276,8 @@ impl CudaBackend {
         let (e0, e1) = (ev()?, ev()?);
         let mut best: Option<(f32, lt::cublasLtMatmulAlgo_t)> = None;
         for algo in &plan.candidates {
-            let run = |b: &Self| plan.run_algo(algo, b.lt, &b.gpu, bufs[0], bufs[1], bufs[2], b.lt_workspace);
+            let ops = matmul::Operands::plain(bufs[0], bufs[1], bufs[2]);
+            let run = |b: &Self| plan.run_algo(algo, b.lt, &b.gpu, ops, b.lt_workspace);
             if run(self).is_err() {
                 continue;
             }
@@ -380,6 +381,9 @@ impl Backend for CudaBackend {
         self.gpu.total_mem
     }
 
+    fn fuses_matmul_epilogues(&self) -> bool {
+        true
+    }
     fn alignment(&self) -> u64 {
         ALIGN
     }

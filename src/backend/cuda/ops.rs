@@ -72,16 +72,9 @@ impl CudaBackend {
         let sms = self.gpu.sms.max(1) as u64;
         Ok(match op {
             Op::EmbeddingBackward { .. } if o[0].dtype != DType::F32 => vec![numel(o[0]) * 4],
-            Op::MatMul { trans_a, trans_b } => {
-                let p = matmul::precision(i[0].dtype, i[1].dtype, o[0].dtype)?;
-                let s = p.compute.size() as u64;
-                let _ = (trans_a, trans_b);
-                vec![
-                    if p.cast_a { numel(i[0]) * s } else { 0 },
-                    if p.cast_b { numel(i[1]) * s } else { 0 },
-                    if p.cast_c { numel(o[0]) * s } else { 0 },
-                ]
-            }
+            Op::MatMul { .. } => self.gemm_scratch(i[0], i[1], o[0], false)?,
+            Op::MatMulFused { add, .. } => self.gemm_scratch(i[0], i[1], o[0], *add)?,
+            Op::MatMulAccumulate { .. } => self.gemm_scratch(i[0], i[1], i[2], true)?,
             Op::ReduceSum { .. } => {
                 let (n, c) = (numel(i[0]), numel(o[0]));
                 if c == 1 {
@@ -122,15 +115,11 @@ impl CudaBackend {
         }
         match op {
             Op::Reshape { .. } => {}
-            Op::MatMul { trans_a, trans_b } => {
-                let d =
-                    mm::dims(&i[0].shape, &i[1].shape, *trans_a, *trans_b).map_err(|e| Error::backend("cuda", e))?;
-                let p = matmul::precision(i[0].dtype, i[1].dtype, o[0].dtype)?;
-                if d.m > 0 && d.n > 0 && d.k > 0 {
-                    self.plan(matmul::key(d, *trans_a, *trans_b, p.compute, p.compute, p.compute))?;
-                }
-                self.mods.load(Family::Elementwise)?;
-            }
+            Op::MatMul { trans_a, trans_b } => self.prepare_gemm(i, o[0], *trans_a, *trans_b, false)?,
+            Op::MatMulFused {
+                trans_a, trans_b, add, ..
+            } => self.prepare_gemm(i, o[0], *trans_a, *trans_b, *add)?,
+            Op::MatMulAccumulate { trans_a, trans_b, .. } => self.prepare_gemm(i, i[2], *trans_a, *trans_b, true)?,
             Op::RmsNorm { .. } | Op::RmsNormBackward { .. } => {
                 self.mods.load(Family::RmsNorm)?;
             }
@@ -309,6 +298,24 @@ impl CudaBackend {
                 Ok(())
             }
             Op::MatMul { trans_a, trans_b } => self.matmul(&i[0], &i[1], &o[0], *trans_a, *trans_b),
+            Op::MatMulFused {
+                trans_a,
+                trans_b,
+                alpha,
+                add,
+            } => {
+                let epi = if *add {
+                    Epilogue::Add { c: &i[2], d: &o[0] }
+                } else {
+                    Epilogue::Store(&o[0])
+                };
+                self.gemm(&i[0], &i[1], epi, *trans_a, *trans_b, *alpha)
+            }
+            Op::MatMulAccumulate {
+                trans_a,
+                trans_b,
+                alpha,
+            } => self.gemm(&i[0], &i[1], Epilogue::Accumulate(&i[2]), *trans_a, *trans_b, *alpha),
             Op::RmsNorm { eps } => {
                 let h = *i[0].info.shape.last().unwrap_or(&1) as u64;
                 let rows = numel(i[0].info) / h.max(1);
@@ -578,18 +585,46 @@ impl CudaBackend {
     }
 
     fn matmul(&mut self, a: &Arg, b: &Arg, c: &Arg, trans_a: bool, trans_b: bool) -> Result<()> {
+        self.gemm(a, b, Epilogue::Store(c), trans_a, trans_b, 1.0)
+    }
+
+    /// `alpha op(a) op(b)` with its epilogue, one cuBLASLt call (plus operand casts where
+    /// the storage types need them; see matmul.rs).
+    fn gemm(&mut self, a: &Arg, b: &Arg, epi: Epilogue, trans_a: bool, trans_b: bool, alpha: f64) -> Result<()> {
         let d = mm::dims(&a.info.shape, &b.info.shape, trans_a, trans_b).map_err(|e| Error::backend("cuda", e))?;
-        let prec = matmul::precision(a.info.dtype, b.info.dtype, c.info.dtype)?;
-        let (ap, bp, cp) = (self.ptr(a.loc), self.ptr(b.loc), self.ptr(c.loc));
+        let out = epi.out();
+        let prec = matmul::precision(a.info.dtype, b.info.dtype, out.info.dtype)?;
+        let ct = prec.compute;
+        let (ap, bp, dp) = (self.ptr(a.loc), self.ptr(b.loc), self.ptr(out.loc));
+        let cp = match epi {
+            Epilogue::Store(_) => dp,
+            Epilogue::Add { c, .. } => self.ptr(c.loc),
+            Epilogue::Accumulate(_) => dp,
+        };
         if d.m == 0 || d.n == 0 || d.batch == 0 {
             return Ok(());
         }
-        if d.k == 0 {
-            return self.gpu.memset8(cp, 0, c.loc.bytes as usize);
+        // A C term is read and written in its own type (the compute type or f32); a plain
+        // product is written in the compute type and rounded to the output's type after.
+        let direct_c = !matches!(epi, Epilogue::Store(_));
+        if direct_c && out.info.dtype != ct && out.info.dtype != DType::F32 {
+            return Err(Error::backend(
+                "cuda",
+                format!(
+                    "a fused product of {} operands cannot write {} (only {ct} or f32)",
+                    a.info.dtype, out.info.dtype
+                ),
+            ));
         }
-        let sizes = self.scratch_sizes(&Op::MatMul { trans_a, trans_b }, &[a.info, b.info], &[c.info])?;
+        if d.k == 0 {
+            return match epi {
+                Epilogue::Store(_) => self.gpu.memset8(dp, 0, out.loc.bytes as usize),
+                Epilogue::Add { c, .. } => self.cast_raw(cp, c.info.dtype, dp, out.info.dtype, numel(out.info)),
+                Epilogue::Accumulate(_) => Ok(()),
+            };
+        }
+        let sizes = self.gemm_scratch(a.info, b.info, out.info, direct_c)?;
         let sc = self.carve(&sizes)?;
-        let ct = prec.compute;
         let a2 = if prec.cast_a {
             self.cast_raw(ap, a.info.dtype, sc[0], ct, numel(a.info))?;
             sc[0]
@@ -602,12 +637,27 @@ impl CudaBackend {
         } else {
             bp
         };
-        let c2 = if prec.cast_c { sc[2] } else { cp };
-        let key = matmul::key(d, trans_a, trans_b, ct, ct, ct);
+        let cast_out = !direct_c && prec.cast_c;
+        let (c2, d2, c_type) = if direct_c {
+            (cp, dp, out.info.dtype)
+        } else if cast_out {
+            (sc[2], sc[2], ct)
+        } else {
+            (dp, dp, ct)
+        };
+        let key = matmul::key(d, trans_a, trans_b, ct, ct, c_type);
+        let ops = matmul::Operands {
+            a: a2,
+            b: b2,
+            c: c2,
+            d: d2,
+            alpha: alpha as f32,
+            beta: if matches!(epi, Epilogue::Store(_)) { 0.0 } else { 1.0 },
+        };
         let (handle, ws) = (self.lt, self.lt_workspace);
         self.plan(key)?;
         let plan = &self.plans[&key];
-        plan.run(handle, &self.gpu, a2, b2, c2, ws).map_err(|e| {
+        plan.run(handle, &self.gpu, ops, ws).map_err(|e| {
             super::prefix(
                 e,
                 &format!("{ct} matmul m {} n {} k {} batch {}", d.m, d.n, d.k, d.batch),
@@ -616,10 +666,65 @@ impl CudaBackend {
         if self.opts.sync_each_launch {
             self.gpu.sync()?;
         }
-        if prec.cast_c {
-            self.cast_raw(c2, ct, cp, c.info.dtype, numel(c.info))?;
+        if cast_out {
+            self.cast_raw(sc[2], ct, dp, out.info.dtype, numel(out.info))?;
         }
         Ok(())
+    }
+
+    /// Scratch for a product's operand casts: (a, b, the output in the compute type).
+    pub(super) fn gemm_scratch(
+        &self,
+        a: &TensorInfo,
+        b: &TensorInfo,
+        out: &TensorInfo,
+        direct_c: bool,
+    ) -> Result<Vec<u64>> {
+        let p = matmul::precision(a.dtype, b.dtype, out.dtype)?;
+        let s = p.compute.size() as u64;
+        Ok(vec![
+            if p.cast_a { numel(a) * s } else { 0 },
+            if p.cast_b { numel(b) * s } else { 0 },
+            if p.cast_c && !direct_c { numel(out) * s } else { 0 },
+        ])
+    }
+
+    /// The cuBLASLt plan a product will use, made (and its algorithm timed) before capture.
+    pub(super) fn prepare_gemm(
+        &mut self,
+        i: &[&TensorInfo],
+        out: &TensorInfo,
+        trans_a: bool,
+        trans_b: bool,
+        direct_c: bool,
+    ) -> Result<()> {
+        let d = mm::dims(&i[0].shape, &i[1].shape, trans_a, trans_b).map_err(|e| Error::backend("cuda", e))?;
+        let p = matmul::precision(i[0].dtype, i[1].dtype, out.dtype)?;
+        if d.m > 0 && d.n > 0 && d.k > 0 {
+            let c = if direct_c { out.dtype } else { p.compute };
+            self.plan(matmul::key(d, trans_a, trans_b, p.compute, p.compute, c))?;
+        }
+        self.mods.load(Family::Elementwise)?;
+        Ok(())
+    }
+}
+
+/// What a product does with its result.
+#[derive(Clone, Copy)]
+enum Epilogue<'a> {
+    /// `d = alpha P`.
+    Store(&'a Arg<'a>),
+    /// `d = alpha P + c`.
+    Add { c: &'a Arg<'a>, d: &'a Arg<'a> },
+    /// `acc += alpha P`, in place.
+    Accumulate(&'a Arg<'a>),
+}
+
+impl<'a> Epilogue<'a> {
+    fn out(&self) -> &'a Arg<'a> {
+        match *self {
+            Epilogue::Store(d) | Epilogue::Add { d, .. } | Epilogue::Accumulate(d) => d,
+        }
     }
 }
 

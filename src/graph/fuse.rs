@@ -1,0 +1,324 @@
+//! Fusion of matrix-product epilogues: a graph pass for backends whose products take
+//! `alpha` and `beta` (cuBLASLt, the `gemm` crate).
+//!
+//! Rewrites, where the intermediate tensors have no other reader:
+//! - `scale(x, f)` read only as a product operand: the products take `alpha * f` and `x`;
+//! - `scale(P, f)` of a product `P`: the product takes `alpha * f`;
+//! - `add(c, P)` (either order) of a product `P` and a tensor of its shape: `alpha P + c`
+//!   in one pass ([`Op::MatMulFused`] with `add`);
+//! - `accumulate_grad(acc, P)` or `accumulate_grad(acc, cast(P))`: `acc += alpha P` in place
+//!   ([`Op::MatMulAccumulate`]; the 16-bit product is summed in f32 unrounded).
+//!
+//! LoRA's `base + s * (x A^T) B^T` becomes one product with `alpha = s` reading `base` as C;
+//! in the backward pass the scaled output gradient, the sums of a tensor's gradients over
+//! its readers and the accumulation of weight gradients disappear the same way. A rewritten
+//! node keeps its index and its output tensor, so tensor ids, program outputs and effects
+//! stay valid; the nodes it no longer reads from are left unreachable, and the executor
+//! schedules only reachable nodes.
+
+use super::{Graph, Node, NodeId, TensorId};
+use crate::ops::Op;
+use crate::tensor::DType;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// How many nodes each rewrite changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FuseStats {
+    pub scaled_operands: usize,
+    pub scaled_products: usize,
+    pub added_products: usize,
+    pub accumulated_products: usize,
+}
+
+impl FuseStats {
+    pub fn total(&self) -> usize {
+        self.scaled_operands + self.scaled_products + self.added_products + self.accumulated_products
+    }
+}
+
+/// A product without a C term: `alpha op(a) op(b)`.
+#[derive(Clone, Copy)]
+struct Product {
+    a: TensorId,
+    b: TensorId,
+    trans_a: bool,
+    trans_b: bool,
+    alpha: f64,
+}
+
+struct Pass<'g> {
+    g: &'g mut Graph,
+    /// Readers of each tensor (node inputs, with repeats).
+    readers: Vec<usize>,
+    keep: &'g HashSet<TensorId>,
+    /// The nodes that write each tensor in place.
+    writers: HashMap<TensorId, Vec<usize>>,
+}
+
+impl Pass<'_> {
+    fn read(&mut self, t: TensorId, by: isize) {
+        let r = &mut self.readers[t.idx()];
+        *r = (*r as isize + by) as usize;
+    }
+
+    /// True when `t` is an intermediate read once, by the node being rewritten.
+    fn private(&self, t: TensorId) -> bool {
+        self.readers[t.idx()] == 1 && !self.keep.contains(&t)
+    }
+
+    /// True when nothing writes `t` in place between nodes `from` and `to`, so reading it at
+    /// `to` instead of `from` reads the same values.
+    fn unchanged(&self, t: TensorId, from: usize, to: usize) -> bool {
+        self.writers
+            .get(&t)
+            .is_none_or(|w| w.iter().all(|&k| k <= from || k >= to))
+    }
+
+    /// The product that produces `t`, if its operands still hold the same values at node
+    /// `at`.
+    fn product(&self, t: TensorId, at: usize) -> Option<Product> {
+        let pn = self.g.producer[t.idx()]?;
+        let node = self.g.node(pn);
+        let (trans_a, trans_b, alpha) = match node.op {
+            Op::MatMul { trans_a, trans_b } => (trans_a, trans_b, 1.0),
+            Op::MatMulFused {
+                trans_a,
+                trans_b,
+                alpha,
+                add: false,
+            } => (trans_a, trans_b, alpha),
+            _ => return None,
+        };
+        if !node.inputs[..2].iter().all(|&x| self.unchanged(x, pn.idx(), at)) {
+            return None;
+        }
+        Some(Product {
+            a: node.inputs[0],
+            b: node.inputs[1],
+            trans_a,
+            trans_b,
+            alpha,
+        })
+    }
+
+    /// Whether the backends' products can write type `c` for operands `a`, `b`: the
+    /// operands share a type (or `b` is f32, rounded to `a`'s) and `c` is `a`'s type or f32.
+    fn types_ok(&self, p: &Product, c: DType) -> bool {
+        let (a, b) = (self.g.dtype(p.a), self.g.dtype(p.b));
+        (a == b || b == DType::F32) && (c == a || c == DType::F32)
+    }
+
+    /// Replaces node `n` (keeping its outputs) and updates the reader counts.
+    fn rewrite(&mut self, n: usize, op: Op, inputs: Vec<TensorId>) {
+        let old = std::mem::take(&mut self.g.nodes[n].inputs);
+        for t in old {
+            self.read(t, -1);
+        }
+        for &t in &inputs {
+            self.read(t, 1);
+        }
+        let outputs = self.g.nodes[n].outputs.clone();
+        self.g.nodes[n] = Node { op, inputs, outputs };
+    }
+
+    /// `scale(x, f)` read only as product operands: fold `f` into every reader.
+    fn scaled_operand(&mut self, n: usize, stats: &mut FuseStats) {
+        let Op::Scale { factor } = self.g.nodes[n].op else {
+            return;
+        };
+        let (x, s) = (self.g.nodes[n].inputs[0], self.g.nodes[n].outputs[0]);
+        if self.keep.contains(&s) || self.readers[s.idx()] == 0 {
+            return;
+        }
+        let readers: Vec<usize> = (n + 1..self.g.nodes.len())
+            .filter(|&k| self.g.nodes[k].inputs.contains(&s))
+            .collect();
+        let operand_only = readers.iter().all(|&k| {
+            let node = &self.g.nodes[k];
+            let slots = node.inputs.iter().filter(|&&t| t == s).count();
+            let in_ab = node.inputs.iter().take(2).filter(|&&t| t == s).count();
+            slots == in_ab
+                && matches!(
+                    node.op,
+                    Op::MatMul { .. } | Op::MatMulFused { .. } | Op::MatMulAccumulate { .. }
+                )
+        });
+        if !operand_only || !readers.iter().all(|&k| self.unchanged(x, n, k)) {
+            return;
+        }
+        for k in readers {
+            let node = self.g.nodes[k].clone();
+            let times = node.inputs.iter().take(2).filter(|&&t| t == s).count() as i32;
+            let f = factor.powi(times);
+            let op = match node.op {
+                Op::MatMul { trans_a, trans_b } => Op::MatMulFused {
+                    trans_a,
+                    trans_b,
+                    alpha: f,
+                    add: false,
+                },
+                Op::MatMulFused {
+                    trans_a,
+                    trans_b,
+                    alpha,
+                    add,
+                } => Op::MatMulFused {
+                    trans_a,
+                    trans_b,
+                    alpha: alpha * f,
+                    add,
+                },
+                Op::MatMulAccumulate {
+                    trans_a,
+                    trans_b,
+                    alpha,
+                } => Op::MatMulAccumulate {
+                    trans_a,
+                    trans_b,
+                    alpha: alpha * f,
+                },
+                _ => unreachable!("checked above"),
+            };
+            let inputs = node.inputs.iter().map(|&t| if t == s { x } else { t }).collect();
+            self.rewrite(k, op, inputs);
+            stats.scaled_operands += 1;
+        }
+    }
+
+    /// `scale(P, f)` of a private product: one product with `alpha * f`.
+    fn scaled_product(&mut self, n: usize, stats: &mut FuseStats) {
+        let Op::Scale { factor } = self.g.nodes[n].op else {
+            return;
+        };
+        let q = self.g.nodes[n].inputs[0];
+        let Some(p) = self.product(q, n) else { return };
+        if !self.private(q) || !self.types_ok(&p, self.g.dtype(q)) {
+            return;
+        }
+        let op = Op::MatMulFused {
+            trans_a: p.trans_a,
+            trans_b: p.trans_b,
+            alpha: p.alpha * factor,
+            add: false,
+        };
+        self.rewrite(n, op, vec![p.a, p.b]);
+        stats.scaled_products += 1;
+    }
+
+    /// `add(c, P)` or `add(P, c)` with `c` of the product's shape: `alpha P + c`.
+    fn added_product(&mut self, n: usize, stats: &mut FuseStats) {
+        if self.g.nodes[n].op != Op::Add {
+            return;
+        }
+        let (x0, x1, y) = (
+            self.g.nodes[n].inputs[0],
+            self.g.nodes[n].inputs[1],
+            self.g.nodes[n].outputs[0],
+        );
+        if x0 == x1 || self.g.shape(x0) != self.g.shape(x1) || self.g.shape(x0) != self.g.shape(y) {
+            return;
+        }
+        for (q, c) in [(x1, x0), (x0, x1)] {
+            let Some(p) = self.product(q, n) else { continue };
+            if !self.private(q) || !self.types_ok(&p, self.g.dtype(c)) || p.a == c || p.b == c {
+                continue;
+            }
+            let op = Op::MatMulFused {
+                trans_a: p.trans_a,
+                trans_b: p.trans_b,
+                alpha: p.alpha,
+                add: true,
+            };
+            self.rewrite(n, op, vec![p.a, p.b, c]);
+            stats.added_products += 1;
+            return;
+        }
+    }
+
+    /// `accumulate_grad(acc, P)` or `accumulate_grad(acc, cast(P))`: `acc += alpha P`.
+    fn accumulated_product(&mut self, n: usize, stats: &mut FuseStats) {
+        if self.g.nodes[n].op != Op::AccumulateGrad {
+            return;
+        }
+        let (acc, grad) = (self.g.nodes[n].inputs[0], self.g.nodes[n].inputs[1]);
+        let mut q = grad;
+        if let Some(pn) = self.g.producer[grad.idx()] {
+            if matches!(self.g.node(pn).op, Op::Cast { .. }) && self.private(grad) {
+                q = self.g.node(pn).inputs[0];
+            }
+        }
+        let Some(p) = self.product(q, n) else { return };
+        if !self.private(q) || !self.private(grad) || !self.types_ok(&p, self.g.dtype(acc)) {
+            return;
+        }
+        if self.g.shape(q) != self.g.shape(acc) {
+            return;
+        }
+        let op = Op::MatMulAccumulate {
+            trans_a: p.trans_a,
+            trans_b: p.trans_b,
+            alpha: p.alpha,
+        };
+        self.rewrite(n, op, vec![p.a, p.b, acc]);
+        stats.accumulated_products += 1;
+    }
+}
+
+/// Applies the rewrites above to every node of `g`, in order. `keep` holds the tensors
+/// that must stay computed (the outputs programs read back).
+pub fn matmul_epilogues(g: &mut Graph, keep: &HashSet<TensorId>) -> FuseStats {
+    let mut readers = vec![0usize; g.tensors.len()];
+    for node in &g.nodes {
+        for &t in &node.inputs {
+            readers[t.idx()] += 1;
+        }
+    }
+    let mut writers: HashMap<TensorId, Vec<usize>> = HashMap::new();
+    for (k, node) in g.nodes.iter().enumerate() {
+        for &w in node.op.writes() {
+            writers.entry(node.inputs[w]).or_default().push(k);
+        }
+    }
+    let mut pass = Pass {
+        g,
+        readers,
+        keep,
+        writers,
+    };
+    let mut stats = FuseStats::default();
+    for n in 0..pass.g.nodes.len() {
+        pass.scaled_product(n, &mut stats);
+        pass.scaled_operand(n, &mut stats);
+        pass.added_product(n, &mut stats);
+        pass.accumulated_product(n, &mut stats);
+    }
+    stats
+}
+
+/// The number of nodes of each op reachable from `roots` and `effects` (what a program with
+/// those outputs and effects would run).
+pub fn reachable_ops(g: &Graph, roots: &[TensorId], effects: &[NodeId]) -> BTreeMap<&'static str, usize> {
+    let mut seen_nodes = HashSet::new();
+    let mut stack: Vec<TensorId> = roots.to_vec();
+    for &n in effects {
+        if seen_nodes.insert(n) {
+            stack.extend(&g.node(n).inputs);
+        }
+    }
+    let mut seen = HashSet::new();
+    while let Some(t) = stack.pop() {
+        if !seen.insert(t) {
+            continue;
+        }
+        if let Some(n) = g.producer[t.idx()] {
+            if seen_nodes.insert(n) {
+                stack.extend(&g.node(n).inputs);
+            }
+        }
+    }
+    let mut counts = BTreeMap::new();
+    for n in seen_nodes {
+        *counts.entry(g.node(n).op.name()).or_insert(0) += 1;
+    }
+    counts
+}

@@ -1,0 +1,269 @@
+//! The product-epilogue fusion pass (`graph::fuse`): a fused training step gives the loss,
+//! gradient norm and updated weights of the graph as built, and the rewrites it promises
+//! happen (LoRA's scale and add, gradient sums, gradient casts and accumulation).
+
+mod common;
+use common::{rand_tensor, rel_err, rng};
+use ferrotune::backend::cpu::CpuBackend;
+use ferrotune::exec::{Executor, ProgramSpec};
+use ferrotune::graph::fuse::{matmul_epilogues, reachable_ops};
+use ferrotune::graph::{Graph, Role};
+use ferrotune::model::llama::{build, shift_targets, BuildOptions, LoraOptions};
+use ferrotune::model::ModelConfig;
+use ferrotune::ops::Op;
+use ferrotune::train::{OptimizerOptions, TrainGraph};
+use ferrotune::{DType, HostTensor};
+use rand::RngExt;
+use std::collections::{BTreeMap, HashSet};
+
+const ALL_LINEAR: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+fn tiny() -> ModelConfig {
+    let json = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 37,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64, "tie_word_embeddings": false}"#;
+    ModelConfig::parse(json, "test").unwrap()
+}
+
+fn options(lora: bool, dropout: f64) -> BuildOptions {
+    BuildOptions {
+        rows: 2,
+        seq_len: 8,
+        weight_dtype: DType::F32,
+        act_dtype: DType::F32,
+        lora: lora.then(|| LoraOptions {
+            r: 4,
+            alpha: 8.0,
+            dropout,
+            use_rslora: false,
+            targets: ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
+        }),
+        train_base: !lora,
+        modules_to_save: vec![],
+        loss_rows: None,
+    }
+}
+
+/// Per step: (loss, grad norm); and every trainable tensor after the last step.
+type Run = (Vec<(f64, f64)>, Vec<Vec<f64>>);
+
+/// Three optimizer steps of two micro-batches each, from random weights (LoRA B nonzero so
+/// that A has a gradient), on the CPU; `fuse` picks the graph as built or the fused one.
+fn train(lora: bool, dropout: f64, fuse: bool) -> (Run, BTreeMap<&'static str, usize>) {
+    let cfg = tiny();
+    let opt = OptimizerOptions {
+        weight_decay: 0.01,
+        ..OptimizerOptions::default()
+    };
+    let tg = TrainGraph::new(build(&cfg, &options(lora, dropout)).unwrap(), &opt).unwrap();
+    let specs = tg.programs();
+    let mut ex = Executor::with_fusion(tg.model.graph.clone(), Box::new(CpuBackend::new()), &specs, fuse).unwrap();
+    let train_spec = &specs[0];
+    let ops = reachable_ops(ex.graph(), &train_spec.outputs, &train_spec.effects);
+    let mut r = rng(3);
+    let m = &tg.model;
+    for (_, t) in &m.weights {
+        let info = ex.graph().info(*t).clone();
+        let v = if info.name.contains("norm") {
+            HostTensor::from_f32(&info.shape, &vec![1.0; info.numel()])
+        } else {
+            rand_tensor(&mut r, &info.shape, DType::F32)
+        };
+        ex.set_tensor(*t, &v).unwrap();
+    }
+    for p in &m.lora {
+        for t in [p.a, p.b] {
+            let info = ex.graph().info(t).clone();
+            let v: Vec<f64> = rand_tensor(&mut r, &info.shape, DType::F64)
+                .to_f64()
+                .iter()
+                .map(|x| 0.3 * x)
+                .collect();
+            ex.set_tensor(t, &HostTensor::from_f64(&info.shape, &v).cast(DType::F32))
+                .unwrap();
+        }
+    }
+    ex.set_tensor(
+        m.inv_freq,
+        &HostTensor::from_f32(&[cfg.head_dim / 2], &cfg.rope_inv_freq()),
+    )
+    .unwrap();
+    let (rows, seq) = (2, 8);
+    let n = rows * seq;
+    let (train_p, opt_p) = (
+        ex.program_index("train").unwrap(),
+        ex.program_index("optimizer").unwrap(),
+    );
+    let mut steps = Vec::new();
+    for step in 1..=3u64 {
+        let mut batches = Vec::new();
+        for _ in 0..2 {
+            let ids: Vec<i32> = (0..n).map(|_| r.random_range(0..37)).collect();
+            let seg = vec![1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 2, 2];
+            let pos = vec![0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1];
+            let targets = shift_targets(&ids, &seg, seq);
+            batches.push((ids, seg, pos, targets));
+        }
+        let labels: usize = batches.iter().map(|b| b.3.iter().filter(|&&t| t != -100).count()).sum();
+        let scale = HostTensor::from_f64(&[1], &[1.0 / labels as f64]).cast(DType::F32);
+        let mut loss = 0.0;
+        for (k, (ids, seg, pos, tgt)) in batches.iter().enumerate() {
+            let t = [
+                HostTensor::from_i32(&[n], ids),
+                HostTensor::from_i32(&[n], pos),
+                HostTensor::from_i32(&[n], seg),
+                HostTensor::from_i32(&[n], tgt),
+            ];
+            let mut feed = vec![
+                (m.input_ids, &t[0]),
+                (m.positions, &t[1]),
+                (m.segments, &t[2]),
+                (m.targets, &t[3]),
+                (tg.loss_scale, &scale),
+            ];
+            let drop_t;
+            if let Some((seed, p)) = m.dropout {
+                drop_t = [
+                    HostTensor::from_u32(&[1], &[step as u32 * 7 + k as u32]),
+                    HostTensor::from_f32(&[1], &[dropout as f32]),
+                ];
+                feed.push((seed, &drop_t[0]));
+                feed.push((p, &drop_t[1]));
+            }
+            loss += ex.run(train_p, &feed).unwrap()[0].to_f64()[0];
+        }
+        let hyper = HostTensor::from_f32(&[3], &TrainGraph::hyper_values(&opt, 1e-2, step));
+        let norm = ex.run(opt_p, &[(tg.hyper, &hyper)]).unwrap()[0].to_f64()[0];
+        steps.push((loss / labels as f64, norm));
+    }
+    let weights = ex
+        .get_tensors(&m.trainable)
+        .unwrap()
+        .iter()
+        .map(|t| t.to_f64())
+        .collect();
+    ((steps, weights), ops)
+}
+
+fn assert_same(what: &str, fused: &Run, plain: &Run) {
+    for (k, (f, p)) in fused.0.iter().zip(&plain.0).enumerate() {
+        let (el, en) = ((f.0 - p.0).abs() / p.0.abs(), (f.1 - p.1).abs() / p.1.abs());
+        assert!(
+            el < 1e-5 && en < 1e-5,
+            "{what} step {k}: loss {} vs {}, grad norm {} vs {}",
+            f.0,
+            p.0,
+            f.1,
+            p.1
+        );
+    }
+    for (k, (f, p)) in fused.1.iter().zip(&plain.1).enumerate() {
+        let err = rel_err(f, p);
+        assert!(err < 1e-5, "{what}: trainable tensor {k}: relative error {err:.3e}");
+    }
+}
+
+fn count(ops: &BTreeMap<&'static str, usize>, name: &str) -> usize {
+    ops.get(name).copied().unwrap_or(0)
+}
+
+#[test]
+fn lora_step_fused_equals_the_graph_as_built() {
+    for dropout in [0.0, 0.1] {
+        let (plain, plain_ops) = train(true, dropout, false);
+        let (fused, ops) = train(true, dropout, true);
+        assert_same(&format!("LoRA, dropout {dropout}"), &fused, &plain);
+        // 2 layers x 7 projections: each LoRA output is one product reading the base output
+        // as C, and every A and B gradient is accumulated by its product.
+        let loras = 2 * ALL_LINEAR.len();
+        assert_eq!(count(&ops, "scale"), 0, "fused train program: {ops:?}");
+        assert_eq!(count(&ops, "accumulate_grad"), 0, "{ops:?}");
+        assert_eq!(count(&ops, "matmul_accumulate"), 2 * loras, "{ops:?}");
+        assert!(count(&ops, "matmul_fused") >= 2 * loras, "{ops:?}");
+        assert!(count(&plain_ops, "scale") >= 2 * loras, "{plain_ops:?}");
+        assert!(
+            count(&ops, "add") < count(&plain_ops, "add"),
+            "{ops:?} vs {plain_ops:?}"
+        );
+        let nodes = |o: &BTreeMap<&str, usize>| o.values().sum::<usize>();
+        assert!(nodes(&ops) < nodes(&plain_ops));
+    }
+}
+
+#[test]
+fn full_fine_tune_step_fused_equals_the_graph_as_built() {
+    let (plain, _) = train(false, 0.0, false);
+    let (fused, ops) = train(false, 0.0, true);
+    assert_same("full fine-tune", &fused, &plain);
+    // Every projection weight (2 layers x 7) and the untied lm_head: gradient products
+    // accumulated in place.
+    assert_eq!(count(&ops, "matmul_accumulate"), 2 * ALL_LINEAR.len() + 1, "{ops:?}");
+}
+
+/// A product whose operand is written in place before the add that reads the product must
+/// not be moved past that write.
+#[test]
+fn products_are_not_moved_past_in_place_writes() {
+    let mut g = Graph::new();
+    let x = g.input("x", &[3, 4], DType::F32);
+    let w = g.leaf("w", &[4, 5], DType::F32, Role::OptimizerState);
+    let c = g.input("c", &[3, 5], DType::F32);
+    let dw = g.input("dw", &[4, 5], DType::F32);
+    let p = g.matmul(x, w, false, false).unwrap();
+    g.apply(Op::AccumulateGrad, &[w, dw]).unwrap();
+    let y = g.add(c, p).unwrap();
+    let keep: HashSet<_> = [y].into_iter().collect();
+    let mut fused = g.clone();
+    let stats = matmul_epilogues(&mut fused, &keep);
+    assert_eq!(
+        stats.added_products, 0,
+        "the add read a product of w before w was updated"
+    );
+    // Without the write in between, the same add is fused.
+    let mut g2 = Graph::new();
+    let x = g2.input("x", &[3, 4], DType::F32);
+    let w = g2.input("w", &[4, 5], DType::F32);
+    let c = g2.input("c", &[3, 5], DType::F32);
+    let p = g2.matmul(x, w, false, false).unwrap();
+    let y2 = g2.add(c, p).unwrap();
+    let stats = matmul_epilogues(&mut g2, &[y2].into_iter().collect());
+    assert_eq!(stats.added_products, 1);
+}
+
+/// A tensor a program reads back is never fused away.
+#[test]
+fn program_outputs_are_kept() {
+    let mut g = Graph::new();
+    let x = g.input("x", &[3, 4], DType::F32);
+    let w = g.input("w", &[5, 4], DType::F32);
+    let c = g.input("c", &[3, 5], DType::F32);
+    let p = g.linear(x, w).unwrap();
+    let s = g.scale(p, 0.5).unwrap();
+    let y = g.add(c, s).unwrap();
+    let mut r = rng(5);
+    let vals = [
+        rand_tensor(&mut r, &[3, 4], DType::F32),
+        rand_tensor(&mut r, &[5, 4], DType::F32),
+        rand_tensor(&mut r, &[3, 5], DType::F32),
+    ];
+    let spec = [ProgramSpec::new("out", &[s, y], &[])];
+    let mut ex = Executor::with_fusion(g, Box::new(CpuBackend::new()), &spec, true).unwrap();
+    let out = ex.run(0, &[(x, &vals[0]), (w, &vals[1]), (c, &vals[2])]).unwrap();
+    let (xv, wv, cv) = (vals[0].to_f64(), vals[1].to_f64(), vals[2].to_f64());
+    for i in 0..3 {
+        for j in 0..5 {
+            let dot: f64 = (0..4).map(|k| xv[i * 4 + k] * wv[j * 4 + k]).sum();
+            let (sv, yv) = (out[0].to_f64()[i * 5 + j], out[1].to_f64()[i * 5 + j]);
+            assert!((sv - 0.5 * dot).abs() < 1e-5, "s[{i},{j}] = {sv}, want {}", 0.5 * dot);
+            assert!((yv - (cv[i * 5 + j] + 0.5 * dot)).abs() < 1e-5);
+        }
+    }
+}
