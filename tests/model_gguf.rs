@@ -1,5 +1,5 @@
-//! GGUF reader, dequantisation and conversion against fixtures made by
-//! scripts/fixtures/model_gguf_fixtures.py with the python `gguf` package.
+//! GGUF reader, dequantisation, conversion, and a GGUF named as `base_model`, against
+//! fixtures made by scripts/fixtures/model_gguf_fixtures.py with the python `gguf` package.
 
 use std::path::{Path, PathBuf};
 
@@ -335,4 +335,106 @@ fn sentencepiece_vocabulary_encodes_like_sentencepiece() {
         assert_eq!(tok.decode(&want, true).unwrap(), text);
     }
     assert!(byte_fallbacks > 0, "the cases exercise byte fallback");
+}
+
+/// Losses and evaluation losses of a run, as reported.
+#[derive(Default)]
+struct Losses {
+    train: Vec<f64>,
+    eval: Vec<f64>,
+}
+
+impl ferrotune::train::run::Callback for Losses {
+    fn on_step(&mut self, r: &ferrotune::train::trainer::StepReport) {
+        self.train.push(r.loss);
+    }
+    fn on_eval(&mut self, r: &ferrotune::train::trainer::EvalReport) {
+        self.eval.push(r.eval_loss);
+    }
+}
+
+/// Three LoRA steps with an evaluation at each, from `base_model`.
+fn train_from(base_model: &Path, data: &Path, out: &Path) -> (Losses, ferrotune::train::run::TrainSummary) {
+    let yaml = format!(
+        "base_model: {}\ndatasets:\n  - path: {}\n    type: chat_template\n\
+         test_datasets:\n  - path: {}\n    type: chat_template\n\
+         sequence_len: 64\nmicro_batch_size: 2\nmax_steps: 3\neval_steps: 1\nlearning_rate: 0.01\n\
+         adapter: lora\nlora_r: 4\nlora_alpha: 8\nlora_target_linear: true\n\
+         output_dir: {}\ndevice: cpu\neval_max_new_tokens: 4\n",
+        base_model.display(),
+        data.join("train.jsonl").display(),
+        data.join("eval.jsonl").display(),
+        out.display()
+    );
+    let cfg = ferrotune::Config::from_yaml(&yaml, &[]).unwrap();
+    let mut losses = Losses::default();
+    let summary = ferrotune::train::run::train(&cfg, &mut losses).unwrap();
+    (losses, summary)
+}
+
+#[test]
+fn a_gguf_named_as_base_model_trains_like_its_converted_folder() {
+    use ferrotune::data::generate::arithmetic::{write_addition, AdditionOptions};
+    let dir = scratch("base-model");
+    let data = dir.join("data");
+    let opts = AdditionOptions {
+        digits: 2,
+        n_train: 12,
+        n_eval: 4,
+        seed: 3,
+    };
+    write_addition(&data, &opts).unwrap();
+    // A copy, because the conversion is written next to the file.
+    let gguf = dir.join("tiny.gguf");
+    std::fs::copy(fixture("tiny_llama.gguf"), &gguf).unwrap();
+    let (from_gguf, s_gguf) = train_from(&gguf, &data, &dir.join("out-gguf"));
+
+    let made = dir.join("tiny.hf");
+    let config_time = std::fs::metadata(made.join("config.json")).unwrap().modified().unwrap();
+    let by_hand = dir.join("by-hand");
+    convert_gguf(&fixture("tiny_llama.gguf"), &by_hand, DType::F32).unwrap();
+    let (from_dir, s_dir) = train_from(&by_hand, &data, &dir.join("out-dir"));
+
+    // The folder made from the GGUF holds the library's conversion, tensor for tensor.
+    let (a, b) = (WeightStore::open(&made).unwrap(), WeightStore::open(&by_hand).unwrap());
+    assert_eq!(a.names(), b.names());
+    for n in b.names() {
+        assert_eq!(a.get_raw(n).unwrap().data, b.get_raw(n).unwrap().data, "{n}");
+    }
+    assert_eq!(from_gguf.train.len(), 3);
+    assert_eq!(from_gguf.eval.len(), 3);
+    assert!(from_gguf.train.iter().all(|l| l.is_finite() && *l > 0.0));
+    // The runs are the same computation: every loss agrees bit for bit.
+    for (x, y) in from_gguf.train.iter().zip(&from_dir.train) {
+        assert_eq!(
+            x.to_bits(),
+            y.to_bits(),
+            "{:?} vs {:?}",
+            from_gguf.train,
+            from_dir.train
+        );
+    }
+    assert_eq!(from_gguf.train.len(), from_dir.train.len());
+    assert_eq!(from_gguf.eval, from_dir.eval);
+    assert_eq!(s_gguf.final_eval_loss, s_dir.final_eval_loss);
+    assert_eq!(s_gguf.tokens, s_dir.tokens);
+    // The adapter moved, identically.
+    let read = |d: &Path| ferrotune::adapters::lora::load(d).unwrap().1;
+    let (la, lb) = (read(&dir.join("out-gguf")), read(&dir.join("out-dir")));
+    assert_eq!(la.keys().collect::<Vec<_>>(), lb.keys().collect::<Vec<_>>());
+    let mut b_abs = 0.0;
+    for (k, t) in &la {
+        assert_eq!(t.data, lb[k].data, "{k}");
+        if k.contains("lora_B") {
+            b_abs += t.to_f64().iter().map(|x| x.abs()).sum::<f64>();
+        }
+    }
+    assert!(b_abs > 0.0, "the steps changed the adapter");
+
+    // A second run reuses the conversion instead of converting again.
+    let (again, _) = train_from(&gguf, &data, &dir.join("out-again"));
+    assert_eq!(again.train, from_gguf.train);
+    let later = std::fs::metadata(made.join("config.json")).unwrap().modified().unwrap();
+    assert_eq!(later, config_time);
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -1,5 +1,6 @@
-//! Packing: a packed row gives each document's logits and loss as if it ran alone, and no
-//! token attends across a document boundary.
+//! Packing: a packed row (built by hand, and by the schedule and collate) gives each
+//! document's logits and loss as if it ran alone, and no token attends across a document
+//! boundary.
 
 mod common;
 use common::{temp_dir, write_tiny_model};
@@ -112,5 +113,111 @@ fn packed_rows_equal_documents_alone_and_never_cross_boundaries() {
         "document 3 saw document 2"
     );
     assert_ne!(packed.logits[a0..a2], other.logits[a0..a2]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Logits and summed token loss of a collated batch, through the inputs a training step gets.
+fn run_batch(model: &std::path::Path, b: &ferrotune::data::PackedBatch) -> (Run, usize) {
+    let cfg = ferrotune::model::ModelConfig::from_file(&model.join("config.json")).unwrap();
+    let store = ferrotune::model::WeightStore::open(&model.join("model.safetensors")).unwrap();
+    let opts = BuildOptions {
+        rows: b.rows,
+        seq_len: b.seq_len,
+        weight_dtype: DType::F32,
+        act_dtype: DType::F32,
+        lora: None,
+        train_base: false,
+        modules_to_save: vec![],
+        loss_rows: None,
+    };
+    let m = build(&cfg, &opts).unwrap();
+    let mut ex = common::cpu_executor(m.graph.clone(), &[ProgramSpec::new("f", &[m.logits, m.loss_sum], &[])]);
+    load_base_weights(&mut ex, &m, &store).unwrap();
+    let inputs = ferrotune::train::batches::model_inputs(&m, b).unwrap();
+    let out = ex.run(0, &inputs.feed()).unwrap();
+    let run = Run {
+        logits: out[0].to_f32(),
+        loss_sum: out[1].to_f64()[0],
+    };
+    (run, inputs.label_tokens)
+}
+
+#[test]
+fn a_collated_packed_row_gives_each_sample_its_own_logits_and_loss() {
+    use ferrotune::data::{collate, BatchLayout, BatchSchedule, MicroBatch, ScheduleOptions};
+    let dir = temp_dir("collate-packing");
+    let model = write_tiny_model(&dir.join("model"), 10);
+    let rows = [
+        r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#,
+        r#"{"messages": [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris is the capital of France and its largest city."}]}"#,
+        r#"{"messages": [{"role": "user", "content": "Count to four."}, {"role": "assistant", "content": "one two three four"}, {"role": "user", "content": "And back?"}, {"role": "assistant", "content": "four three two one"}]}"#,
+        r#"{"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue"}]}"#,
+    ];
+    let data = dir.join("chat.jsonl");
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let yaml = format!(
+        "base_model: {}\ndatasets:\n  - path: {}\n    type: chat_template\n    chat_template: jinja\n    chat_template_jinja: \"{}\"\n\
+         sequence_len: 256\nmicro_batch_size: 1\nsample_packing: true\nlearning_rate: 0.01\noutput_dir: {}\n",
+        model.display(),
+        data.display(),
+        common::CHATML.replace('"', "\\\""),
+        dir.join("out").display()
+    );
+    let cfg = ferrotune::Config::from_yaml(&yaml, &[]).unwrap();
+    let tok = ferrotune::data::Tokenizer::from_dir(&model).unwrap();
+    let samples = ferrotune::train::run::prepare_data(&cfg, &tok).unwrap().train;
+    assert_eq!(samples.len(), 4);
+    let lengths: Vec<usize> = samples.iter().map(|s| s.len()).collect();
+    let mut distinct = lengths.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 4, "samples of different lengths: {lengths:?}");
+
+    // The schedule packs all four into one row of 256 tokens, with padding after them.
+    let sched = BatchSchedule::new(&samples, ScheduleOptions::new(&cfg.data, 1)).unwrap();
+    let plan = sched.epoch(0);
+    assert_eq!(plan.steps.len(), 1);
+    assert_eq!(plan.steps[0].micro_batches.len(), 1);
+    let mb = &plan.steps[0].micro_batches[0];
+    assert_eq!(mb.rows.len(), 1);
+    let mut members = mb.rows[0].clone();
+    members.sort();
+    assert_eq!(members, vec![0, 1, 2, 3]);
+    let pad = ferrotune::train::run::pad_id(&tok).unwrap();
+    let packed_batch = collate(&samples, mb, sched.layout(), pad).unwrap();
+    assert_eq!((packed_batch.rows, packed_batch.seq_len), (1, 256));
+    let used: usize = lengths.iter().sum();
+    assert_eq!(packed_batch.n_tokens, used);
+    assert!(used < 256, "the row ends in padding");
+    let (packed, packed_labels) = run_batch(&model, &packed_batch);
+
+    let v = 32000;
+    let mut offset = 0;
+    let (mut sum_alone, mut labels_alone) = (0.0, 0);
+    for &i in &mb.rows[0] {
+        let n = samples[i].len();
+        // The sample alone: a row of exactly its length, no padding.
+        let alone_mb = MicroBatch { rows: vec![vec![i]] };
+        let b = collate(&samples, &alone_mb, BatchLayout { rows: 1, seq_len: n }, pad).unwrap();
+        let (alone, labels) = run_batch(&model, &b);
+        assert_eq!(labels, samples[i].n_label_tokens());
+        let got: Vec<f64> = packed.logits[offset * v..(offset + n) * v]
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        let want: Vec<f64> = alone.logits.iter().map(|&x| x as f64).collect();
+        let err = common::rel_err(&got, &want);
+        assert!(err < 1e-5, "sample {i} at {offset}: relative logit error {err:e}");
+        assert!(alone.loss_sum > 0.0);
+        sum_alone += alone.loss_sum;
+        labels_alone += labels;
+        offset += n;
+    }
+    assert_eq!(packed_labels, labels_alone);
+    assert!(
+        (packed.loss_sum - sum_alone).abs() < 1e-5 * sum_alone,
+        "packed {} vs alone {sum_alone}",
+        packed.loss_sum
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
