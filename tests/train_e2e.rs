@@ -2,7 +2,7 @@
 //! resume, LoRA at step 0, and the CLI from train to generate.
 
 mod common;
-use common::{temp_dir, write_arithmetic, write_tiny_model, CHATML};
+use common::{temp_dir, write_arithmetic, write_tiny_model, CHATML, TINY_CONFIG};
 use ferrotune::train::run::{train, Callback};
 use ferrotune::train::trainer::StepReport;
 use ferrotune::{Config, HostTensor};
@@ -11,12 +11,30 @@ use std::path::Path;
 
 struct Collect {
     losses: Vec<f64>,
+    grad_norms: Vec<f64>,
     stop_at: Option<u64>,
+}
+
+impl Collect {
+    fn new() -> Self {
+        Collect {
+            losses: vec![],
+            grad_norms: vec![],
+            stop_at: None,
+        }
+    }
+    fn stopping_at(step: u64) -> Self {
+        Collect {
+            stop_at: Some(step),
+            ..Collect::new()
+        }
+    }
 }
 
 impl Callback for Collect {
     fn on_step(&mut self, r: &StepReport) {
         self.losses.push(r.loss);
+        self.grad_norms.push(r.grad_norm);
     }
     fn should_stop(&mut self) -> bool {
         self.stop_at.is_some_and(|s| self.losses.len() as u64 >= s)
@@ -36,6 +54,43 @@ fn yaml(model: &Path, train_file: &str, eval_file: &str, out: &Path, extra: &str
     )
 }
 
+/// The LoRA keys of [`yaml`], removed for a full fine-tune.
+const LORA_KEYS: &str = "adapter: lora\nlora_r: 4\nlora_alpha: 8\nlora_target_linear: true\n";
+
+/// PEFT's initial A of every pair of the tiny model (lora_r 4, the default seed 42), by key.
+fn initial_lora_a(trained: &BTreeMap<String, HostTensor>) -> BTreeMap<String, HostTensor> {
+    use ferrotune::model::llama::{build, BuildOptions, LoraOptions, LINEAR_MODULES};
+    let cfg = ferrotune::model::ModelConfig::parse(TINY_CONFIG, "tiny").unwrap();
+    let opts = BuildOptions {
+        rows: 1,
+        seq_len: 8,
+        weight_dtype: ferrotune::DType::F32,
+        act_dtype: ferrotune::DType::F32,
+        lora: Some(LoraOptions {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            use_rslora: false,
+            targets: LINEAR_MODULES.iter().map(|s| s.to_string()).collect(),
+        }),
+        train_base: false,
+        modules_to_save: vec![],
+        loss_rows: None,
+    };
+    let m = build(&cfg, &opts).unwrap();
+    let a: BTreeMap<String, HostTensor> = m
+        .lora
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let key = ferrotune::adapters::lora::lora_a_key(&p.module);
+            (key, ferrotune::adapters::lora::init_pair(p, 4, 42, i, ferrotune::DType::F32).0)
+        })
+        .collect();
+    assert!(a.keys().all(|k| trained.contains_key(k)));
+    a
+}
+
 fn adapter(dir: &Path) -> BTreeMap<String, HostTensor> {
     ferrotune::adapters::lora::load(dir).unwrap().1
 }
@@ -48,40 +103,107 @@ fn max_rel(a: &BTreeMap<String, HostTensor>, b: &BTreeMap<String, HostTensor>) -
         .fold(0.0, f64::max)
 }
 
-#[test]
-fn micro_batch_splits_give_the_same_step() {
-    let dir = temp_dir("ga");
+/// Per-step loss and gradient norm of one micro-batch split, and the trained tensors.
+struct SplitRun {
+    losses: Vec<f64>,
+    grad_norms: Vec<f64>,
+    weights: BTreeMap<String, HostTensor>,
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-300)
+}
+
+/// Three optimizer steps at 8x1, 4x2 and 1x8 rows x micro-batches. AdamW's update barely
+/// depends on the gradient's scale, so the gradient norm (reported before clipping) is what
+/// catches a mis-normalised micro-batch; the weights after three steps catch the rest (LoRA
+/// A only moves once B is nonzero, from step 2).
+fn split_runs(name: &str, lora: bool) -> Vec<SplitRun> {
+    let dir = temp_dir(name);
     let model = write_tiny_model(&dir.join("model"), 1);
     let (tr, ev) = write_arithmetic(&dir.join("data"), 64, 8);
     let mut runs = Vec::new();
     for (mbs, ga) in [(8, 1), (4, 2), (1, 8)] {
         let out = dir.join(format!("out-{mbs}x{ga}"));
         let extra = format!(
-            "micro_batch_size: {mbs}\ngradient_accumulation_steps: {ga}\nmax_steps: 1\nsample_packing: false\n"
+            "micro_batch_size: {mbs}\ngradient_accumulation_steps: {ga}\nmax_steps: 3\nsample_packing: false\n\
+             max_grad_norm: 0.5\n"
         );
-        let cfg = Config::from_yaml(&yaml(&model, &tr, &ev, &out, &extra), &[]).unwrap();
-        let mut c = Collect {
-            losses: vec![],
-            stop_at: None,
-        };
+        let mut text = yaml(&model, &tr, &ev, &out, &extra);
+        if !lora {
+            text = text.replace(LORA_KEYS, "");
+        }
+        let cfg = Config::from_yaml(&text, &[]).unwrap();
+        assert_eq!(cfg.is_lora(), lora);
+        let mut c = Collect::new();
         train(&cfg, &mut c).unwrap();
-        runs.push((c.losses[0], adapter(&out)));
+        assert_eq!(c.losses.len(), 3);
+        let weights = if lora {
+            adapter(&out)
+        } else {
+            let s = ferrotune::model::WeightStore::open(&out.join("model.safetensors")).unwrap();
+            s.names().iter().map(|n| (n.to_string(), s.get_raw(n).unwrap())).collect()
+        };
+        runs.push(SplitRun {
+            losses: c.losses,
+            grad_norms: c.grad_norms,
+            weights,
+        });
     }
-    for (loss, w) in &runs[1..] {
-        let rl = (loss - runs[0].0).abs() / runs[0].0;
-        assert!(rl < 1e-5, "loss {loss} vs {}", runs[0].0);
-        let rw = max_rel(w, &runs[0].1);
-        assert!(rw < 1e-5, "updated LoRA weights differ by {rw:e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    runs
+}
+
+fn assert_same_steps(runs: &[SplitRun]) {
+    let r0 = &runs[0];
+    for r in &runs[1..] {
+        for s in 0..3 {
+            assert!(
+                rel(r.losses[s], r0.losses[s]) < 1e-5,
+                "step {}: loss {} vs {}",
+                s + 1,
+                r.losses[s],
+                r0.losses[s]
+            );
+            assert!(
+                rel(r.grad_norms[s], r0.grad_norms[s]) < 1e-5,
+                "step {}: grad_norm {} vs {}",
+                s + 1,
+                r.grad_norms[s],
+                r0.grad_norms[s]
+            );
+        }
+        let rw = max_rel(&r.weights, &r0.weights);
+        assert!(rw < 1e-5, "weights after 3 steps differ by {rw:e}");
     }
-    // The step really moved the weights (B starts at zero).
-    let b_norm: f64 = runs[0]
-        .1
+    // Clipping (max_grad_norm 0.5) takes part in every step.
+    assert!(r0.grad_norms.iter().all(|g| g.is_finite() && *g > 0.5), "{:?}", r0.grad_norms);
+}
+
+#[test]
+fn micro_batch_splits_give_the_same_lora_steps() {
+    let runs = split_runs("ga-lora", true);
+    assert_same_steps(&runs);
+    // Both factors moved: B from zero, A from its initial values (checked against a
+    // fresh initialisation of the same seed).
+    let w = &runs[0].weights;
+    let b_norm: f64 = w
         .iter()
         .filter(|(k, _)| k.contains("lora_B"))
         .map(|(_, t)| t.to_f64().iter().map(|x| x.abs()).sum::<f64>())
         .sum();
     assert!(b_norm > 0.0);
-    std::fs::remove_dir_all(&dir).unwrap();
+    let a_moved = initial_lora_a(w)
+        .iter()
+        .filter(|(k, a0)| w[*k].data != a0.data)
+        .count();
+    assert_eq!(a_moved, w.keys().filter(|k| k.contains("lora_A")).count());
+}
+
+#[test]
+fn micro_batch_splits_give_the_same_full_fine_tuning_steps() {
+    let runs = split_runs("ga-full", false);
+    assert_same_steps(&runs);
 }
 
 #[test]
@@ -92,18 +214,12 @@ fn resume_reproduces_the_uninterrupted_run_bit_for_bit() {
     let extra = "micro_batch_size: 2\ngradient_accumulation_steps: 2\nmax_steps: 6\nsave_steps: 3\nsample_packing: true\nlora_dropout: 0.1\nwarmup_steps: 2\n";
     let full_out = dir.join("full");
     let cfg = Config::from_yaml(&yaml(&model, &tr, &ev, &full_out, extra), &[]).unwrap();
-    let mut full = Collect {
-        losses: vec![],
-        stop_at: None,
-    };
+    let mut full = Collect::new();
     train(&cfg, &mut full).unwrap();
 
     let part_out = dir.join("part");
     let cfg = Config::from_yaml(&yaml(&model, &tr, &ev, &part_out, extra), &[]).unwrap();
-    let mut first = Collect {
-        losses: vec![],
-        stop_at: Some(3),
-    };
+    let mut first = Collect::stopping_at(3);
     let s = train(&cfg, &mut first).unwrap();
     assert!(s.interrupted);
     let ck = part_out.join("checkpoint-3");
@@ -118,10 +234,7 @@ fn resume_reproduces_the_uninterrupted_run_bit_for_bit() {
     }
     let resume = format!("resume_from_checkpoint={}", ck.display());
     let cfg = Config::from_yaml(&yaml(&model, &tr, &ev, &part_out, extra), &[resume]).unwrap();
-    let mut second = Collect {
-        losses: vec![],
-        stop_at: None,
-    };
+    let mut second = Collect::new();
     train(&cfg, &mut second).unwrap();
 
     let resumed: Vec<f64> = first.losses.iter().chain(&second.losses).copied().collect();
@@ -344,16 +457,10 @@ fn full_fine_tuning_writes_a_hugging_face_checkpoint() {
         &out,
         "micro_batch_size: 2\nmax_steps: 2\nweight_decay: 0.1\n",
     )
-    .replace(
-        "adapter: lora\nlora_r: 4\nlora_alpha: 8\nlora_target_linear: true\n",
-        "",
-    );
+    .replace(LORA_KEYS, "");
     let cfg = Config::from_yaml(&text, &[]).unwrap();
     assert!(!cfg.is_lora());
-    let mut c = Collect {
-        losses: vec![],
-        stop_at: None,
-    };
+    let mut c = Collect::new();
     train(&cfg, &mut c).unwrap();
     assert_eq!(c.losses.len(), 2);
     let trained = ferrotune::model::WeightStore::open(&out.join("model.safetensors")).unwrap();
@@ -404,10 +511,7 @@ fn a_non_finite_loss_stops_with_the_step_and_the_last_checkpoint() {
     .unwrap();
     let err = train(
         &cfg,
-        &mut Collect {
-            losses: vec![],
-            stop_at: None,
-        },
+        &mut Collect::new(),
     )
     .unwrap_err()
     .to_string();
@@ -427,10 +531,7 @@ fn a_non_finite_loss_stops_with_the_step_and_the_last_checkpoint() {
         &[],
     )
     .unwrap();
-    let mut c = Collect {
-        losses: vec![],
-        stop_at: None,
-    };
+    let mut c = Collect::new();
     train(&cfg, &mut c).unwrap();
     assert_eq!(c.losses.len(), 3);
     let b_sum: f64 = adapter(&out)
