@@ -2,60 +2,11 @@
 //! resume, LoRA at step 0, and the CLI from train to generate.
 
 mod common;
-use common::{temp_dir, write_arithmetic, write_tiny_model, CHATML, TINY_CONFIG};
-use ferrotune::train::run::{train, Callback};
-use ferrotune::train::trainer::StepReport;
+use common::train::{adapter, cli, max_rel, rel, yaml, Collect, LORA_KEYS};
+use common::{temp_dir, write_arithmetic, write_tiny_model, TINY_CONFIG};
+use ferrotune::train::run::train;
 use ferrotune::{Config, HostTensor};
 use std::collections::BTreeMap;
-use std::path::Path;
-
-struct Collect {
-    losses: Vec<f64>,
-    grad_norms: Vec<f64>,
-    stop_at: Option<u64>,
-}
-
-impl Collect {
-    fn new() -> Self {
-        Collect {
-            losses: vec![],
-            grad_norms: vec![],
-            stop_at: None,
-        }
-    }
-    fn stopping_at(step: u64) -> Self {
-        Collect {
-            stop_at: Some(step),
-            ..Collect::new()
-        }
-    }
-}
-
-impl Callback for Collect {
-    fn on_step(&mut self, r: &StepReport) {
-        self.losses.push(r.loss);
-        self.grad_norms.push(r.grad_norm);
-    }
-    fn should_stop(&mut self) -> bool {
-        self.stop_at.is_some_and(|s| self.losses.len() as u64 >= s)
-    }
-}
-
-fn yaml(model: &Path, train_file: &str, eval_file: &str, out: &Path, extra: &str) -> String {
-    format!(
-        "base_model: {}\ndatasets:\n  - path: {train_file}\n    type: chat_template\n    chat_template: jinja\n    chat_template_jinja: \"{}\"\n\
-         test_datasets:\n  - path: {eval_file}\n    type: chat_template\n    chat_template: jinja\n    chat_template_jinja: \"{}\"\n\
-         sequence_len: 64\nlearning_rate: 0.01\nadapter: lora\nlora_r: 4\nlora_alpha: 8\nlora_target_linear: true\n\
-         output_dir: {}\ndevice: cpu\neval_max_new_tokens: 4\n{extra}",
-        model.display(),
-        CHATML.replace('"', "\\\""),
-        CHATML.replace('"', "\\\""),
-        out.display()
-    )
-}
-
-/// The LoRA keys of [`yaml`], removed for a full fine-tune.
-const LORA_KEYS: &str = "adapter: lora\nlora_r: 4\nlora_alpha: 8\nlora_target_linear: true\n";
 
 /// PEFT's initial A of every pair of the tiny model (lora_r 4, the default seed 42), by key.
 fn initial_lora_a(trained: &BTreeMap<String, HostTensor>) -> BTreeMap<String, HostTensor> {
@@ -91,27 +42,11 @@ fn initial_lora_a(trained: &BTreeMap<String, HostTensor>) -> BTreeMap<String, Ho
     a
 }
 
-fn adapter(dir: &Path) -> BTreeMap<String, HostTensor> {
-    ferrotune::adapters::lora::load(dir).unwrap().1
-}
-
-fn max_rel(a: &BTreeMap<String, HostTensor>, b: &BTreeMap<String, HostTensor>) -> f64 {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    a.iter()
-        .map(|(k, x)| common::rel_err(&x.to_f64(), &b[k].to_f64()))
-        .filter(|e| e.is_finite())
-        .fold(0.0, f64::max)
-}
-
 /// Per-step loss and gradient norm of one micro-batch split, and the trained tensors.
 struct SplitRun {
     losses: Vec<f64>,
     grad_norms: Vec<f64>,
     weights: BTreeMap<String, HostTensor>,
-}
-
-fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / b.abs().max(1e-300)
 }
 
 /// Three optimizer steps at 8x1, 4x2 and 1x8 rows x micro-batches. AdamW's update barely
@@ -316,18 +251,6 @@ fn lora_at_step_zero_is_the_base_model_and_counts_r_in_plus_out() {
     }));
     assert_eq!(base, adapted, "LoRA at initialisation changed the logits");
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrotune"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

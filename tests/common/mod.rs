@@ -32,6 +32,8 @@ pub fn cpu_executor(g: Graph, specs: &[ProgramSpec]) -> Executor {
     Executor::new(g, Box::new(CpuBackend::new()), specs).expect("compile")
 }
 
+pub mod train;
+
 /// ||a - b|| / ||b||
 pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
