@@ -5,7 +5,9 @@ mod common;
 use common::train::{adapter, cli, max_rel, rel, yaml, Collect, LORA_KEYS};
 use common::{temp_dir, write_arithmetic, write_tiny_model, TINY_CONFIG};
 use ferrotune::train::run::train;
-use ferrotune::{Config, HostTensor};
+use ferrotune::model::WeightStore;
+use ferrotune::{Config, DType, HostTensor};
+use std::path::Path;
 use std::collections::BTreeMap;
 
 /// PEFT's initial A of every pair of the tiny model (lora_r 4, the default seed 42), by key.
@@ -253,6 +255,113 @@ fn lora_at_step_zero_is_the_base_model_and_counts_r_in_plus_out() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// metrics.jsonl as JSON values.
+fn metric_lines(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `checkpoint-4` after a run of 4 steps: the trained adapter as it was saved at the end,
+/// AdamW's moments for every trainable tensor, the loop state, and the config.
+fn check_checkpoint(ck: &Path, out: &Path, cfg_text: &str, metrics: &[serde_json::Value]) {
+    let weights = adapter(ck);
+    let saved = adapter(out);
+    assert_eq!(weights.keys().collect::<Vec<_>>(), saved.keys().collect::<Vec<_>>());
+    for (k, t) in &weights {
+        assert_eq!(t.data, saved[k].data, "{k}: the checkpoint of the last step is the output");
+    }
+    assert_eq!(
+        std::fs::read(ck.join("adapter_config.json")).unwrap(),
+        std::fs::read(out.join("adapter_config.json")).unwrap()
+    );
+    // One exp_avg and exp_avg_sq per trainable tensor, of its shape. After 4 steps with
+    // beta1 0.9, beta2 0.999, Cauchy-Schwarz bounds m^2 <= (1-b1)^2/(1-b2) * sum_j (b1^2/b2)^j * v
+    // (j < 4), about 30.01 v, for any gradients.
+    let opt = WeightStore::open(&ck.join("optimizer.safetensors")).unwrap();
+    let mut names: Vec<String> = opt.names().iter().map(|n| n.to_string()).collect();
+    names.sort();
+    let mut want: Vec<String> = weights
+        .keys()
+        .flat_map(|k| [format!("{k}.exp_avg"), format!("{k}.exp_avg_sq")])
+        .collect();
+    want.sort();
+    assert_eq!(names, want);
+    let bound = 0.01 / 0.001 * (0..4).map(|j| (0.81f64 / 0.999).powi(j)).sum::<f64>();
+    for (k, t) in &weights {
+        let m = opt.get(&format!("{k}.exp_avg"), DType::F32).unwrap();
+        let v = opt.get(&format!("{k}.exp_avg_sq"), DType::F32).unwrap();
+        assert_eq!((&m.shape, &v.shape), (&t.shape, &t.shape), "{k}");
+        let (m, v) = (m.to_f64(), v.to_f64());
+        assert!(v.iter().all(|&x| x.is_finite() && x >= 0.0), "{k}: exp_avg_sq");
+        assert!(v.iter().any(|&x| x > 0.0) && m.iter().any(|&x| x != 0.0), "{k}: no moments");
+        for (a, b) in m.iter().zip(&v) {
+            assert!(a * a <= bound * b * (1.0 + 1e-5) + 1e-30, "{k}: m {a} v {b}");
+        }
+    }
+    // trainer_state.json: where the loop stands, and the log of every step and evaluation.
+    let state = read_json(&ck.join("trainer_state.json"));
+    let cfg = Config::from_yaml(cfg_text, &[]).unwrap();
+    let steps: Vec<&serde_json::Value> = metrics.iter().filter(|m| m.get("learning_rate").is_some()).collect();
+    assert_eq!(state["global_step"], 4);
+    assert_eq!(state["max_steps"], 4);
+    assert_eq!(state["train_batch_size"], 2);
+    assert_eq!(state["seed"], 42);
+    assert_eq!(state["num_train_epochs"], 1.0);
+    // 40 samples in rows of 2, no packing: 20 steps an epoch.
+    assert_eq!(state["epoch"], 0.2);
+    assert_eq!(state["position"], serde_json::json!({"epoch": 0, "step_in_epoch": 4}));
+    assert_eq!(state["micro_step"], 4);
+    let tokens: u64 = steps.iter().map(|s| s["tokens"].as_u64().unwrap()).sum();
+    assert_eq!(state["tokens_seen"], tokens);
+    assert_eq!(state["config_hash"], ferrotune::train::trainer::run_hash(&cfg));
+    let log = state["log_history"].as_array().unwrap();
+    let logged: Vec<&serde_json::Value> = log.iter().filter(|e| e.get("loss").is_some()).collect();
+    assert_eq!(logged.len(), 4);
+    for (i, (l, m)) in logged.iter().zip(&steps).enumerate() {
+        assert_eq!(l["step"], i as u64 + 1);
+        for k in ["loss", "learning_rate", "grad_norm", "tokens", "epoch"] {
+            assert_eq!(l[k], m[k], "step {}: {k}", i + 1);
+        }
+    }
+    let evals: Vec<&serde_json::Value> = log.iter().filter(|e| e.get("eval_loss").is_some()).collect();
+    let metric_evals: Vec<&serde_json::Value> = metrics.iter().filter(|m| m.get("eval_loss").is_some()).collect();
+    assert_eq!(evals.len(), 1);
+    assert_eq!(evals[0]["step"], 4);
+    assert_eq!(evals[0]["eval_loss"], metric_evals[0]["eval_loss"]);
+    // The config it was trained with, as YAML that reads back to the same settings.
+    let saved_cfg = Config::from_yaml(&std::fs::read_to_string(ck.join("config.yaml")).unwrap(), &[]).unwrap();
+    assert_eq!(saved_cfg.to_json(), cfg.to_json());
+}
+
+fn generate(model: &Path, adapter: Option<&Path>) -> String {
+    let mut args = vec![
+        "generate".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+        "--prompt".into(),
+        "What is 2 + 2?".into(),
+        "--max-new-tokens".into(),
+        "4".into(),
+        "--device".into(),
+        "cpu".into(),
+        "--raw".into(),
+    ];
+    if let Some(a) = adapter {
+        args.extend(["--adapter".into(), a.display().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, stdout, err) = cli(&args);
+    assert!(ok, "generate failed: {err}");
+    stdout
+}
+
 #[test]
 fn cli_train_checkpoint_resume_eval_merge_generate() {
     let dir = temp_dir("cli");
@@ -260,30 +369,33 @@ fn cli_train_checkpoint_resume_eval_merge_generate() {
     let (tr, ev) = write_arithmetic(&dir.join("data"), 40, 6);
     let out = dir.join("out");
     let cfg_path = dir.join("config.yaml");
-    std::fs::write(
-        &cfg_path,
-        yaml(
-            &model,
-            &tr,
-            &ev,
-            &out,
-            "micro_batch_size: 2\nmax_steps: 4\nsave_steps: 2\nsave_total_limit: 1\n",
-        ),
-    )
-    .unwrap();
+    let cfg_text = yaml(
+        &model,
+        &tr,
+        &ev,
+        &out,
+        "micro_batch_size: 2\nmax_steps: 4\nsave_steps: 2\nsave_total_limit: 1\n",
+    );
+    std::fs::write(&cfg_path, &cfg_text).unwrap();
     let cfg = cfg_path.to_str().unwrap();
 
     let (ok, _, err) = cli(&["train", cfg]);
     assert!(ok, "train failed: {err}");
-    for f in [
-        "adapter_model.safetensors",
-        "adapter_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "metrics.jsonl",
-    ] {
+    for f in ["adapter_model.safetensors", "adapter_config.json", "metrics.jsonl"] {
         assert!(out.join(f).is_file(), "output lacks {f}");
     }
+    // The tokenizer files are the base model's, byte for byte.
+    let same_tokenizer = |dir: &Path| {
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            assert_eq!(
+                std::fs::read(dir.join(f)).unwrap(),
+                std::fs::read(model.join(f)).unwrap(),
+                "{f} in {}",
+                dir.display()
+            );
+        }
+    };
+    same_tokenizer(&out);
     // save_total_limit: 1 keeps only the newest checkpoint; nothing half-written remains.
     let names: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
@@ -295,30 +407,79 @@ fn cli_train_checkpoint_resume_eval_merge_generate() {
         "{names:?}"
     );
     assert!(!names.iter().any(|n| n.starts_with('.')), "{names:?}");
-    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let steps = metrics.lines().filter(|l| l.contains("\"learning_rate\"")).count();
-    assert_eq!(steps, 4, "{metrics}");
-    let ac: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let ck_files: std::collections::BTreeSet<String> = std::fs::read_dir(out.join("checkpoint-4"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let want: std::collections::BTreeSet<String> = [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "config.yaml",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(ck_files, want);
+    // metrics.jsonl: a start line, one line per step, the evaluation at the last step, an end line.
+    let metrics = metric_lines(&out);
+    assert_eq!(metrics[0]["event"], "start");
+    assert_eq!(metrics[0]["info"]["total_steps"], 4);
+    let steps: Vec<&serde_json::Value> = metrics.iter().filter(|m| m.get("learning_rate").is_some()).collect();
+    assert_eq!(steps.len(), 4);
+    for (i, s) in steps.iter().enumerate() {
+        assert_eq!(s["step"], i as u64 + 1);
+        assert!(s["loss"].as_f64().unwrap().is_finite() && s["grad_norm"].as_f64().unwrap() > 0.0);
+    }
+    let evals: Vec<&serde_json::Value> = metrics.iter().filter(|m| m.get("eval_loss").is_some()).collect();
+    assert_eq!(evals.len(), 1, "{metrics:?}");
+    assert_eq!(evals[0]["step"], 4);
+    assert!(evals[0]["eval_label_tokens"].as_u64().unwrap() > 0);
+    let last = metrics.last().unwrap();
+    assert_eq!(last["event"], "end");
+    assert_eq!(last["summary"]["steps"], 4);
+    assert_eq!(last["summary"]["final_eval_loss"], evals[0]["eval_loss"]);
+    check_checkpoint(&out.join("checkpoint-4"), &out, &cfg_text, &metrics);
+    // The evaluation in the log is what `eval` computes through the saved adapter.
+    let (ok, stdout, err) = cli(&["eval", cfg, "--adapter", out.to_str().unwrap(), "--json", "--limit", "0"]);
+    assert!(ok, "eval failed: {err}");
+    let at4: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let (a, b) = (at4["eval_loss"].as_f64().unwrap(), evals[0]["eval_loss"].as_f64().unwrap());
+    assert!(rel(a, b) < 1e-5, "eval {a} vs logged {b}");
+    let ac = read_json(&out.join("adapter_config.json"));
     assert_eq!(ac["peft_type"], "LORA");
     assert_eq!(ac["r"], 4);
     assert_eq!(ac["lora_alpha"], 8);
     assert_eq!(ac["task_type"], "CAUSAL_LM");
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint-4/trainer_state.json")).unwrap()).unwrap();
-    assert_eq!(state["global_step"], 4);
+    assert_eq!(ac["use_rslora"], false);
+    assert_eq!(ac["target_modules"].as_array().unwrap().len(), 7);
 
     let ck = format!("resume_from_checkpoint={}", out.join("checkpoint-4").display());
     let (ok, _, err) = cli(&["train", cfg, "--set", "max_steps=6", "--set", &ck]);
     assert!(ok, "resume failed: {err}");
     assert!(err.contains("resumed from"), "{err}");
     assert!(out.join("checkpoint-6/trainer_state.json").is_file());
+    // The resumed run appends steps 5 and 6 and its own evaluation.
+    let metrics = metric_lines(&out);
+    let steps: Vec<u64> = metrics
+        .iter()
+        .filter(|m| m.get("learning_rate").is_some())
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+    let final_eval = metrics.iter().rev().find(|m| m.get("eval_loss").is_some()).unwrap();
+    assert_eq!(final_eval["step"], 6);
 
     let (ok, stdout, err) = cli(&["eval", cfg, "--adapter", out.to_str().unwrap(), "--json"]);
     assert!(ok, "eval failed: {err}");
     let with_adapter: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert!(with_adapter["eval_loss"].as_f64().unwrap().is_finite());
+    let a = with_adapter["eval_loss"].as_f64().unwrap();
+    assert!(rel(a, final_eval["eval_loss"].as_f64().unwrap()) < 1e-5);
     assert_eq!(with_adapter["exact_match_total"], 6);
+    let correct = with_adapter["exact_match_correct"].as_u64().unwrap();
+    assert_eq!(with_adapter["exact_match"], 100.0 * correct as f64 / 6.0);
 
     let merged = dir.join("merged");
     let (ok, _, err) = cli(&[
@@ -331,39 +492,31 @@ fn cli_train_checkpoint_resume_eval_merge_generate() {
     ]);
     assert!(ok, "merge failed: {err}");
     assert!(merged.join("model.safetensors").is_file() && merged.join("config.json").is_file());
+    same_tokenizer(&merged);
     // The merged checkpoint gives the unmerged model's loss.
-    let merged_cfg = std::fs::read_to_string(&cfg_path)
-        .unwrap()
-        .replace(model.to_str().unwrap(), merged.to_str().unwrap());
+    let merged_cfg = cfg_text.replace(model.to_str().unwrap(), merged.to_str().unwrap());
     let merged_cfg_path = dir.join("merged.yaml");
     std::fs::write(&merged_cfg_path, merged_cfg).unwrap();
     let (ok, stdout, err) = cli(&["eval", merged_cfg_path.to_str().unwrap(), "--json"]);
     assert!(ok, "eval of the merged model failed: {err}");
     let merged_eval: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    let (a, b) = (
-        with_adapter["eval_loss"].as_f64().unwrap(),
-        merged_eval["eval_loss"].as_f64().unwrap(),
-    );
-    assert!((a - b).abs() < 1e-5 * a, "adapter {a} vs merged {b}");
+    let b = merged_eval["eval_loss"].as_f64().unwrap();
+    assert!(rel(a, b) < 1e-5, "adapter {a} vs merged {b}");
 
-    let (ok, _stdout, err) = cli(&[
-        "generate",
-        "--model",
-        merged.to_str().unwrap(),
-        "--prompt",
-        "What is 2 + 2?",
-        "--max-new-tokens",
-        "4",
-        "--device",
-        "cpu",
-        "--raw",
-    ]);
-    assert!(ok, "generate failed: {err}");
+    // Greedy generation: some text, the same each time, and the same from the merged model
+    // as from the base model seen through the adapter.
+    let text = generate(&merged, None);
+    assert!(!text.trim().is_empty(), "generate printed nothing");
+    assert_eq!(generate(&merged, None), text);
+    assert_eq!(generate(&model, Some(&out)), text);
+
     let (ok, stdout, err) = cli(&["plan", cfg, "--json"]);
     assert!(ok, "plan failed: {err}");
     let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert!(plan["plan"]["total_bytes"].as_u64().unwrap() > 0);
-    assert!(plan["trainable_parameters"].as_u64().unwrap() > 0);
+    // r * (in + out) per pair: q and o 16x16, k and v 16->8, gate and up 16->32, down 32->16.
+    let per_layer = 4 * ((16 + 16) * 2 + (16 + 8) * 2 + (16 + 32) * 3);
+    assert_eq!(plan["trainable_parameters"], 2 * per_layer);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
