@@ -460,15 +460,26 @@ fn cli_train_checkpoint_resume_eval_merge_generate() {
     let (ok, _, err) = cli(&["train", cfg, "--set", "max_steps=6", "--set", &ck]);
     assert!(ok, "resume failed: {err}");
     assert!(err.contains("resumed from"), "{err}");
-    assert!(out.join("checkpoint-6/trainer_state.json").is_file());
+    // Another max_steps is accepted on resume (as in Hugging Face Trainer), with a notice,
+    // and the cosine schedule continues over the new total.
+    assert!(
+        err.contains("notice: the checkpoint was planned for 4 steps, this run for 6"),
+        "{err}"
+    );
+    assert_eq!(read_json(&out.join("checkpoint-6/trainer_state.json"))["max_steps"], 6);
     // The resumed run appends steps 5 and 6 and its own evaluation.
     let metrics = metric_lines(&out);
-    let steps: Vec<u64> = metrics
+    let steps: Vec<(u64, f64)> = metrics
         .iter()
         .filter(|m| m.get("learning_rate").is_some())
-        .map(|m| m["step"].as_u64().unwrap())
+        .map(|m| (m["step"].as_u64().unwrap(), m["learning_rate"].as_f64().unwrap()))
         .collect();
-    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+    assert_eq!(steps.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+    let cosine = |t: u64, total: u64| 0.01 * 0.5 * (1.0 + (std::f64::consts::PI * (t - 1) as f64 / total as f64).cos());
+    for &(t, lr) in &steps {
+        let want = cosine(t, if t <= 4 { 4 } else { 6 });
+        assert!((lr - want).abs() < 1e-12, "step {t}: lr {lr}, want {want}");
+    }
     let final_eval = metrics.iter().rev().find(|m| m.get("eval_loss").is_some()).unwrap();
     assert_eq!(final_eval["step"], 6);
 

@@ -173,12 +173,21 @@ pub fn build_trainer_with(
         };
         let trained = read_all(&dir.join(weights_file))?;
         let optimizer = crate::dist::checkpoint::read(&dir)?;
+        let planned = state.max_steps;
         trainer.restore(&trained, &optimizer, state)?;
         cb.on_message(&format!(
             "resumed from {} at step {}",
             dir.display(),
             trainer.state.global_step
         ));
+        // As in Hugging Face Trainer, the run's own length wins on resume.
+        let total = trainer.info().total_steps;
+        if planned != total {
+            cb.on_message(&format!(
+                "notice: the checkpoint was planned for {planned} steps, this run for {total} \
+                 (max_steps / num_epochs): the learning-rate schedule continues over {total} steps"
+            ));
+        }
     }
     Ok(trainer)
 }

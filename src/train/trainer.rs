@@ -807,13 +807,18 @@ impl Trainer {
             }
         }
         self.info.resumed_from_step = state.global_step;
+        // This run's length replaces the checkpoint's (see `run_hash_for`).
+        let max_steps = self.state.max_steps;
         self.state = state;
+        self.state.max_steps = max_steps;
         Ok(())
     }
 }
 
 /// A hash of everything that must not change across a resume (data, model, batch shape,
 /// schedule, optimizer), so a checkpoint is only continued by the run that made it.
+/// `max_steps` may change, as Hugging Face Trainer allows: the run is lengthened or cut and
+/// the learning-rate schedule is computed for the new total (the resume prints a notice).
 pub fn run_hash(cfg: &Config) -> String {
     run_hash_for(cfg, 1)
 }
