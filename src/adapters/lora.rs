@@ -221,6 +221,22 @@ pub fn check_compatible(found: &AdapterConfig, want: &AdapterConfig) -> std::res
     }
 }
 
+/// A trained adapter in memory: its `adapter_config.json` and tensors under PEFT's keys.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adapter {
+    pub config: AdapterConfig,
+    pub tensors: BTreeMap<String, HostTensor>,
+}
+
+impl Adapter {
+    /// Writes it as `adapter_model.safetensors` + `adapter_config.json` into `dir`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let tensors: Vec<(String, HostTensor)> = self.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        save(dir, &self.config, &tensors)
+    }
+}
+
 pub fn lora_a_key(module: &str) -> String {
     format!("base_model.model.{module}.lora_A.weight")
 }
