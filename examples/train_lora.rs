@@ -37,7 +37,11 @@ impl Callback for Watch {
 /// `configs/quickstart.yaml` built in code: LoRA r=16 on every linear layer of `model`,
 /// chat-formatted addition problems, 60 steps.
 pub fn quickstart_config(model: &str, train_file: &str, eval_file: &str, output_dir: &Path) -> Config {
-    let mut c = Config::new(model, vec![DatasetSpec::new(train_file, DatasetType::ChatTemplate)], 1e-3);
+    let mut c = Config::new(
+        model,
+        vec![DatasetSpec::new(train_file, DatasetType::ChatTemplate)],
+        1e-3,
+    );
     c.test_datasets = vec![DatasetSpec::new(eval_file, DatasetType::ChatTemplate)];
     c.data.sequence_len = 256;
     c.data.sample_packing = true;

@@ -55,7 +55,10 @@ fn train_returns_the_adapter_it_saved() {
     assert_eq!(adapter.config.r, 4);
     assert_eq!(adapter.config.lora_alpha, 32.0);
     assert_eq!(adapter.tensors.len(), 2 * 7 * 2);
-    assert_eq!(adapter.tensors.keys().collect::<Vec<_>>(), saved.keys().collect::<Vec<_>>());
+    assert_eq!(
+        adapter.tensors.keys().collect::<Vec<_>>(),
+        saved.keys().collect::<Vec<_>>()
+    );
     for (k, t) in &adapter.tensors {
         assert_eq!(t.data, saved[k].data, "{k}");
     }

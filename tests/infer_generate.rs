@@ -123,7 +123,10 @@ fn seeded_top_p_sampling_is_deterministic_and_stays_in_the_nucleus() {
     let mut gen = m.generator(2, 6, 6 + new_tokens);
     let a = gen.generate(&prompts(), &opts(7)).unwrap();
     let b = gen.generate(&prompts(), &opts(7)).unwrap();
-    let c = m.generator(2, 6, 6 + new_tokens).generate(&prompts(), &opts(7)).unwrap();
+    let c = m
+        .generator(2, 6, 6 + new_tokens)
+        .generate(&prompts(), &opts(7))
+        .unwrap();
     assert_eq!(a, b, "the same seed on the same generator");
     assert_eq!(a, c, "the same seed on a new generator");
 
@@ -199,7 +202,10 @@ fn references_are_the_prompt_before_the_last_assistant_turn() {
     // The row without an assistant turn has no reference.
     assert_eq!(refs.len(), 2);
     let want = [
-        ("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n", "4"),
+        (
+            "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
+            "4",
+        ),
         (
             "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n<|im_start|>user\nc<|im_end|>\n\
              <|im_start|>assistant\n",

@@ -4,11 +4,11 @@
 mod common;
 use common::train::{adapter, cli, max_rel, rel, yaml, Collect, LORA_KEYS};
 use common::{temp_dir, write_arithmetic, write_tiny_model, TINY_CONFIG};
-use ferrotune::train::run::train;
 use ferrotune::model::WeightStore;
+use ferrotune::train::run::train;
 use ferrotune::{Config, DType, HostTensor};
-use std::path::Path;
 use std::collections::BTreeMap;
+use std::path::Path;
 
 /// PEFT's initial A of every pair of the tiny model (lora_r 4, the default seed 42), by key.
 fn initial_lora_a(trained: &BTreeMap<String, HostTensor>) -> BTreeMap<String, HostTensor> {
@@ -37,7 +37,10 @@ fn initial_lora_a(trained: &BTreeMap<String, HostTensor>) -> BTreeMap<String, Ho
         .enumerate()
         .map(|(i, p)| {
             let key = ferrotune::adapters::lora::lora_a_key(&p.module);
-            (key, ferrotune::adapters::lora::init_pair(p, 4, 42, i, ferrotune::DType::F32).0)
+            (
+                key,
+                ferrotune::adapters::lora::init_pair(p, 4, 42, i, ferrotune::DType::F32).0,
+            )
         })
         .collect();
     assert!(a.keys().all(|k| trained.contains_key(k)));
@@ -79,7 +82,10 @@ fn split_runs(name: &str, lora: bool) -> Vec<SplitRun> {
             adapter(&out)
         } else {
             let s = ferrotune::model::WeightStore::open(&out.join("model.safetensors")).unwrap();
-            s.names().iter().map(|n| (n.to_string(), s.get_raw(n).unwrap())).collect()
+            s.names()
+                .iter()
+                .map(|n| (n.to_string(), s.get_raw(n).unwrap()))
+                .collect()
         };
         runs.push(SplitRun {
             losses: c.losses,
@@ -114,7 +120,11 @@ fn assert_same_steps(runs: &[SplitRun]) {
         assert!(rw < 1e-5, "weights after 3 steps differ by {rw:e}");
     }
     // Clipping (max_grad_norm 0.5) takes part in every step.
-    assert!(r0.grad_norms.iter().all(|g| g.is_finite() && *g > 0.5), "{:?}", r0.grad_norms);
+    assert!(
+        r0.grad_norms.iter().all(|g| g.is_finite() && *g > 0.5),
+        "{:?}",
+        r0.grad_norms
+    );
 }
 
 #[test]
@@ -130,10 +140,7 @@ fn micro_batch_splits_give_the_same_lora_steps() {
         .map(|(_, t)| t.to_f64().iter().map(|x| x.abs()).sum::<f64>())
         .sum();
     assert!(b_norm > 0.0);
-    let a_moved = initial_lora_a(w)
-        .iter()
-        .filter(|(k, a0)| w[*k].data != a0.data)
-        .count();
+    let a_moved = initial_lora_a(w).iter().filter(|(k, a0)| w[*k].data != a0.data).count();
     assert_eq!(a_moved, w.keys().filter(|k| k.contains("lora_A")).count());
 }
 
@@ -275,7 +282,10 @@ fn check_checkpoint(ck: &Path, out: &Path, cfg_text: &str, metrics: &[serde_json
     let saved = adapter(out);
     assert_eq!(weights.keys().collect::<Vec<_>>(), saved.keys().collect::<Vec<_>>());
     for (k, t) in &weights {
-        assert_eq!(t.data, saved[k].data, "{k}: the checkpoint of the last step is the output");
+        assert_eq!(
+            t.data, saved[k].data,
+            "{k}: the checkpoint of the last step is the output"
+        );
     }
     assert_eq!(
         std::fs::read(ck.join("adapter_config.json")).unwrap(),
@@ -300,7 +310,10 @@ fn check_checkpoint(ck: &Path, out: &Path, cfg_text: &str, metrics: &[serde_json
         assert_eq!((&m.shape, &v.shape), (&t.shape, &t.shape), "{k}");
         let (m, v) = (m.to_f64(), v.to_f64());
         assert!(v.iter().all(|&x| x.is_finite() && x >= 0.0), "{k}: exp_avg_sq");
-        assert!(v.iter().any(|&x| x > 0.0) && m.iter().any(|&x| x != 0.0), "{k}: no moments");
+        assert!(
+            v.iter().any(|&x| x > 0.0) && m.iter().any(|&x| x != 0.0),
+            "{k}: no moments"
+        );
         for (a, b) in m.iter().zip(&v) {
             assert!(a * a <= bound * b * (1.0 + 1e-5) + 1e-30, "{k}: m {a} v {b}");
         }
@@ -443,10 +456,21 @@ fn cli_train_checkpoint_resume_eval_merge_generate() {
     assert_eq!(last["summary"]["final_eval_loss"], evals[0]["eval_loss"]);
     check_checkpoint(&out.join("checkpoint-4"), &out, &cfg_text, &metrics);
     // The evaluation in the log is what `eval` computes through the saved adapter.
-    let (ok, stdout, err) = cli(&["eval", cfg, "--adapter", out.to_str().unwrap(), "--json", "--limit", "0"]);
+    let (ok, stdout, err) = cli(&[
+        "eval",
+        cfg,
+        "--adapter",
+        out.to_str().unwrap(),
+        "--json",
+        "--limit",
+        "0",
+    ]);
     assert!(ok, "eval failed: {err}");
     let at4: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    let (a, b) = (at4["eval_loss"].as_f64().unwrap(), evals[0]["eval_loss"].as_f64().unwrap());
+    let (a, b) = (
+        at4["eval_loss"].as_f64().unwrap(),
+        evals[0]["eval_loss"].as_f64().unwrap(),
+    );
     assert!(rel(a, b) < 1e-5, "eval {a} vs logged {b}");
     let ac = read_json(&out.join("adapter_config.json"));
     assert_eq!(ac["peft_type"], "LORA");
@@ -596,12 +620,7 @@ fn a_non_finite_loss_stops_with_the_step_and_the_last_checkpoint() {
         &[],
     )
     .unwrap();
-    let err = train(
-        &cfg,
-        &mut Collect::new(),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = train(&cfg, &mut Collect::new()).unwrap_err().to_string();
     assert!(
         err.contains("step 1: the loss is NaN") && err.contains("no checkpoint was saved yet"),
         "{err}"

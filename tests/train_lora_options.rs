@@ -142,7 +142,10 @@ fn logits(
         HostTensor::from_i32(&[n], &vec![1; n]),
     ];
     let out = ex
-        .run(0, &[(m.input_ids, &feed[0]), (m.positions, &feed[1]), (m.segments, &feed[2])])
+        .run(
+            0,
+            &[(m.input_ids, &feed[0]), (m.positions, &feed[1]), (m.segments, &feed[2])],
+        )
         .unwrap();
     out[0].to_f64()
 }
@@ -340,9 +343,20 @@ fn lora_model_dir_starts_from_the_adapter_and_refuses_a_different_one() {
     let only_q_v = |t: String| t.replace("lora_target_linear: true\n", "lora_target_modules: [q_proj, v_proj]\n");
     let same = |t: String| t;
     let all = "[\"down_proj\", \"gate_proj\", \"k_proj\", \"o_proj\", \"q_proj\", \"up_proj\", \"v_proj\"]";
-    let cases: [(&str, &[&str], &dyn Fn(String) -> String, String); 5] = [
-        (saved_modules, &["lora_r=8"], &same, "r is 4 there, lora_r is 8 here".into()),
-        (saved_modules, &["lora_alpha=16"], &same, "lora_alpha is 8 there, 16 here".into()),
+    type Edit<'a> = &'a dyn Fn(String) -> String;
+    let cases: [(&str, &[&str], Edit, String); 5] = [
+        (
+            saved_modules,
+            &["lora_r=8"],
+            &same,
+            "r is 4 there, lora_r is 8 here".into(),
+        ),
+        (
+            saved_modules,
+            &["lora_alpha=16"],
+            &same,
+            "lora_alpha is 8 there, 16 here".into(),
+        ),
         (
             saved_modules,
             &["peft_use_rslora=true"],
@@ -362,7 +376,13 @@ fn lora_model_dir_starts_from_the_adapter_and_refuses_a_different_one() {
             "modules_to_save are [\"embed_tokens\", \"lm_head\"] there, [] here".into(),
         ),
     ];
-    let keys = ["lora_r", "lora_alpha", "use_rslora", "target_modules", "modules_to_save"];
+    let keys = [
+        "lora_r",
+        "lora_alpha",
+        "use_rslora",
+        "target_modules",
+        "modules_to_save",
+    ];
     for (i, (extra, set, edit, want)) in cases.iter().enumerate() {
         let text = format!("max_steps: 1\n{extra}lora_model_dir: {first_dir}\n");
         let (cfg, _) = s.config_with(&format!("bad{i}"), &text, set, edit);
@@ -374,7 +394,11 @@ fn lora_model_dir_starts_from_the_adapter_and_refuses_a_different_one() {
             err.contains("lora_model_dir") && err.contains(&first_dir) && err.contains(want.as_str()),
             "case {i}: {err}"
         );
-        let others = keys.iter().filter(|k| k != &&keys[i]).filter(|k| err.contains(*k)).count();
+        let others = keys
+            .iter()
+            .filter(|k| k != &&keys[i])
+            .filter(|k| err.contains(*k))
+            .count();
         assert_eq!(others, 0, "case {i} names other keys: {err}");
     }
 }

@@ -137,7 +137,11 @@ pub fn exact_match(
     let prompts: Vec<Vec<u32>> = refs.iter().map(|r| r.prompt.clone()).collect();
     let outs = gen.generate(&prompts, &opts)?;
     let got: Vec<String> = outs.iter().map(|o| tok.decode(o, true)).collect::<Result<_>>()?;
-    Ok(score_answers(refs.iter().map(|r| r.answer.as_str()).zip(got.iter().map(String::as_str))))
+    Ok(score_answers(
+        refs.iter()
+            .map(|r| r.answer.as_str())
+            .zip(got.iter().map(String::as_str)),
+    ))
 }
 
 /// Whether a generated answer is the reference: equal after trimming whitespace at both

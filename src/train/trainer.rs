@@ -413,16 +413,24 @@ impl Trainer {
             for p in &pairs {
                 let dt = self.ex.graph().dtype(p.a);
                 let (ka, kb) = (lora::lora_a_key(&p.module), lora::lora_b_key(&p.module));
-                self.ex.set_tensor(p.a, &tensors.get_shaped(&ka, &[r, p.in_features], dt)?)?;
-                self.ex.set_tensor(p.b, &tensors.get_shaped(&kb, &[p.out_features, r], dt)?)?;
+                self.ex
+                    .set_tensor(p.a, &tensors.get_shaped(&ka, &[r, p.in_features], dt)?)?;
+                self.ex
+                    .set_tensor(p.b, &tensors.get_shaped(&kb, &[p.out_features, r], dt)?)?;
                 used.extend([ka, kb]);
             }
             let m = &self.tg.model;
-            let saved: Vec<_> = m.weights.iter().filter(|(_, t)| m.trainable.contains(t)).cloned().collect();
+            let saved: Vec<_> = m
+                .weights
+                .iter()
+                .filter(|(_, t)| m.trainable.contains(t))
+                .cloned()
+                .collect();
             for (name, t) in saved {
                 let key = lora::saved_module_key(&name);
                 let info = self.ex.graph().info(t).clone();
-                self.ex.set_tensor(t, &tensors.get_shaped(&key, &info.shape, info.dtype)?)?;
+                self.ex
+                    .set_tensor(t, &tensors.get_shaped(&key, &info.shape, info.dtype)?)?;
                 used.insert(key);
             }
             let unused: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
