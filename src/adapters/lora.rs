@@ -7,7 +7,9 @@
 //! the adapted model equals the base model at step 0. Tensor keys are
 //! `base_model.model.<module>.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]`;
 //! fully trained modules (`modules_to_save`) are saved as `base_model.model.<module>.weight`
-//! (`src/peft/utils/save_and_load.py` strips `modules_to_save.` and the adapter name).
+//! (`src/peft/utils/save_and_load.py` strips `modules_to_save.` and the adapter name). On a
+//! model with tied embeddings that is the one shared matrix, `model.embed_tokens.weight`,
+//! and the config says `ensure_weight_tying: true`.
 
 use crate::model::llama::LoraPair;
 use crate::tensor::{DType, HostTensor};
@@ -54,6 +56,10 @@ pub struct AdapterConfig {
     pub use_rslora: bool,
     #[serde(default)]
     pub use_dora: bool,
+    /// The model ties its LM head to the embedding and `modules_to_save` trains that one
+    /// matrix (PEFT's `ensure_weight_tying`); written only when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ensure_weight_tying: bool,
     #[serde(default)]
     pub layers_to_transform: Option<serde_json::Value>,
     #[serde(default)]
@@ -106,6 +112,7 @@ impl AdapterConfig {
             alpha_pattern: BTreeMap::new(),
             use_rslora: opts.use_rslora,
             use_dora: false,
+            ensure_weight_tying: false,
             layers_to_transform: None,
             layers_pattern: None,
             revision: None,
@@ -162,6 +169,71 @@ impl AdapterConfig {
             ));
         }
         Ok(c)
+    }
+}
+
+/// Whether an adapter read from disk (`found`) can continue as the one a config describes
+/// (`want`): the same r, alpha, rsLoRA flag, target modules and modules to save. The error
+/// lists every difference with the config key that sets it.
+pub fn check_compatible(found: &AdapterConfig, want: &AdapterConfig) -> std::result::Result<(), String> {
+    let sorted = |v: &[String]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let mut diffs = Vec::new();
+    if found.r != want.r {
+        diffs.push(format!("r is {} there, lora_r is {} here", found.r, want.r));
+    }
+    if found.lora_alpha != want.lora_alpha {
+        diffs.push(format!(
+            "lora_alpha is {} there, {} here",
+            found.lora_alpha, want.lora_alpha
+        ));
+    }
+    if found.use_rslora != want.use_rslora {
+        diffs.push(format!(
+            "use_rslora is {} there, peft_use_rslora is {} here",
+            found.use_rslora, want.use_rslora
+        ));
+    }
+    let (ft, wt) = (sorted(&found.target_modules), sorted(&want.target_modules));
+    if ft != wt {
+        diffs.push(format!(
+            "target_modules are {ft:?} there, {wt:?} here (lora_target_modules / lora_target_linear)"
+        ));
+    }
+    let saved = |c: &AdapterConfig| sorted(c.modules_to_save.as_deref().unwrap_or_default());
+    let (fs, ws) = (saved(found), saved(want));
+    if fs != ws {
+        diffs.push(format!(
+            "modules_to_save are {fs:?} there, {ws:?} here (lora_modules_to_save)"
+        ));
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "does not match the config: {}; set the config to the adapter's values",
+            diffs.join("; ")
+        ))
+    }
+}
+
+/// A trained adapter in memory: its `adapter_config.json` and tensors under PEFT's keys.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adapter {
+    pub config: AdapterConfig,
+    pub tensors: BTreeMap<String, HostTensor>,
+}
+
+impl Adapter {
+    /// Writes it as `adapter_model.safetensors` + `adapter_config.json` into `dir`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let tensors: Vec<(String, HostTensor)> = self.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        save(dir, &self.config, &tensors)
     }
 }
 

@@ -279,6 +279,33 @@ pub struct Config {
 }
 
 impl Config {
+    /// A config built in code: the model, the datasets and the learning rate (which axolotl
+    /// requires), every other key at its default, as if the YAML named only these three.
+    /// Set other fields directly, then call [`Config::validate`] (`train` validates too):
+    ///
+    /// ```no_run
+    /// use ferrotune::data::{DatasetSpec, DatasetType};
+    /// let mut cfg = ferrotune::Config::new(
+    ///     "models/SmolLM2-135M-Instruct",
+    ///     vec![DatasetSpec::new("data/train.jsonl", DatasetType::ChatTemplate)],
+    ///     2e-4,
+    /// );
+    /// cfg.adapter = Some("lora".into());
+    /// cfg.lora_r = 16;
+    /// cfg.data.sequence_len = 1024;
+    /// cfg.validate()?;
+    /// # Ok::<(), ferrotune::Error>(())
+    /// ```
+    pub fn new(base_model: impl Into<String>, datasets: Vec<DatasetSpec>, learning_rate: f64) -> Config {
+        // The serde defaults are the single source of axolotl's defaults.
+        let mut cfg: Config = serde_json::from_value(serde_json::json!({"base_model": "", "learning_rate": 1.0}))
+            .expect("every key but base_model and learning_rate has a default");
+        cfg.base_model = base_model.into();
+        cfg.datasets = datasets;
+        cfg.learning_rate = learning_rate;
+        cfg
+    }
+
     /// Reads and checks a YAML config. Relative paths in it stay relative to the current
     /// directory, as in axolotl.
     pub fn from_file(path: &Path) -> Result<Config> {

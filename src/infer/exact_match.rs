@@ -136,19 +136,35 @@ pub fn exact_match(
     };
     let prompts: Vec<Vec<u32>> = refs.iter().map(|r| r.prompt.clone()).collect();
     let outs = gen.generate(&prompts, &opts)?;
+    let got: Vec<String> = outs.iter().map(|o| tok.decode(o, true)).collect::<Result<_>>()?;
+    Ok(score_answers(
+        refs.iter()
+            .map(|r| r.answer.as_str())
+            .zip(got.iter().map(String::as_str)),
+    ))
+}
+
+/// Whether a generated answer is the reference: equal after trimming whitespace at both
+/// ends (nothing else is normalised: case and punctuation count).
+pub fn is_exact_match(got: &str, expected: &str) -> bool {
+    got.trim() == expected.trim()
+}
+
+/// Counts exact matches over `(expected, got)` pairs and keeps the first three as examples.
+pub fn score_answers<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> ExactMatch {
     let mut m = ExactMatch {
         correct: 0,
-        total: refs.len(),
+        total: 0,
         examples: Vec::new(),
     };
-    for (r, o) in refs.iter().zip(outs) {
-        let got = tok.decode(&o, true)?;
-        if got.trim() == r.answer.trim() {
+    for (want, got) in pairs {
+        m.total += 1;
+        if is_exact_match(got, want) {
             m.correct += 1;
         }
         if m.examples.len() < 3 {
-            m.examples.push((r.answer.trim().to_string(), got.trim().to_string()));
+            m.examples.push((want.trim().to_string(), got.trim().to_string()));
         }
     }
-    Ok(m)
+    m
 }

@@ -45,6 +45,24 @@ impl LoraOptions {
     }
 }
 
+/// The modules a model trains fully for `lora_modules_to_save`: with tied embeddings
+/// `lm_head` is the embedding matrix, so it is trained as `embed_tokens` (as PEFT does with
+/// `ensure_weight_tying`); each module appears once.
+pub fn modules_to_save_for(cfg: &ModelConfig, modules: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for m in modules {
+        let m = if cfg.tie_word_embeddings && m == "lm_head" {
+            "embed_tokens"
+        } else {
+            m.as_str()
+        };
+        if !out.iter().any(|o| o == m) {
+            out.push(m.to_string());
+        }
+    }
+    out
+}
+
 /// What to train and how to lay the graph out.
 #[derive(Clone, Debug)]
 pub struct BuildOptions {
@@ -57,7 +75,8 @@ pub struct BuildOptions {
     pub lora: Option<LoraOptions>,
     /// Train every base weight (full fine-tuning).
     pub train_base: bool,
-    /// Base weights trained fully beside LoRA (`lora_modules_to_save`): `embed_tokens`, `lm_head`.
+    /// Base weights trained fully beside LoRA (`lora_modules_to_save`): `embed_tokens`, `lm_head`
+    /// (on a model with tied embeddings `lm_head` means `embed_tokens`, see [`modules_to_save_for`]).
     pub modules_to_save: Vec<String>,
     /// Compute logits only for this many gathered token rows (the label positions of a
     /// batch) instead of all `N`; `None` computes every row.
@@ -324,6 +343,10 @@ pub fn build(cfg: &ModelConfig, opts: &BuildOptions) -> Result<ModelGraph> {
 
 /// [`build`] with a choice of attention implementation and mask.
 pub fn build_with_attention(cfg: &ModelConfig, opts: &BuildOptions, attn: &AttnOptions) -> Result<ModelGraph> {
+    let opts = &BuildOptions {
+        modules_to_save: modules_to_save_for(cfg, &opts.modules_to_save),
+        ..opts.clone()
+    };
     let mut b = new_builder(cfg, opts);
     b.attn = attn.clone();
     let n = opts.rows * opts.seq_len;

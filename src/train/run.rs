@@ -43,6 +43,11 @@ pub struct TrainSummary {
     pub output_dir: PathBuf,
     pub interrupted: bool,
     pub last_checkpoint: Option<PathBuf>,
+    /// The trained LoRA adapter (config and tensors, as saved in `output_dir`, or in
+    /// `last_checkpoint` when interrupted); `None` for a full fine-tune, whose model is in
+    /// `output_dir`, and on ranks other than 0.
+    #[serde(skip)]
+    pub adapter: Option<lora::Adapter>,
 }
 
 /// Tokenizer files copied next to every output so it loads on its own.
@@ -173,12 +178,21 @@ pub fn build_trainer_with(
         };
         let trained = read_all(&dir.join(weights_file))?;
         let optimizer = crate::dist::checkpoint::read(&dir)?;
+        let planned = state.max_steps;
         trainer.restore(&trained, &optimizer, state)?;
         cb.on_message(&format!(
             "resumed from {} at step {}",
             dir.display(),
             trainer.state.global_step
         ));
+        // As in Hugging Face Trainer, the run's own length wins on resume.
+        let total = trainer.info().total_steps;
+        if planned != total {
+            cb.on_message(&format!(
+                "notice: the checkpoint was planned for {planned} steps, this run for {total} \
+                 (max_steps / num_epochs): the learning-rate schedule continues over {total} steps"
+            ));
+        }
     }
     Ok(trainer)
 }
@@ -323,6 +337,8 @@ pub fn train(cfg: &Config, cb: &mut dyn Callback) -> Result<TrainSummary> {
 /// [`train`] as one rank of a data-parallel run: every rank steps, evaluates and saves
 /// together; rank 0 alone writes metrics and the outputs.
 pub fn train_with(cfg: &Config, cb: &mut dyn Callback, dist: Option<DataParallel>) -> Result<TrainSummary> {
+    // Configs read from YAML are checked already; one built in code is checked here.
+    cfg.validate()?;
     let p = open_model(cfg)?;
     let mut t = build_trainer_with(cfg, &p, cb, dist)?;
     let rank0 = t.rank() == 0;
@@ -378,6 +394,13 @@ pub fn train_with(cfg: &Config, cb: &mut dyn Callback, dist: Option<DataParallel
             cfg.output_dir.display()
         ));
     }
+    let adapter = match t.adapter_config().cloned() {
+        Some(config) if rank0 => Some(lora::Adapter {
+            config,
+            tensors: t.trained_tensors()?.into_iter().collect(),
+        }),
+        _ => None,
+    };
     let seconds = super::trainer::now() - start;
     let summary = TrainSummary {
         steps: t.state.global_step,
@@ -390,6 +413,7 @@ pub fn train_with(cfg: &Config, cb: &mut dyn Callback, dist: Option<DataParallel
         output_dir: cfg.output_dir.clone(),
         interrupted,
         last_checkpoint,
+        adapter,
     };
     metrics_write(&|| serde_json::json!({"event": "end", "summary": &summary}));
     Ok(summary)

@@ -286,9 +286,12 @@ impl Trainer {
         };
         load_base_weights(&mut ex, &tg.model, weights)?;
         let lora = lora_options(&cfg);
-        let adapter = lora
-            .as_ref()
-            .map(|l| AdapterConfig::new(l, &base_name, &tg.model.opts.modules_to_save));
+        let adapter = lora.as_ref().map(|l| {
+            let saved = &tg.model.opts.modules_to_save;
+            let mut a = AdapterConfig::new(l, &base_name, saved);
+            a.ensure_weight_tying = tg.model.config.tie_word_embeddings && !saved.is_empty();
+            a
+        });
         let warmup = match (cfg.warmup_steps, cfg.warmup_ratio) {
             (Some(w), _) => w,
             (None, Some(r)) => (r * total_steps as f64).ceil() as u64,
@@ -396,33 +399,54 @@ impl Trainer {
         self.tg.model.trainable.iter().map(|&t| g.info(t).clone()).collect()
     }
 
-    /// PEFT initialisation, or the adapter in `lora_model_dir`.
+    /// PEFT initialisation, or the adapter in `lora_model_dir` (its pairs and fully trained
+    /// modules), which must have this config's r, alpha, targets and modules to save.
     fn init_adapters(&mut self) -> Result<()> {
         let pairs = self.tg.model.lora.clone();
         let r = self.cfg.lora_r;
-        let loaded: Option<(AdapterConfig, BTreeMap<String, HostTensor>)> = match &self.cfg.lora_model_dir {
-            #[cfg(not(target_arch = "wasm32"))]
-            Some(dir) => Some(lora::load(dir)?),
-            _ => None,
-        };
+        #[cfg(not(target_arch = "wasm32"))]
+        if let (Some(dir), Some(want)) = (self.cfg.lora_model_dir.clone(), self.adapter.clone()) {
+            let (found, tensors) = lora::load(&dir)?;
+            lora::check_compatible(&found, &want)
+                .map_err(|m| Error::Config(format!("lora_model_dir: the adapter in {} {m}", dir.display())))?;
+            let mut used = std::collections::BTreeSet::new();
+            for p in &pairs {
+                let dt = self.ex.graph().dtype(p.a);
+                let (ka, kb) = (lora::lora_a_key(&p.module), lora::lora_b_key(&p.module));
+                self.ex
+                    .set_tensor(p.a, &tensors.get_shaped(&ka, &[r, p.in_features], dt)?)?;
+                self.ex
+                    .set_tensor(p.b, &tensors.get_shaped(&kb, &[p.out_features, r], dt)?)?;
+                used.extend([ka, kb]);
+            }
+            let m = &self.tg.model;
+            let saved: Vec<_> = m
+                .weights
+                .iter()
+                .filter(|(_, t)| m.trainable.contains(t))
+                .cloned()
+                .collect();
+            for (name, t) in saved {
+                let key = lora::saved_module_key(&name);
+                let info = self.ex.graph().info(t).clone();
+                self.ex
+                    .set_tensor(t, &tensors.get_shaped(&key, &info.shape, info.dtype)?)?;
+                used.insert(key);
+            }
+            let unused: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
+            if !unused.is_empty() {
+                return Err(Error::Config(format!(
+                    "lora_model_dir: the adapter in {} has tensors this model has no place for (is it for \
+                     another model?): {}",
+                    dir.display(),
+                    unused.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                )));
+            }
+            return Ok(());
+        }
         for (i, p) in pairs.iter().enumerate() {
             let dt = self.ex.graph().dtype(p.a);
-            let (a, b) = match &loaded {
-                Some((c, tensors)) => {
-                    if c.r != r {
-                        return Err(Error::Config(format!(
-                            "lora_model_dir: the adapter has r={}, the config lora_r={r}",
-                            c.r
-                        )));
-                    }
-                    let get = |k: String, shape: &[usize]| tensors.get_shaped(&k, shape, dt);
-                    (
-                        get(lora::lora_a_key(&p.module), &[r, p.in_features])?,
-                        get(lora::lora_b_key(&p.module), &[p.out_features, r])?,
-                    )
-                }
-                None => lora::init_pair(p, r, self.cfg.data.seed, i, dt),
-            };
+            let (a, b) = lora::init_pair(p, r, self.cfg.data.seed, i, dt);
             self.ex.set_tensor(p.a, &a)?;
             self.ex.set_tensor(p.b, &b)?;
         }
@@ -791,13 +815,18 @@ impl Trainer {
             }
         }
         self.info.resumed_from_step = state.global_step;
+        // This run's length replaces the checkpoint's (see `run_hash_for`).
+        let max_steps = self.state.max_steps;
         self.state = state;
+        self.state.max_steps = max_steps;
         Ok(())
     }
 }
 
 /// A hash of everything that must not change across a resume (data, model, batch shape,
 /// schedule, optimizer), so a checkpoint is only continued by the run that made it.
+/// `max_steps` may change, as Hugging Face Trainer allows: the run is lengthened or cut and
+/// the learning-rate schedule is computed for the new total (the resume prints a notice).
 pub fn run_hash(cfg: &Config) -> String {
     run_hash_for(cfg, 1)
 }

@@ -32,6 +32,8 @@ pub fn cpu_executor(g: Graph, specs: &[ProgramSpec]) -> Executor {
     Executor::new(g, Box::new(CpuBackend::new()), specs).expect("compile")
 }
 
+pub mod train;
+
 /// ||a - b|| / ||b||
 pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
@@ -151,15 +153,28 @@ impl GradCheck {
     }
 }
 
+/// The tiny Llama's config.json: 2 layers, hidden 16, grouped-query attention, tied embeddings.
+pub const TINY_CONFIG: &str = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16,
+    "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "vocab_size": 32000, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
+    "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}"#;
+
 /// A tiny random Llama in Hugging Face layout (config.json, model.safetensors and the
 /// Mistral tokenizer fixture, 32000 tokens) in `dir`.
 pub fn write_tiny_model(dir: &std::path::Path, seed: u64) -> std::path::PathBuf {
+    write_tiny_model_with(dir, seed, true)
+}
+
+/// [`write_tiny_model`] with its own `lm_head.weight` (`tie_word_embeddings: false`).
+pub fn write_tiny_model_untied(dir: &std::path::Path, seed: u64) -> std::path::PathBuf {
+    write_tiny_model_with(dir, seed, false)
+}
+
+fn write_tiny_model_with(dir: &std::path::Path, seed: u64, tied: bool) -> std::path::PathBuf {
     use std::collections::HashMap;
     std::fs::create_dir_all(dir).unwrap();
-    let config = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16,
-        "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": 32000, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
-        "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}"#;
+    let untied = TINY_CONFIG.replace("\"tie_word_embeddings\": true", "\"tie_word_embeddings\": false");
+    let config = if tied { TINY_CONFIG } else { untied.as_str() };
     std::fs::write(dir.join("config.json"), config).unwrap();
     let cfg = ferrotune::model::ModelConfig::parse(config, "tiny").unwrap();
     let mut r = rng(seed);
@@ -180,6 +195,9 @@ pub fn write_tiny_model(dir: &std::path::Path, seed: u64) -> std::path::PathBuf 
     };
     add("model.embed_tokens.weight".into(), &[cfg.vocab_size, h], 0.1);
     add("model.norm.weight".into(), &[h], 0.0);
+    if !tied {
+        add("lm_head.weight".into(), &[cfg.vocab_size, h], 0.1);
+    }
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         add(format!("{p}.input_layernorm.weight"), &[h], 0.0);
