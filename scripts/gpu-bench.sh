@@ -8,7 +8,9 @@
 #   DIR/gpu-bench.sh run DIR         (on the GPU machine) runs both on each shape and prints
 #                                    tokens/s, the ratio, peak device memory (nvidia-smi
 #                                    samples, and PyTorch's peak allocation) and model TFLOP/s.
-#                                    CASES="llama-3.2-1b:2048:4 ..." picks the shapes.
+#                                    CASES="llama-3.2-1b:2048:4[:MODE[:gc]] ..." picks the shapes;
+#                                    MODE lora (default) or full; gc turns on gradient
+#                                    checkpointing in the transformers reference.
 set -uo pipefail
 mode="${1:-}"
 dir="${2:-.carry/cuda}"
@@ -49,17 +51,20 @@ with_peak() {
 
 summary=()
 for c in $cases; do
-  IFS=: read -r name seq batch <<<"$c"
+  IFS=: read -r name seq batch mode gc <<<"$c"
+  mode="${mode:-lora}"
   cfg="$dir/configs/$name.json"
-  echo "== $name seq $seq batch $batch, LoRA r16 all-linear"
-  ours=$(with_peak "$dir/ferrotune" bench train "$cfg" --seq-len "$seq" --batch "$batch" --lora-r 16 \
+  lora_args=(--full)
+  [ "$mode" = lora ] && lora_args=(--lora-r 16)
+  echo "== $name seq $seq batch $batch, $mode${gc:+ (reference with gradient checkpointing)}"
+  ours=$(with_peak "$dir/ferrotune" bench train "$cfg" --seq-len "$seq" --batch "$batch" "${lora_args[@]}" \
     --device cuda --json 2>"$out/ferrotune_$name.err")
   echo "$ours" | tee -a "$out/bench_train.jsonl"
   tail -3 "$out/ferrotune_$name.err"
-  ref=$(PYTHONUNBUFFERED=1 with_peak python3 "$dir/hf_baseline.py" "$cfg" lora "$seq" "$batch" 2>"$out/hf_$name.err")
+  ref=$(PYTHONUNBUFFERED=1 with_peak python3 "$dir/hf_baseline.py" "$cfg" "$mode" "$seq" "$batch" $gc 2>"$out/hf_$name.err")
   echo "$ref" | tee -a "$out/bench_train.jsonl"
   grep -E "Error|error" "$out/hf_$name.err" | tail -3
-  summary+=("$(python3 - "$name" "$seq" "$batch" <<PY
+  summary+=("$(python3 - "$name" "$seq" "$batch" "$mode${gc:+ gc}" <<PY
 import json, sys
 def parse(text):
     d, peak = {}, None
@@ -71,18 +76,18 @@ def parse(text):
     return d, peak
 o, op = parse("""$ours""")
 r, rp = parse("""$ref""")
-name, seq, batch = sys.argv[1:]
+name, seq, batch, mode = sys.argv[1:]
 if o.get("tok_s") and r.get("tok_s"):
     mfu = o["model_tflops"] / 989.0 * 100
-    print(f"| {name} | {seq} x {batch} | {o['tok_s']:.0f} | {r['tok_s']:.0f} | {o['tok_s'] / r['tok_s']:.2f} | "
+    print(f"| {name} {mode} | {seq} x {batch} | {o['tok_s']:.0f} | {r['tok_s']:.0f} | {o['tok_s'] / r['tok_s']:.2f} | "
           f"{op / 1024:.1f} / {o['peak_gib']:.1f} | {rp / 1024:.1f} / {r['peak_gib']:.1f} | {o['model_tflops']} | {mfu:.1f}% |")
 else:
-    print(f"| {name} | {seq} x {batch} | {o.get('tok_s')} | {r.get('tok_s')} | failed | | | | |")
+    print(f"| {name} {mode} | {seq} x {batch} | {o.get('tok_s')} | {r.get('tok_s')} | failed | | | | |")
 PY
 )")
 done
 echo
-echo "tokens/s: ferrotune cuda vs transformers+PEFT (peak GiB: nvidia-smi used / planned or torch-allocated;"
+echo "tokens/s: ferrotune cuda vs transformers (+PEFT for LoRA) (peak GiB: nvidia-smi used / planned or torch-allocated;"
 echo "MFU: model TFLOP/s over 989 dense bf16 TFLOP/s)"
 echo "| shape | tokens | ferrotune tok/s | HF+PEFT tok/s | ratio | ferrotune peak GiB | HF peak GiB | ferrotune TFLOP/s | MFU |"
 printf '%s\n' "${summary[@]}" | tee "$out/bench_summary.md"
