@@ -43,6 +43,23 @@ pub fn bundled_files() -> ModelFiles {
 
 pub const BUNDLED_NAME: &str = "ferrotune-tiny-llama";
 
+const CONFIG_HINT: &str = "pick the folder of a model of a supported architecture, with the config.json \
+                           transformers saved for it";
+const TOKENIZER_HINT: &str = "use the tokenizer.json saved with the model (a Hugging Face `tokenizers` \
+                              file, as save_pretrained writes it)";
+
+/// The error with what to do about it appended.
+fn with_hint(e: Error, hint: &str) -> Error {
+    match e {
+        Error::Format { path, msg } => Error::Format {
+            path,
+            msg: format!("{msg}\nTo fix: {hint}."),
+        },
+        Error::Config(msg) => Error::Config(format!("{msg}\nTo fix: {hint}.")),
+        other => ferrotune::msg!("{other}\nTo fix: {hint}."),
+    }
+}
+
 impl Model {
     /// Checks that the needed files are there and readable; every error says which file
     /// and what to do.
@@ -65,12 +82,14 @@ impl Model {
             )));
         }
         let config_text = String::from_utf8(files.config_json.unwrap_or_default())
-            .map_err(|_| Error::format("config.json", "not UTF-8 text"))?;
-        let config = ModelConfig::parse(&config_text, "config.json")?;
+            .map_err(|_| Error::format("config.json", "not UTF-8 text"))
+            .map_err(|e| with_hint(e, CONFIG_HINT))?;
+        let config = ModelConfig::parse(&config_text, "config.json").map_err(|e| with_hint(e, CONFIG_HINT))?;
         let tokenizer = Tokenizer::from_bytes(
             files.tokenizer_json.as_deref().unwrap_or_default(),
             files.tokenizer_config_json.as_deref(),
-        )?;
+        )
+        .map_err(|e| with_hint(e, TOKENIZER_HINT))?;
         let weights = ferrotune::model::read_safetensors_bytes(
             files.weights.as_deref().unwrap_or_default(),
             "model.safetensors",
@@ -110,9 +129,53 @@ pub enum Dataset {
     File { name: String, bytes: Vec<u8> },
 }
 
-/// Which of our dataset types a row is, from its keys.
-pub fn detect_type(name: &str, bytes: &[u8]) -> Result<DatasetType> {
-    let text = std::str::from_utf8(bytes).map_err(|_| Error::Data(format!("{name}: not UTF-8 text")))?;
+impl Dataset {
+    /// The rows as a file: its name, its bytes and its format.
+    pub fn into_file(self) -> Result<(String, Vec<u8>, DataFormat)> {
+        match self {
+            Dataset::Addition { digits, rows, seed } => {
+                let set = generate_addition(&AdditionOptions {
+                    digits,
+                    n_train: rows,
+                    n_eval: 0,
+                    seed,
+                })?;
+                let mut text = String::new();
+                for p in &set.train {
+                    text.push_str(&p.chat_line());
+                    text.push('\n');
+                }
+                Ok(("addition.jsonl".to_string(), text.into_bytes(), DataFormat::Chat))
+            }
+            Dataset::File { name, bytes } => {
+                let format = detect_format(&name, &bytes)?;
+                Ok((name, bytes, format))
+            }
+        }
+    }
+}
+
+/// A dataset file's row format, as the page tells them apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataFormat {
+    /// `messages: [{role, content}]`.
+    Chat,
+    /// ShareGPT: `conversations: [{from, value}]` with `human` / `gpt` / `system` turns.
+    ShareGpt,
+    /// `instruction`, optional `input`, `output`.
+    Alpaca,
+    /// `segments: [{text, label}]`.
+    InputOutput,
+    /// `text`.
+    Completion,
+}
+
+/// Which of our dataset formats a file's rows are in, from the keys of its first row.
+pub fn detect_format(name: &str, bytes: &[u8]) -> Result<DataFormat> {
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| Error::Data(format!("{name}: not UTF-8 text; save it as UTF-8")))?;
+    // Editors on Windows write a byte order mark; the reader skips it too.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let first = text
         .lines()
         .find(|l| !l.trim().is_empty())
@@ -130,20 +193,59 @@ pub fn detect_type(name: &str, bytes: &[u8]) -> Result<DatasetType> {
         })?
     };
     let has = |k: &str| row.get(k).is_some();
-    Ok(if has("messages") || has("conversations") {
-        DatasetType::ChatTemplate
+    Ok(if has("messages") {
+        DataFormat::Chat
+    } else if has("conversations") {
+        DataFormat::ShareGpt
     } else if has("instruction") {
-        DatasetType::Alpaca
+        DataFormat::Alpaca
     } else if has("segments") {
-        DatasetType::InputOutput
+        DataFormat::InputOutput
     } else if has("text") {
-        DatasetType::Completion
+        DataFormat::Completion
     } else {
+        let keys = match row.as_object() {
+            Some(o) if !o.is_empty() => o.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "),
+            Some(_) => "no keys".to_string(),
+            None => format!("not an object but {}", json_kind(&row)),
+        };
         return Err(Error::Data(format!(
-            "{name}:1: no known dataset format; rows need `messages` (chat), `instruction`/`output` (alpaca), \
-             `text` (completion) or `segments` (input_output)"
+            "{name}:1: no known dataset format (the first row has {keys}); rows need `messages` (chat), \
+             `conversations` (ShareGPT), `instruction`/`output` (alpaca), `text` (completion) or `segments` \
+             (input_output)"
         )));
     })
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// The `datasets[0]` entry for a file in `format`.
+fn dataset_entry(data_name: &str, format: DataFormat) -> serde_json::Value {
+    use serde_json::json;
+    match format {
+        DataFormat::Chat => json!({"path": data_name, "type": DatasetType::ChatTemplate}),
+        // The ShareGPT keys, as axolotl's chat_template type reads them; the turns keep
+        // their own role names, so `gpt` turns are the trained ones.
+        DataFormat::ShareGpt => json!({
+            "path": data_name,
+            "type": DatasetType::ChatTemplate,
+            "field_messages": "conversations",
+            "message_property_mappings": {"role": "from", "content": "value"},
+            "roles_to_train": ["gpt", "assistant"],
+        }),
+        DataFormat::Alpaca => json!({"path": data_name, "type": DatasetType::Alpaca}),
+        DataFormat::InputOutput => json!({"path": data_name, "type": DatasetType::InputOutput}),
+        DataFormat::Completion => json!({"path": data_name, "type": DatasetType::Completion}),
+    }
 }
 
 /// The knobs on the page.
@@ -171,10 +273,10 @@ impl Default for TrainOptions {
 }
 
 /// The run's config, as a YAML file would give it (JSON is YAML).
-pub fn config(model: &Model, data_name: &str, kind: DatasetType, o: &TrainOptions) -> Result<Config> {
+pub fn config(model: &Model, data_name: &str, format: DataFormat, o: &TrainOptions) -> Result<Config> {
     let v = serde_json::json!({
         "base_model": model.name,
-        "datasets": [{"path": data_name, "type": kind}],
+        "datasets": [dataset_entry(data_name, format)],
         "chat_template": "tokenizer_default_fallback_chatml",
         "sequence_len": o.sequence_len,
         "sample_packing": true,
@@ -206,31 +308,8 @@ impl Run {
         if o.rank == 0 || o.steps == 0 {
             return Err(Error::Config("LoRA rank and steps must be at least 1".into()));
         }
-        let (name, bytes, kind) = match data {
-            Dataset::Addition { digits, rows, seed } => {
-                let set = generate_addition(&AdditionOptions {
-                    digits,
-                    n_train: rows,
-                    n_eval: 0,
-                    seed,
-                })?;
-                let mut text = String::new();
-                for p in &set.train {
-                    text.push_str(&p.chat_line());
-                    text.push('\n');
-                }
-                (
-                    "addition.jsonl".to_string(),
-                    text.into_bytes(),
-                    DatasetType::ChatTemplate,
-                )
-            }
-            Dataset::File { name, bytes } => {
-                let kind = detect_type(&name, &bytes)?;
-                (name, bytes, kind)
-            }
-        };
-        let cfg = config(model, &name, kind, o)?;
+        let (name, bytes, format) = data.into_file()?;
+        let cfg = config(model, &name, format, o)?;
         let spec: &DatasetSpec = &cfg.datasets[0];
         let data = ferrotune::data::prepare_bytes(spec, &name, bytes, &cfg.data, &model.tokenizer)?;
         let train_samples = data.train.len();
@@ -331,4 +410,132 @@ pub async fn generate(
     )?;
     let out = gen.generate_async(&[ids], &opts).await?;
     tok.decode(&out[0], true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrotune::data::IGNORE_INDEX;
+
+    const SHAREGPT: &[u8] = include_bytes!("../test/data/sharegpt.jsonl");
+    const ALPACA: &[u8] = include_bytes!("../test/data/alpaca.jsonl");
+
+    fn prepared(name: &str, bytes: &[u8]) -> Vec<ferrotune::data::Sample> {
+        let model = Model::bundled().unwrap();
+        let format = detect_format(name, bytes).unwrap();
+        // Alpaca's prompt alone is ~180 bytes, one token each for the bundled tokenizer.
+        let o = TrainOptions {
+            sequence_len: 256,
+            ..TrainOptions::default()
+        };
+        let cfg = config(&model, name, format, &o).unwrap();
+        ferrotune::data::prepare_bytes(&cfg.datasets[0], name, bytes.to_vec(), &cfg.data, &model.tokenizer)
+            .unwrap()
+            .train
+    }
+
+    /// The text of a sample's labelled tokens (the bundled tokenizer is byte-level).
+    fn labelled_text(s: &ferrotune::data::Sample) -> String {
+        let tok = Model::bundled().unwrap().tokenizer;
+        let ids: Vec<u32> = s
+            .labels
+            .iter()
+            .filter(|&&l| l != IGNORE_INDEX)
+            .map(|&l| l as u32)
+            .collect();
+        tok.decode(&ids, false).unwrap()
+    }
+
+    #[test]
+    fn formats_are_told_apart_by_the_first_row() {
+        let f = |text: &str| detect_format("d.jsonl", text.as_bytes());
+        assert_eq!(f("{\"messages\": []}\n").unwrap(), DataFormat::Chat);
+        assert_eq!(f("\u{feff}{\"messages\": []}\n").unwrap(), DataFormat::Chat);
+        assert_eq!(detect_format("s.jsonl", SHAREGPT).unwrap(), DataFormat::ShareGpt);
+        assert_eq!(detect_format("a.jsonl", ALPACA).unwrap(), DataFormat::Alpaca);
+        assert_eq!(f("[{\"text\": \"x\"}]").unwrap(), DataFormat::Completion);
+        assert_eq!(f("\n{\"segments\": []}").unwrap(), DataFormat::InputOutput);
+        let e = f("{\"question\": \"q\", \"answer\": \"a\"}\n").unwrap_err().to_string();
+        assert!(
+            e.contains("d.jsonl:1: no known dataset format (the first row has `question`, `answer`)")
+                && e.contains("`conversations` (ShareGPT)"),
+            "{e}"
+        );
+        assert!(f("42\n")
+            .unwrap_err()
+            .to_string()
+            .contains("not an object but a number"));
+    }
+
+    #[test]
+    fn sharegpt_rows_train_on_the_gpt_turns() {
+        // The file starts with a byte order mark; every `gpt` value is trained, followed
+        // by the turn's end token, and nothing else.
+        let samples = prepared("sharegpt.jsonl", SHAREGPT);
+        let text = std::str::from_utf8(SHAREGPT).unwrap().trim_start_matches('\u{feff}');
+        let mut want: Vec<String> = text
+            .lines()
+            .map(|l| {
+                let row: serde_json::Value = serde_json::from_str(l).unwrap();
+                row["conversations"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|m| m["from"] == "gpt")
+                    .map(|m| format!("{}<|im_end|>", m["value"].as_str().unwrap()))
+                    .collect()
+            })
+            .collect();
+        let mut got: Vec<String> = samples.iter().map(labelled_text).collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want);
+        assert_eq!(want.len(), 6);
+    }
+
+    #[test]
+    fn alpaca_rows_train_on_the_output() {
+        let samples = prepared("alpaca.jsonl", ALPACA);
+        let mut got: Vec<String> = samples.iter().map(labelled_text).collect();
+        got.sort();
+        let mut want: Vec<String> = ["enots", "mice", "Red", "chat", "late", "4"]
+            .iter()
+            .map(|o| format!("{o}<|im_end|>"))
+            .collect();
+        want.sort();
+        assert_eq!(got, want);
+    }
+
+    fn files_with(config: &str, tokenizer: &[u8]) -> ModelFiles {
+        let mut f = bundled_files();
+        f.config_json = Some(config.as_bytes().to_vec());
+        f.tokenizer_json = Some(tokenizer.to_vec());
+        f
+    }
+
+    #[test]
+    fn bad_model_files_say_what_to_do() {
+        let good_config = std::str::from_utf8(include_bytes!("../model/config.json")).unwrap();
+        let good_tok = include_bytes!("../model/tokenizer.json");
+        let mamba = good_config.replace("LlamaForCausalLM", "MambaForCausalLM");
+        let e = Model::load("m", files_with(&mamba, good_tok))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.starts_with("config.json: unsupported architecture MambaForCausalLM; supported architectures: ")
+                && e.contains("LlamaForCausalLM")
+                && e.contains("\nTo fix: pick the folder of a model of a supported architecture"),
+            "{e}"
+        );
+        let e = Model::load("m", files_with(good_config, b"{\"model\": 3"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.starts_with("tokenizer.json: not a Hugging Face tokenizer.json")
+                && e.contains("\nTo fix: use the tokenizer.json saved with the model"),
+            "{e}"
+        );
+    }
 }

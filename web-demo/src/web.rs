@@ -1,6 +1,7 @@
-//! The page's JavaScript API (wasm-bindgen). Every call that computes is `async` and the
-//! page awaits it and yields to the event loop between steps, so the tab stays responsive;
-//! errors come back as JavaScript `Error`s whose message says what is wrong and what to do.
+//! The page's JavaScript API (wasm-bindgen), used from the page's worker (`www/worker.js`),
+//! which awaits each call and returns to its event loop between steps so that Cancel
+//! reaches it; errors come back as JavaScript `Error`s whose message says what is wrong
+//! and what to do.
 
 use crate::demo::{self, Adapter, Dataset, Model, Run, TrainOptions};
 use ferrotune::backend::Backend;

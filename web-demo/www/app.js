@@ -1,17 +1,47 @@
-// The demo page: wires the controls to the wasm module (pkg/ferrotune_web_demo.js).
-// Training steps are awaited one by one with a yield to the event loop between them, so
-// the page stays responsive and Cancel takes effect after the current step.
-import init, { Device, WebModel, WebRun } from './pkg/ferrotune_web_demo.js';
+// The demo page: wires the controls to the trainer, which runs in a dedicated worker
+// (worker.js, holding the wasm module pkg/ferrotune_web_demo.js), so no training step or
+// generation blocks this thread. The worker reports progress after every step; Cancel
+// asks it to stop after the current step.
 
 const $ = (id) => document.getElementById(id);
 // Read by the browser test; also handy in the console.
-const state = window.demoState = { ready: false, training: false, done: false, losses: [], error: null, device: null, messages: [] };
+const state = window.demoState = { ready: false, training: false, done: false, cancelled: false, losses: [], error: null, device: null, messages: [] };
 
-let model = null;
-let wasmMemory = null;
-let run = null;
-let cancelRequested = false;
+let haveModel = false;
+let haveRun = false;
 let busy = false;
+
+// ---- the worker -----------------------------------------------------------------------
+
+const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+const pending = new Map();
+let nextId = 1;
+let onEvent = () => {};
+
+// A request to the worker; resolves with its value or rejects with its error message.
+function call(op, args = {}) {
+  const id = nextId++;
+  return new Promise((resolve, reject) => {
+    pending.set(id, { resolve, reject });
+    worker.postMessage({ id, op, ...args });
+  });
+}
+
+worker.onmessage = (e) => {
+  const m = e.data;
+  if (m.event) { onEvent(m); return; }
+  const p = pending.get(m.id);
+  if (!p) return;
+  pending.delete(m.id);
+  if (m.ok) p.resolve(m.value); else p.reject(new Error(m.error));
+};
+// The worker's script failed to load or threw outside a request: fail whatever waits.
+worker.onerror = (e) => {
+  e.preventDefault();
+  const why = e.message || 'the worker script could not be loaded';
+  for (const p of pending.values()) p.reject(new Error(`The trainer stopped: ${why}. Reload the page.`));
+  pending.clear();
+};
 
 function message(text, kind = 'info') {
   const m = $('message');
@@ -36,7 +66,7 @@ function setBusy(b) {
 
 async function openDevice(name) {
   try {
-    const d = await Device.open(name);
+    const d = await call('openDevice', { name });
     state.device = name;
     $('device').value = name;
     // A WebGPU adapter of device type Cpu (Chromium's SwiftShader without a GPU driver)
@@ -51,11 +81,15 @@ async function openDevice(name) {
   }
 }
 
+const NO_GPU = 'no navigator.gpu';
+
 async function chooseDevice(wanted) {
-  const r = await openDevice(wanted);
+  // Without WebGPU on the page the worker is not asked (browsers expose it to both or,
+  // at most, to the page only).
+  const r = wanted === 'webgpu' && !navigator.gpu ? NO_GPU : await openDevice(wanted);
   if (r === true) return;
   if (wanted === 'webgpu') {
-    const why = navigator.gpu ? r : 'this browser does not expose navigator.gpu';
+    const why = r === NO_GPU ? 'this browser does not expose navigator.gpu' : r;
     message(`WebGPU is not available (${why}). Training runs on the CPU instead (slower). ` +
       'For WebGPU use Chrome or Edge 113+ (on Linux start Chromium with --enable-unsafe-webgpu), ' +
       'or Firefox with dom.webgpu.enabled.', 'error');
@@ -66,14 +100,19 @@ async function chooseDevice(wanted) {
   }
 }
 
-$('device').addEventListener('change', () => chooseDevice($('device').value));
+$('device').addEventListener('change', async () => {
+  if (busy) return;
+  setBusy(true);
+  try { await chooseDevice($('device').value); } finally { setBusy(false); }
+});
 
 // ---- model --------------------------------------------------------------------------
 
-function useBundled() {
+async function useBundled() {
   try {
-    model = WebModel.bundled();
-    $('model-info').textContent = model.describe();
+    const r = await call('bundled');
+    haveModel = true;
+    $('model-info').textContent = r.model;
     return true;
   } catch (e) {
     message(`The bundled model could not be loaded: ${errorText(e)}`, 'error');
@@ -82,9 +121,9 @@ function useBundled() {
 }
 
 async function loadModelFiles(files) {
+  if (busy) return;
   const byName = {};
   for (const f of files) byName[f.name] = f;
-  const bytes = async (n) => byName[n] ? new Uint8Array(await byName[n].arrayBuffer()) : undefined;
   const known = ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json'];
   if (!known.some((n) => byName[n])) {
     const names = Object.keys(byName).join(', ') || 'nothing';
@@ -95,24 +134,31 @@ async function loadModelFiles(files) {
     message('Sharded weights (model.safetensors.index.json) are not supported in the browser; save the model as one model.safetensors. The model in use is unchanged.', 'error');
     return;
   }
-  const t0 = performance.now();
+  setBusy(true);
   try {
     const name = (files[0].webkitRelativePath || '').split('/')[0] || 'dropped model';
     message(`Reading ${name}…`, 'info');
-    const m = WebModel.fromFiles(name, await bytes('config.json'), await bytes('model.safetensors'),
-      await bytes('tokenizer.json'), await bytes('tokenizer_config.json'));
-    model = m;
-    state.modelLoadMs = performance.now() - t0;
-    noteMemory();
-    $('model-info').textContent = model.describe();
-    const took = state.modelLoadMs < 1000 ? `${state.modelLoadMs.toFixed(0)} ms` : `${(state.modelLoadMs / 1000).toFixed(1)} s`;
-    message(`Model loaded in ${took}: ${model.describe()}`, 'ok');
+    const model = {};
+    for (const n of known) if (byName[n]) model[n] = byName[n];
+    const r = await call('loadModel', { name, files: model });
+    haveModel = true;
+    state.modelLoadMs = r.loadMs;
+    noteMemory(r.memoryBytes);
+    $('model-info').textContent = r.model;
+    const took = r.loadMs < 1000 ? `${r.loadMs.toFixed(0)} ms` : `${(r.loadMs / 1000).toFixed(1)} s`;
+    message(`Model loaded in ${took}: ${r.model}`, 'ok');
   } catch (e) {
     message(`${errorText(e)}\nThe model in use is unchanged.`, 'error');
+  } finally {
+    setBusy(false);
   }
 }
 
-$('use-bundled').addEventListener('click', () => { if (useBundled()) message('Using the bundled tiny model.', 'ok'); });
+$('use-bundled').addEventListener('click', async () => {
+  if (busy) return;
+  setBusy(true);
+  try { if (await useBundled()) message('Using the bundled tiny model.', 'ok'); } finally { setBusy(false); }
+});
 $('model-files').addEventListener('change', (e) => loadModelFiles([...e.target.files]));
 $('model-folder').addEventListener('change', (e) => loadModelFiles([...e.target.files]));
 
@@ -153,13 +199,13 @@ const query = new URLSearchParams(location.search);
 const sequenceLen = Math.floor(Number(query.get('seq') || 128));
 const microBatch = Math.floor(Number(query.get('batch') || 2));
 
-// The WebAssembly module's linear memory (it only grows), the peak kept in the state.
-function noteMemory() {
-  if (!wasmMemory) return;
-  state.wasmMemoryBytes = Math.max(state.wasmMemoryBytes || 0, wasmMemory.buffer.byteLength);
+// The WebAssembly module's linear memory in the worker (it only grows), the peak kept in
+// the state.
+function noteMemory(bytes) {
+  if (bytes) state.wasmMemoryBytes = Math.max(state.wasmMemoryBytes || 0, bytes);
 }
 
-function options() {
+function readOptions() {
   const num = (id) => Number($(id).value);
   const o = {
     rank: num('rank'), learning_rate: Number($('lr').value), steps: num('steps'), seed: num('seed'),
@@ -206,80 +252,90 @@ function drawChart(losses, total) {
   losses.forEach((v, i) => { g.beginPath(); g.arc(x(i), y(v), 2.5, 0, 7); g.fill(); });
 }
 
-async function datasetInput() {
+function datasetInput() {
   if (document.querySelector('input[name=data]:checked').value === 'addition') {
-    return { name: undefined, bytes: undefined, rows: Math.max(1, Math.floor(Number($('rows').value) || 64)) };
+    return { rows: Math.max(1, Math.floor(Number($('rows').value) || 64)) };
   }
   const f = $('data-file').files[0];
   if (!f) throw new Error('No dataset file chosen: pick a .jsonl file, or choose the built-in addition task.');
-  return { name: f.name, bytes: new Uint8Array(await f.arrayBuffer()), rows: 0 };
+  return { file: f };
 }
+
+function onProgress(m) {
+  if (m.event === 'prepared') {
+    state.prepareMs = m.prepareMs;
+    noteMemory(m.memoryBytes);
+    $('data-info').textContent = `${m.trainSamples} training samples, ${m.trainableParameters.toLocaleString()} trainable parameters`;
+    message(`Training ${m.totalSteps} steps on ${state.device}…`, 'info');
+  } else if (m.event === 'progress') {
+    state.losses.push(m.loss);
+    state.stepMs.push(m.stepMs);
+    state.stepWindows.push({ start: m.start, end: m.end });
+    state.stepTokens = m.tokens;
+    state.stepsPerSecond = m.stepsPerSecond;
+    state.tokensPerSecond = m.tokensPerSecond;
+    noteMemory(m.memoryBytes);
+    $('stat-step').textContent = `${m.step} / ${m.totalSteps}`;
+    $('stat-loss').textContent = m.loss.toFixed(4);
+    $('stat-tps').textContent = rate(m.tokensPerSecond);
+    $('stat-sps').textContent = rate(m.stepsPerSecond);
+    drawChart(state.losses, m.totalSteps);
+    if (!cancelRequested) $('status').textContent = `step ${m.step}`;
+  }
+}
+
+let cancelRequested = false;
 
 async function train() {
   if (busy) return;
-  if (!model) { message('No model: use the bundled one or drop a model folder first.', 'error'); return; }
+  if (!haveModel) { message('No model: use the bundled one or drop a model folder first.', 'error'); return; }
   setBusy(true);
   cancelRequested = false;
-  state.training = true; state.done = false; state.error = null; state.losses = [];
+  Object.assign(state, { training: true, done: false, cancelled: false, error: null, losses: [], stepMs: [], stepWindows: [] });
   $('download').disabled = true;
   drawChart([], 1);
   try {
-    const o = options();
-    const d = await datasetInput();
+    const options = readOptions();
+    const dataset = datasetInput();
     $('status').textContent = 'preparing…';
-    run = null;
-    const tPrepare = performance.now();
-    run = await WebRun.create(model, d.name, d.bytes, d.rows, JSON.stringify(o), state.device);
-    state.prepareMs = performance.now() - tPrepare;
-    state.stepMs = [];
-    noteMemory();
-    $('data-info').textContent = `${run.trainSamples} training samples, ${run.trainableParameters.toLocaleString()} trainable parameters`;
-    message(`Training ${run.totalSteps} steps on ${state.device}…`, 'info');
-    const t0 = performance.now();
-    let tokens = 0;
-    for (;;) {
-      const tStep = performance.now();
-      if (cancelRequested) { message(`Cancelled after ${state.losses.length} steps; the adapter so far can be tried and downloaded.`, 'info'); break; }
-      const text = await run.step();
-      if (text === undefined || text === null) { message(`Done: ${state.losses.length} steps, loss ${state.losses[0].toFixed(4)} → ${state.losses.at(-1).toFixed(4)}.`, 'ok'); break; }
-      const r = JSON.parse(text);
-      state.stepMs.push(performance.now() - tStep);
-      state.stepTokens = r.tokens;
-      noteMemory();
-      state.losses.push(r.loss);
-      tokens += r.tokens;
-      const secs = (performance.now() - t0) / 1000;
-      $('stat-step').textContent = `${r.step} / ${r.total_steps}`;
-      $('stat-loss').textContent = r.loss.toFixed(4);
-      $('stat-tps').textContent = rate(tokens / secs);
-      $('stat-sps').textContent = rate(r.step / secs);
-      state.stepsPerSecond = r.step / secs;
-      state.tokensPerSecond = tokens / secs;
-      drawChart(state.losses, r.total_steps);
-      $('status').textContent = `step ${r.step}`;
-      await new Promise((res) => setTimeout(res, 0));
+    haveRun = false;
+    onEvent = onProgress;
+    const r = await call('train', { options, dataset });
+    haveRun = r.steps > 0;
+    state.cancelled = r.cancelled;
+    noteMemory(r.memoryBytes);
+    if (r.cancelled) {
+      message(`Cancelled after ${r.steps} steps; the adapter so far can be tried and downloaded.`, 'info');
+    } else {
+      message(`Done: ${r.steps} steps, loss ${r.losses[0].toFixed(4)} → ${r.losses.at(-1).toFixed(4)}.`, 'ok');
     }
-    if (state.losses.length > 0) {
-      const w = await run.adapterWeights();
-      state.adapterBytes = w.length;
-      $('stat-size').textContent = `${(w.length / 1024).toFixed(1)} KiB`;
+    if (haveRun) {
+      state.adapterBytes = r.adapterBytes;
+      $('stat-size').textContent = `${(r.adapterBytes / 1024).toFixed(1)} KiB`;
       $('download').disabled = false;
     }
-    $('status').textContent = cancelRequested ? 'cancelled' : 'done';
-    state.done = true;
+    $('status').textContent = r.cancelled ? 'cancelled' : 'done';
   } catch (e) {
     message(`${errorText(e)}`, 'error');
     $('status').textContent = 'failed';
-    state.done = true;
-    if (state.losses.length === 0) run = null;
+    // A run that failed after some steps keeps its adapter so far.
+    haveRun = state.losses.length > 0;
+    $('download').disabled = !haveRun;
   } finally {
+    onEvent = () => {};
+    state.done = true;
     state.training = false;
     setBusy(false);
   }
 }
 
 $('train').addEventListener('click', train);
-$('cancel').addEventListener('click', () => { cancelRequested = true; $('status').textContent = 'cancelling after this step…'; });
+$('cancel').addEventListener('click', () => {
+  if (!state.training || cancelRequested) return;
+  cancelRequested = true;
+  $('status').textContent = 'cancelling after this step…';
+  call('cancel');
+});
 
 // ---- adapter download and generation -----------------------------------------------
 
@@ -293,24 +349,26 @@ function save(bytes, name, type) {
 }
 
 $('download').addEventListener('click', async () => {
-  if (!run || busy) return;
+  if (!haveRun || busy) return;
   try {
-    save(await run.adapterWeights(), 'adapter_model.safetensors', 'application/octet-stream');
-    save(await run.adapterConfig(), 'adapter_config.json', 'application/json');
+    const f = await call('adapterFiles');
+    save(f.weights, 'adapter_model.safetensors', 'application/octet-stream');
+    save(f.config, 'adapter_config.json', 'application/json');
   } catch (e) {
     message(errorText(e), 'error');
   }
 });
 
 $('generate').addEventListener('click', async () => {
-  if (busy || !model) return;
+  if (busy || !haveModel) return;
   setBusy(true);
   const prompt = $('prompt').value;
   $('out-base').textContent = '…';
-  $('out-adapter').textContent = run ? '…' : '(train first)';
+  $('out-adapter').textContent = haveRun ? '…' : '(train first)';
   try {
-    $('out-base').textContent = await model.generate(prompt, 16, state.device);
-    if (run) $('out-adapter').textContent = await run.generate(prompt, 16);
+    const r = await call('generate', { prompt, maxNewTokens: 16 });
+    $('out-base').textContent = r.base;
+    if (r.adapter !== null) $('out-adapter').textContent = r.adapter;
     state.generated = { base: $('out-base').textContent, adapter: $('out-adapter').textContent };
   } catch (e) {
     message(errorText(e), 'error');
@@ -323,14 +381,16 @@ $('generate').addEventListener('click', async () => {
 
 async function start() {
   try {
-    wasmMemory = (await init()).memory;
+    const r = await call('init');
+    haveModel = true;
+    noteMemory(r.memoryBytes);
+    $('model-info').textContent = r.model;
   } catch (e) {
     message(`The WebAssembly module could not be loaded: ${errorText(e)}. Build it with web-demo/build.sh.`, 'error');
     return;
   }
   const q = new URLSearchParams(location.search);
   for (const k of ['rank', 'lr', 'steps', 'seed', 'rows']) if (q.has(k)) $(k).value = q.get(k);
-  useBundled();
   message('Ready: press Train to fine-tune the bundled model on the addition task.', 'info');
   await chooseDevice(q.get('device') || 'webgpu');
   drawChart([], 1);

@@ -1,9 +1,12 @@
 //! The demo's training run natively, for comparison with the browser: the bundled model
 //! (or the model folder given with `--model`, read as the page reads it) on the built-in
-//! addition task with the page's options, printing one JSON object
-//! `{"device", "model", "options", "rows", "losses"}`.
+//! addition task (or the dataset file given with `--data`) with the page's options,
+//! printing one JSON object `{"device", "model", "data", "options", "rows", "losses"}`.
+//! `--write-data FILE` saves the rows trained on as a file, `--adapter-out DIR` the
+//! trained adapter as PEFT files (what the page downloads).
 //!
-//! web-demo-reference [--device cpu|wgsl] [--model DIR] [--rows N] [--options JSON]
+//! web-demo-reference [--device cpu|wgsl] [--model DIR] [--rows N] [--data FILE]
+//!                    [--options JSON] [--write-data FILE] [--adapter-out DIR]
 
 #[cfg(target_arch = "wasm32")]
 fn main() {}
@@ -43,16 +46,51 @@ fn run() -> ferrotune::Result<()> {
         Some(dir) => load_folder(std::path::Path::new(&dir))?,
         None => Model::bundled()?,
     };
-    let data = Dataset::Addition {
-        digits: 2,
-        rows,
-        seed: options.seed,
+    let data = match get("--data") {
+        Some(path) => {
+            let p = std::path::Path::new(&path);
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| path.clone());
+            Dataset::File {
+                name,
+                bytes: std::fs::read(p).map_err(|e| ferrotune::Error::io(p, e))?,
+            }
+        }
+        None => Dataset::Addition {
+            digits: 2,
+            rows,
+            seed: options.seed,
+        },
+    };
+    let (data_name, bytes, format) = data.into_file()?;
+    if let Some(path) = get("--write-data") {
+        std::fs::write(&path, &bytes).map_err(|e| ferrotune::Error::io(&path, e))?;
+    }
+    let data = Dataset::File {
+        name: data_name.clone(),
+        bytes,
     };
     let mut run = Run::new(&model, data, &options, backend)?;
     while pollster::block_on(run.step())?.is_some() {}
+    if let Some(dir) = get("--adapter-out") {
+        let (weights, config) = pollster::block_on(run.adapter())?.files()?;
+        std::fs::create_dir_all(&dir).map_err(|e| ferrotune::Error::io(&dir, e))?;
+        let dir = std::path::Path::new(&dir);
+        for (name, bytes) in [
+            ("adapter_model.safetensors", weights),
+            ("adapter_config.json", config.into_bytes()),
+        ] {
+            let p = dir.join(name);
+            std::fs::write(&p, bytes).map_err(|e| ferrotune::Error::io(&p, e))?;
+        }
+    }
     let out = serde_json::json!({
         "device": device,
         "model": model.name,
+        "data": data_name,
+        "format": format!("{format:?}"),
         "options": options,
         "rows": rows,
         "losses": run.losses,
