@@ -6,6 +6,7 @@
 // `src/backend/cuda/ops.rs::dt_code`. All arithmetic is f32; a load widens, a store rounds to
 // nearest even (bf16 by bit arithmetic, exactly what the `half` crate does on the CPU).
 
+typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef long long i64;

@@ -115,13 +115,99 @@ __device__ __forceinline__ float ex2(float x) {
 template <int R, int D, int S, int NT>
 __device__ __forceinline__ void load_tile(u16* s, const u16* g, i64 gs, i64 r0, i64 T) {
     constexpr int CPR = D / 8;  // 16-byte chunks per row
-    for (int c = threadIdx.x; c < R * CPR; c += NT) {
-        int r = c / CPR, cc = c - r * CPR;
-        i64 row = r0 + r;
-        bool ok = row < T;
-        cp_async16(smem_addr(s + r * S + cc * 8), g + (ok ? row : 0) * gs + cc * 8, ok ? 16 : 0);
+    if constexpr (NT % CPR == 0) {
+        // Each thread copies one fixed chunk column of every (NT / CPR)-th row: the loop is
+        // unrolled and its addresses are a base plus constants.
+        constexpr int RPI = NT / CPR;
+        const int cc = threadIdx.x % CPR, rr = threadIdx.x / CPR;
+        const u16* src = g + (r0 + rr) * gs + cc * 8;
+        const u32 dst = smem_addr(s + rr * S + cc * 8);
+#pragma unroll
+        for (int it = 0; it < (R + RPI - 1) / RPI; it++) {
+            const int r = rr + it * RPI;
+            if (R % RPI == 0 || r < R) {
+                const bool ok = r0 + r < T;
+                cp_async16(dst + it * RPI * S * 2, ok ? src + it * RPI * gs : g, ok ? 16 : 0);
+            }
+        }
+    } else {
+        for (int c = threadIdx.x; c < R * CPR; c += NT) {
+            int r = c / CPR, cc = c - r * CPR;
+            i64 row = r0 + r;
+            bool ok = row < T;
+            cp_async16(smem_addr(s + r * S + cc * 8), g + (ok ? row : 0) * gs + cc * 8, ok ? 16 : 0);
+        }
     }
 }
+
+// Copies tiles of R rows x D 16-bit columns of a row-major matrix (row stride `gs`) into
+// shared memory (row stride S elements) with NT threads. When NT is a multiple of the
+// chunks per row, each thread always copies the same 16-byte chunk column of rows rr,
+// rr + NT / CPR, ..., so every address is a per-thread base plus constants.
+template <int R, int D, int S, int NT>
+struct TileCopy {
+    static constexpr int CPR = D / 8, RPI = NT / CPR, IT = (R + RPI - 1) / RPI;
+    static constexpr bool FIXED = NT % CPR == 0;
+    const u16* g;           // the matrix
+    const u16* src[IT];     // this thread's chunk of rows rr + it RPI
+    i64 gs;
+    u32 dst;  // this thread's shared address in a tile at byte 0 (tile0 + chunk offset)
+    u32 tile0;
+    int rr;
+    __device__ __forceinline__ TileCopy(const u16* g_, i64 gs_, u32 tile0_) : g(g_), gs(gs_), tile0(tile0_) {
+        const int cc = FIXED ? threadIdx.x % CPR : 0;
+        rr = FIXED ? threadIdx.x / CPR : 0;
+#pragma unroll
+        for (int it = 0; it < IT; it++) src[it] = g + (rr + it * RPI) * gs + cc * 8;
+        dst = tile0 + (rr * S + cc * 8) * 2;
+    }
+    // Rows [r0, r0 + R) into the tile `off` bytes after tile0; rows at or past T are zeros
+    // (a zero-size copy reads nothing, so their addresses need not be valid).
+    __device__ __forceinline__ void copy(int r0, int T, u32 off) const {
+        if constexpr (FIXED) {
+            const i64 o = (i64)r0 * gs;
+            const int left = T - r0 - rr;  // this thread's rows it * RPI < left exist
+#pragma unroll
+            for (int it = 0; it < IT; it++) {
+                if (R % RPI == 0 || rr + it * RPI < R)
+                    cp_async16(dst + off + it * RPI * S * 2, src[it] + o, it * RPI < left ? 16 : 0);
+            }
+        } else {
+            for (int c = threadIdx.x; c < R * CPR; c += NT) {
+                const int r = c / CPR, cc = c - r * CPR;
+                const bool ok = r0 + r < T;
+                cp_async16(tile0 + off + (r * S + cc * 8) * 2, g + (ok ? (i64)(r0 + r) : 0) * gs + cc * 8, ok ? 16 : 0);
+            }
+        }
+    }
+};
+
+// The visible positions [lo, hi] of the other side for position i, by the causal and window
+// rules and the row length T (empty when i >= T). For a query i these are keys; for a key j
+// (the backward's rows) pass `keys = false` to get queries.
+__device__ __forceinline__ void visible_span(const FlashParams& p, i64 i, bool keys, int& lo, int& hi) {
+    const int T = (int)p.T, x = (int)i;
+    if (i >= p.T) {
+        lo = 1;
+        hi = 0;
+        return;
+    }
+    lo = 0;
+    hi = T - 1;
+    if (p.causal) {
+        if (keys) hi = x;
+        else lo = x;
+    }
+    if (p.window > 0) {
+        lo = max(lo, x - p.window + 1);
+        hi = min(hi, x + p.window - 1);
+    }
+}
+
+// Tile flags: 0 nothing visible, 1 partly visible (element masks apply), 2 all visible.
+#define TILE_HIDDEN 0
+#define TILE_MASKED 1
+#define TILE_FULL 2
 
 // 4 bytes global -> shared; `bytes` 0 fills zeros.
 __device__ __forceinline__ void cp_async4(u32 dst, const void* src, int bytes) {
@@ -211,6 +297,7 @@ __device__ void flash_fwd(const FlashParams& p) {
     u16* sV = sK + 2 * BN * S;          // [2][BN][S]
     int* sSeg = (int*)(sV + 2 * BN * S);  // [2][BN]
     int2* sRng = (int2*)(sSeg + 2 * BN);  // granule ranges
+    u8* sFlag = (u8*)(sRng + p.ngr);      // per key tile: TILE_*
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
     const i64 b = blockIdx.z, T = p.T;
     const int h = blockIdx.y, kh = h / (p.Hq / p.Hkv);
@@ -233,35 +320,54 @@ __device__ void flash_fwd(const FlashParams& p) {
     int qs_lo, qs_hi;
     srange(sRng, goff, q0, BM, T, qs_lo, qs_hi);
     const int nq = (int)min((i64)BM, T - q0);
-    // The next tile at or after t that some query of this block can see.
-    auto next_tile = [&](int t) {
-        for (; t < t_hi; t++) {
-            if (pos_hidden(p, q0, nq, (i64)t * BN, BN)) continue;
+    const int wrow = warp * 16 * MW;
+    // Which key tiles this block sees, and which of them need element masks: decided once,
+    // by all threads together, so the loop below only reads a flag.
+    for (int t = t_lo + tid; t < t_hi; t += NTH) {
+        u8 f = TILE_HIDDEN;
+        if (!pos_hidden(p, q0, nq, (i64)t * BN, BN)) {
             int a, c;
             srange(sRng, goff, (i64)t * BN, BN, T, a, c);
-            if (c >= qs_lo && a <= qs_hi) break;
+            if (c >= qs_lo && a <= qs_hi)
+                f = pos_full(p, q0, BM, (i64)t * BN, BN) && a == c && qs_lo == qs_hi && a == qs_lo ? TILE_FULL
+                                                                                                   : TILE_MASKED;
         }
+        sFlag[t - t_lo] = f;
+    }
+    __syncthreads();
+    auto next_tile = [&](int t) {
+#pragma unroll 1
+        while (t < t_hi && sFlag[t - t_lo] == TILE_HIDDEN) t++;
         return t;
     };
+    // Shared addresses as a base plus constants (the tile loops are unrolled).
+    const u32 sb = smem_addr(smem), sbK = sb + BM * S * 2, sbV = sbK + 2 * BN * S * 2, sbSeg = smem_addr(sSeg);
+    const TileCopy<BN, D, S, NTH> kcopy(K, kw, sbK), vcopy(V, kw, sbV);
+    const int Ti = (int)T;
     auto load_kv = [&](int t, int buf) {
-        const i64 n0 = (i64)t * BN;
-        load_tile<BN, D, S, NTH>(sK + buf * BN * S, K, kw, n0, T);
-        load_tile<BN, D, S, NTH>(sV + buf * BN * S, V, kw, n0, T);
+        const int n0 = t * BN;
+        kcopy.copy(n0, Ti, buf * BN * S * 2);
+        vcopy.copy(n0, Ti, buf * BN * S * 2);
         for (int r = tid; r < BN; r += NTH) {
-            bool ok = n0 + r < T;
-            cp_async4(smem_addr(sSeg + buf * BN + r), seg + (ok ? n0 + r : 0), ok ? 4 : 0);
+            bool ok = n0 + r < Ti;
+            cp_async4(sbSeg + (buf * BN + r) * 4, seg + (ok ? n0 + r : 0), ok ? 4 : 0);
         }
     };
+    // Per-lane parts of the ldmatrix addresses (elements): Q and K rows, V rows (transposed).
+    const u32 aQ = sb + ((wrow + (lane & 15)) * S + (lane >> 4) * 8) * 2;
+    const u32 aK = sbK + (((lane & 7) + ((lane >> 4) << 3)) * S + ((lane >> 3) & 1) * 8) * 2;
+    const u32 aV = sbV + (((lane & 7) + ((lane >> 3) & 1) * 8) * S + (lane >> 4) * 8) * 2;
 
-    // Thread rows: warp rows 16 MW w + 16 mi + g (+ 8 for the second half of a tile).
-    const int wrow = warp * 16 * MW;
-    int segq[MW][2];
+    // Thread rows: warp rows 16 MW w + 16 mi + g (+ 8 for the second half of a tile), each
+    // with its segment id and the span of keys the position rules let it see.
+    int segq[MW][2], jlo[MW][2], jhi[MW][2];
 #pragma unroll
     for (int mi = 0; mi < MW; mi++)
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             i64 i = q0 + wrow + mi * 16 + g + r * 8;
             segq[mi][r] = i < T ? seg[i] : 0;
+            visible_span(p, i, true, jlo[mi][r], jhi[mi][r]);
         }
 
     float acc[MW][DN][4];
@@ -269,14 +375,16 @@ __device__ void flash_fwd(const FlashParams& p) {
     for (int mi = 0; mi < MW; mi++)
 #pragma unroll
         for (int i = 0; i < DN; i++) acc[mi][i][0] = acc[mi][i][1] = acc[mi][i][2] = acc[mi][i][3] = 0.f;
+    // Running row maxima of the raw scores q.k, and partial row sums of 2^(scale log2(e) (s - m)).
     float mrow[MW][2], lrow[MW][2];
 #pragma unroll
     for (int mi = 0; mi < MW; mi++) mrow[mi][0] = mrow[mi][1] = NEG_INF, lrow[mi][0] = lrow[mi][1] = 0.f;
     u32 qf[QREG ? MW : 1][QREG ? DK : 1][4];
+    const float sl2 = p.scale_log2;
 
     int t = next_tile(t_lo);
     int tn = t < t_hi ? next_tile(t + 1) : t_hi;
-    load_tile<BM, D, S, NTH>(sQ, Q, qw, q0, T);
+    TileCopy<BM, D, S, NTH>(Q, qw, sb).copy((int)q0, Ti, 0);
     if (t < t_hi) load_kv(t, 0);
     cp_async_commit();
     if (tn < t_hi) load_kv(tn, 1);
@@ -284,10 +392,10 @@ __device__ void flash_fwd(const FlashParams& p) {
     int buf = 0;
     bool first = true;
     while (t < t_hi) {
-        const i64 n0 = (i64)t * BN;
-        const u16* cK = sK + buf * BN * S;
-        const u16* cV = sV + buf * BN * S;
+        const int n0 = t * BN;
+        const u32 cK = aK + buf * BN * S * 2, cV = aV + buf * BN * S * 2;
         const int* cSeg = sSeg + buf * BN;
+        const bool full = sFlag[t - t_lo] == TILE_FULL;
         cp_async_wait_1();
         __syncthreads();
         if (QREG && first) {
@@ -295,8 +403,7 @@ __device__ void flash_fwd(const FlashParams& p) {
             for (int mi = 0; mi < (QREG ? MW : 1); mi++)
 #pragma unroll
                 for (int kc = 0; kc < (QREG ? DK : 1); kc++)
-                    ldsm_x4(smem_addr(sQ + (wrow + mi * 16 + (lane & 15)) * S + kc * 16 + (lane >> 4) * 8), qf[mi][kc][0],
-                            qf[mi][kc][1], qf[mi][kc][2], qf[mi][kc][3]);
+                    ldsm_x4(aQ + (mi * 16 * S + kc * 16) * 2, qf[mi][kc][0], qf[mi][kc][1], qf[mi][kc][2], qf[mi][kc][3]);
         }
         first = false;
 
@@ -314,15 +421,13 @@ __device__ void flash_fwd(const FlashParams& p) {
 #pragma unroll
                     for (int e = 0; e < 4; e++) qa[mi][e] = qf[QREG ? mi : 0][QREG ? kc : 0][e];
                 } else {
-                    ldsm_x4(smem_addr(sQ + (wrow + mi * 16 + (lane & 15)) * S + kc * 16 + (lane >> 4) * 8), qa[mi][0],
-                            qa[mi][1], qa[mi][2], qa[mi][3]);
+                    ldsm_x4(aQ + (mi * 16 * S + kc * 16) * 2, qa[mi][0], qa[mi][1], qa[mi][2], qa[mi][3]);
                 }
             }
 #pragma unroll
             for (int np = 0; np < NT / 2; np++) {
                 u32 b0, b1, b2, b3;
-                ldsm_x4(smem_addr(cK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * S + kc * 16 + ((lane >> 3) & 1) * 8),
-                        b0, b1, b2, b3);
+                ldsm_x4(cK + (np * 16 * S + kc * 16) * 2, b0, b1, b2, b3);
 #pragma unroll
                 for (int mi = 0; mi < MW; mi++) {
                     mma16816<F16>(s[mi][2 * np], qa[mi], b0, b1);
@@ -330,28 +435,23 @@ __device__ void flash_fwd(const FlashParams& p) {
                 }
             }
         }
-        bool full = pos_full(p, q0, BM, n0, BN);
-        if (full) {
-            int a, c;
-            srange(sRng, goff, n0, BN, T, a, c);
-            full = a == c && qs_lo == qs_hi && a == qs_lo;
+        if (!full) {
+            // Element masks (tiles on the causal diagonal, window edges, segment borders).
+#pragma unroll
+            for (int mi = 0; mi < MW; mi++)
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int jj = nt * 8 + 2 * tig + (e & 1), j = n0 + jj, r = e >> 1;
+                        const bool ok = (j >= jlo[mi][r]) & (j <= jhi[mi][r]) & (cSeg[jj] == segq[mi][r]);
+                        s[mi][nt][e] = ok ? s[mi][nt][e] : NEG_INF;
+                    }
         }
 #pragma unroll
         for (int mi = 0; mi < MW; mi++) {
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float v = s[mi][nt][e] * p.scale_log2;
-                    if (!full) {
-                        int jj = nt * 8 + 2 * tig + (e & 1);
-                        i64 i = q0 + wrow + mi * 16 + g + (e >> 1) * 8;
-                        if (!visible(p, i, n0 + jj, segq[mi][e >> 1], cSeg[jj])) v = NEG_INF;
-                    }
-                    s[mi][nt][e] = v;
-                }
-            }
-            // Online softmax, per row; the four threads of a quad share a row.
+            // Online softmax, per row; the four threads of a quad share a row. The scale is
+            // applied inside the exponent: 2^(sl2 s - sl2 m) is one FMA and one ex2.
 #pragma unroll
             for (int r = 0; r < 2; r++) {
                 float mx = NEG_INF;
@@ -359,13 +459,13 @@ __device__ void flash_fwd(const FlashParams& p) {
                 for (int nt = 0; nt < NT; nt++) mx = fmaxf(mx, fmaxf(s[mi][nt][2 * r], s[mi][nt][2 * r + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                float mn = fmaxf(mrow[mi][r], mx);
-                float mref = mn == NEG_INF ? 0.f : mn;
-                float corr = ex2(mrow[mi][r] - mref);
+                const float mn = fmaxf(mrow[mi][r], mx);
+                const float msc = mn == NEG_INF ? 0.f : mn * sl2;
+                const float corr = ex2(fmaf(mrow[mi][r], sl2, -msc));
                 float sum = 0.f;
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) {
-                    float a = ex2(s[mi][nt][2 * r] - mref), c = ex2(s[mi][nt][2 * r + 1] - mref);
+                    float a = ex2(fmaf(s[mi][nt][2 * r], sl2, -msc)), c = ex2(fmaf(s[mi][nt][2 * r + 1], sl2, -msc));
                     s[mi][nt][2 * r] = a;
                     s[mi][nt][2 * r + 1] = c;
                     sum += a + c;
@@ -392,8 +492,7 @@ __device__ void flash_fwd(const FlashParams& p) {
 #pragma unroll
             for (int dp = 0; dp < DN / 2; dp++) {
                 u32 b0, b1, b2, b3;
-                ldsm_x4_t(smem_addr(cV + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + dp * 16 + (lane >> 4) * 8),
-                          b0, b1, b2, b3);
+                ldsm_x4_t(cV + (kc * 16 * S + dp * 16) * 2, b0, b1, b2, b3);
 #pragma unroll
                 for (int mi = 0; mi < MW; mi++) {
                     mma16816<F16>(acc[mi][2 * dp], pf[mi], b0, b1);
@@ -427,7 +526,7 @@ __device__ void flash_fwd(const FlashParams& p) {
                 for (int dt = 0; dt < DN; dt++)
                     *(u32*)(O + row * qw + dt * 8 + 2 * tig) =
                         pack2<F16>(acc[mi][dt][2 * r] * inv, acc[mi][dt][2 * r + 1] * inv);
-                if (tig == 0) lse[row] = (mrow[mi][r] + __log2f(l)) * LN2;
+                if (tig == 0) lse[row] = (mrow[mi][r] * sl2 + __log2f(l)) * LN2;
             }
         }
     }
@@ -452,8 +551,10 @@ __device__ void flash_bwd(const FlashParams& p) {
     float* sDi = sL + 2 * BM;                // [2][BM]
     int* sSg = (int*)(sDi + 2 * BM);         // [2][BM] segment ids of the queries
     int2* sRng = (int2*)(sSg + 2 * BM);      // granule ranges
+    u8* sFlag = (u8*)(sRng + p.ngr);         // per query tile: TILE_*
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
     const i64 b = blockIdx.z, T = p.T;
+    const int Ti = (int)T;
     const int kh = blockIdx.y, group = p.Hq / p.Hkv;
     const i64 n0 = (i64)blockIdx.x * BN;
     const i64 qw = (i64)p.Hq * D, kw = (i64)p.Hkv * D;
@@ -473,84 +574,109 @@ __device__ void flash_bwd(const FlashParams& p) {
     int ks_lo, ks_hi;
     srange(sRng, goff, n0, BN, T, ks_lo, ks_hi);
     const int nk = (int)min((i64)BN, T - n0);
-    const int steps = group * (mt_hi - mt_lo);
-    // The next (head, query tile) step at or after s that sees some key of this block.
-    auto next_step = [&](int s) {
-        for (; s < steps; s++) {
-            i64 m0 = (i64)(mt_lo + s % (mt_hi - mt_lo)) * BM;
-            if (pos_hidden(p, m0, BM, n0, nk)) continue;
+    // Which query tiles see some key of this block, and which need element masks (the same
+    // for every head of the group): decided once by all threads.
+    for (int mt = mt_lo + tid; mt < mt_hi; mt += NTH) {
+        const i64 m0 = (i64)mt * BM;
+        u8 f = TILE_HIDDEN;
+        if (!pos_hidden(p, m0, BM, n0, nk)) {
             int a, c;
             srange(sRng, goff, m0, BM, T, a, c);
-            if (c >= ks_lo && a <= ks_hi) break;
+            if (c >= ks_lo && a <= ks_hi)
+                f = pos_full(p, m0, BM, n0, BN) && a == c && ks_lo == ks_hi && a == ks_lo ? TILE_FULL : TILE_MASKED;
         }
-        return s;
+        sFlag[mt - mt_lo] = f;
+    }
+    __syncthreads();
+    // Steps walk (head of the group, query tile) with the query tile fastest; `next` moves to
+    // the next visible one (hh == group: done).
+    struct Step {
+        int hh, mt;
     };
-    // Loads the query-side tiles of step s into buffer `buf`: Q, dO, lse, Di, segment ids.
-    auto load_step = [&](int s, int buf) {
-        int hh = kh * group + s / (mt_hi - mt_lo);
-        i64 m0 = (i64)(mt_lo + s % (mt_hi - mt_lo)) * BM;
-        load_tile<BM, D, S, NTH>(sQ + buf * BM * S, (const u16*)p.q + b * T * qw + hh * D, qw, m0, T);
-        load_tile<BM, D, S, NTH>(sdO + buf * BM * S, (const u16*)p.d_o + b * T * qw + hh * D, qw, m0, T);
+    auto next = [&](Step st) {
+#pragma unroll 1
+        while (st.hh < group) {
+            if (++st.mt == mt_hi) {
+                st.mt = mt_lo;
+                st.hh++;
+            }
+            if (st.hh < group && sFlag[st.mt - mt_lo] != TILE_HIDDEN) break;
+        }
+        return st;
+    };
+    auto first_step = [&]() {
+        Step st{0, mt_lo - 1};
+        return mt_lo < mt_hi ? next(st) : Step{group, mt_lo};
+    };
+
+    // Shared addresses as a base plus constants.
+    const u32 sb = smem_addr(smem), sbV = sb + BN * S * 2, sbQ = sbV + BN * S * 2, sbdO = sbQ + 2 * BM * S * 2;
+    const u32 sbdS = sbdO + 2 * BM * S * 2, sbL = smem_addr(sL), sbDi = smem_addr(sDi), sbSg = smem_addr(sSg);
+    // Loads the query-side tiles of step st into buffer `buf`: Q, dO, lse, Di, segment ids.
+    auto load_step = [&](Step st, int buf) {
+        const int hh = kh * group + st.hh, m0 = st.mt * BM;
+        TileCopy<BM, D, S, NTH>((const u16*)p.q + b * T * qw + hh * D, qw, sbQ).copy(m0, Ti, buf * BM * S * 2);
+        TileCopy<BM, D, S, NTH>((const u16*)p.d_o + b * T * qw + hh * D, qw, sbdO).copy(m0, Ti, buf * BM * S * 2);
         const i64 lrow = (b * p.Hq + hh) * T;
         for (int r = tid; r < BM; r += NTH) {
-            i64 i = m0 + r;
-            int ok = i < T ? 4 : 0;
-            i64 ii = i < T ? i : 0;
-            cp_async4(smem_addr(sL + buf * BM + r), (const float*)p.lse + lrow + ii, ok);
-            cp_async4(smem_addr(sDi + buf * BM + r), (const float*)p.Di + lrow + ii, ok);
-            cp_async4(smem_addr(sSg + buf * BM + r), seg + ii, ok);
+            const int i = m0 + r, ok = i < Ti ? 4 : 0, ii = i < Ti ? i : 0;
+            cp_async4(sbL + (buf * BM + r) * 4, (const float*)p.lse + lrow + ii, ok);
+            cp_async4(sbDi + (buf * BM + r) * 4, (const float*)p.Di + lrow + ii, ok);
+            cp_async4(sbSg + (buf * BM + r) * 4, seg + ii, ok);
         }
     };
 
     const i64 krow0 = n0 + warp * 16 + g;  // this thread's key rows: krow0, krow0 + 8
-    int segk[2];
-    segk[0] = krow0 < T ? seg[krow0] : 0;
-    segk[1] = krow0 + 8 < T ? seg[krow0 + 8] : 0;
+    int segk[2], ilo[2], ihi[2];  // their segment ids and the queries the position rules let see them
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        segk[r] = krow0 + 8 * r < T ? seg[krow0 + 8 * r] : 0;
+        visible_span(p, krow0 + 8 * r, false, ilo[r], ihi[r]);
+    }
     float dk[DN][4], dv[DN][4];
 #pragma unroll
     for (int i = 0; i < DN; i++) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
     u32 kf[KVREG ? DK : 1][4], vf[KVREG ? DK : 1][4];
+    // Per-lane parts of the ldmatrix addresses (bytes).
+    const u32 aKV = ((warp * 16 + (lane & 15)) * S + (lane >> 4) * 8) * 2;                  // K, V rows (A operand)
+    const u32 aQB = (((lane & 7) + ((lane >> 4) << 3)) * S + ((lane >> 3) & 1) * 8) * 2;     // Q, dO (B operand)
+    const u32 aQT = (((lane & 7) + ((lane >> 3) & 1) * 8) * S + (lane >> 4) * 8) * 2;       // Q, dO transposed
+    const u32 aDS = (((lane & 7) + ((lane >> 4) << 3)) * SS + ((lane >> 3) & 1) * 8) * 2;    // dS^T transposed
+    const u32 aKT = aQT;                                                                       // K transposed
 
-    load_tile<BN, D, S, NTH>(sK, K, kw, n0, T);
-    load_tile<BN, D, S, NTH>(sV, V, kw, n0, T);
-    int s = next_step(0);
-    int sn = s < steps ? next_step(s + 1) : steps;
-    if (s < steps) load_step(s, 0);
+    TileCopy<BN, D, S, NTH>(K, kw, sb).copy((int)n0, Ti, 0);
+    TileCopy<BN, D, S, NTH>(V, kw, sbV).copy((int)n0, Ti, 0);
+    Step st = first_step();
+    Step sn = st.hh < group ? next(st) : st;
+    if (st.hh < group) load_step(st, 0);
     cp_async_commit();
-    if (sn < steps) load_step(sn, 1);
+    if (sn.hh < group) load_step(sn, 1);
     cp_async_commit();
     int buf = 0;
     bool first = true;
-    while (s < steps) {
-        const int hh = kh * group + s / (mt_hi - mt_lo);
-        const i64 m0 = (i64)(mt_lo + s % (mt_hi - mt_lo)) * BM;
-        const u16* cQ = sQ + buf * BM * S;
-        const u16* cdO = sdO + buf * BM * S;
+    const float sl2 = p.scale_log2;
+    while (st.hh < group) {
+        const int hh = kh * group + st.hh, m0 = st.mt * BM;
+        const u32 cQ = sbQ + buf * BM * S * 2, cdO = sbdO + buf * BM * S * 2;
         const float* cL = sL + buf * BM;
         const float* cDi = sDi + buf * BM;
         const int* cSg = sSg + buf * BM;
+        const bool full = sFlag[st.mt - mt_lo] == TILE_FULL;
         cp_async_wait_1();
         __syncthreads();
         if (KVREG && first) {
 #pragma unroll
             for (int kc = 0; kc < (KVREG ? DK : 1); kc++) {
-                int off = (warp * 16 + (lane & 15)) * S + kc * 16 + (lane >> 4) * 8;
-                ldsm_x4(smem_addr(sK + off), kf[kc][0], kf[kc][1], kf[kc][2], kf[kc][3]);
-                ldsm_x4(smem_addr(sV + off), vf[kc][0], vf[kc][1], vf[kc][2], vf[kc][3]);
+                ldsm_x4(sb + aKV + kc * 32, kf[kc][0], kf[kc][1], kf[kc][2], kf[kc][3]);
+                ldsm_x4(sbV + aKV + kc * 32, vf[kc][0], vf[kc][1], vf[kc][2], vf[kc][3]);
             }
         }
         first = false;
-        bool full = pos_full(p, m0, BM, n0, BN);
-        if (full) {
-            int a, c;
-            srange(sRng, goff, m0, BM, T, a, c);
-            full = a == c && ks_lo == ks_hi && a == ks_lo;
-        }
         // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys.
-        float st[MT][4], dpt[MT][4];
+        float st_[MT][4], dpt[MT][4];
 #pragma unroll
         for (int i = 0; i < MT; i++)
-            st[i][0] = st[i][1] = st[i][2] = st[i][3] = dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
+            st_[i][0] = st_[i][1] = st_[i][2] = st_[i][3] = dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
 #pragma unroll
         for (int kc = 0; kc < DK; kc++) {
             u32 ka[4], va[4];
@@ -561,18 +687,17 @@ __device__ void flash_bwd(const FlashParams& p) {
                     va[e] = vf[KVREG ? kc : 0][e];
                 }
             } else {
-                int off = (warp * 16 + (lane & 15)) * S + kc * 16 + (lane >> 4) * 8;
-                ldsm_x4(smem_addr(sK + off), ka[0], ka[1], ka[2], ka[3]);
-                ldsm_x4(smem_addr(sV + off), va[0], va[1], va[2], va[3]);
+                ldsm_x4(sb + aKV + kc * 32, ka[0], ka[1], ka[2], ka[3]);
+                ldsm_x4(sbV + aKV + kc * 32, va[0], va[1], va[2], va[3]);
             }
 #pragma unroll
             for (int mp = 0; mp < MT / 2; mp++) {
                 u32 b0, b1, b2, b3;
-                int off = (mp * 16 + (lane & 7) + ((lane >> 4) << 3)) * S + kc * 16 + ((lane >> 3) & 1) * 8;
-                ldsm_x4(smem_addr(cQ + off), b0, b1, b2, b3);
-                mma16816<F16>(st[2 * mp], ka, b0, b1);
-                mma16816<F16>(st[2 * mp + 1], ka, b2, b3);
-                ldsm_x4(smem_addr(cdO + off), b0, b1, b2, b3);
+                const u32 off = aQB + (mp * 16 * S + kc * 16) * 2;
+                ldsm_x4(cQ + off, b0, b1, b2, b3);
+                mma16816<F16>(st_[2 * mp], ka, b0, b1);
+                mma16816<F16>(st_[2 * mp + 1], ka, b2, b3);
+                ldsm_x4(cdO + off, b0, b1, b2, b3);
                 mma16816<F16>(dpt[2 * mp], va, b0, b1);
                 mma16816<F16>(dpt[2 * mp + 1], va, b2, b3);
             }
@@ -583,22 +708,23 @@ __device__ void flash_bwd(const FlashParams& p) {
         for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                int qc = mt * 8 + 2 * tig + (e & 1);
-                float pv = ex2(st[mt][e] * p.scale_log2 - cL[qc] * LOG2E);
+                const int qc = mt * 8 + 2 * tig + (e & 1), r = e >> 1;
+                float pv = ex2(fmaf(st_[mt][e], sl2, -cL[qc] * LOG2E));
                 if (!full) {
-                    i64 i = m0 + qc, j = krow0 + (e >> 1) * 8;
-                    if (!visible(p, i, j, cSg[qc], segk[e >> 1])) pv = 0.f;
+                    const int i = m0 + qc;
+                    const bool ok = (i >= ilo[r]) & (i <= ihi[r]) & (cSg[qc] == segk[r]);
+                    pv = ok ? pv : 0.f;
                 }
-                st[mt][e] = pv;
+                st_[mt][e] = pv;
                 dpt[mt][e] = pv * (dpt[mt][e] - cDi[qc]);
             }
         }
 #pragma unroll
         for (int kc = 0; kc < BM / 16; kc++) {
-            pa[kc][0] = pack2<F16>(st[2 * kc][0], st[2 * kc][1]);
-            pa[kc][1] = pack2<F16>(st[2 * kc][2], st[2 * kc][3]);
-            pa[kc][2] = pack2<F16>(st[2 * kc + 1][0], st[2 * kc + 1][1]);
-            pa[kc][3] = pack2<F16>(st[2 * kc + 1][2], st[2 * kc + 1][3]);
+            pa[kc][0] = pack2<F16>(st_[2 * kc][0], st_[2 * kc][1]);
+            pa[kc][1] = pack2<F16>(st_[2 * kc][2], st_[2 * kc][3]);
+            pa[kc][2] = pack2<F16>(st_[2 * kc + 1][0], st_[2 * kc + 1][1]);
+            pa[kc][3] = pack2<F16>(st_[2 * kc + 1][2], st_[2 * kc + 1][3]);
             da[kc][0] = pack2<F16>(dpt[2 * kc][0], dpt[2 * kc][1]);
             da[kc][1] = pack2<F16>(dpt[2 * kc][2], dpt[2 * kc][3]);
             da[kc][2] = pack2<F16>(dpt[2 * kc + 1][0], dpt[2 * kc + 1][1]);
@@ -619,18 +745,18 @@ __device__ void flash_bwd(const FlashParams& p) {
 #pragma unroll
             for (int dp = 0; dp < DN / 2; dp++) {
                 u32 b0, b1, b2, b3;
-                int off = (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + dp * 16 + (lane >> 4) * 8;
-                ldsm_x4_t(smem_addr(cdO + off), b0, b1, b2, b3);
+                const u32 off = aQT + (kc * 16 * S + dp * 16) * 2;
+                ldsm_x4_t(cdO + off, b0, b1, b2, b3);
                 mma16816<F16>(dv[2 * dp], pa[kc], b0, b1);
                 mma16816<F16>(dv[2 * dp + 1], pa[kc], b2, b3);
-                ldsm_x4_t(smem_addr(cQ + off), b0, b1, b2, b3);
+                ldsm_x4_t(cQ + off, b0, b1, b2, b3);
                 mma16816<F16>(dk[2 * dp], da[kc], b0, b1);
                 mma16816<F16>(dk[2 * dp + 1], da[kc], b2, b3);
             }
         }
         __syncthreads();  // dS^T is complete; buffer `buf` is free
-        int snn = sn < steps ? next_step(sn + 1) : steps;
-        if (snn < steps) load_step(snn, buf);
+        const Step snn = sn.hh < group ? next(sn) : sn;
+        if (snn.hh < group) load_step(snn, buf);
         cp_async_commit();
         // dQ_acc[query tile mw, columns of group cg] += dS K over this block's BN keys.
         const int mw = warp % MK, cg = warp / MK;
@@ -640,14 +766,11 @@ __device__ void flash_bwd(const FlashParams& p) {
 #pragma unroll
         for (int kc = 0; kc < BN / 16; kc++) {
             u32 a[4];
-            ldsm_x4_t(smem_addr(sdS + (kc * 16 + (lane & 7) + ((lane >> 4) << 3)) * SS + mw * 16 + ((lane >> 3) & 1) * 8), a[0],
-                      a[1], a[2], a[3]);
+            ldsm_x4_t(sbdS + aDS + (kc * 16 * SS + mw * 16) * 2, a[0], a[1], a[2], a[3]);
 #pragma unroll
             for (int dp = 0; dp < DNW / 2; dp++) {
                 u32 b0, b1, b2, b3;
-                ldsm_x4_t(smem_addr(sK + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + (cg * DNW + 2 * dp) * 8 +
-                                    (lane >> 4) * 8),
-                          b0, b1, b2, b3);
+                ldsm_x4_t(sb + aKT + (kc * 16 * S + (cg * DNW + 2 * dp) * 8) * 2, b0, b1, b2, b3);
                 mma16816<F16>(dq[2 * dp], a, b0, b1);
                 mma16816<F16>(dq[2 * dp + 1], a, b2, b3);
             }
@@ -655,14 +778,14 @@ __device__ void flash_bwd(const FlashParams& p) {
         float* dqa = (float*)p.dq_acc + b * T * qw + hh * D;
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-            i64 i = m0 + mw * 16 + g + r * 8;
-            if (i < T) {
+            const int i = m0 + mw * 16 + g + r * 8;
+            if (i < Ti) {
 #pragma unroll
                 for (int dt = 0; dt < DNW; dt++)
                     red_add2(dqa + i * qw + (cg * DNW + dt) * 8 + 2 * tig, dq[dt][2 * r], dq[dt][2 * r + 1]);
             }
         }
-        s = sn;
+        st = sn;
         sn = snn;
         buf ^= 1;
     }
@@ -684,9 +807,9 @@ __device__ void flash_bwd(const FlashParams& p) {
 }
 
 // Shared memory bytes (src/backend/cuda/attention.rs computes the same), with G the granules
-// per row (ceil(T / 32)):
-//   forward:  (BM + 4 BN) (D + 8) 2 + 2 BN 4 + 8 G                      BM = 64 MW
-//   backward: (2 BN + 4 BM) (D + 8) 2 + BN (BM + 8) 2 + 6 BM 4 + 8 G     BN = 16 NW
+// per row (ceil(T / 32); also at least the tiles per row, one flag byte each):
+//   forward:  (BM + 4 BN) (D + 8) 2 + 2 BN 4 + 9 G                      BM = 64 MW
+//   backward: (2 BN + 4 BM) (D + 8) 2 + BN (BM + 8) 2 + 6 BM 4 + 9 G     BN = 16 NW
 #define FLASH_ENTRIES_(D, MW, BN, NW, BM, F16, NAME)                                                   \
     extern "C" __global__ void __launch_bounds__(128) flash_fwd_##NAME##_##D##_m##MW##_n##BN(FlashParams p) { \
         flash_fwd<D, MW, BN, F16>(p);                                                                  \

@@ -147,11 +147,12 @@ impl FlashTiles {
     /// Dynamic shared memory of the forward or backward kernel for rows of `seq_len`.
     fn smem(&self, d: usize, seq_len: usize, bwd: bool) -> u32 {
         let (s, g) = (d + 8, granules(seq_len));
+        // The granule ranges (8 bytes each), then one flag byte per tile (at most G tiles).
         if bwd {
             let bn = 16 * self.nw;
-            ((2 * bn + 4 * self.bm) * s * 2 + bn * (self.bm + 8) * 2 + 6 * self.bm * 4 + 8 * g) as u32
+            ((2 * bn + 4 * self.bm) * s * 2 + bn * (self.bm + 8) * 2 + 6 * self.bm * 4 + 9 * g) as u32
         } else {
-            ((64 * self.mw + 4 * self.bn) * s * 2 + 2 * self.bn * 4 + 8 * g) as u32
+            ((64 * self.mw + 4 * self.bn) * s * 2 + 2 * self.bn * 4 + 9 * g) as u32
         }
     }
 }
