@@ -10,8 +10,13 @@
 // this one is computed), rows padded by 16 bytes so ldmatrix is free of bank conflicts. A
 // tile pair that the causal/window masks hide, or whose segment-id ranges do not meet, is
 // skipped; the ranges come from flash_seg_ranges (min and max segment id per 32 tokens),
-// copied to shared memory once per block. Element masks apply only to tiles that are not
-// entirely visible.
+// copied to shared memory once per block. Each block first flags every tile it may visit
+// as hidden, partly visible or entirely visible (one byte per tile in shared memory, all
+// threads together), so the main loop reads a flag instead of recomputing ranges; element
+// masks (32-bit position spans and segment ids, no branches) apply only to partly visible
+// tiles. Shared-memory addresses are 32-bit bases plus compile-time offsets and each thread
+// copies a fixed 16-byte column of the tiles, which keeps integer work per tile small next to
+// the tensor-core work (the loop was once issue-bound on address and mask arithmetic).
 //
 // Forward, block = 4 warps; warp w owns MW m16 tiles = 16 MW query rows (BM = 64 MW). Scores
 // are kept in log2 units (s2 = scale log2(e) q.k) for ex2:
