@@ -8,7 +8,7 @@ use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::exec::{Executor, ProgramSpec};
 use ferrotune::graph::fuse::{matmul_epilogues, reachable_ops};
 use ferrotune::graph::{Graph, Role};
-use ferrotune::model::llama::{build, shift_targets, BuildOptions, LoraOptions};
+use ferrotune::model::llama::{build, shift_targets, BuildOptions, LoraOptions, LINEAR_MODULES as ALL_LINEAR};
 use ferrotune::model::ModelConfig;
 use ferrotune::ops::Op;
 use ferrotune::train::{OptimizerOptions, TrainGraph};
