@@ -16,16 +16,6 @@ use ferrotune::{DType, HostTensor};
 use rand::RngExt;
 use std::collections::{BTreeMap, HashSet};
 
-const ALL_LINEAR: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 fn tiny() -> ModelConfig {
     let json = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 24,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 37,
