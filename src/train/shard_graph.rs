@@ -206,3 +206,44 @@ pub fn gather_parameters(
     }
     Ok(shards)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::DType;
+
+    #[test]
+    fn groups_are_layers_and_placed_nodes_keep_a_valid_order() {
+        assert_eq!(group_key("model.layers.12.mlp.up_proj.weight"), "layers.12");
+        assert_eq!(
+            group_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"),
+            "layers.3"
+        );
+        assert_eq!(group_key("model.embed_tokens.weight"), "model.embed_tokens.weight");
+        // Node 0: y = x * 2; node 1: a host call filling w, appended after it; node 2: y + w.
+        let mut g = Graph::new();
+        let x = g.input("x", &[4], DType::F32);
+        let y = g.scale(x, 2.0).unwrap();
+        let w = g
+            .apply1(
+                Op::HostCall {
+                    id: 0,
+                    outputs: vec![(vec![4], DType::F32)],
+                },
+                &[],
+            )
+            .unwrap();
+        g.add(y, w).unwrap();
+        let mut plan = HostPlan::default();
+        plan.before.entry(0).or_default().push(NodeId(1));
+        // With node 0 the original graph, the call moves before it and the add stays last.
+        let moved = plan.apply(&mut g, 1).unwrap();
+        assert_eq!(moved, vec![NodeId(1), NodeId(0), NodeId(2)]);
+        assert!(matches!(g.nodes[0].op, Op::HostCall { .. }));
+        assert_eq!(g.producer[w.idx()], Some(NodeId(0)));
+        assert_eq!(g.producer[y.idx()], Some(NodeId(1)));
+        // A reader moved before its producer is refused.
+        let e = g.reorder(&[NodeId(2), NodeId(0), NodeId(1)]).unwrap_err().to_string();
+        assert!(e.contains("would run before"), "{e}");
+    }
+}
