@@ -1,7 +1,7 @@
 //! NCCL on one GPU: a data-parallel run of world size 1 through a real NCCL communicator
-//! (plain data parallel and ZeRO-2) gives the losses and adapter of the same run without
-//! distribution, on the CUDA backend. Needs a CUDA device and NCCL; runs with
-//! scripts/gpu-test.sh.
+//! (plain data parallel, ZeRO-2, and ZeRO-3 with its host calls between launches) gives
+//! the losses and adapter of the same run without distribution, on the CUDA backend.
+//! Needs a CUDA device and NCCL; runs with scripts/gpu-test.sh.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -48,9 +48,12 @@ fn nccl_world_size_one_equals_the_plain_run() {
     let want = ferrotune::adapters::lora::load(&dir.join("plain")).unwrap().1;
     let zero2 = dir.join("zero2.json");
     std::fs::write(&zero2, r#"{"zero_optimization": {"stage": 2}}"#).unwrap();
+    let zero3 = dir.join("zero3.json");
+    std::fs::write(&zero3, r#"{"zero_optimization": {"stage": 3}}"#).unwrap();
     for (name, extra) in [
         ("dp", String::new()),
         ("zero2", format!("deepspeed: {}\n", zero2.display())),
+        ("zero3", format!("deepspeed: {}\n", zero3.display())),
     ] {
         let cfg = config(&dir, name, &extra);
         let id = unique_id().unwrap_or_else(|e| panic!("this test needs NCCL: {e}"));

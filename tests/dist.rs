@@ -1,7 +1,9 @@
 //! Data-parallel training on the CPU: 2 and 4 ranks (threads sharing a collective, or
 //! processes under `ferrotune launch`) give the loss and weights of one rank at the same
-//! global batch, for plain data parallelism and ZeRO stages 1-3; a sharded checkpoint
-//! resumes at another world size; a missing or dead rank and a config mismatch are named.
+//! global batch, for plain data parallelism and ZeRO stages 1-3 (LoRA and full
+//! fine-tuning); a ZeRO-3 rank's memory plan holds a quarter of the parameters, gradients
+//! and moments and two layers in flight; a sharded checkpoint resumes at another world size
+//! and stage; a missing or dead rank and a config mismatch are named.
 
 mod common;
 use common::{temp_dir, write_arithmetic, write_tiny_model, CHATML};
@@ -9,8 +11,9 @@ use ferrotune::dist::collective::Collective;
 use ferrotune::dist::store::{self, RendezvousOptions};
 use ferrotune::dist::tcp::TcpCollective;
 use ferrotune::dist::{DataParallel, ShardingConfig, ThreadCollective};
+use ferrotune::exec::MemoryPlan;
 use ferrotune::train::run::{train, train_with, Callback};
-use ferrotune::train::trainer::{EvalReport, StepReport};
+use ferrotune::train::trainer::{EvalReport, RunInfo, StepReport};
 use ferrotune::{Config, HostTensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,9 +25,13 @@ struct Collect {
     grad_norms: Vec<f64>,
     eval: Vec<f64>,
     stop_at: Option<u64>,
+    plan: Option<MemoryPlan>,
 }
 
 impl Callback for Collect {
+    fn on_start(&mut self, info: &RunInfo) {
+        self.plan = Some(info.plan.clone());
+    }
     fn on_step(&mut self, r: &StepReport) {
         self.losses.push(r.loss);
         self.grad_norms.push(r.grad_norm);
@@ -139,12 +146,16 @@ fn ranks_match_one_rank_for_data_parallel_and_zero_stages() {
     assert_eq!(reference.losses.len(), 2);
     let zero1 = format!("deepspeed: {}\n", write_zero_json(&s.dir, 1));
     let zero2 = format!("deepspeed: {}\n", write_zero_json(&s.dir, 2));
+    let zero3 = format!("deepspeed: {}\n", write_zero_json(&s.dir, 3));
     let fsdp = "fsdp_version: 2\nfsdp_config:\n  reshard_after_forward: true\n  state_dict_type: FULL_STATE_DICT\n";
+    let fsdp_keep = "fsdp_version: 2\nfsdp_config:\n  reshard_after_forward: false\n";
     for (name, extra) in [
         ("dp", ""),
         ("zero1", zero1.as_str()),
         ("zero2", zero2.as_str()),
-        ("zero3", fsdp),
+        ("zero3", zero3.as_str()),
+        ("fsdp", fsdp),
+        ("fsdp-keep", fsdp_keep),
     ] {
         for world in [2, 4] {
             let out = s.dir.join(format!("{name}-{world}"));
@@ -173,8 +184,13 @@ fn ranks_match_one_rank_for_data_parallel_and_zero_stages() {
     std::fs::remove_dir_all(&s.dir).unwrap();
 }
 
+/// Persistent bytes of parameters, gradient accumulators and optimizer moments.
+fn sharded_bytes(p: &MemoryPlan) -> u64 {
+    p.persistent.trainable_parameters + p.persistent.optimizer_state
+}
+
 #[test]
-fn full_fine_tuning_under_zero2_matches_one_rank() {
+fn full_fine_tuning_under_zero2_and_zero3_matches_one_rank() {
     let s = setup("dist-full");
     let reference_out = s.dir.join("reference");
     let mut reference = Collect::default();
@@ -184,10 +200,6 @@ fn full_fine_tuning_under_zero2_matches_one_rank() {
         c
     };
     train(&cfg(&reference_out, 4, ""), &mut reference).unwrap();
-    let zero2 = format!("deepspeed: {}\n", write_zero_json(&s.dir, 2));
-    let out = s.dir.join("zero2");
-    let ranks = run_threads(&cfg(&out, 2, &zero2), 2, None);
-    close(&ranks[1].losses, &reference.losses, "full zero2 loss");
     let read = |d: &Path| {
         let st = ferrotune::model::WeightStore::open(&d.join("model.safetensors")).unwrap();
         st.names()
@@ -195,41 +207,109 @@ fn full_fine_tuning_under_zero2_matches_one_rank() {
             .map(|n| (n.to_string(), st.get_raw(n).unwrap()))
             .collect::<BTreeMap<_, _>>()
     };
-    let e = max_rel(&read(&out), &read(&reference_out));
-    assert!(e < 1e-5, "full fine-tune weights differ by {e:e}");
+    let ref_w = read(&reference_out);
+    let whole = reference.plan.clone().unwrap();
+    for stage in [2, 3] {
+        let extra = format!("deepspeed: {}\n", write_zero_json(&s.dir, stage));
+        for world in [2, 4] {
+            let out = s.dir.join(format!("zero{stage}-{world}"));
+            let ranks = run_threads(&cfg(&out, 4 / world, &extra), world, None);
+            for (r, c) in ranks.iter().enumerate() {
+                let what = format!("full zero{stage} x{world} rank {r}");
+                close(&c.losses, &reference.losses, &format!("{what} loss"));
+                close(&c.grad_norms, &reference.grad_norms, &format!("{what} grad norm"));
+                close(&c.eval, &reference.eval, &format!("{what} eval loss"));
+            }
+            let e = max_rel(&read(&out), &ref_w);
+            assert!(e < 1e-5, "full zero{stage} x{world}: weights differ by {e:e}");
+            // Each rank plans its slices of what is sharded; together they hold it once.
+            let plans: Vec<MemoryPlan> = ranks.iter().map(|c| c.plan.clone().unwrap()).collect();
+            let (params, state) = (whole.persistent.trainable_parameters, whole.persistent.optimizer_state);
+            let sum = |f: &dyn Fn(&MemoryPlan) -> u64| plans.iter().map(f).sum::<u64>();
+            if stage == 3 {
+                assert_eq!(sum(&sharded_bytes), params + state, "zero3 x{world}");
+            } else {
+                // Parameters stay whole on every rank; accumulators and moments are sliced.
+                assert!(plans.iter().all(|p| p.persistent.trainable_parameters == params));
+                assert_eq!(sum(&|p| p.persistent.optimizer_state), state, "zero2 x{world}");
+            }
+        }
+    }
     std::fs::remove_dir_all(&s.dir).unwrap();
 }
 
 #[test]
 fn sharded_checkpoint_from_four_ranks_resumes_on_two() {
     let s = setup("dist-resume");
-    let reference_out = s.dir.join("reference");
-    let mut reference = Collect::default();
-    train(&s.config(&reference_out, 4, ""), &mut reference).unwrap();
-
+    let zero2 = format!("deepspeed: {}\n", write_zero_json(&s.dir, 2));
     let fsdp = "fsdp_version: 2\nfsdp_config:\n  state_dict_type: SHARDED_STATE_DICT\nsave_steps: 1\n";
-    let out = s.dir.join("sharded");
-    let first = run_threads(&s.config(&out, 1, fsdp), 4, Some(1));
-    assert_eq!(first[0].losses.len(), 1);
-    let ck = out.join("checkpoint-1");
-    assert!(!ck.join("optimizer.safetensors").exists());
-    for r in 0..4 {
-        let f = ck.join(format!("optimizer-rank{r:05}-of-00004.safetensors"));
-        assert!(f.is_file(), "missing {}", f.display());
+    for lora in [true, false] {
+        let kind = if lora { "lora" } else { "full" };
+        let cfg = |out: &Path, ga, extra: &str| {
+            let mut c = s.config(out, ga, extra);
+            if !lora {
+                c.adapter = None;
+            }
+            c
+        };
+        let weights = |d: &Path| match lora {
+            true => adapter(d),
+            false => {
+                let st = ferrotune::model::WeightStore::open(&d.join("model.safetensors")).unwrap();
+                st.names()
+                    .iter()
+                    .map(|n| (n.to_string(), st.get_raw(n).unwrap()))
+                    .collect()
+            }
+        };
+        let reference_out = s.dir.join(format!("{kind}-reference"));
+        let mut reference = Collect::default();
+        train(&cfg(&reference_out, 4, ""), &mut reference).unwrap();
+
+        // ZeRO-3 on 4 ranks, each writing its slices.
+        let out = s.dir.join(format!("{kind}-sharded"));
+        let first = run_threads(&cfg(&out, 1, fsdp), 4, Some(1));
+        assert_eq!(first[0].losses.len(), 1);
+        let ck = out.join("checkpoint-1");
+        assert!(!ck.join("optimizer.safetensors").exists());
+        for r in 0..4 {
+            let f = ck.join(format!("optimizer-rank{r:05}-of-00004.safetensors"));
+            assert!(f.is_file(), "missing {}", f.display());
+        }
+        if !lora {
+            // The embedding's moments are cut into four slices, one per file.
+            let name = "model.embed_tokens.weight.exp_avg";
+            for r in 0..4 {
+                let f = ck.join(format!("optimizer-rank{r:05}-of-00004.safetensors"));
+                let st = ferrotune::model::WeightStore::open(&f).unwrap();
+                assert_eq!(st.get_raw(name).unwrap().shape, vec![32000 * 16 / 4], "rank {r}");
+            }
+        }
+        // Resumed on 2 ranks, with ZeRO-3 and with ZeRO-2.
+        for (stage, extra) in [
+            ("zero3", fsdp.to_string()),
+            ("zero2", format!("{zero2}save_steps: 1\n")),
+        ] {
+            let out2 = s.dir.join(format!("{kind}-resumed-{stage}"));
+            let mut c = cfg(&out2, 2, &extra);
+            c.resume_from_checkpoint = Some(ck.clone());
+            let second = run_threads(&c, 2, None);
+            let losses: Vec<f64> = first[0].losses.iter().chain(&second[0].losses).copied().collect();
+            close(&losses, &reference.losses, &format!("{kind} {stage} resumed loss"));
+            let e = max_rel(&weights(&out2), &weights(&reference_out));
+            assert!(e < 1e-5, "{kind} {stage}: resumed weights differ by {e:e}");
+        }
+        // The same shards load into a single process as well.
+        let mut c = cfg(&s.dir.join(format!("{kind}-single")), 4, "");
+        c.resume_from_checkpoint = Some(ck);
+        let mut one = Collect::default();
+        train(&c, &mut one).unwrap();
+        close(
+            &one.losses,
+            &reference.losses[1..],
+            &format!("{kind} single-process resume loss"),
+        );
     }
-    let mut cfg = s.config(&out, 2, fsdp);
-    cfg.resume_from_checkpoint = Some(ck.clone());
-    let second = run_threads(&cfg, 2, None);
-    let losses: Vec<f64> = first[0].losses.iter().chain(&second[0].losses).copied().collect();
-    close(&losses, &reference.losses, "resumed loss");
-    let e = max_rel(&adapter(&out), &adapter(&reference_out));
-    assert!(e < 1e-5, "resumed weights differ by {e:e}");
-    // The same shards load into a single process as well.
-    let mut cfg = s.config(&s.dir.join("single"), 4, "");
-    cfg.resume_from_checkpoint = Some(ck);
-    let mut one = Collect::default();
-    train(&cfg, &mut one).unwrap();
-    close(&one.losses, &reference.losses[1..], "single-process resume loss");
     std::fs::remove_dir_all(&s.dir).unwrap();
 }
 
@@ -416,6 +496,14 @@ fn launch_runs_two_processes_that_match_one() {
     assert!(o.status.success(), "{err}");
     let e = max_rel(&adapter(&out), &adapter(&reference_out));
     assert!(e < 1e-5, "launched weights differ by {e:e}");
+    // ZeRO-3 over TCP: sharded parameters gathered and gradients reduced between processes.
+    let zero3_out = s.dir.join("launched-zero3");
+    let zero3 = format!("deepspeed: {}\n", write_zero_json(&s.dir, 3));
+    std::fs::write(&yaml, s.yaml(&zero3_out, 1, &zero3)).unwrap();
+    let o = run(&["launch", "--nproc-per-node", "2", "--master-port", &port, "train", &y]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = max_rel(&adapter(&zero3_out), &adapter(&reference_out));
+    assert!(e < 1e-5, "launched ZeRO-3 weights differ by {e:e}");
 
     // Rank 0 cannot create its output folder (a file is in the way): the launcher fails
     // naming it, and rank 1 fails naming rank 0 instead of hanging.
@@ -427,5 +515,152 @@ fn launch_runs_two_processes_that_match_one() {
     assert!(!o.status.success());
     assert!(err.contains("launch: rank 0 failed first"), "{err}");
     assert!(err.contains("rank 1: rank 0 went away"), "{err}");
+    std::fs::remove_dir_all(&s.dir).unwrap();
+}
+
+/// An 8-layer model whose layers hold most of its weights (small vocabulary, untied head).
+const DEEP_CONFIG: &str = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "vocab_size": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64,
+    "tie_word_embeddings": false, "torch_dtype": "float32"}"#;
+
+/// The memory plan of rank `rank` of `world` (ZeRO-3 when `world > 1`) for a full fine-tune
+/// of [`DEEP_CONFIG`], and the element counts of its trainable tensors by name.
+fn deep_plan(world: usize, rank: usize, reshard: bool) -> (MemoryPlan, Vec<(String, usize)>) {
+    use ferrotune::dist::{ShardLayout, ShardSpec, Stage};
+    use ferrotune::model::llama::{build_with_attention, AttnOptions, BuildOptions};
+    use ferrotune::train::TrainGraph;
+    let cfg = ferrotune::model::ModelConfig::parse(DEEP_CONFIG, "deep").unwrap();
+    let opts = BuildOptions {
+        rows: 2,
+        seq_len: 32,
+        weight_dtype: ferrotune::DType::F32,
+        act_dtype: ferrotune::DType::F32,
+        lora: None,
+        train_base: true,
+        modules_to_save: Vec::new(),
+        loss_rows: None,
+    };
+    let mg = build_with_attention(&cfg, &opts, &AttnOptions::default()).unwrap();
+    let sizes: Vec<(String, usize)> = mg
+        .trainable
+        .iter()
+        .map(|&t| (mg.graph.info(t).name.clone(), mg.graph.info(t).numel()))
+        .collect();
+    let opt = Default::default();
+    let tg = if world == 1 {
+        TrainGraph::new(mg, &opt).unwrap()
+    } else {
+        let n: Vec<usize> = sizes.iter().map(|s| s.1).collect();
+        let spec = ShardSpec {
+            stage: Stage::Zero3,
+            reshard_after_forward: reshard,
+            layout: ShardLayout::new(&n, rank, world),
+        };
+        TrainGraph::new_sharded(mg, &opt, spec).unwrap()
+    };
+    let backend = Box::new(ferrotune::backend::plan::PlanBackend::new("cpu", 64, u64::MAX));
+    let ex = ferrotune::exec::Executor::new(tg.model.graph.clone(), backend, &tg.programs()).unwrap();
+    (ex.plan().clone(), sizes)
+}
+
+#[test]
+fn a_zero3_rank_plans_a_quarter_of_the_weights_and_few_layers_in_flight() {
+    let (whole, sizes) = deep_plan(1, 0, true);
+    let total = sharded_bytes(&whole);
+    // Parameter, accumulator and two moments per tensor, in f32.
+    assert_eq!(total, 4 * 4 * sizes.iter().map(|s| s.1 as u64).sum::<u64>());
+    let layer: u64 = 4 * sizes
+        .iter()
+        .filter(|(n, _)| n.starts_with("model.layers.3."))
+        .map(|s| s.1 as u64)
+        .sum::<u64>();
+    let padding = (sizes.len() * 4 * ferrotune::dist::SHARD_ALIGN * 4) as u64;
+    let params = total / 4;
+    for reshard in [true, false] {
+        let mut sum = 0;
+        for rank in 0..4 {
+            let (p, _) = deep_plan(4, rank, reshard);
+            let mine = sharded_bytes(&p);
+            assert!(
+                mine <= total / 4 + padding,
+                "rank {rank}: {mine} > {total} / 4 + {padding}"
+            );
+            assert_eq!(p.persistent.frozen_weights, 0);
+            sum += mine;
+            let in_flight = |name: &str| p.programs.iter().find(|q| q.name == name).unwrap().host_output_peak;
+            let (train, eval) = (in_flight("train"), in_flight("eval"));
+            eprintln!(
+                "reshard {reshard} rank {rank}: {mine} of {total} persistent bytes; in flight: train {train}, \
+                 eval {eval} (a layer: {layer}); transient {} (unsharded {})",
+                p.transient_bytes, whole.transient_bytes
+            );
+            // A layer in use and the next one prefetched (plus reduced gradient slices).
+            assert!(layer <= eval && eval <= 2 * layer + layer / 4, "eval: {eval}");
+            if reshard {
+                assert!(layer <= train && train <= 2 * layer + layer / 4, "train: {train}");
+                assert!(p.transient_bytes <= whole.transient_bytes + 2 * layer);
+            } else {
+                // The forward's copies are kept for the backward: all 8 layers at its start.
+                assert!(8 * layer <= train && train <= params + layer / 4, "train: {train}");
+            }
+        }
+        assert_eq!(sum, total, "the ranks' slices hold every tensor once");
+    }
+}
+
+#[test]
+fn plan_shows_a_zero3_ranks_share_of_a_full_fine_tune() {
+    let s = setup("dist-plan");
+    let full = |extra: &str| {
+        let y = s.yaml(&s.dir.join("out"), 1, extra);
+        let y = y.replace(
+            "adapter: lora\nlora_r: 4\nlora_alpha: 8\nlora_target_linear: true\n",
+            "",
+        );
+        let p = s.dir.join(format!("plan{}.yaml", extra.len()));
+        std::fs::write(&p, y).unwrap();
+        p.display().to_string()
+    };
+    let plan = |args: &[&str]| -> serde_json::Value {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+            .args(args)
+            .env_remove("WORLD_SIZE")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let bytes = |v: &serde_json::Value| {
+        let p = &v["plan"]["persistent"];
+        p["trainable_parameters"].as_u64().unwrap() + p["optimizer_state"].as_u64().unwrap()
+    };
+    let one = plan(&["plan", &full(""), "--json"]);
+    let zero3 = full("fsdp_version: 2\nfsdp_config:\n  reshard_after_forward: true\n");
+    let mut sum = 0;
+    for rank in ["0", "3"] {
+        let r = plan(&["plan", &zero3, "--json", "--world-size", "4", "--rank", rank]);
+        assert_eq!(r["world_size"], 4);
+        let train = r["plan"]["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "train")
+            .unwrap();
+        assert!(
+            train["host_output_peak"].as_u64().unwrap() > 0,
+            "rank {rank} gathers nothing"
+        );
+        sum += bytes(&r);
+    }
+    // Ranks 0 and 3 of 4 hold about half of what one process holds.
+    let total = bytes(&one);
+    assert!(sum.abs_diff(total / 2) <= total / 100, "{sum} vs {total} / 2");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["plan", &zero3, "--world-size", "4", "--rank", "4"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("rank 4 of world size 4"));
     std::fs::remove_dir_all(&s.dir).unwrap();
 }

@@ -96,7 +96,13 @@ pub fn dispatch(cmd: Command) -> Result<()> {
             &device,
             json,
         ),
-        Command::Plan { config, set, json } => plan(&config, &set, json),
+        Command::Plan {
+            config,
+            set,
+            json,
+            world_size,
+            rank,
+        } => plan(&config, &set, json, world_size, rank),
         Command::Preprocess { config, set } => preprocess(&config, &set),
         Command::Convert {
             what: ConvertCommand::Gguf { input, out_dir, dtype },
@@ -447,20 +453,22 @@ fn merge(path: &Path, adapter: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn plan(path: &Path, set: &[String], json: bool) -> Result<()> {
+fn plan(path: &Path, set: &[String], json: bool, world: usize, rank: usize) -> Result<()> {
     let cfg = load_config(path, set)?;
     let p = open_model(&cfg)?;
     let (backend, notices) = create_backend(cfg.device)?;
     notices.iter().for_each(|n| eprintln!("{n}"));
     let precision = precision_for(backend.as_ref(), &cfg);
     let data = prepare_data(&cfg, &p.tokenizer)?;
-    let rp = RunPlan::new(
+    let rp = RunPlan::for_rank(
         cfg.clone(),
         &p.model_config,
         precision,
         data,
         pad_id(&p.tokenizer)?,
         &cfg.base_model,
+        world,
+        rank,
     )?;
     let (params, trainable) = rp.parameter_counts();
     let layout = rp.layout();
@@ -479,6 +487,8 @@ fn plan(path: &Path, set: &[String], json: bool) -> Result<()> {
             "rows": layout.rows,
             "seq_len": layout.seq_len,
             "total_steps": rp.total_steps,
+            "world_size": world,
+            "rank": rank,
             "attention_score_matrix": attention_scores,
             "plan": plan,
         });
@@ -494,6 +504,12 @@ fn plan(path: &Path, set: &[String], json: bool) -> Result<()> {
         "batch: {} rows x {} tokens; {} optimizer steps",
         layout.rows, layout.seq_len, rp.total_steps
     );
+    if world > 1 {
+        println!(
+            "rank {rank} of {world}, sharding: {:?}",
+            ferrotune::dist::ShardingConfig::from_config(&cfg)?.stage
+        );
+    }
     println!("memory plan (exact, before allocation):");
     println!("  frozen weights     {:>12}", gib(plan.persistent.frozen_weights));
     println!("  trainable params   {:>12}", gib(plan.persistent.trainable_parameters));
@@ -511,6 +527,13 @@ fn plan(path: &Path, set: &[String], json: bool) -> Result<()> {
             gib(pp.transient_peak),
             gib(pp.transient_sum)
         );
+        if pp.host_output_peak > 0 {
+            println!(
+                "    {:<10} of which gathered parameters and reduced gradient slices in flight: {}",
+                "",
+                gib(pp.host_output_peak)
+            );
+        }
     }
     println!("  total              {:>12}", gib(plan.total_bytes));
     Ok(())

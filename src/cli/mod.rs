@@ -126,6 +126,13 @@ pub enum Command {
         set: Vec<String>,
         #[arg(long)]
         json: bool,
+        /// Plan one rank of a data-parallel run of this many ranks, with the config's
+        /// sharding (`deepspeed` or `fsdp_config`).
+        #[arg(long, default_value_t = 1)]
+        world_size: usize,
+        /// The rank to plan (with `--world-size`; rank 0 holds the longest slices).
+        #[arg(long, default_value_t = 0)]
+        rank: usize,
     },
     /// Tokenize and pack the datasets; print counts and a rendered example.
     Preprocess {

@@ -1,37 +1,31 @@
 //! One rank's part of a data-parallel step, between the trainer's executor and a
 //! [`Collective`]: its slice of the step's micro-batches, sums of scalars across ranks,
-//! gradient reduction (all-reduce in buckets, or reduce-scatter to each tensor's owner
-//! under ZeRO) and the all-gather of updated parameters.
+//! gradient reduction (all-reduce in buckets; under ZeRO reduce-scatter of slices to their
+//! owners) and the all-gather of updated or sharded parameters.
 //!
-//! On the host path the gradients are reduced after the last micro-batch's backward, one
-//! bucket at a time (read from the executor, reduced, written back); overlapping the
-//! reduction with the backward pass needs device streams.
+//! Packed buffers: a collective over trainable tensors `ts` gives every rank one chunk of
+//! `sum(chunk(i) for i in ts)` elements, in which tensor `ts[k]` has the slot of
+//! `chunk(ts[k])` elements at the sum of the chunks before it; rank r's slice of the tensor
+//! fills the start of its slot (the rest is zero padding).
+//!
+//! On the host path every collective waits for the executor's queued work and then runs
+//! synchronously: overlapping communication with compute needs device streams.
 
 use super::collective::Collective;
-use super::sharding::{assign_owners, ShardingConfig, Stage};
-use crate::exec::Executor;
-use crate::graph::TensorId;
+use super::sharding::{ShardCall, ShardLayout, ShardingConfig, Stage};
+use crate::exec::{Executor, HostCalls};
+use crate::graph::{TensorId, TensorInfo};
 use crate::tensor::HostTensor;
 use crate::Result;
 
 /// PyTorch DDP's default bucket (25 MB of f32).
 pub const DEFAULT_BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
 
-#[derive(Clone, Debug)]
-struct Owned {
-    numel: usize,
-    owner: usize,
-    /// Where the tensor sits in its owner's segment of a packed buffer.
-    offset: usize,
-}
-
 pub struct DataParallel {
     coll: Box<dyn Collective>,
     pub sharding: ShardingConfig,
     bucket_elems: usize,
-    tensors: Vec<Owned>,
-    /// The longest owner segment (at least 1): every rank's chunk of a packed buffer.
-    chunk: usize,
+    layout: Option<ShardLayout>,
 }
 
 impl DataParallel {
@@ -40,12 +34,11 @@ impl DataParallel {
             coll,
             sharding,
             bucket_elems: DEFAULT_BUCKET_ELEMS,
-            tensors: Vec::new(),
-            chunk: 1,
+            layout: None,
         }
     }
 
-    /// Gradient all-reduce bucket size in elements.
+    /// Bucket size of the whole-model collectives, in elements.
     pub fn with_bucket_elems(mut self, n: usize) -> Self {
         self.bucket_elems = n.max(1);
         self
@@ -67,28 +60,18 @@ impl DataParallel {
         self.coll.as_mut()
     }
 
-    /// Assigns the trainable tensors (element counts, in the trainer's order) to owners and
-    /// returns which of them this rank owns (all, without sharding).
-    pub fn assign(&mut self, sizes: &[usize]) -> Vec<bool> {
-        let world = self.world_size();
-        let owners = if self.is_sharded() {
-            assign_owners(sizes, world)
-        } else {
-            vec![self.rank(); sizes.len()]
-        };
-        let mut fill = vec![0usize; world];
-        self.tensors = sizes
-            .iter()
-            .zip(&owners)
-            .map(|(&numel, &owner)| {
-                let offset = fill[owner];
-                fill[owner] += numel;
-                Owned { numel, owner, offset }
-            })
-            .collect();
-        self.chunk = fill.into_iter().max().unwrap_or(0).max(1);
-        let me = self.rank();
-        owners.iter().map(|&o| o == me).collect()
+    /// Lays the trainable tensors (element counts, in the trainer's order) out in slices
+    /// over the ranks and returns the layout.
+    pub fn assign(&mut self, sizes: &[usize]) -> ShardLayout {
+        let l = ShardLayout::new(sizes, self.rank(), self.world_size());
+        self.layout = Some(l.clone());
+        l
+    }
+
+    pub fn layout(&self) -> Result<&ShardLayout> {
+        self.layout
+            .as_ref()
+            .ok_or_else(|| crate::msg!("data parallel: assign() must see the trainer's tensors first"))
     }
 
     /// This rank's contiguous share of a step's `per_rank * world` micro-batches.
@@ -116,118 +99,224 @@ impl DataParallel {
         self.coll.barrier()
     }
 
-    /// Makes the accumulated gradients (`grads[i]` of trainable tensor i) global sums:
-    /// all-reduced in buckets, or under ZeRO reduce-scattered so each owner holds the sum
-    /// of its tensors and the others' copies are zeroed for the next step.
-    pub async fn reduce_gradients(&mut self, ex: &mut Executor, grads: &[TensorId]) -> Result<()> {
-        self.check_len(grads.len())?;
-        if !self.is_sharded() {
-            let mut start = 0;
-            while start < grads.len() {
-                let mut end = start + 1;
-                let mut n = self.tensors[start].numel;
-                while end < grads.len() && n + self.tensors[end].numel <= self.bucket_elems {
-                    n += self.tensors[end].numel;
-                    end += 1;
-                }
-                let vals = ex.get_tensors_async(&grads[start..end]).await?;
-                let mut flat: Vec<f32> = vals.iter().flat_map(|t| t.to_f32()).collect();
-                self.coll.all_reduce(&mut flat)?;
-                let mut at = 0;
-                for (t, v) in grads[start..end].iter().zip(&vals) {
-                    let k = v.numel();
-                    ex.set_tensor(*t, &HostTensor::from_f32(&v.shape, &flat[at..at + k]).cast(v.dtype))?;
-                    at += k;
-                }
-                start = end;
-            }
-            return Ok(());
-        }
-        let vals = ex.get_tensors_async(grads).await?;
-        let (world, chunk, me) = (self.world_size(), self.chunk, self.rank());
-        let mut send = vec![0f32; world * chunk];
-        for (o, v) in self.tensors.iter().zip(&vals) {
-            let at = o.owner * chunk + o.offset;
-            send[at..at + o.numel].copy_from_slice(&v.to_f32());
-        }
-        let mut mine = vec![0f32; chunk];
-        self.coll.reduce_scatter(&send, &mut mine)?;
-        for ((o, v), &t) in self.tensors.iter().zip(&vals).zip(grads) {
-            let new = if o.owner == me {
-                HostTensor::from_f32(&v.shape, &mine[o.offset..o.offset + o.numel]).cast(v.dtype)
-            } else {
-                HostTensor::zeros(&v.shape, v.dtype)
-            };
-            ex.set_tensor(t, &new)?;
-        }
-        Ok(())
-    }
-
-    /// Every rank's copy of every trainable tensor becomes its owner's (after the owners'
-    /// updates). Without sharding there is nothing to do: all ranks updated identically.
-    pub async fn gather_parameters(&mut self, ex: &mut Executor, params: &[TensorId]) -> Result<()> {
-        self.check_len(params.len())?;
-        if !self.is_sharded() {
-            return Ok(());
-        }
-        let me = self.rank();
-        let owned: Vec<usize> = (0..params.len()).filter(|&i| self.tensors[i].owner == me).collect();
-        let ids: Vec<TensorId> = owned.iter().map(|&i| params[i]).collect();
-        let vals = ex.get_tensors_async(&ids).await?;
-        let values: Vec<Option<Vec<f32>>> = {
-            let mut v: Vec<Option<Vec<f32>>> = vec![None; params.len()];
-            for (&i, t) in owned.iter().zip(&vals) {
-                v[i] = Some(t.to_f32());
-            }
-            v
-        };
-        let all = self.gather_by_owner(&values)?;
-        for (i, &t) in params.iter().enumerate() {
-            if self.tensors[i].owner != me {
-                let info = ex.graph().info(t).clone();
-                ex.set_tensor(t, &HostTensor::from_f32(&info.shape, &all[i]).cast(info.dtype))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Every tensor's values from its owner: `own[i]` is `Some` for the tensors this rank owns.
-    pub fn gather_by_owner(&mut self, own: &[Option<Vec<f32>>]) -> Result<Vec<Vec<f32>>> {
-        self.check_len(own.len())?;
-        let (world, chunk, me) = (self.world_size(), self.chunk, self.rank());
-        let mut send = vec![0f32; chunk];
-        for (o, v) in self.tensors.iter().zip(own) {
-            if o.owner == me {
-                let v = v
-                    .as_ref()
-                    .ok_or_else(|| crate::msg!("gather: rank {me} lacks a tensor it owns"))?;
-                send[o.offset..o.offset + o.numel].copy_from_slice(v);
-            }
-        }
-        let mut all = vec![0f32; world * chunk];
-        self.coll.all_gather(&send, &mut all)?;
-        Ok(self
-            .tensors
+    /// Slot offsets of tensors `ts` in a packed chunk, and the chunk's length.
+    fn slots(l: &ShardLayout, ts: &[usize]) -> (Vec<usize>, usize) {
+        let mut at = 0;
+        let offs = ts
             .iter()
-            .map(|o| {
-                let at = o.owner * chunk + o.offset;
-                all[at..at + o.numel].to_vec()
+            .map(|&i| {
+                let o = at;
+                at += l.chunk(i);
+                o
+            })
+            .collect();
+        (offs, at)
+    }
+
+    /// The full values of tensors `ts` from every rank's slice: `own[k]` is this rank's
+    /// slice of tensor `ts[k]` (empty where it owns none). One all-gather.
+    pub fn gather_slices(&mut self, ts: &[usize], own: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        let l = self.layout()?.clone();
+        let (offs, chunk) = Self::slots(&l, ts);
+        let mut send = vec![0f32; chunk];
+        for ((&i, &o), v) in ts.iter().zip(&offs).zip(own) {
+            if v.len() != l.mine(i).len() {
+                return Err(crate::msg!(
+                    "gather: tensor {i}: {} values for a slice of {}",
+                    v.len(),
+                    l.mine(i).len()
+                ));
+            }
+            send[o..o + v.len()].copy_from_slice(v);
+        }
+        let mut all = vec![0f32; chunk * l.world];
+        self.coll.all_gather(&send, &mut all)?;
+        Ok(ts
+            .iter()
+            .zip(&offs)
+            .map(|(&i, &o)| {
+                (0..l.world)
+                    .flat_map(|r| {
+                        let at = r * chunk + o;
+                        all[at..at + l.range(i, r).len()].iter().copied()
+                    })
+                    .collect()
             })
             .collect())
     }
 
-    /// The owner of trainable tensor `i`.
-    pub fn owner(&self, i: usize) -> usize {
-        self.tensors[i].owner
+    /// This rank's slices of the sums over ranks of tensors `ts`, whose full values on this
+    /// rank are `full[k]`. One reduce-scatter.
+    pub fn reduce_scatter_slices(&mut self, ts: &[usize], full: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        let l = self.layout()?.clone();
+        let (offs, chunk) = Self::slots(&l, ts);
+        let mut send = vec![0f32; chunk * l.world];
+        for ((&i, &o), v) in ts.iter().zip(&offs).zip(full) {
+            if v.len() != l.numel(i) {
+                return Err(crate::msg!(
+                    "reduce-scatter: tensor {i}: {} values for {}",
+                    v.len(),
+                    l.numel(i)
+                ));
+            }
+            for r in 0..l.world {
+                let s = l.range(i, r);
+                let at = r * chunk + o;
+                send[at..at + s.len()].copy_from_slice(&v[s]);
+            }
+        }
+        let mut mine = vec![0f32; chunk];
+        self.coll.reduce_scatter(&send, &mut mine)?;
+        Ok(ts
+            .iter()
+            .zip(&offs)
+            .map(|(&i, &o)| mine[o..o + l.mine(i).len()].to_vec())
+            .collect())
+    }
+
+    /// Tensors `0..n` in consecutive groups whose packed buffers over all ranks stay within
+    /// the bucket size (a larger tensor is a group by itself).
+    fn buckets(&self, n: usize) -> Result<Vec<Vec<usize>>> {
+        let l = self.layout()?;
+        let mut out: Vec<Vec<usize>> = Vec::new();
+        let mut size = 0;
+        for i in 0..n {
+            let s = l.chunk(i) * l.world;
+            match out.last_mut() {
+                Some(b) if size + s <= self.bucket_elems => b.push(i),
+                _ => {
+                    out.push(vec![i]);
+                    size = 0;
+                }
+            }
+            size += s;
+        }
+        Ok(out)
+    }
+
+    /// [`DataParallel::gather_slices`] of every trainable tensor, in buckets.
+    pub fn gather_all(&mut self, own: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        self.check_len(own.len())?;
+        let mut out = Vec::with_capacity(own.len());
+        for b in self.buckets(own.len())? {
+            let part: Vec<Vec<f32>> = b.iter().map(|&i| own[i].clone()).collect();
+            out.extend(self.gather_slices(&b, &part)?);
+        }
+        Ok(out)
+    }
+
+    /// Makes the accumulated gradients (`grads[i]` of trainable tensor i) global sums:
+    /// all-reduced in buckets, or under ZeRO-1 reduce-scattered so each rank's accumulator
+    /// holds the sum in its slice and zeros elsewhere. Under ZeRO-2 and 3 the step graph
+    /// reduced them after each micro-batch already.
+    pub async fn reduce_gradients(&mut self, ex: &mut Executor, grads: &[TensorId]) -> Result<()> {
+        match self.stage() {
+            Stage::Zero2 | Stage::Zero3 => return Ok(()),
+            Stage::DataParallel | Stage::Zero1 => {}
+        }
+        self.check_len(grads.len())?;
+        for b in self.buckets(grads.len())? {
+            let ids: Vec<TensorId> = b.iter().map(|&i| grads[i]).collect();
+            let vals = ex.get_tensors_async(&ids).await?;
+            let full: Vec<Vec<f32>> = vals.iter().map(|v| v.to_f32()).collect();
+            if self.stage() == Stage::DataParallel {
+                let mut flat: Vec<f32> = full.concat();
+                self.coll.all_reduce(&mut flat)?;
+                let mut at = 0;
+                for (t, v) in ids.iter().zip(&vals) {
+                    let k = v.numel();
+                    ex.set_tensor(*t, &HostTensor::from_f32(&v.shape, &flat[at..at + k]).cast(v.dtype))?;
+                    at += k;
+                }
+                continue;
+            }
+            let mine = self.reduce_scatter_slices(&b, &full)?;
+            let l = self.layout()?;
+            for ((&i, t), (v, m)) in b.iter().zip(&ids).zip(vals.iter().zip(mine)) {
+                let mut whole = vec![0f32; v.numel()];
+                whole[l.mine(i)].copy_from_slice(&m);
+                ex.set_tensor(*t, &HostTensor::from_f32(&v.shape, &whole).cast(v.dtype))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// ZeRO-1 and 2: every rank's copy of every trainable tensor (`params`, full on each
+    /// rank) becomes the owners' updated slices put together. Nothing to do without
+    /// sharding (all ranks updated identically) or under ZeRO-3 (parameters stay sharded).
+    pub async fn gather_parameters(&mut self, ex: &mut Executor, params: &[TensorId]) -> Result<()> {
+        match self.stage() {
+            Stage::DataParallel | Stage::Zero3 => return Ok(()),
+            Stage::Zero1 | Stage::Zero2 => {}
+        }
+        self.check_len(params.len())?;
+        for b in self.buckets(params.len())? {
+            let ids: Vec<TensorId> = b.iter().map(|&i| params[i]).collect();
+            let vals = ex.get_tensors_async(&ids).await?;
+            let l = self.layout()?;
+            let own: Vec<Vec<f32>> = b
+                .iter()
+                .zip(&vals)
+                .map(|(&i, v)| v.to_f32()[l.mine(i)].to_vec())
+                .collect();
+            let full = self.gather_slices(&b, &own)?;
+            for ((t, v), f) in ids.iter().zip(&vals).zip(full) {
+                ex.set_tensor(*t, &HostTensor::from_f32(&v.shape, &f).cast(v.dtype))?;
+            }
+        }
+        Ok(())
     }
 
     fn check_len(&self, n: usize) -> Result<()> {
-        if n != self.tensors.len() {
+        let have = self.layout()?.tensors();
+        if n != have {
             return Err(crate::msg!(
-                "data parallel: {n} tensors given, {} assigned; assign() must see the trainer's tensors",
-                self.tensors.len()
+                "data parallel: {n} tensors given, {have} assigned; assign() must see the trainer's tensors"
             ));
         }
         Ok(())
+    }
+}
+
+/// The host calls of a sharded step graph ([`ShardCall`]s), run on this rank's collective.
+pub struct ShardCalls<'a> {
+    pub dp: &'a mut DataParallel,
+    pub calls: &'a [ShardCall],
+}
+
+impl HostCalls for ShardCalls<'_> {
+    fn call(&mut self, id: u32, inputs: Vec<HostTensor>, outputs: &[&TensorInfo]) -> Result<Vec<HostTensor>> {
+        let call = self
+            .calls
+            .get(id as usize)
+            .ok_or_else(|| crate::msg!("host call {id}: the step graph has {} calls", self.calls.len()))?;
+        let l = self.dp.layout()?.clone();
+        match call {
+            ShardCall::Gather(ts) => {
+                let mut inputs = inputs.into_iter();
+                let own: Vec<Vec<f32>> = ts
+                    .iter()
+                    .map(|&i| match l.mine(i).is_empty() {
+                        true => Vec::new(),
+                        false => inputs.next().map(|t| t.to_f32()).unwrap_or_default(),
+                    })
+                    .collect();
+                let full = self.dp.gather_slices(ts, &own)?;
+                Ok(full
+                    .iter()
+                    .zip(outputs)
+                    .map(|(v, o)| HostTensor::from_f32(&o.shape, v).cast(o.dtype))
+                    .collect())
+            }
+            ShardCall::ReduceScatter(ts) => {
+                let full: Vec<Vec<f32>> = inputs.iter().map(|t| t.to_f32()).collect();
+                let mine = self.dp.reduce_scatter_slices(ts, &full)?;
+                let kept = ts.iter().zip(mine).filter(|(&i, _)| !l.mine(i).is_empty());
+                Ok(kept
+                    .zip(outputs)
+                    .map(|((_, v), o)| HostTensor::from_f32(&o.shape, &v).cast(o.dtype))
+                    .collect())
+            }
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! Data-parallel training over several processes (one per GPU): collectives, the
-//! torchrun-style rendezvous, ZeRO/FSDP-style sharding of the optimizer, and the launcher.
+//! torchrun-style rendezvous, ZeRO/FSDP-style sharding of optimizer state, gradients and
+//! parameters, and the launcher.
 //!
 //! A rank is started with `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR` and
 //! `MASTER_PORT` (by `ferrotune launch` or torchrun); [`connect`] meets the other ranks
@@ -26,9 +27,9 @@ pub mod threads;
 mod wire;
 
 pub use collective::{Collective, DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_RENDEZVOUS_TIMEOUT};
-pub use data_parallel::DataParallel;
+pub use data_parallel::{DataParallel, ShardCalls};
 pub use env::DistEnv;
-pub use sharding::{ShardingConfig, Stage, StateDict};
+pub use sharding::{ShardCall, ShardLayout, ShardSpec, ShardingConfig, Stage, StateDict, SHARD_ALIGN};
 pub use threads::ThreadCollective;
 
 use crate::config::Config;

@@ -1,8 +1,10 @@
 //! What is sharded across ranks, chosen with axolotl's keys: `deepspeed: <zero json>`
-//! (`zero_optimization.stage` 0-3) or `fsdp_version` + `fsdp_config` (FSDP full shard is
-//! ZeRO-3; `reshard_after_forward: false` keeps gathered parameters, which is ZeRO-2).
-//! Ownership is by whole tensor: each trainable tensor's gradient reduction, optimizer
-//! state and update belong to one rank, balanced by size.
+//! (`zero_optimization.stage` 0-3) or `fsdp_version` + `fsdp_config` (FSDP shards
+//! parameters, which is ZeRO-3; `reshard_after_forward: false` keeps a micro-batch's
+//! gathered parameters from the forward to the backward pass instead of gathering them
+//! again). Sharding is flat, as in FSDP and DeepSpeed: every trainable tensor is cut into
+//! `world_size` equal slices ([`ShardLayout`]) and rank r owns slice r of each, so every
+//! rank holds about `1/world_size` of each sharded kind of memory.
 
 use crate::config::Config;
 use crate::{Error, Result};
@@ -18,7 +20,7 @@ pub enum Stage {
     Zero1,
     /// Optimizer state and gradients sharded (gradients reduce-scattered to their owner).
     Zero2,
-    /// Also parameters (see docs/design.md for what this executor does and does not free).
+    /// Also parameters: gathered per layer before use and freed after it.
     Zero3,
 }
 
@@ -35,6 +37,9 @@ pub enum StateDict {
 pub struct ShardingConfig {
     pub stage: Stage,
     pub state_dict: StateDict,
+    /// ZeRO-3: gather the parameters again for the backward pass (FSDP's and DeepSpeed's
+    /// default), or keep the forward's gathered copies until their backward use (`false`).
+    pub reshard_after_forward: bool,
 }
 
 impl Default for ShardingConfig {
@@ -42,6 +47,7 @@ impl Default for ShardingConfig {
         ShardingConfig {
             stage: Stage::DataParallel,
             state_dict: StateDict::Full,
+            reshard_after_forward: true,
         }
     }
 }
@@ -130,6 +136,7 @@ impl ShardingConfig {
             } else {
                 StateDict::Sharded
             },
+            reshard_after_forward: true,
         })
     }
 
@@ -167,28 +174,93 @@ impl ShardingConfig {
                 )))
             }
         };
-        let stage = if fc.reshard_after_forward == Some(false) {
-            Stage::Zero2
-        } else {
-            Stage::Zero3
-        };
-        Ok(ShardingConfig { stage, state_dict })
+        Ok(ShardingConfig {
+            stage: Stage::Zero3,
+            state_dict,
+            reshard_after_forward: fc.reshard_after_forward.unwrap_or(true),
+        })
     }
 }
 
-/// The owning rank of each tensor: largest first onto the least-loaded rank (ties: lower
-/// index, lower rank), so every rank computes the same assignment.
-pub fn assign_owners(sizes: &[usize], world: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..sizes.len()).collect();
-    order.sort_by(|&a, &b| sizes[b].cmp(&sizes[a]).then(a.cmp(&b)));
-    let mut load = vec![0usize; world];
-    let mut owner = vec![0; sizes.len()];
-    for i in order {
-        let r = (0..world).min_by_key(|&r| (load[r], r)).expect("world >= 1");
-        owner[i] = r;
-        load[r] += sizes[i];
+/// Slices start at multiples of this many elements (256 bytes of f32), so a slice of a
+/// tensor is a view at an offset every backend can bind.
+pub const SHARD_ALIGN: usize = 64;
+
+/// Flat sharding of the trainable tensors over `world` ranks: tensor i (`numel` elements)
+/// is cut into slices of `chunk(i)` elements (`numel / world` rounded up to [`SHARD_ALIGN`]);
+/// rank r owns elements `[r * chunk, (r + 1) * chunk)` of it, clipped to the tensor, so the
+/// last ranks' slices may be shorter or empty. Every rank computes the same layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardLayout {
+    pub rank: usize,
+    pub world: usize,
+    numel: Vec<usize>,
+    chunk: Vec<usize>,
+}
+
+impl ShardLayout {
+    pub fn new(sizes: &[usize], rank: usize, world: usize) -> Self {
+        let world = world.max(1);
+        ShardLayout {
+            rank,
+            world,
+            numel: sizes.to_vec(),
+            chunk: sizes
+                .iter()
+                .map(|&n| n.div_ceil(world).next_multiple_of(SHARD_ALIGN).max(SHARD_ALIGN))
+                .collect(),
+        }
     }
-    owner
+    /// How many tensors the layout covers.
+    pub fn tensors(&self) -> usize {
+        self.numel.len()
+    }
+    pub fn numel(&self, i: usize) -> usize {
+        self.numel[i]
+    }
+    /// Every rank's slot for tensor i in a packed collective buffer.
+    pub fn chunk(&self, i: usize) -> usize {
+        self.chunk[i]
+    }
+    /// The elements of tensor i that rank r owns.
+    pub fn range(&self, i: usize, r: usize) -> std::ops::Range<usize> {
+        let (n, c) = (self.numel[i], self.chunk[i]);
+        (r * c).min(n)..((r + 1) * c).min(n)
+    }
+    /// The elements of tensor i that this rank owns.
+    pub fn mine(&self, i: usize) -> std::ops::Range<usize> {
+        self.range(i, self.rank)
+    }
+}
+
+/// A sharded step graph's layout: the stage, the gathering policy and the slices.
+#[derive(Clone, Debug)]
+pub struct ShardSpec {
+    pub stage: Stage,
+    pub reshard_after_forward: bool,
+    pub layout: ShardLayout,
+}
+
+/// What a host call of a sharded step graph does (`Op::HostCall`'s id indexes a list of these).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ShardCall {
+    /// All-gather of trainable tensors `.0` (layout indices): the inputs are this rank's
+    /// non-empty slices of them, in order; the outputs are their full values.
+    Gather(Vec<usize>),
+    /// Reduce-scatter of the gradients of trainable tensors `.0`: the inputs are this rank's
+    /// full gradients; the outputs are its slices of their sums over ranks, for the tensors
+    /// whose slice is not empty.
+    ReduceScatter(Vec<usize>),
+}
+
+/// Elements `r` of `t`, flattened, in `t`'s dtype.
+pub fn slice_flat(t: &crate::tensor::HostTensor, r: std::ops::Range<usize>) -> crate::tensor::HostTensor {
+    let size = t.dtype.size();
+    crate::tensor::HostTensor {
+        shape: vec![r.len()],
+        dtype: t.dtype,
+        data: t.data[r.start * size..r.end * size].to_vec(),
+    }
 }
 
 #[cfg(test)]
@@ -214,7 +286,10 @@ mod tests {
         let f = ShardingConfig::from_fsdp(Some(2), Some(&json!({"state_dict_type": "SHARDED_STATE_DICT"}))).unwrap();
         assert_eq!((f.stage, f.state_dict), (Stage::Zero3, StateDict::Sharded));
         let f = ShardingConfig::from_fsdp(Some(2), Some(&json!({"reshard_after_forward": false}))).unwrap();
-        assert_eq!((f.stage, f.state_dict), (Stage::Zero2, StateDict::Full));
+        assert_eq!(
+            (f.stage, f.state_dict, f.reshard_after_forward),
+            (Stage::Zero3, StateDict::Full, false)
+        );
         let e = ShardingConfig::from_fsdp(Some(2), Some(&json!({"offload_params": true}))).unwrap_err();
         assert!(e.to_string().contains("offload_params"));
         let e = ShardingConfig::from_fsdp(Some(2), Some(&json!({"reshard": true}))).unwrap_err();
@@ -222,17 +297,28 @@ mod tests {
     }
 
     #[test]
-    fn owners_balance_sizes() {
-        let owners = assign_owners(&[10, 1, 1, 8, 2], 2);
-        let load = |r| {
-            (0..5)
-                .filter(|&i| owners[i] == r)
-                .map(|i| [10, 1, 1, 8, 2][i])
-                .sum::<usize>()
-        };
-        assert_eq!(owners[0], 0);
-        assert_eq!(owners[3], 1);
-        assert_eq!((load(0), load(1)), (11, 11));
-        assert_eq!(assign_owners(&[3, 3], 4), vec![0, 1]);
+    fn slices_cover_each_tensor_once_at_aligned_offsets() {
+        let sizes = [1000, 16, 64 * 5, 0];
+        for world in [1, 2, 3, 4] {
+            for (i, &n) in sizes.iter().enumerate() {
+                let l = ShardLayout::new(&sizes, 0, world);
+                let mut next = 0;
+                for r in 0..world {
+                    let s = l.range(i, r);
+                    assert_eq!(s.start, next, "tensor {i} world {world} rank {r}");
+                    assert!(s.start.is_multiple_of(SHARD_ALIGN) || s.is_empty());
+                    assert!(s.len() <= l.chunk(i));
+                    next = s.end;
+                }
+                assert_eq!(next, n);
+                // No rank holds more than its even share plus one alignment unit.
+                let most = (0..world).map(|r| l.range(i, r).len()).max().unwrap();
+                assert!(most <= n.div_ceil(world) + SHARD_ALIGN, "{most} of {n} on {world}");
+            }
+        }
+        let l = ShardLayout::new(&[1000], 3, 4);
+        assert_eq!((l.chunk(0), l.mine(0)), (256, 768..1000));
+        let t = crate::tensor::HostTensor::from_f32(&[2, 3], &[0., 1., 2., 3., 4., 5.]);
+        assert_eq!(slice_flat(&t, 2..5).to_f32(), vec![2., 3., 4.]);
     }
 }

@@ -6,10 +6,14 @@
 //! Programs share the persistent tensors and one transient arena, sized for the largest
 //! program, so the exact peak is known before anything runs.
 
+pub mod host;
 pub mod plan;
+
+pub use host::{HostCalls, NoHostCalls};
 
 use crate::backend::{Arg, Backend, BufferId, Loc};
 use crate::graph::{Graph, NodeId, Role, TensorId, TensorInfo};
+use crate::ops::Op;
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
 use plan::Interval;
@@ -52,6 +56,9 @@ pub struct ProgramPlan {
     pub transient_peak: u64,
     /// Sum of the transient tensors' sizes, as if nothing were reused.
     pub transient_sum: u64,
+    /// The most bytes of host-call outputs live at once (sharded training: the gathered
+    /// parameters in flight and the reduced gradient slices before they are accumulated).
+    pub host_output_peak: u64,
 }
 
 /// The memory plan, known before the first step.
@@ -73,6 +80,8 @@ struct Compiled {
     locs: HashMap<TensorId, Loc>,
     /// Input-role tensors the caller must upload.
     inputs: Vec<TensorId>,
+    /// The program has host calls (so it is never captured as a CUDA graph).
+    host_calls: bool,
 }
 
 pub struct Executor {
@@ -92,15 +101,23 @@ fn fusion_enabled() -> bool {
 }
 
 /// Follows reshapes back to the tensor that owns the memory.
-fn storage_root(g: &Graph, mut t: TensorId) -> TensorId {
+fn storage_root(g: &Graph, t: TensorId) -> TensorId {
+    root_and_offset(g, t).0
+}
+
+/// The tensor that owns `t`'s memory and where `t` starts in it, in bytes (views start
+/// inside their input).
+fn root_and_offset(g: &Graph, mut t: TensorId) -> (TensorId, u64) {
+    let mut offset = 0u64;
     while let Some(n) = g.producer[t.idx()] {
         let node = g.node(n);
         if !node.op.is_alias() {
             break;
         }
         t = node.inputs[0];
+        offset += (node.op.alias_offset() * g.dtype(t).size()) as u64;
     }
-    t
+    (t, offset)
 }
 
 /// Nodes needed for `spec`, in graph (= topological) order.
@@ -301,11 +318,28 @@ impl Executor {
                 .collect();
             let (offs, peak) = plan::layout_intervals(&items, align, chunk);
             t_total = t_total.max(peak);
+            let host_out: Vec<&Interval> = roots
+                .iter()
+                .zip(&items)
+                .filter(|(r, _)| g.producer[r.idx()].is_some_and(|n| matches!(g.node(n).op, Op::HostCall { .. })))
+                .map(|(_, i)| i)
+                .collect();
+            let host_output_peak = (0..=end)
+                .map(|time| {
+                    host_out
+                        .iter()
+                        .filter(|i| i.first <= time && time <= i.last)
+                        .map(|i| i.bytes)
+                        .sum::<u64>()
+                })
+                .max()
+                .unwrap_or(0);
             program_plans.push(ProgramPlan {
                 name: spec.name.clone(),
                 nodes: sched.len(),
                 transient_peak: peak,
                 transient_sum: items.iter().map(|i| plan::align_up(i.bytes.max(1), align)).sum(),
+                host_output_peak,
             });
             transient_plans.push((roots, offs));
         }
@@ -347,11 +381,22 @@ impl Executor {
             for &n in &sched {
                 let node = g.node(n);
                 for &t in node.inputs.iter().chain(&node.outputs) {
-                    let r = storage_root(g, t);
+                    let (r, off) = root_and_offset(g, t);
+                    if off % align != 0 {
+                        return Err(crate::msg!(
+                            "program {}: {} starts {off} bytes into {}, not a multiple of the {} backend's \
+                             alignment ({align} bytes)",
+                            spec.name,
+                            g.info(t).name,
+                            g.info(r).name,
+                            backend.name()
+                        ));
+                    }
                     if let Some(&l) = locs.get(&r).or(persistent.get(&r)) {
                         locs.insert(
                             t,
                             Loc {
+                                offset: l.offset + off,
                                 bytes: g.info(t).bytes() as u64,
                                 ..l
                             },
@@ -367,11 +412,13 @@ impl Executor {
                     inputs.insert(o);
                 }
             }
+            let host_calls = sched.iter().any(|&n| matches!(g.node(n).op, Op::HostCall { .. }));
             programs.push(Compiled {
                 spec: spec.clone(),
                 schedule: sched,
                 locs,
                 inputs: inputs.into_iter().collect(),
+                host_calls,
             });
         }
 
@@ -380,7 +427,7 @@ impl Executor {
         for p in &programs {
             for &n in &p.schedule {
                 let node = g.node(n);
-                if node.op.is_view() {
+                if node.op.is_view() || matches!(node.op, Op::HostCall { .. }) {
                     continue;
                 }
                 let ins: Vec<&TensorInfo> = node.inputs.iter().map(|&t| g.info(t)).collect();
@@ -520,8 +567,34 @@ impl Executor {
         pollster::block_on(self.run_async(program, inputs))
     }
 
+    /// [`Executor::run_with_async`], blocking.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn run_with(
+        &mut self,
+        program: usize,
+        inputs: &[(TensorId, &HostTensor)],
+        host: &mut dyn HostCalls,
+    ) -> Result<Vec<HostTensor>> {
+        pollster::block_on(self.run_with_async(program, inputs, host))
+    }
+
     /// Runs one program: uploads `inputs`, runs every node, reads back the outputs.
     pub async fn run_async(&mut self, program: usize, inputs: &[(TensorId, &HostTensor)]) -> Result<Vec<HostTensor>> {
+        self.run_with_async(program, inputs, &mut NoHostCalls).await
+    }
+
+    /// Whether program `program` has host calls (and so must be run with [`Executor::run_with`]).
+    pub fn has_host_calls(&self, program: usize) -> bool {
+        self.programs[program].host_calls
+    }
+
+    /// [`Executor::run_async`] for a program with host calls, which `host` computes.
+    pub async fn run_with_async(
+        &mut self,
+        program: usize,
+        inputs: &[(TensorId, &HostTensor)],
+        host: &mut dyn HostCalls,
+    ) -> Result<Vec<HostTensor>> {
         let p = &self.programs[program];
         let g = &self.graph;
         let given: HashMap<TensorId, &HostTensor> = inputs.iter().map(|(t, v)| (*t, *v)).collect();
@@ -550,7 +623,8 @@ impl Executor {
             self.backend.write(p.locs[&t], &given[&t].data)?;
         }
         // A backend that recorded this program's launches before (a CUDA graph) replays them.
-        let replayed = self.backend.begin_program(program)?;
+        // Programs with host calls are never recorded: the host work happens between launches.
+        let replayed = !p.host_calls && self.backend.begin_program(program)?;
         for &n in &p.schedule {
             if replayed {
                 break;
@@ -566,6 +640,30 @@ impl Executor {
                     .copied()
                     .expect("planned")
             };
+            if let Op::HostCall { id, .. } = node.op {
+                // The queued work must be done before its results are read, and before
+                // the outputs' bytes (which earlier tensors may have used) are overwritten.
+                self.backend.flush()?;
+                let in_locs: Vec<Loc> = node.inputs.iter().map(loc).collect();
+                let data = self.backend.read_async(&in_locs).await?;
+                let values: Vec<HostTensor> = node
+                    .inputs
+                    .iter()
+                    .zip(data)
+                    .map(|(&t, d)| HostTensor {
+                        shape: g.info(t).shape.clone(),
+                        dtype: g.info(t).dtype,
+                        data: d,
+                    })
+                    .collect();
+                let outs: Vec<&TensorInfo> = node.outputs.iter().map(|&t| g.info(t)).collect();
+                let results = host.call(id, values, &outs)?;
+                host::check_outputs(id, &results, &outs)?;
+                for (t, v) in node.outputs.iter().zip(&results) {
+                    self.backend.write(loc(t), &v.data)?;
+                }
+                continue;
+            }
             let ins: Vec<Arg> = node
                 .inputs
                 .iter()
@@ -590,7 +688,9 @@ impl Executor {
                 e => e,
             })?;
         }
-        self.backend.end_program(program)?;
+        if !p.host_calls {
+            self.backend.end_program(program)?;
+        }
         self.backend.flush()?;
         let locs: Vec<Loc> = p
             .spec

@@ -189,6 +189,46 @@ impl Graph {
             .collect()
     }
 
+    /// Puts the nodes in `order` (each node once, after the producers of its inputs), so
+    /// index order stays a valid schedule, and returns the new id of each old node.
+    pub fn reorder(&mut self, order: &[NodeId]) -> Result<Vec<NodeId>> {
+        let n = self.nodes.len();
+        let mut new_id = vec![None; n];
+        for (k, &old) in order.iter().enumerate() {
+            if old.idx() >= n || new_id[old.idx()].is_some() {
+                return Err(crate::msg!("reorder: node {} is missing or given twice", old.0));
+            }
+            new_id[old.idx()] = Some(NodeId(k as u32));
+        }
+        let new_id: Vec<NodeId> = new_id
+            .into_iter()
+            .collect::<Option<_>>()
+            .ok_or_else(|| crate::msg!("reorder: {} nodes given for {n}", order.len()))?;
+        for (k, &old) in order.iter().enumerate() {
+            for t in &self.nodes[old.idx()].inputs {
+                if let Some(p) = self.producer[t.idx()] {
+                    if new_id[p.idx()].idx() >= k {
+                        return Err(crate::msg!(
+                            "reorder: {} would run before {}, which produces its input {}",
+                            self.nodes[old.idx()].op.name(),
+                            self.nodes[p.idx()].op.name(),
+                            self.info(*t).name
+                        ));
+                    }
+                }
+            }
+        }
+        let mut old_nodes: Vec<Option<Node>> = std::mem::take(&mut self.nodes).into_iter().map(Some).collect();
+        self.nodes = order
+            .iter()
+            .map(|o| old_nodes[o.idx()].take().expect("each node once"))
+            .collect();
+        for p in self.producer.iter_mut().flatten() {
+            *p = new_id[p.idx()];
+        }
+        Ok(new_id)
+    }
+
     /// The last node index, for marking where a phase (forward, backward) ends.
     pub fn node_count(&self) -> usize {
         self.nodes.len()

@@ -117,6 +117,15 @@ pub enum Op {
     /// Hkv*D], v_cache, pos [B*Tq] i32) -> o`; the query at position `p` sees cache
     /// positions `0..=p` (and its window); `pos < 0` gives zeros.
     AttentionCached(AttnSpec),
+    /// `x -> y`: elements `[offset, offset + numel(shape))` of `x` as `shape`, without a copy
+    /// (the executor aliases `x`'s buffer at that offset, which must be a multiple of the
+    /// backend's alignment). The sharded optimizer updates its slice of a weight through it.
+    View { offset: usize, shape: Vec<usize> },
+    /// Computed on the host when the schedule reaches it: the executor reads the inputs back,
+    /// passes them to the caller's [`crate::exec::HostCalls`] under `id`, and writes the values
+    /// it returns into the outputs (whose shapes and dtypes are given here). Sharded training
+    /// gathers parameters and reduce-scatters gradients through it.
+    HostCall { id: u32, outputs: Vec<(Vec<usize>, DType)> },
 }
 
 impl Op {
@@ -154,6 +163,8 @@ impl Op {
             Op::AccumulateGrad => "accumulate_grad",
             Op::CacheWrite => "cache_write",
             Op::AttentionCached(_) => "attention_cached",
+            Op::View { .. } => "view",
+            Op::HostCall { .. } => "host_call",
         }
     }
 
@@ -170,12 +181,20 @@ impl Op {
     /// True for ops whose output is their first input's buffer (a reshape, or a cache
     /// written in place).
     pub fn is_alias(&self) -> bool {
-        matches!(self, Op::Reshape { .. } | Op::CacheWrite)
+        matches!(self, Op::Reshape { .. } | Op::View { .. } | Op::CacheWrite)
     }
 
     /// True for ops that change nothing at run time (their output is a view).
     pub fn is_view(&self) -> bool {
-        matches!(self, Op::Reshape { .. })
+        matches!(self, Op::Reshape { .. } | Op::View { .. })
+    }
+
+    /// Where an alias's output starts inside its input, in elements (a view's offset).
+    pub fn alias_offset(&self) -> usize {
+        match self {
+            Op::View { offset, .. } => *offset,
+            _ => 0,
+        }
     }
 
     /// The shape rule.
@@ -296,6 +315,19 @@ impl Op {
                 want(4)?;
                 s.infer_cached(x[0], x[1], x[2], x[3])
             }
+            Op::View { offset, shape } => {
+                want(1)?;
+                let n = crate::tensor::numel(shape);
+                if offset + n > x[0].numel() {
+                    return Err(format!(
+                        "elements {offset}..{} are outside the {} of the input",
+                        offset + n,
+                        x[0].numel()
+                    ));
+                }
+                Ok(vec![(shape.clone(), x[0].dtype)])
+            }
+            Op::HostCall { outputs, .. } => Ok(outputs.clone()),
         }
     }
 
@@ -405,9 +437,11 @@ impl Op {
             | Op::AccumulateGrad
             | Op::MatMulAccumulate { .. }
             | Op::CacheWrite
-            | Op::AttentionCached(_) => Err(crate::Error::shape(
+            | Op::AttentionCached(_)
+            | Op::View { .. }
+            | Op::HostCall { .. } => Err(crate::Error::shape(
                 self.name(),
-                "has no backward rule (it is itself a backward or optimizer op)",
+                "has no backward rule (it is a backward, optimizer or host op)",
             )),
         }
     }

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod run;
 pub mod schedule;
 pub mod session;
+pub mod shard_graph;
 pub mod state;
 pub mod step_graph;
 pub mod trainer;

@@ -245,14 +245,19 @@ pub fn save_checkpoint(t: &mut Trainer, p: &Prepared) -> Result<PathBuf> {
             staging: None,
         }),
     };
-    let Some(opt) = opt else {
+    // Sharded parameters are gathered by every rank together.
+    let trained = if opt.is_some() || t.params_sharded() {
+        Some(t.trained_tensors()?)
+    } else {
+        None
+    };
+    let (Some(opt), Some(trained)) = (opt, trained) else {
         // Not rank 0: wait until rank 0 has written the checkpoint.
         if let Some(d) = t.dist_mut() {
             d.barrier()?;
         }
         return Ok(checkpoint::checkpoint_dir(&cfg.output_dir, step));
     };
-    let trained = t.trained_tensors()?;
     let mut files: Vec<(&str, Vec<u8>)> = vec![("config.yaml", cfg.to_yaml().into_bytes())];
     files.extend(opt.files.iter().map(|(n, b)| (n.as_str(), b.clone())));
     let weights_file = match t.adapter_config() {
@@ -289,15 +294,20 @@ pub fn save_checkpoint(t: &mut Trainer, p: &Prepared) -> Result<PathBuf> {
 }
 
 /// Writes the final outputs into `output_dir`: the adapter (PEFT) or the full model,
-/// plus the tokenizer files.
+/// plus the tokenizer files. With data parallelism rank 0 writes; under ZeRO-3 every rank
+/// must call this, since the weights are gathered from all of them.
 pub fn save_outputs(t: &mut Trainer, p: &Prepared) -> Result<()> {
+    let trained = t.trained_tensors()?;
+    if t.rank() != 0 {
+        return Ok(());
+    }
     let out = t.config().output_dir.clone();
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     match t.adapter_config().cloned() {
-        Some(a) => lora::save(&out, &a, &t.trained_tensors()?)?,
+        Some(a) => lora::save(&out, &a, &trained)?,
         None => {
             let dt = save_dtype(&p.model_config);
-            let tensors: Vec<_> = t.trained_tensors()?.into_iter().map(|(n, v)| (n, v.cast(dt))).collect();
+            let tensors: Vec<_> = trained.into_iter().map(|(n, v)| (n, v.cast(dt))).collect();
             write_model(&out, &p.model_config, &tensors)?;
         }
     }
@@ -386,19 +396,21 @@ pub fn train_with(cfg: &Config, cb: &mut dyn Callback, dist: Option<DataParallel
             break;
         }
     }
-    if !interrupted && rank0 {
+    if !interrupted && (rank0 || t.params_sharded()) {
         save_outputs(&mut t, &p)?;
-        cb.on_message(&format!(
-            "saved the trained {} to {}",
-            if cfg.is_lora() { "adapter" } else { "model" },
-            cfg.output_dir.display()
-        ));
+        if rank0 {
+            cb.on_message(&format!(
+                "saved the trained {} to {}",
+                if cfg.is_lora() { "adapter" } else { "model" },
+                cfg.output_dir.display()
+            ));
+        }
     }
     let adapter = match t.adapter_config().cloned() {
-        Some(config) if rank0 => Some(lora::Adapter {
-            config,
-            tensors: t.trained_tensors()?.into_iter().collect(),
-        }),
+        Some(config) if rank0 || t.params_sharded() => {
+            let tensors = t.trained_tensors()?.into_iter().collect();
+            rank0.then_some(lora::Adapter { config, tensors })
+        }
         _ => None,
     };
     let seconds = super::trainer::now() - start;

@@ -4,8 +4,10 @@
 //! gradient norm with clipping, and AdamW. Three programs share one executor:
 //! `train` (forward, backward, accumulate), `optimizer` (clip and update), `eval`.
 
+use super::shard_graph;
+use crate::dist::{ShardCall, ShardSpec, Stage};
 use crate::exec::ProgramSpec;
-use crate::graph::{self, NodeId, TensorId};
+use crate::graph::{self, Graph, NodeId, TensorId};
 use crate::model::llama::ModelGraph;
 use crate::ops::{AdamWSpec, Op};
 use crate::tensor::DType;
@@ -34,10 +36,14 @@ impl Default for OptimizerOptions {
     }
 }
 
-/// One trainable tensor and its optimizer state.
+/// One trainable tensor (or this rank's slice of it) and its optimizer state.
 #[derive(Clone, Debug)]
 pub struct ParamState {
+    /// The tensor's index in `model.trainable`.
+    pub index: usize,
+    /// What the update writes: the tensor, its slice (a view), or its persistent shard.
     pub param: TensorId,
+    /// The accumulated gradient of `param` (a view of a full accumulator under ZeRO-1).
     pub grad_acc: TensorId,
     pub exp_avg: TensorId,
     pub exp_avg_sq: TensorId,
@@ -51,13 +57,21 @@ pub struct TrainGraph {
     pub hyper: TensorId,
     /// The tensors this rank updates (all trainable tensors unless the optimizer is sharded).
     pub params: Vec<ParamState>,
-    /// The gradient accumulator of every trainable tensor, in `model.trainable` order.
+    /// The gradient accumulators this rank holds, in `model.trainable` order (full tensors,
+    /// or under ZeRO-2 and 3 this rank's non-empty slices).
     pub grad_accs: Vec<TensorId>,
     pub grad_norm: TensorId,
     /// Sharded optimizer: `[1]` input, the sum of squared gradients over all ranks.
     pub global_sumsq: Option<TensorId>,
     /// Sharded optimizer: this rank's sum of squared gradients (`None` when it owns nothing).
     pub local_sumsq: Option<TensorId>,
+    /// How the step is sharded (`None`: every rank holds everything).
+    pub shard: Option<ShardSpec>,
+    /// ZeRO-3: this rank's persistent slice of each trainable tensor (`None` where empty);
+    /// empty otherwise.
+    pub param_shards: Vec<Option<TensorId>>,
+    /// What the graph's host calls do (`Op::HostCall` ids index this).
+    pub host_calls: Vec<ShardCall>,
     micro_effects: Vec<NodeId>,
     opt_effects: Vec<NodeId>,
 }
@@ -78,66 +92,135 @@ impl TrainGraph {
         Self::build(model, opt, None)
     }
 
-    /// A step whose optimizer updates only the trainable tensors marked in `owned` (in
-    /// `model.trainable` order) and has state only for them; the gradient norm's sum of
-    /// squares comes in from the host, summed over ranks (ZeRO).
-    pub fn new_sharded(model: ModelGraph, opt: &OptimizerOptions, owned: &[bool]) -> Result<Self> {
-        if owned.len() != model.trainable.len() {
+    /// A step for one rank of a sharded run: its optimizer holds state for and updates only
+    /// this rank's slices (the gradient norm's sum of squares comes in from the host, summed
+    /// over ranks); under ZeRO-2 and 3 gradients are reduce-scattered into slice-sized
+    /// accumulators after each micro-batch, and under ZeRO-3 parameters are sharded and
+    /// gathered per layer (see [`super::shard_graph`]).
+    pub fn new_sharded(model: ModelGraph, opt: &OptimizerOptions, spec: ShardSpec) -> Result<Self> {
+        if spec.layout.tensors() != model.trainable.len() {
             return Err(crate::msg!(
-                "sharded optimizer: {} ownership flags for {} trainable tensors",
-                owned.len(),
+                "sharded step: a layout of {} tensors for {} trainable tensors",
+                spec.layout.tensors(),
                 model.trainable.len()
             ));
         }
-        Self::build(model, opt, Some(owned))
+        if spec.stage == Stage::DataParallel {
+            return Self::build(model, opt, None);
+        }
+        Self::build(model, opt, Some(spec))
     }
 
-    fn build(mut model: ModelGraph, opt: &OptimizerOptions, owned: Option<&[bool]>) -> Result<Self> {
+    fn build(mut model: ModelGraph, opt: &OptimizerOptions, shard: Option<ShardSpec>) -> Result<Self> {
         let g = &mut model.graph;
         let act = g.dtype(model.loss_sum);
         let loss_scale = g.input("loss_scale", &[1], act);
         let trainable = model.trainable.clone();
+        let backward_start = g.nodes.len();
         let grads = graph::backward(g, model.loss_sum, loss_scale, &trainable)?;
-        let mut params = Vec::new();
-        let mut grad_accs = Vec::new();
+        let grad_of: Vec<TensorId> = trainable
+            .iter()
+            .map(|p| {
+                grads
+                    .get(p)
+                    .copied()
+                    .ok_or_else(|| crate::msg!("{} does not influence the loss", g.info(*p).name))
+            })
+            .collect::<Result<_>>()?;
+        let original = g.nodes.len();
+        let stage = shard.as_ref().map_or(Stage::DataParallel, |s| s.stage);
         let mut micro_effects = Vec::new();
-        for (i, &p) in trainable.iter().enumerate() {
-            let Some(&grad) = grads.get(&p) else {
-                return Err(crate::msg!("{} does not influence the loss", g.info(p).name));
-            };
-            let (shape, dt, name) = (g.shape(p).to_vec(), g.dtype(p), g.info(p).name.clone());
-            let grad_acc = g.state(&format!("{name}.grad"), &shape, dt);
-            g.apply(Op::AccumulateGrad, &[grad_acc, grad])?;
-            micro_effects.push(NodeId(g.nodes.len() as u32 - 1));
-            grad_accs.push(grad_acc);
-            if owned.is_some_and(|o| !o[i]) {
-                continue;
+        let mut host = shard_graph::HostPlan::default();
+        // Accumulators: full ones, or this rank's slices fed by gradient drains.
+        let accs: Vec<Option<TensorId>> = match &shard {
+            Some(s) if stage >= Stage::Zero2 => {
+                shard_graph::drain_gradients(g, &trainable, &grad_of, &s.layout, &mut host, &mut micro_effects)?
             }
+            _ => {
+                let mut v = Vec::new();
+                for (&p, &grad) in trainable.iter().zip(&grad_of) {
+                    let (shape, dt, name) = (g.shape(p).to_vec(), g.dtype(p), g.info(p).name.clone());
+                    let acc = g.state(&format!("{name}.grad"), &shape, dt);
+                    g.apply(Op::AccumulateGrad, &[acc, grad])?;
+                    micro_effects.push(NodeId(g.nodes.len() as u32 - 1));
+                    v.push(Some(acc));
+                }
+                v
+            }
+        };
+        let param_shards = match &shard {
+            Some(s) if stage == Stage::Zero3 => shard_graph::gather_parameters(
+                g,
+                &trainable,
+                backward_start..original,
+                s.reshard_after_forward,
+                &s.layout,
+                &mut host,
+            )?,
+            _ => Vec::new(),
+        };
+        if !host.is_empty() {
+            let moved = host.apply(g, original)?;
+            micro_effects = micro_effects.iter().map(|n| moved[n.idx()]).collect();
+        }
+
+        // The optimizer: every tensor, or this rank's slices.
+        let mut params = Vec::new();
+        for (i, &p) in trainable.iter().enumerate() {
+            let Some(acc) = accs[i] else { continue };
+            let name = g.info(p).name.clone();
+            let (param, grad_acc, shape) = match &shard {
+                None => (p, acc, g.shape(p).to_vec()),
+                Some(s) => {
+                    let r = s.layout.mine(i);
+                    if r.is_empty() {
+                        continue;
+                    }
+                    let view = |g: &mut Graph, t: TensorId| {
+                        g.apply1(
+                            Op::View {
+                                offset: r.start,
+                                shape: vec![r.len()],
+                            },
+                            &[t],
+                        )
+                    };
+                    let param = match param_shards.get(i) {
+                        Some(&Some(sh)) => sh,
+                        _ => view(g, p)?,
+                    };
+                    let grad_acc = if stage == Stage::Zero1 { view(g, acc)? } else { acc };
+                    (param, grad_acc, vec![r.len()])
+                }
+            };
+            let dt = g.dtype(p);
             let exp_avg = g.state(&format!("{name}.exp_avg"), &shape, dt);
             let exp_avg_sq = g.state(&format!("{name}.exp_avg_sq"), &shape, dt);
             params.push(ParamState {
-                param: p,
+                index: i,
+                param,
                 grad_acc,
                 exp_avg,
                 exp_avg_sq,
             });
         }
-        let accs: Vec<TensorId> = params.iter().map(|s| s.grad_acc).collect();
-        let (sumsq, global_sumsq, local_sumsq) = if owned.is_some() {
+        let grad_accs: Vec<TensorId> = accs.iter().flatten().copied().collect();
+        let owned: Vec<TensorId> = params.iter().map(|s| s.grad_acc).collect();
+        let (sumsq, global_sumsq, local_sumsq) = if shard.is_some() {
             let dt = if grad_accs.iter().any(|&t| g.dtype(t) == DType::F64) {
                 DType::F64
             } else {
                 DType::F32
             };
-            let local = if accs.is_empty() {
+            let local = if owned.is_empty() {
                 None
             } else {
-                Some(g.apply1(Op::SumSquares, &accs)?)
+                Some(g.apply1(Op::SumSquares, &owned)?)
             };
             let global = g.input("global_grad_sumsq", &[1], dt);
             (global, Some(global), local)
         } else {
-            let s = g.apply1(Op::SumSquares, &accs)?;
+            let s = g.apply1(Op::SumSquares, &owned)?;
             (s, None, None)
         };
         let max_norm = opt.max_grad_norm.filter(|m| *m > 0.0).unwrap_or(f64::INFINITY);
@@ -145,7 +228,7 @@ impl TrainGraph {
         let hyper = g.input("optimizer_hyper", &[3], DType::F32);
         let mut opt_effects = Vec::new();
         for s in &params {
-            let wd = if decays(&g.info(s.param).name) {
+            let wd = if decays(&g.info(trainable[s.index]).name) {
                 opt.weight_decay
             } else {
                 0.0
@@ -171,9 +254,17 @@ impl TrainGraph {
             grad_norm: nc[0],
             global_sumsq,
             local_sumsq,
+            shard,
+            param_shards,
+            host_calls: host.calls,
             micro_effects,
             opt_effects,
         })
+    }
+
+    /// Whether parameters are sharded (ZeRO-3): a rank holds only its slices.
+    pub fn params_sharded(&self) -> bool {
+        !self.param_shards.is_empty()
     }
 
     pub fn programs(&self) -> Vec<ProgramSpec> {

@@ -11,7 +11,8 @@ use crate::adapters::lora::{self, AdapterConfig};
 use crate::backend::Backend;
 use crate::config::{Config, Every};
 use crate::data::{collate, BatchSchedule, EpochPlan, PackedBatch, PreparedData, ScheduleOptions};
-use crate::dist::DataParallel;
+use crate::dist::sharding::slice_flat;
+use crate::dist::{DataParallel, ShardCalls, ShardLayout, ShardSpec, ShardingConfig, Stage};
 use crate::exec::{Executor, MemoryPlan};
 use crate::model::llama::{self, BuildOptions, LoraOptions};
 use crate::model::ModelConfig;
@@ -161,9 +162,48 @@ impl RunPlan {
         data: PreparedData,
         pad_id: u32,
         base_name: &str,
-        mut dist: Option<DataParallel>,
+        dist: Option<DataParallel>,
     ) -> Result<Self> {
         let world = dist.as_ref().map_or(1, |d| d.world_size());
+        Self::build(cfg, model, precision, data, pad_id, base_name, world, None, dist)
+    }
+
+    /// The plan of rank `rank` of `world` with the config's sharding (none for one rank),
+    /// without a process group (for `ferrotune plan --world-size`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_rank(
+        cfg: Config,
+        model: &ModelConfig,
+        precision: Precision,
+        data: PreparedData,
+        pad_id: u32,
+        base_name: &str,
+        world: usize,
+        rank: usize,
+    ) -> Result<Self> {
+        if world == 0 || rank >= world {
+            return Err(Error::Config(format!(
+                "rank {rank} of world size {world}: expected 0 <= rank < world size"
+            )));
+        }
+        let sharding = ShardingConfig::from_config(&cfg)?;
+        // One process runs unsharded, as `train` without a process group does.
+        let rank_of = (world > 1).then_some((sharding, rank));
+        Self::build(cfg, model, precision, data, pad_id, base_name, world, rank_of, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        cfg: Config,
+        model: &ModelConfig,
+        precision: Precision,
+        data: PreparedData,
+        pad_id: u32,
+        base_name: &str,
+        world: usize,
+        rank_of: Option<(ShardingConfig, usize)>,
+        mut dist: Option<DataParallel>,
+    ) -> Result<Self> {
         let sched_opts = ScheduleOptions::new(&cfg.data, cfg.gradient_accumulation_steps * world);
         let schedule = BatchSchedule::new(&data.train, sched_opts.clone())?;
         let eval_schedule = if data.eval.is_empty() {
@@ -212,17 +252,23 @@ impl RunPlan {
             max_grad_norm: Some(cfg.max_grad_norm),
         };
         let mg = llama::build_with_attention(model, &opts, &cfg.attn_options()?)?;
-        let tg = match dist.as_mut() {
-            Some(d) => {
-                let sizes: Vec<usize> = mg.trainable.iter().map(|&t| mg.graph.info(t).numel()).collect();
-                let owned = d.assign(&sizes);
-                if d.is_sharded() {
-                    TrainGraph::new_sharded(mg, &opt, &owned)?
-                } else {
-                    TrainGraph::new(mg, &opt)?
-                }
-            }
-            None => TrainGraph::new(mg, &opt)?,
+        let sizes: Vec<usize> = mg.trainable.iter().map(|&t| mg.graph.info(t).numel()).collect();
+        let shard = match (dist.as_mut(), rank_of) {
+            (Some(d), _) => Some((d.sharding.clone(), d.assign(&sizes))),
+            (None, Some((sharding, rank))) => Some((sharding, ShardLayout::new(&sizes, rank, world))),
+            (None, None) => None,
+        };
+        let tg = match shard {
+            Some((sharding, layout)) if sharding.stage != Stage::DataParallel => TrainGraph::new_sharded(
+                mg,
+                &opt,
+                ShardSpec {
+                    stage: sharding.stage,
+                    reshard_after_forward: sharding.reshard_after_forward,
+                    layout,
+                },
+            )?,
+            _ => TrainGraph::new(mg, &opt)?,
         };
         Ok(RunPlan {
             cfg,
@@ -285,6 +331,16 @@ impl Trainer {
             None => None,
         };
         load_base_weights(&mut ex, &tg.model, weights)?;
+        if tg.params_sharded() {
+            // Trained base weights are held as this rank's slices.
+            for (name, t) in &tg.model.weights {
+                if tg.model.trainable.contains(t) {
+                    let info = ex.graph().info(*t).clone();
+                    let v = weights.get_shaped(name, &info.shape, info.dtype)?;
+                    set_trainable(&mut ex, &tg, *t, &v)?;
+                }
+            }
+        }
         let lora = lora_options(&cfg);
         let adapter = lora.as_ref().map(|l| {
             let saved = &tg.model.opts.modules_to_save;
@@ -413,10 +469,8 @@ impl Trainer {
             for p in &pairs {
                 let dt = self.ex.graph().dtype(p.a);
                 let (ka, kb) = (lora::lora_a_key(&p.module), lora::lora_b_key(&p.module));
-                self.ex
-                    .set_tensor(p.a, &tensors.get_shaped(&ka, &[r, p.in_features], dt)?)?;
-                self.ex
-                    .set_tensor(p.b, &tensors.get_shaped(&kb, &[p.out_features, r], dt)?)?;
+                self.set_trainable(p.a, &tensors.get_shaped(&ka, &[r, p.in_features], dt)?)?;
+                self.set_trainable(p.b, &tensors.get_shaped(&kb, &[p.out_features, r], dt)?)?;
                 used.extend([ka, kb]);
             }
             let m = &self.tg.model;
@@ -429,8 +483,7 @@ impl Trainer {
             for (name, t) in saved {
                 let key = lora::saved_module_key(&name);
                 let info = self.ex.graph().info(t).clone();
-                self.ex
-                    .set_tensor(t, &tensors.get_shaped(&key, &info.shape, info.dtype)?)?;
+                self.set_trainable(t, &tensors.get_shaped(&key, &info.shape, info.dtype)?)?;
                 used.insert(key);
             }
             let unused: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
@@ -447,10 +500,73 @@ impl Trainer {
         for (i, p) in pairs.iter().enumerate() {
             let dt = self.ex.graph().dtype(p.a);
             let (a, b) = lora::init_pair(p, r, self.cfg.data.seed, i, dt);
-            self.ex.set_tensor(p.a, &a)?;
-            self.ex.set_tensor(p.b, &b)?;
+            self.set_trainable(p.a, &a)?;
+            self.set_trainable(p.b, &b)?;
         }
         Ok(())
+    }
+
+    /// Sets a trainable tensor from its full value (under ZeRO-3: this rank's slice of it).
+    fn set_trainable(&mut self, t: crate::graph::TensorId, v: &HostTensor) -> Result<()> {
+        set_trainable(&mut self.ex, &self.tg, t, v)
+    }
+
+    /// Whether parameters are sharded (ZeRO-3): reading the trained weights is then a
+    /// collective that every rank must call together.
+    pub fn params_sharded(&self) -> bool {
+        self.tg.params_sharded()
+    }
+
+    /// Full values of trainable tensors `ids`: read back, or under ZeRO-3 gathered from
+    /// every rank's slices.
+    async fn trainable_values(&mut self, ids: &[crate::graph::TensorId]) -> Result<Vec<HostTensor>> {
+        if !self.tg.params_sharded() {
+            return self.ex.get_tensors_async(ids).await;
+        }
+        let held: Vec<_> = self.tg.param_shards.iter().flatten().copied().collect();
+        let mut vals = self.ex.get_tensors_async(&held).await?.into_iter();
+        let own: Vec<Vec<f32>> = self
+            .tg
+            .param_shards
+            .iter()
+            .map(|s| match s {
+                Some(_) => vals.next().map(|v| v.to_f32()).unwrap_or_default(),
+                None => Vec::new(),
+            })
+            .collect();
+        let dp = self
+            .dist
+            .as_mut()
+            .ok_or_else(|| crate::msg!("sharded parameters without a data-parallel group"))?;
+        let full = dp.gather_all(&own)?;
+        let g = self.ex.graph();
+        ids.iter()
+            .map(|t| {
+                let i = trainable_index(&self.tg, *t)?;
+                let info = g.info(*t);
+                Ok(HostTensor::from_f32(&info.shape, &full[i]).cast(info.dtype))
+            })
+            .collect()
+    }
+
+    /// Runs a program, with this rank's collectives for its host calls (sharded steps).
+    async fn run_program(
+        &mut self,
+        prog: usize,
+        feed: &[(crate::graph::TensorId, &HostTensor)],
+    ) -> Result<Vec<HostTensor>> {
+        if !self.ex.has_host_calls(prog) {
+            return self.ex.run_async(prog, feed).await;
+        }
+        let dp = self
+            .dist
+            .as_mut()
+            .ok_or_else(|| crate::msg!("a sharded step graph without a data-parallel group"))?;
+        let mut calls = ShardCalls {
+            dp,
+            calls: &self.tg.host_calls,
+        };
+        self.ex.run_with_async(prog, feed, &mut calls).await
     }
 
     fn epoch_plan(&mut self, epoch: usize) -> &EpochPlan {
@@ -498,7 +614,7 @@ impl Trainer {
     ) -> Result<(f64, f64)> {
         let mut feed = inp.feed();
         feed.extend(extra.iter().map(|(t, v)| (*t, v)));
-        let out = self.ex.run_async(self.progs[prog], &feed).await?;
+        let out = self.run_program(self.progs[prog], &feed).await?;
         Ok((out[0].to_f64()[0], out[1].to_f64()[0]))
     }
 
@@ -664,14 +780,22 @@ impl Trainer {
         let layout = es.layout();
         // Each rank evaluates every world_size-th batch; the sums are added over ranks.
         let (rank, world) = self.dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world_size()));
-        let batches: Vec<PackedBatch> = plan
-            .micro_batches()
+        let all: Vec<&crate::data::MicroBatch> = plan.micro_batches().collect();
+        let mut batches: Vec<(PackedBatch, bool)> = all
+            .iter()
             .enumerate()
             .filter(|(i, _)| i % world == rank)
-            .map(|(_, mb)| collate(&self.data.eval, mb, layout, self.pad_id))
+            .map(|(_, mb)| collate(&self.data.eval, mb, layout, self.pad_id).map(|b| (b, true)))
             .collect::<Result<_>>()?;
+        if self.tg.params_sharded() && !all.is_empty() {
+            // Every rank gathers the parameters for each run, so all run equally often; the
+            // extra runs repeat the first batch and are not counted.
+            while batches.len() < all.len().div_ceil(world) {
+                batches.push((collate(&self.data.eval, all[0], layout, self.pad_id)?, false));
+            }
+        }
         let (mut sum, mut count) = (0.0, 0.0);
-        for b in &batches {
+        for (b, counted) in &batches {
             let inp = model_inputs(&self.tg.model, b)?;
             let mut extra = Vec::new();
             if let Some((seed_t, p_t)) = self.tg.model.dropout {
@@ -679,8 +803,10 @@ impl Trainer {
                 extra.push((p_t, HostTensor::from_f32(&[1], &[0.0])));
             }
             let (l, c) = self.run_inputs(2, &inp, &extra).await?;
-            sum += l;
-            count += c;
+            if *counted {
+                sum += l;
+                count += c;
+            }
         }
         if let Some(d) = self.dist.as_mut() {
             let mut v = [sum, count];
@@ -727,6 +853,14 @@ impl Trainer {
 
     /// The trained tensors without blocking (see [`Trainer::trained_tensors`]).
     pub async fn trained_tensors_async(&mut self) -> Result<Vec<(String, HostTensor)>> {
+        let names = self.trained_names();
+        let ids: Vec<_> = names.iter().map(|(_, t)| *t).collect();
+        let values = self.trainable_values(&ids).await?;
+        Ok(names.into_iter().map(|(n, _)| n).zip(values).collect())
+    }
+
+    /// The trained tensors' saved names (see [`Trainer::trained_tensors`]).
+    fn trained_names(&self) -> Vec<(String, crate::graph::TensorId)> {
         let m = &self.tg.model;
         let mut names: Vec<(String, crate::graph::TensorId)> = Vec::new();
         for p in &m.lora {
@@ -743,19 +877,18 @@ impl Trainer {
                 names.push((key, *t));
             }
         }
-        let ids: Vec<_> = names.iter().map(|(_, t)| *t).collect();
-        let values = self.ex.get_tensors_async(&ids).await?;
-        Ok(names.into_iter().map(|(n, _)| n).zip(values).collect())
+        names
     }
 
-    /// Optimizer moments under `<param name>.exp_avg` / `.exp_avg_sq`.
+    /// Optimizer moments under `<param name>.exp_avg` / `.exp_avg_sq`: whole tensors, or
+    /// under sharding this rank's slices, flattened.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn optimizer_tensors(&mut self) -> Result<Vec<(String, HostTensor)>> {
         let g = self.ex.graph();
         let mut ids = Vec::new();
         let mut names = Vec::new();
         for s in &self.tg.params {
-            let n = &g.info(s.param).name;
+            let n = &g.info(self.tg.model.trainable[s.index]).name;
             names.push(format!("{n}.exp_avg"));
             ids.push(s.exp_avg);
             names.push(format!("{n}.exp_avg_sq"));
@@ -780,38 +913,19 @@ impl Trainer {
                     .into(),
             ));
         }
-        let current = self.trained_tensors()?;
-        let m = &self.tg.model;
-        let by_name: BTreeMap<String, crate::graph::TensorId> = {
-            let mut v = BTreeMap::new();
-            for p in &m.lora {
-                v.insert(lora::lora_a_key(&p.module), p.a);
-                v.insert(lora::lora_b_key(&p.module), p.b);
-            }
-            for (name, t) in &m.weights {
-                let key = if self.adapter.is_some() {
-                    lora::saved_module_key(name)
-                } else {
-                    name.clone()
-                };
-                v.insert(key, *t);
-            }
-            v
-        };
-        for (name, _) in current {
-            let t = by_name[&name];
+        for (name, t) in self.trained_names() {
             let info = self.ex.graph().info(t).clone();
-            self.ex
-                .set_tensor(t, &trained.get_shaped(&name, &info.shape, info.dtype)?)?;
+            self.set_trainable(t, &trained.get_shaped(&name, &info.shape, info.dtype)?)?;
         }
         for s in self.tg.params.clone() {
-            let n = self.ex.graph().info(s.param).name.clone();
-            let info = self.ex.graph().info(s.param).clone();
+            let info = self.ex.graph().info(self.tg.model.trainable[s.index]).clone();
             for (suffix, t) in [("exp_avg", s.exp_avg), ("exp_avg_sq", s.exp_avg_sq)] {
-                self.ex.set_tensor(
-                    t,
-                    &optimizer.get_shaped(&format!("{n}.{suffix}"), &info.shape, info.dtype)?,
-                )?;
+                let full = optimizer.get_shaped(&format!("{}.{suffix}", info.name), &info.shape, info.dtype)?;
+                let v = match &self.tg.shard {
+                    Some(sh) => slice_flat(&full, sh.layout.mine(s.index)),
+                    None => full,
+                };
+                self.ex.set_tensor(t, &v)?;
             }
         }
         self.info.resumed_from_step = state.global_step;
@@ -820,6 +934,38 @@ impl Trainer {
         self.state = state;
         self.state.max_steps = max_steps;
         Ok(())
+    }
+}
+
+/// The index of `t` in the trainable tensors.
+fn trainable_index(tg: &TrainGraph, t: crate::graph::TensorId) -> Result<usize> {
+    tg.model
+        .trainable
+        .iter()
+        .position(|&x| x == t)
+        .ok_or_else(|| crate::msg!("{} is not a trainable tensor", tg.model.graph.info(t).name))
+}
+
+/// Sets trainable tensor `t` from its full value `v`: the tensor itself, or under ZeRO-3
+/// this rank's slice of it (nothing when the slice is empty).
+fn set_trainable(ex: &mut Executor, tg: &TrainGraph, t: crate::graph::TensorId, v: &HostTensor) -> Result<()> {
+    if !tg.params_sharded() {
+        return ex.set_tensor(t, v);
+    }
+    let i = trainable_index(tg, t)?;
+    let info = ex.graph().info(t);
+    if v.shape != info.shape || v.dtype != info.dtype {
+        return Err(Error::shape(
+            "set_tensor",
+            format!(
+                "{} is {:?} {}, got {:?} {}",
+                info.name, info.shape, info.dtype, v.shape, v.dtype
+            ),
+        ));
+    }
+    match (tg.param_shards[i], &tg.shard) {
+        (Some(s), Some(sh)) => ex.set_tensor(s, &slice_flat(v, sh.layout.mine(i))),
+        _ => Ok(()),
     }
 }
 

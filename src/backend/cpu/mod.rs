@@ -417,7 +417,9 @@ impl CpuBackend {
                 attention::cpu_cached(s, &q, &k, &v, self.ints(&i[3]), out.get(), cache_len);
                 out.finish();
             }
-            Op::Cast { .. } | Op::Reshape { .. } => unreachable!("handled before dispatch"),
+            Op::Cast { .. } | Op::Reshape { .. } | Op::View { .. } | Op::HostCall { .. } => {
+                unreachable!("handled before dispatch")
+            }
         }
         Ok(())
     }
@@ -474,7 +476,8 @@ impl Backend for CpuBackend {
     }
     fn launch(&mut self, op: &Op, inputs: &[Arg], outputs: &[Arg]) -> Result<()> {
         match op {
-            Op::Reshape { .. } => Ok(()),
+            Op::Reshape { .. } | Op::View { .. } => Ok(()),
+            Op::HostCall { .. } => Err(crate::Error::backend("cpu", "host calls are computed by the executor")),
             Op::Cast { .. } => {
                 self.cast(&inputs[0], &outputs[0]);
                 Ok(())

@@ -114,7 +114,7 @@ impl CudaBackend {
             }
         }
         match op {
-            Op::Reshape { .. } => {}
+            Op::Reshape { .. } | Op::View { .. } | Op::HostCall { .. } => {}
             Op::MatMul { trans_a, trans_b } => self.prepare_gemm(i, o[0], *trans_a, *trans_b, false)?,
             Op::MatMulFused {
                 trans_a, trans_b, add, ..
@@ -190,7 +190,8 @@ impl CudaBackend {
     pub(super) fn dispatch(&mut self, op: &Op, i: &[Arg], o: &[Arg]) -> Result<()> {
         let p = |b: &Self, a: &Arg| b.ptr(a.loc);
         match op {
-            Op::Reshape { .. } => Ok(()),
+            Op::Reshape { .. } | Op::View { .. } => Ok(()),
+            Op::HostCall { .. } => Err(Error::backend("cuda", "host calls are computed by the executor")),
             Op::Cast { .. } => {
                 let n = numel(i[0].info);
                 let (x, y) = (p(self, &i[0]), p(self, &o[0]));

@@ -353,7 +353,8 @@ pub(crate) fn plan(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg]) -> Result<()>
         check_len(op, a.info)?;
     }
     match op {
-        Op::Reshape { .. } => Ok(()),
+        Op::Reshape { .. } | Op::View { .. } => Ok(()),
+        Op::HostCall { .. } => Err(Error::backend("wgsl", "host calls are computed by the executor")),
         Op::MatMul { trans_a, trans_b } => matmul_op::plan(b, op, i, o, *trans_a, *trans_b),
         Op::Add | Op::Mul => elementwise::binary(b, op, i, o),
         Op::Scale { factor } => elementwise::unary(b, op, "scale", i, o, *factor as f32),
