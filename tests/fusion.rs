@@ -5,8 +5,9 @@
 mod common;
 use common::{rand_tensor, rel_err, rng};
 use ferrotune::backend::cpu::CpuBackend;
+use ferrotune::exec::select_nodes;
 use ferrotune::exec::{Executor, ProgramSpec};
-use ferrotune::graph::fuse::{matmul_epilogues, reachable_ops};
+use ferrotune::graph::fuse::matmul_epilogues;
 use ferrotune::graph::{Graph, Role};
 use ferrotune::model::llama::{build, shift_targets, BuildOptions, LoraOptions, LINEAR_MODULES as ALL_LINEAR};
 use ferrotune::model::ModelConfig;
@@ -57,7 +58,10 @@ fn train(lora: bool, dropout: f64, fuse: bool) -> (Run, BTreeMap<&'static str, u
     let specs = tg.programs();
     let mut ex = Executor::with_fusion(tg.model.graph.clone(), Box::new(CpuBackend::new()), &specs, fuse).unwrap();
     let train_spec = &specs[0];
-    let ops = reachable_ops(ex.graph(), &train_spec.outputs, &train_spec.effects);
+    let mut ops = BTreeMap::new();
+    for n in select_nodes(ex.graph(), train_spec).unwrap() {
+        *ops.entry(ex.graph().node(n).op.name()).or_insert(0) += 1;
+    }
     let mut r = rng(3);
     let m = &tg.model;
     for (_, t) in &m.weights {

@@ -120,8 +120,8 @@ fn root_and_offset(g: &Graph, mut t: TensorId) -> (TensorId, u64) {
     (t, offset)
 }
 
-/// Nodes needed for `spec`, in graph (= topological) order.
-fn select_nodes(g: &Graph, spec: &ProgramSpec) -> Result<Vec<NodeId>> {
+/// Nodes needed for `spec`, in graph (= topological) order: what its program runs.
+pub fn select_nodes(g: &Graph, spec: &ProgramSpec) -> Result<Vec<NodeId>> {
     let mut needed: BTreeSet<u32> = BTreeSet::new();
     let mut stack: Vec<TensorId> = spec.outputs.clone();
     for &n in &spec.effects {
@@ -500,7 +500,8 @@ impl Executor {
         self.persistent.contains_key(&t)
     }
 
-    fn check_host(&self, t: TensorId, v: &HostTensor) -> Result<()> {
+    /// Checks that `v` has tensor `t`'s shape and dtype.
+    pub fn check_host(&self, t: TensorId, v: &HostTensor) -> Result<()> {
         let info = self.graph.info(t);
         if v.shape != info.shape || v.dtype != info.dtype {
             return Err(Error::shape(

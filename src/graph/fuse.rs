@@ -16,10 +16,10 @@
 //! stay valid; the nodes it no longer reads from are left unreachable, and the executor
 //! schedules only reachable nodes.
 
-use super::{Graph, Node, NodeId, TensorId};
+use super::{Graph, Node, TensorId};
 use crate::ops::Op;
 use crate::tensor::DType;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 /// How many nodes each rewrite changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -293,32 +293,4 @@ pub fn matmul_epilogues(g: &mut Graph, keep: &HashSet<TensorId>) -> FuseStats {
         pass.accumulated_product(n, &mut stats);
     }
     stats
-}
-
-/// The number of nodes of each op reachable from `roots` and `effects` (what a program with
-/// those outputs and effects would run).
-pub fn reachable_ops(g: &Graph, roots: &[TensorId], effects: &[NodeId]) -> BTreeMap<&'static str, usize> {
-    let mut seen_nodes = HashSet::new();
-    let mut stack: Vec<TensorId> = roots.to_vec();
-    for &n in effects {
-        if seen_nodes.insert(n) {
-            stack.extend(&g.node(n).inputs);
-        }
-    }
-    let mut seen = HashSet::new();
-    while let Some(t) = stack.pop() {
-        if !seen.insert(t) {
-            continue;
-        }
-        if let Some(n) = g.producer[t.idx()] {
-            if seen_nodes.insert(n) {
-                stack.extend(&g.node(n).inputs);
-            }
-        }
-    }
-    let mut counts = BTreeMap::new();
-    for n in seen_nodes {
-        *counts.entry(g.node(n).op.name()).or_insert(0) += 1;
-    }
-    counts
 }

@@ -953,16 +953,7 @@ fn set_trainable(ex: &mut Executor, tg: &TrainGraph, t: crate::graph::TensorId, 
         return ex.set_tensor(t, v);
     }
     let i = trainable_index(tg, t)?;
-    let info = ex.graph().info(t);
-    if v.shape != info.shape || v.dtype != info.dtype {
-        return Err(Error::shape(
-            "set_tensor",
-            format!(
-                "{} is {:?} {}, got {:?} {}",
-                info.name, info.shape, info.dtype, v.shape, v.dtype
-            ),
-        ));
-    }
+    ex.check_host(t, v)?;
     match (tg.param_shards[i], &tg.shard) {
         (Some(s), Some(sh)) => ex.set_tensor(s, &slice_flat(v, sh.layout.mine(i))),
         _ => Ok(()),
