@@ -291,6 +291,29 @@ __device__ __forceinline__ void red_add2(float* p, float a, float b) {
 #endif
 }
 
+// Grid (tiles, heads, batch) walked tile-slowest: the hardware starts blocks roughly in
+// linear order, so every head's tile 0 runs in the first wave, tile 1 next, and so on. Each
+// kernel maps tile 0 to its longest causal work, so the last wave holds only short blocks
+// (longest-processing-time-first scheduling) instead of one head's longest tile starting
+// near the end and running alone.
+struct BlockOrder {
+    int tile, h, b;
+};
+__device__ __forceinline__ BlockOrder block_order(bool lpt) {
+    if (!lpt) return BlockOrder{(int)blockIdx.x, (int)blockIdx.y, (int)blockIdx.z};
+    const u32 hb = gridDim.y * gridDim.z;
+    const u32 l = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const u32 r = l % hb;
+    return BlockOrder{(int)(l / hb), (int)(r % gridDim.y), (int)(r / gridDim.y)};
+}
+
+// The backward walks the grid tile-slowest only up to this many blocks (measured on the
+// H200: fewer blocks gain from the shorter tail; with more, one head's tiles running side by
+// side share its queries in L2, which the tile-slowest order loses).
+#ifndef FLASH_LPT_MAX
+#define FLASH_LPT_MAX 4096
+#endif
+
 // Forward. MW m16 tiles per warp (BM = 64 MW query rows), key tiles of BN.
 template <int D, int MW, int BN, bool F16>
 __device__ void flash_fwd(const FlashParams& p) {
@@ -304,9 +327,10 @@ __device__ void flash_fwd(const FlashParams& p) {
     int2* sRng = (int2*)(sSeg + 2 * BN);  // granule ranges
     u8* sFlag = (u8*)(sRng + p.ngr);      // per key tile: TILE_*
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
-    const i64 b = blockIdx.z, T = p.T;
-    const int h = blockIdx.y, kh = h / (p.Hq / p.Hkv);
-    const i64 q0 = (i64)(gridDim.x - 1 - blockIdx.x) * BM;  // longest (causal) tiles first
+    const BlockOrder o = block_order(true);
+    const i64 b = o.b, T = p.T;
+    const int h = o.h, kh = h / (p.Hq / p.Hkv);
+    const i64 q0 = (i64)(gridDim.x - 1 - o.tile) * BM;  // the last queries see the most keys
     const i64 qw = (i64)p.Hq * D, kw = (i64)p.Hkv * D;
     const u16* Q = (const u16*)p.q + b * T * qw + h * D;
     const u16* K = (const u16*)p.k + b * T * kw + kh * D;
@@ -558,10 +582,11 @@ __device__ void flash_bwd(const FlashParams& p) {
     int2* sRng = (int2*)(sSg + 2 * BM);      // granule ranges
     u8* sFlag = (u8*)(sRng + p.ngr);         // per query tile: TILE_*
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
-    const i64 b = blockIdx.z, T = p.T;
+    const BlockOrder o = block_order(gridDim.x * gridDim.y * gridDim.z <= FLASH_LPT_MAX);
+    const i64 b = o.b, T = p.T;
     const int Ti = (int)T;
-    const int kh = blockIdx.y, group = p.Hq / p.Hkv;
-    const i64 n0 = (i64)blockIdx.x * BN;
+    const int kh = o.h, group = p.Hq / p.Hkv;
+    const i64 n0 = (i64)o.tile * BN;  // the first keys are seen by the most queries
     const i64 qw = (i64)p.Hq * D, kw = (i64)p.Hkv * D;
     const u16* K = (const u16*)p.k + b * T * kw + kh * D;
     const u16* V = (const u16*)p.v + b * T * kw + kh * D;

@@ -5,15 +5,20 @@
 //
 // The host prepends `enable f16; enable wgpu_cooperative_matrix;` and:
 //   BM, BN, BK   workgroup tile and depth of one step (BK a multiple of 16),
-//   WM, WN       subgroups ("warps") along M and N; each owns a 32 x 64 block of the tile
-//                (2 x 4 accumulators of 16 x 16), so BM = 32*WM and BN = 64*WN,
+//   WM, WN       subgroups ("warps") along M and N; each owns a (16 FM) x (16 FN) block of
+//                the tile (FM x FN accumulators of 16 x 16), so BM = 16*FM*WM, BN = 16*FN*WN,
 //   SG           the adapter's subgroup size; THREADS = WM*WN*SG,
 //   TRANS_A, TRANS_B, VEC (A and B groups of 8 halves are aligned and wholly in or out),
 //   A_ROWS, A_COLS, A_LD, A_STAGE (and B_*): the staged tile in its stored orientation
 //     (A: BM x BK, or BK x BM when TRANS_A; B: BK x BN, or BN x BK when TRANS_B), its padded
 //     row stride in workgroup memory (+8 halves: 16-byte aligned rows and no bank conflicts
 //     for the 8 rows a fragment load touches), and the elements per stage,
-//   bindings a_buf / b_buf with load_a8/load_a1 (and b): groups of 8 halves as vec4<u32>.
+//   bindings a_buf / b_buf with load_a8/load_a1 (and b): groups of 8 halves as vec4<u32>
+//     (held so in registers and widened on the way to workgroup memory, which measured
+//     faster than vec4<f16> or mat2x4<f16> loads; naga cannot bitcast them to halves),
+//   the entry point `main` (matmul.rs `coop_entry`), written out for its FM x FN
+//     accumulators: a larger block per subgroup reuses each fragment load for more
+//     multiplies (FM + FN loads for FM * FN products per 16-deep step).
 //
 // Tiles are staged in workgroup memory exactly as stored, so a transposed operand is the
 // same copy followed by a column-major fragment load (coopLoad) instead of a row-major one
@@ -162,93 +167,4 @@ fn store_frag(acc: coop_mat16x16<f32, C>, warp: u32, lane: u32, c_base: u32, row
         }
     }
     workgroupBarrier();
-}
-
-@compute @workgroup_size(THREADS)
-fn main(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wg: vec3<u32>) {
-    let row0 = wg.y * BM;
-    let col0 = wg.x * BN;
-    let a_base = p.a_off + wg.z * p.a_bstride;
-    let b_base = p.b_off + wg.z * p.b_bstride;
-    let c_base = p.c_off + wg.z * p.c_bstride;
-    let warp = t / SG;
-    let lane = t % SG;
-    let wm = (warp / WN) * 32u;
-    let wn = (warp % WN) * 64u;
-
-    // Zero accumulators, loaded from zeroed scratch.
-    for (var e = t; e < WM * WN * 256u; e += THREADS) {
-        c_sh[e] = 0.0;
-    }
-    workgroupBarrier();
-    let zero = coopLoadT<coop_mat16x16<f32, C>>(&c_sh[0], 16u);
-    var c00 = zero; var c01 = zero; var c02 = zero; var c03 = zero;
-    var c10 = zero; var c11 = zero; var c12 = zero; var c13 = zero;
-
-    let nk = (p.k + BK - 1u) / BK;
-    var ra: array<vec4<u32>, A_PER_T>;
-    var rb: array<vec4<u32>, B_PER_T>;
-    for (var i = 0u; i < A_PER_T; i++) {
-        let g = t + i * THREADS;
-        if g < A_GROUPS { put_a(0u, g, fetch_a(g, a_base, row0, 0u)); }
-    }
-    for (var i = 0u; i < B_PER_T; i++) {
-        let g = t + i * THREADS;
-        if g < B_GROUPS { put_b(0u, g, fetch_b(g, b_base, col0, 0u)); }
-    }
-    workgroupBarrier();
-
-    for (var kt = 0u; kt < nk; kt++) {
-        let s = kt & 1u;
-        let more = kt + 1u < nk;
-        if more {
-            let k1 = (kt + 1u) * BK;
-            for (var i = 0u; i < A_PER_T; i++) {
-                let g = t + i * THREADS;
-                if g < A_GROUPS { ra[i] = fetch_a(g, a_base, row0, k1); }
-            }
-            for (var i = 0u; i < B_PER_T; i++) {
-                let g = t + i * THREADS;
-                if g < B_GROUPS { rb[i] = fetch_b(g, b_base, col0, k1); }
-            }
-        }
-        for (var kk = 0u; kk < BK; kk += 16u) {
-            let a0 = frag_a(s, wm, kk);
-            let a1 = frag_a(s, wm + 16u, kk);
-            let b0 = frag_b(s, kk, wn);
-            let b1 = frag_b(s, kk, wn + 16u);
-            let b2 = frag_b(s, kk, wn + 32u);
-            let b3 = frag_b(s, kk, wn + 48u);
-            c00 = coopMultiplyAdd(a0, b0, c00);
-            c01 = coopMultiplyAdd(a0, b1, c01);
-            c02 = coopMultiplyAdd(a0, b2, c02);
-            c03 = coopMultiplyAdd(a0, b3, c03);
-            c10 = coopMultiplyAdd(a1, b0, c10);
-            c11 = coopMultiplyAdd(a1, b1, c11);
-            c12 = coopMultiplyAdd(a1, b2, c12);
-            c13 = coopMultiplyAdd(a1, b3, c13);
-        }
-        if more {
-            for (var i = 0u; i < A_PER_T; i++) {
-                let g = t + i * THREADS;
-                if g < A_GROUPS { put_a(s ^ 1u, g, ra[i]); }
-            }
-            for (var i = 0u; i < B_PER_T; i++) {
-                let g = t + i * THREADS;
-                if g < B_GROUPS { put_b(s ^ 1u, g, rb[i]); }
-            }
-        }
-        workgroupBarrier();
-    }
-
-    let r0 = row0 + wm;
-    let q0 = col0 + wn;
-    store_frag(c00, warp, lane, c_base, r0, q0);
-    store_frag(c01, warp, lane, c_base, r0, q0 + 16u);
-    store_frag(c02, warp, lane, c_base, r0, q0 + 32u);
-    store_frag(c03, warp, lane, c_base, r0, q0 + 48u);
-    store_frag(c10, warp, lane, c_base, r0 + 16u, q0);
-    store_frag(c11, warp, lane, c_base, r0 + 16u, q0 + 16u);
-    store_frag(c12, warp, lane, c_base, r0 + 16u, q0 + 32u);
-    store_frag(c13, warp, lane, c_base, r0 + 16u, q0 + 48u);
 }

@@ -18,7 +18,8 @@
 // the accumulators stay in registers on every compiler. Each step stages a BM x BK slice of op(A) and a BK x BN slice of op(B) in workgroup memory
 // (both k-major, so an invocation reads its TM rows / TN columns as vec4s), zero-filled past
 // the edges; every invocation then accumulates its TM x TN block in registers. This is the
-// classic register-blocked GEMM (e.g. siboehm's "kernel 5/6", gpu.cpp's matmul v9).
+// classic register-blocked GEMM (e.g. siboehm's "kernel 5/6", gpu.cpp's matmul v9) with
+// register prefetching of the next step (his "kernel 10" double buffering).
 
 struct Params {
     m: u32, n: u32, k: u32, _p0: u32,
@@ -35,123 +36,138 @@ const WG_X: u32 = BN / TN;
 const WG_Y: u32 = BM / TM;
 const THREADS: u32 = WG_X * WG_Y;
 
-// a_tile[k][m] and b_tile[k][n], four consecutive m (or n) per vec4.
-var<workgroup> a_tile: array<vec4<f32>, BK * BM / 4u>;
-var<workgroup> b_tile: array<vec4<f32>, BK * BN / 4u>;
+// Two stages of a_tile[k][m] and b_tile[k][n], four consecutive m (or n) per vec4. While
+// the invocations multiply stage s, each already holds the next step's global loads in
+// registers (fetch_*) and writes them to stage s^1 afterwards (put_*): one barrier per step,
+// and the loads' latency hides behind the arithmetic.
+const A_STAGE: u32 = BK * BM / 4u;
+const B_STAGE: u32 = BK * BN / 4u;
+var<workgroup> a_tile: array<vec4<f32>, 2u * A_STAGE>;
+var<workgroup> b_tile: array<vec4<f32>, 2u * B_STAGE>;
 
-fn put_a(k: u32, m: u32, v: f32) {
-    a_tile[(k * BM + m) >> 2u][m & 3u] = v;
-}
+// A step stages op(A)[row0 .. row0+BM, k0 .. k0+BK] and op(B)[k0 .. k0+BK, col0 .. col0+BN]
+// as groups of 4 elements contiguous in storage (A_GROUPS and B_GROUPS of them), zero past
+// the edges; each invocation moves A_PER_T and B_PER_T groups.
+const A_GROUPS: u32 = BM * BK / 4u;
+const B_GROUPS: u32 = BK * BN / 4u;
+const A_PER_T: u32 = (A_GROUPS + THREADS - 1u) / THREADS;
+const B_PER_T: u32 = (B_GROUPS + THREADS - 1u) / THREADS;
 
-fn put_b(k: u32, n: u32, v: f32) {
-    b_tile[(k * BN + n) >> 2u][n & 3u] = v;
-}
-
-// Stage op(A)[row0 .. row0+BM, k0 .. k0+BK] into a_tile.
-fn load_a_tile(t: u32, base: u32, row0: u32, k0: u32) {
-    if TRANS_A {
-        // Stored [K, M]: rows are k, contiguous along m.
+// Four elements from i on, zero from column `cols` on (gc: the column of i) or if the row
+// is outside; VEC_* groups are wholly in or out.
+fn fetch4_a(i: u32, row_ok: bool, gc: u32, cols: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if row_ok && gc < cols {
         if VEC_A {
-            for (var i = t; i < BK * BM / 4u; i += THREADS) {
-                let r = i / (BM / 4u);
-                let c = (i % (BM / 4u)) * 4u;
-                var v = vec4<f32>(0.0);
-                if k0 + r < p.k && row0 + c < p.m {
-                    v = load_a4(base + (k0 + r) * p.lda + row0 + c);
-                }
-                a_tile[(r * BM + c) >> 2u] = v;
-            }
+            v = load_a4(i);
         } else {
-            for (var i = t; i < BK * BM; i += THREADS) {
-                let r = i / BM;
-                let c = i % BM;
-                var v = 0.0;
-                if k0 + r < p.k && row0 + c < p.m {
-                    v = load_a1(base + (k0 + r) * p.lda + row0 + c);
+            for (var e = 0u; e < 4u; e++) {
+                if gc + e < cols {
+                    v[e] = load_a1(i + e);
                 }
-                put_a(r, c, v);
-            }
-        }
-    } else {
-        // Stored [M, K]: rows are m, contiguous along k.
-        if VEC_A {
-            for (var i = t; i < BM * BK / 4u; i += THREADS) {
-                let r = i / (BK / 4u);
-                let c = (i % (BK / 4u)) * 4u;
-                var v = vec4<f32>(0.0);
-                if row0 + r < p.m && k0 + c < p.k {
-                    v = load_a4(base + (row0 + r) * p.lda + k0 + c);
-                }
-                put_a(c, r, v.x);
-                put_a(c + 1u, r, v.y);
-                put_a(c + 2u, r, v.z);
-                put_a(c + 3u, r, v.w);
-            }
-        } else {
-            for (var i = t; i < BM * BK; i += THREADS) {
-                let r = i / BK;
-                let c = i % BK;
-                var v = 0.0;
-                if row0 + r < p.m && k0 + c < p.k {
-                    v = load_a1(base + (row0 + r) * p.lda + k0 + c);
-                }
-                put_a(c, r, v);
             }
         }
     }
+    return v;
 }
 
-// Stage op(B)[k0 .. k0+BK, col0 .. col0+BN] into b_tile.
-fn load_b_tile(t: u32, base: u32, col0: u32, k0: u32) {
-    if TRANS_B {
-        // Stored [N, K]: rows are n, contiguous along k.
+fn fetch4_b(i: u32, row_ok: bool, gc: u32, cols: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if row_ok && gc < cols {
         if VEC_B {
-            for (var i = t; i < BN * BK / 4u; i += THREADS) {
-                let r = i / (BK / 4u);
-                let c = (i % (BK / 4u)) * 4u;
-                var v = vec4<f32>(0.0);
-                if col0 + r < p.n && k0 + c < p.k {
-                    v = load_b4(base + (col0 + r) * p.ldb + k0 + c);
-                }
-                put_b(c, r, v.x);
-                put_b(c + 1u, r, v.y);
-                put_b(c + 2u, r, v.z);
-                put_b(c + 3u, r, v.w);
-            }
+            v = load_b4(i);
         } else {
-            for (var i = t; i < BN * BK; i += THREADS) {
-                let r = i / BK;
-                let c = i % BK;
-                var v = 0.0;
-                if col0 + r < p.n && k0 + c < p.k {
-                    v = load_b1(base + (col0 + r) * p.ldb + k0 + c);
+            for (var e = 0u; e < 4u; e++) {
+                if gc + e < cols {
+                    v[e] = load_b1(i + e);
                 }
-                put_b(c, r, v);
             }
         }
+    }
+    return v;
+}
+
+// Group g of op(A)'s step at k0: stored [K, M] (TRANS_A) it runs along m, else along k.
+fn fetch_a(g: u32, base: u32, row0: u32, k0: u32) -> vec4<f32> {
+    if TRANS_A {
+        let r = g / (BM / 4u);
+        let c = (g % (BM / 4u)) * 4u;
+        return fetch4_a(base + (k0 + r) * p.lda + row0 + c, k0 + r < p.k, row0 + c, p.m);
+    }
+    let r = g / (BK / 4u);
+    let c = (g % (BK / 4u)) * 4u;
+    return fetch4_a(base + (row0 + r) * p.lda + k0 + c, row0 + r < p.m, k0 + c, p.k);
+}
+
+fn put_a(s: u32, g: u32, v: vec4<f32>) {
+    let o = s * A_STAGE;
+    if TRANS_A {
+        a_tile[o + g] = v;  // (k, m .. m+4) is already a vec4 of a_tile[k]
     } else {
-        // Stored [K, N]: rows are k, contiguous along n.
-        if VEC_B {
-            for (var i = t; i < BK * BN / 4u; i += THREADS) {
-                let r = i / (BN / 4u);
-                let c = (i % (BN / 4u)) * 4u;
-                var v = vec4<f32>(0.0);
-                if k0 + r < p.k && col0 + c < p.n {
-                    v = load_b4(base + (k0 + r) * p.ldb + col0 + c);
-                }
-                b_tile[(r * BN + c) >> 2u] = v;
-            }
-        } else {
-            for (var i = t; i < BK * BN; i += THREADS) {
-                let r = i / BN;
-                let c = i % BN;
-                var v = 0.0;
-                if k0 + r < p.k && col0 + c < p.n {
-                    v = load_b1(base + (k0 + r) * p.ldb + col0 + c);
-                }
-                put_b(r, c, v);
-            }
-        }
+        let m = g / (BK / 4u);
+        let k = (g % (BK / 4u)) * 4u;
+        let q = o + (k * BM + m) / 4u;
+        a_tile[q][m & 3u] = v.x;
+        a_tile[q + BM / 4u][m & 3u] = v.y;
+        a_tile[q + BM / 2u][m & 3u] = v.z;
+        a_tile[q + 3u * BM / 4u][m & 3u] = v.w;
+    }
+}
+
+// Group g of op(B)'s step at k0: stored [N, K] (TRANS_B) it runs along k, else along n.
+fn fetch_b(g: u32, base: u32, col0: u32, k0: u32) -> vec4<f32> {
+    if TRANS_B {
+        let r = g / (BK / 4u);
+        let c = (g % (BK / 4u)) * 4u;
+        return fetch4_b(base + (col0 + r) * p.ldb + k0 + c, col0 + r < p.n, k0 + c, p.k);
+    }
+    let r = g / (BN / 4u);
+    let c = (g % (BN / 4u)) * 4u;
+    return fetch4_b(base + (k0 + r) * p.ldb + col0 + c, k0 + r < p.k, col0 + c, p.n);
+}
+
+fn put_b(s: u32, g: u32, v: vec4<f32>) {
+    let o = s * B_STAGE;
+    if TRANS_B {
+        let n = g / (BK / 4u);
+        let k = (g % (BK / 4u)) * 4u;
+        let q = o + (k * BN + n) / 4u;
+        b_tile[q][n & 3u] = v.x;
+        b_tile[q + BN / 4u][n & 3u] = v.y;
+        b_tile[q + BN / 2u][n & 3u] = v.z;
+        b_tile[q + 3u * BN / 4u][n & 3u] = v.w;
+    } else {
+        b_tile[o + g] = v;
+    }
+}
+
+// This invocation's groups of the step at k0, held in registers until put_step.
+struct Step {
+    a: array<vec4<f32>, A_PER_T>,
+    b: array<vec4<f32>, B_PER_T>,
+}
+
+fn fetch_step(t: u32, a_base: u32, b_base: u32, row0: u32, col0: u32, k0: u32) -> Step {
+    var st: Step;
+    for (var i = 0u; i < A_PER_T; i++) {
+        let g = t + i * THREADS;
+        if g < A_GROUPS { st.a[i] = fetch_a(g, a_base, row0, k0); }
+    }
+    for (var i = 0u; i < B_PER_T; i++) {
+        let g = t + i * THREADS;
+        if g < B_GROUPS { st.b[i] = fetch_b(g, b_base, col0, k0); }
+    }
+    return st;
+}
+
+fn put_step(s: u32, t: u32, st: Step) {
+    for (var i = 0u; i < A_PER_T; i++) {
+        let g = t + i * THREADS;
+        if g < A_GROUPS { put_a(s, g, st.a[i]); }
+    }
+    for (var i = 0u; i < B_PER_T; i++) {
+        let g = t + i * THREADS;
+        if g < B_GROUPS { put_b(s, g, st.b[i]); }
     }
 }
 

@@ -15,17 +15,27 @@ fn main(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wg: vec3
     var c1 = vec4<f32>(0.0);
     var c2 = vec4<f32>(0.0);
     var c3 = vec4<f32>(0.0);
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        load_a_tile(t, a_base, row0, k0);
-        load_b_tile(t, b_base, col0, k0);
-        workgroupBarrier();
+    put_step(0u, t, fetch_step(t, a_base, b_base, row0, col0, 0u));
+    workgroupBarrier();
+    let nk = (p.k + BK - 1u) / BK;
+    for (var kt = 0u; kt < nk; kt++) {
+        let more = kt + 1u < nk;
+        var next: Step;
+        if more {
+            next = fetch_step(t, a_base, b_base, row0, col0, (kt + 1u) * BK);
+        }
+        let ao = (kt & 1u) * A_STAGE;
+        let bo = (kt & 1u) * B_STAGE;
         for (var kk = 0u; kk < BK; kk++) {
-            let a = a_tile[kk * (BM / 4u) + ty];
-            let b = b_tile[kk * (BN / 4u) + tx];
+            let a = a_tile[ao + kk * (BM / 4u) + ty];
+            let b = b_tile[bo + kk * (BN / 4u) + tx];
             c0 = fma(vec4<f32>(a.x), b, c0);
             c1 = fma(vec4<f32>(a.y), b, c1);
             c2 = fma(vec4<f32>(a.z), b, c2);
             c3 = fma(vec4<f32>(a.w), b, c3);
+        }
+        if more {
+            put_step((kt & 1u) ^ 1u, t, next);
         }
         workgroupBarrier();
     }

@@ -28,15 +28,22 @@ fn main(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wg: vec3
     var c6b = vec4<f32>(0.0);
     var c7a = vec4<f32>(0.0);
     var c7b = vec4<f32>(0.0);
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        load_a_tile(t, a_base, row0, k0);
-        load_b_tile(t, b_base, col0, k0);
-        workgroupBarrier();
+    put_step(0u, t, fetch_step(t, a_base, b_base, row0, col0, 0u));
+    workgroupBarrier();
+    let nk = (p.k + BK - 1u) / BK;
+    for (var kt = 0u; kt < nk; kt++) {
+        let more = kt + 1u < nk;
+        var next: Step;
+        if more {
+            next = fetch_step(t, a_base, b_base, row0, col0, (kt + 1u) * BK);
+        }
+        let ao = (kt & 1u) * A_STAGE;
+        let bo = (kt & 1u) * B_STAGE;
         for (var kk = 0u; kk < BK; kk++) {
-            let a0 = a_tile[kk * (BM / 4u) + ty * 2u];
-            let a1 = a_tile[kk * (BM / 4u) + ty * 2u + 1u];
-            let b0 = b_tile[kk * (BN / 4u) + tx];
-            let b1 = b_tile[kk * (BN / 4u) + BN / 8u + tx];
+            let a0 = a_tile[ao + kk * (BM / 4u) + ty * 2u];
+            let a1 = a_tile[ao + kk * (BM / 4u) + ty * 2u + 1u];
+            let b0 = b_tile[bo + kk * (BN / 4u) + tx];
+            let b1 = b_tile[bo + kk * (BN / 4u) + BN / 8u + tx];
             c0a = fma(vec4<f32>(a0.x), b0, c0a);
             c0b = fma(vec4<f32>(a0.x), b1, c0b);
             c1a = fma(vec4<f32>(a0.y), b0, c1a);
@@ -53,6 +60,9 @@ fn main(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wg: vec3
             c6b = fma(vec4<f32>(a1.z), b1, c6b);
             c7a = fma(vec4<f32>(a1.w), b0, c7a);
             c7b = fma(vec4<f32>(a1.w), b1, c7b);
+        }
+        if more {
+            put_step((kt & 1u) ^ 1u, t, next);
         }
         workgroupBarrier();
     }

@@ -8,7 +8,7 @@
 
 mod wgsl_matmul_support;
 
-use ferrotune::backend::wgsl::matmul::{coop_shader_source, KernelChoice};
+use ferrotune::backend::wgsl::matmul::{coop_shader_sources, KernelChoice};
 use ferrotune::backend::wgsl::MatmulKernel;
 use ferrotune::DType;
 use wgsl_matmul_support::{check, context, Case};
@@ -49,18 +49,19 @@ fn coop_shader_variants_compile() {
         for bk in [32, 16] {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 for vec in [true, false] {
-                    let src = coop_shader_source(subgroup, bk, ta, tb, vec);
-                    for policy in [
-                        naga::proc::BoundsCheckPolicy::Unchecked,
-                        naga::proc::BoundsCheckPolicy::Restrict,
-                    ] {
-                        let words = compile_to_spirv(&src, policy);
-                        let opcodes: Vec<u32> = spirv_opcodes(&words);
-                        for op in [MUL_ADD, LOAD, STORE] {
-                            assert!(
-                                opcodes.contains(&op),
-                                "opcode {op} missing (sg {subgroup}, bk {bk}, {ta} {tb} {vec})"
-                            );
+                    for src in coop_shader_sources(subgroup, bk, ta, tb, vec) {
+                        for policy in [
+                            naga::proc::BoundsCheckPolicy::Unchecked,
+                            naga::proc::BoundsCheckPolicy::Restrict,
+                        ] {
+                            let words = compile_to_spirv(&src, policy);
+                            let opcodes: Vec<u32> = spirv_opcodes(&words);
+                            for op in [MUL_ADD, LOAD, STORE] {
+                                assert!(
+                                    opcodes.contains(&op),
+                                    "opcode {op} missing (sg {subgroup}, bk {bk}, {ta} {tb} {vec})"
+                                );
+                            }
                         }
                     }
                 }

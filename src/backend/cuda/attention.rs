@@ -188,7 +188,27 @@ fn flash_kernel(d: DType, hd: usize, t: FlashTiles, bwd: bool) -> (&'static str,
         format!("FLASH_F16={}", d == DType::F16),
         format!("FLASH_NAME={name}"),
     ];
-    (intern(kernel), defines.into_iter().map(intern).collect())
+    let mut defines: Vec<&'static str> = defines.into_iter().map(intern).collect();
+    defines.extend(tuning_defines());
+    (intern(kernel), defines)
+}
+
+/// Kernel tuning switches from the environment, for measuring alternatives on a device
+/// (read once; the kernel's default applies when unset): `FERROTUNE_FLASH_LPT_MAX`, the
+/// largest backward grid (in blocks) that runs longest-first.
+fn tuning_defines() -> &'static [&'static str] {
+    use std::sync::OnceLock;
+    static DEFS: OnceLock<Vec<&'static str>> = OnceLock::new();
+    DEFS.get_or_init(|| {
+        let mut v = Vec::new();
+        if let Some(n) = std::env::var("FERROTUNE_FLASH_LPT_MAX")
+            .ok()
+            .and_then(|x| x.trim().parse::<u64>().ok())
+        {
+            v.push(intern(format!("FLASH_LPT_MAX={n}")));
+        }
+        v
+    })
 }
 
 fn generic_name(kind: &str, dc: usize) -> &'static str {

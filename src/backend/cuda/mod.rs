@@ -328,16 +328,26 @@ impl CudaBackend {
         }
         let ev = self.profile_start()?;
         self.dispatch(op, i, o)?;
-        self.profile_stop(ev, || match op {
-            Op::MatMul { trans_a, trans_b } => format!(
-                "matmul {:?} x {:?}{}{} -> {}",
-                i[0].info.shape,
-                i[1].info.shape,
-                if *trans_a { " (a^T)" } else { "" },
-                if *trans_b { " (b^T)" } else { "" },
-                o[0].info.dtype
-            ),
-            _ => op.name().to_string(),
+        self.profile_stop(ev, || {
+            let product = |ta: bool, tb: bool| {
+                format!(
+                    "{} {:?} x {:?}{}{} -> {}",
+                    op.name(),
+                    i[0].info.shape,
+                    i[1].info.shape,
+                    if ta { " (a^T)" } else { "" },
+                    if tb { " (b^T)" } else { "" },
+                    o.first()
+                        .or(i.get(2))
+                        .map_or(crate::tensor::DType::F32, |a| a.info.dtype)
+                )
+            };
+            match op {
+                Op::MatMul { trans_a, trans_b }
+                | Op::MatMulFused { trans_a, trans_b, .. }
+                | Op::MatMulAccumulate { trans_a, trans_b, .. } => product(*trans_a, *trans_b),
+                _ => op.name().to_string(),
+            }
         })
     }
 

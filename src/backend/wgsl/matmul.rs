@@ -110,11 +110,15 @@ pub enum KernelChoice {
         tm: u32,
         tn: u32,
     },
+    /// `wm x wn` subgroups of `subgroup` invocations, each owning a `bm/wm x bn/wn` block
+    /// (a multiple of 16 x 16).
     Coop {
         bm: u32,
         bn: u32,
         bk: u32,
         subgroup: u32,
+        wm: u32,
+        wn: u32,
     },
 }
 
@@ -567,23 +571,21 @@ fn choose_kernel(ctx: &WgslContext, args: &MatmulArgs) -> Result<KernelChoice> {
         && ctx.info.subgroup_min_size == sg
         && (8..=128).contains(&sg);
     if coop_possible {
-        let warps = (256 / sg).min(8);
-        let wn = if warps >= 2 { 2 } else { 1 };
-        let wm = warps / wn;
-        let (bm, bn) = (32 * wm, 64 * wn);
         let max_shared = ctx.limits.max_compute_workgroup_storage_size;
-        let bk = [32u32, 16]
-            .into_iter()
-            .find(|&bk| coop_shared_bytes(bm, bn, bk, warps, args.trans_a, args.trans_b) <= max_shared);
-        if let Some(bk) = bk {
+        let fits = |c: &KernelChoice| match *c {
+            KernelChoice::Coop { bm, bn, bk, wm, wn, .. } => {
+                coop_shared_bytes(bm, bn, bk, wm * wn, args.trans_a, args.trans_b) <= max_shared
+            }
+            KernelChoice::Simt { .. } => false,
+        };
+        let choice = match tile_override() {
+            Some(c @ KernelChoice::Coop { subgroup, .. }) if subgroup == sg && fits(&c) => Some(c),
+            _ => coop_tiles(sg).into_iter().find(fits),
+        };
+        if let Some(choice) = choice {
             let worth_it = args.kernel == MatmulKernel::Coop || (args.m >= 16 && args.n >= 16 && args.k >= 16);
             if args.kernel != MatmulKernel::Simt && worth_it {
-                return Ok(KernelChoice::Coop {
-                    bm,
-                    bn,
-                    bk,
-                    subgroup: sg,
-                });
+                return Ok(choice);
             }
         }
     }
@@ -640,13 +642,16 @@ fn choose_kernel(ctx: &WgslContext, args: &MatmulArgs) -> Result<KernelChoice> {
             tn: 4,
         })
     } else if m >= 128 && n >= 128 && m * n * args.batch >= 512 * 512 {
-        Ok(KernelChoice::Simt {
-            bm: 128,
-            bn: 128,
-            bk: 8,
-            tm: 8,
-            tn: 8,
-        })
+        match tile_override() {
+            Some(c @ KernelChoice::Simt { .. }) => Ok(c),
+            _ => Ok(KernelChoice::Simt {
+                bm: 128,
+                bn: 128,
+                bk: 8,
+                tm: 8,
+                tn: 8,
+            }),
+        }
     } else {
         Ok(KernelChoice::Simt {
             bm: 64,
@@ -755,16 +760,103 @@ fn shader_spec(ctx: &WgslContext, args: &MatmulArgs, kernel: KernelChoice, vec_a
                 overrides: vec![],
             }
         }
-        KernelChoice::Coop { bm, bn, bk, subgroup } => {
-            coop_spec(bm, bn, bk, subgroup, args.trans_a, args.trans_b, vec_a && vec_b)
-        }
+        c @ KernelChoice::Coop { .. } => coop_spec(c, args.trans_a, args.trans_b, vec_a && vec_b),
     }
 }
 
-fn coop_spec(bm: u32, bn: u32, bk: u32, subgroup: u32, trans_a: bool, trans_b: bool, vec: bool) -> ShaderSpec {
-    let warps = (256 / subgroup).min(8);
+/// Coop tilings to try, best first, for subgroups of `sg` invocations. Measured on the H200
+/// over Vulkan at 4096 (docs/benchmarks.md): 2 x 4 subgroups of 64 x 64 blocks (a 128 x 256
+/// tile, 16 deep to fit 48 KiB of workgroup memory) 162 TFLOP/s, 4 x 2 of 32 x 64 (128 x 128,
+/// 32 deep) 154, 2 x 2 of 64 x 64 134.
+fn coop_tiles(sg: u32) -> Vec<KernelChoice> {
+    let warps = (256 / sg).clamp(1, 8);
+    let mut v = Vec::new();
+    if warps == 8 {
+        v.push(coop_choice(sg, 2, 4, 4, 4, 16));
+    }
     let wn = if warps >= 2 { 2 } else { 1 };
-    let wm = warps / wn;
+    for bk in [32, 16] {
+        v.push(coop_choice(sg, warps / wn, wn, 2, 4, bk));
+    }
+    v
+}
+
+/// `wm x wn` subgroups of `fm x fn_` accumulators each, `bk` deep.
+fn coop_choice(sg: u32, wm: u32, wn: u32, fm: u32, fn_: u32, bk: u32) -> KernelChoice {
+    KernelChoice::Coop {
+        bm: 16 * fm * wm,
+        bn: 16 * fn_ * wn,
+        bk,
+        subgroup: sg,
+        wm,
+        wn,
+    }
+}
+
+/// A tiling forced by `FERROTUNE_WGSL_MATMUL_TILES` (for tuning on a new device; read once):
+/// `coop:WMxWN:FMxFN:BK` (subgroups, accumulators per subgroup, depth; subgroups of 32) or
+/// `simt:BMxBNxBK:T` (workgroup tile and T x T outputs per invocation, T = 4 or 8) for the
+/// large products. A coop tiling that does not fit the adapter (subgroup size, workgroup
+/// memory) is passed over for the defaults.
+pub fn tile_override() -> Option<KernelChoice> {
+    static CHOICE: std::sync::OnceLock<Option<KernelChoice>> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        let text = std::env::var("FERROTUNE_WGSL_MATMUL_TILES")
+            .ok()
+            .filter(|t| !t.is_empty())?;
+        let parsed = parse_tiles(&text);
+        if parsed.is_none() {
+            eprintln!("FERROTUNE_WGSL_MATMUL_TILES={text:?} is not coop:WMxWN:FMxFN:BK or simt:BMxBNxBK:T; ignored");
+        }
+        parsed
+    })
+}
+
+fn parse_tiles(text: &str) -> Option<KernelChoice> {
+    let pair = |s: &str| -> Option<(u32, u32)> {
+        let (a, b) = s.split_once('x')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    };
+    let parts: Vec<&str> = text.split(':').collect();
+    match parts.as_slice() {
+        ["coop", w, f, bk] => {
+            let ((wm, wn), (fm, fn_), bk) = (pair(w)?, pair(f)?, bk.parse::<u32>().ok()?);
+            let ok = wm * wn * 32 <= 256 && fm * fn_ > 0 && bk > 0 && bk.is_multiple_of(16);
+            ok.then(|| coop_choice(32, wm, wn, fm, fn_, bk))
+        }
+        ["simt", tile, t] => {
+            let mut it = tile.split('x').map(|v| v.parse::<u32>().ok());
+            let (bm, bn, bk) = (it.next()??, it.next()??, it.next()??);
+            let t: u32 = t.parse().ok()?;
+            let ok = (t == 4 || t == 8)
+                && bm.is_multiple_of(t)
+                && bn.is_multiple_of(2 * t)
+                && (bm / t) * (bn / t) <= 256
+                && bk.is_multiple_of(4);
+            ok.then_some(KernelChoice::Simt {
+                bm,
+                bn,
+                bk,
+                tm: t,
+                tn: t,
+            })
+        }
+        _ => None,
+    }
+}
+
+fn coop_spec(choice: KernelChoice, trans_a: bool, trans_b: bool, vec: bool) -> ShaderSpec {
+    let KernelChoice::Coop {
+        bm,
+        bn,
+        bk,
+        subgroup,
+        wm,
+        wn,
+    } = choice
+    else {
+        unreachable!("coop_spec takes a coop choice")
+    };
     let (ar, ac, ald, ast) = staged(bm, bk, trans_a);
     let (br, bc, bld, bst) = staged(bk, bn, trans_b);
     let mut prelude = format!(
@@ -776,6 +868,7 @@ fn coop_spec(bm: u32, bn: u32, bk: u32, subgroup: u32, trans_a: bool, trans_b: b
     );
     prelude += &coop_operand("a", 0, vec);
     prelude += &coop_operand("b", 1, vec);
+    prelude += &coop_entry(bm / (16 * wm), bn / (16 * wn));
     ShaderSpec {
         name: "matmul_coop",
         source: COOP_SRC,
@@ -786,10 +879,160 @@ fn coop_spec(bm: u32, bn: u32, bk: u32, subgroup: u32, trans_a: bool, trans_b: b
     }
 }
 
-/// The full WGSL text of a coop-kernel variant (128 x 128 tiles for subgroups of 32), for
-/// validating it offline on machines without cooperative matrices.
-pub fn coop_shader_source(subgroup: u32, bk: u32, trans_a: bool, trans_b: bool, vec: bool) -> String {
-    let warps = (256 / subgroup).min(8);
-    let wn = if warps >= 2 { 2 } else { 1 };
-    coop_spec(32 * (warps / wn), 64 * wn, bk, subgroup, trans_a, trans_b, vec).full_source()
+/// The coop kernel's entry point for `fm x fn_` accumulators per subgroup, written out so
+/// every accumulator is a named variable (no indexed arrays of cooperative matrices).
+fn coop_entry(fm: u32, fn_: u32) -> String {
+    let each = |f: &dyn Fn(u32, u32) -> String| -> String {
+        (0..fm)
+            .flat_map(|i| (0..fn_).map(move |j| (i, j)))
+            .map(|(i, j)| f(i, j))
+            .collect()
+    };
+    let decl = each(&|i, j| format!("    var c{i}_{j} = zero;\n"));
+    let loads_a: String = (0..fm)
+        .map(|i| format!("            let a{i} = frag_a(s, wm + {}u, kk);\n", 16 * i))
+        .collect();
+    let loads_b: String = (0..fn_)
+        .map(|j| format!("            let b{j} = frag_b(s, kk, wn + {}u);\n", 16 * j))
+        .collect();
+    let mma = each(&|i, j| format!("            c{i}_{j} = coopMultiplyAdd(a{i}, b{j}, c{i}_{j});\n"));
+    let store = each(&|i, j| {
+        format!(
+            "    store_frag(c{i}_{j}, warp, lane, c_base, row0 + wm + {}u, col0 + wn + {}u);\n",
+            16 * i,
+            16 * j
+        )
+    });
+    format!(
+        r#"
+@compute @workgroup_size(THREADS)
+fn main(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wg: vec3<u32>) {{
+    let row0 = wg.y * BM;
+    let col0 = wg.x * BN;
+    let a_base = p.a_off + wg.z * p.a_bstride;
+    let b_base = p.b_off + wg.z * p.b_bstride;
+    let c_base = p.c_off + wg.z * p.c_bstride;
+    let warp = t / SG;
+    let lane = t % SG;
+    let wm = (warp / WN) * {sm}u;
+    let wn = (warp % WN) * {sn}u;
+
+    // Zero accumulators, loaded from zeroed scratch.
+    for (var e = t; e < WM * WN * 256u; e += THREADS) {{
+        c_sh[e] = 0.0;
+    }}
+    workgroupBarrier();
+    let zero = coopLoadT<coop_mat16x16<f32, C>>(&c_sh[0], 16u);
+{decl}
+    let nk = (p.k + BK - 1u) / BK;
+    var ra: array<vec4<u32>, A_PER_T>;
+    var rb: array<vec4<u32>, B_PER_T>;
+    for (var i = 0u; i < A_PER_T; i++) {{
+        let g = t + i * THREADS;
+        if g < A_GROUPS {{ put_a(0u, g, fetch_a(g, a_base, row0, 0u)); }}
+    }}
+    for (var i = 0u; i < B_PER_T; i++) {{
+        let g = t + i * THREADS;
+        if g < B_GROUPS {{ put_b(0u, g, fetch_b(g, b_base, col0, 0u)); }}
+    }}
+    workgroupBarrier();
+
+    for (var kt = 0u; kt < nk; kt++) {{
+        let s = kt & 1u;
+        let more = kt + 1u < nk;
+        if more {{
+            let k1 = (kt + 1u) * BK;
+            for (var i = 0u; i < A_PER_T; i++) {{
+                let g = t + i * THREADS;
+                if g < A_GROUPS {{ ra[i] = fetch_a(g, a_base, row0, k1); }}
+            }}
+            for (var i = 0u; i < B_PER_T; i++) {{
+                let g = t + i * THREADS;
+                if g < B_GROUPS {{ rb[i] = fetch_b(g, b_base, col0, k1); }}
+            }}
+        }}
+        for (var kk = 0u; kk < BK; kk += 16u) {{
+{loads_a}{loads_b}{mma}        }}
+        if more {{
+            for (var i = 0u; i < A_PER_T; i++) {{
+                let g = t + i * THREADS;
+                if g < A_GROUPS {{ put_a(s ^ 1u, g, ra[i]); }}
+            }}
+            for (var i = 0u; i < B_PER_T; i++) {{
+                let g = t + i * THREADS;
+                if g < B_GROUPS {{ put_b(s ^ 1u, g, rb[i]); }}
+            }}
+        }}
+        workgroupBarrier();
+    }}
+
+{store}}}
+"#,
+        sm = 16 * fm,
+        sn = 16 * fn_,
+    )
+}
+
+/// The full WGSL text of the coop kernel for subgroups of `subgroup`, in each of its default
+/// tilings with depth `bk`, for validating it offline on machines without cooperative
+/// matrices.
+pub fn coop_shader_sources(subgroup: u32, bk: u32, trans_a: bool, trans_b: bool, vec: bool) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut out = Vec::new();
+    for c in coop_tiles(subgroup) {
+        let KernelChoice::Coop { bm, bn, wm, wn, .. } = c else {
+            continue;
+        };
+        if seen.contains(&(bm, bn, wm, wn)) {
+            continue;
+        }
+        seen.push((bm, bn, wm, wn));
+        let c = coop_choice(subgroup, wm, wn, bm / (16 * wm), bn / (16 * wn), bk);
+        out.push(coop_spec(c, trans_a, trans_b, vec).full_source());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tile_overrides_parse_or_are_refused() {
+        assert_eq!(
+            parse_tiles("coop:2x4:4x4:16"),
+            Some(KernelChoice::Coop {
+                bm: 128,
+                bn: 256,
+                bk: 16,
+                subgroup: 32,
+                wm: 2,
+                wn: 4
+            })
+        );
+        assert_eq!(
+            parse_tiles("simt:128x64x8:8"),
+            Some(KernelChoice::Simt {
+                bm: 128,
+                bn: 64,
+                bk: 8,
+                tm: 8,
+                tn: 8
+            })
+        );
+        // More than 256 invocations, a depth that is not a multiple of 16 (coop) or 4
+        // (simt), outputs per invocation other than 4 or 8, and malformed text.
+        for bad in [
+            "coop:4x4:2x2:16",
+            "coop:2x2:4x4:24",
+            "simt:128x128x8:4",
+            "simt:128x128x6:8",
+            "simt:64x64x8:2",
+            "coop:2x2",
+            "gemm:1x1x1:8",
+            "",
+        ] {
+            assert_eq!(parse_tiles(bad), None, "{bad}");
+        }
+    }
 }
