@@ -15,11 +15,12 @@
 // Workgroup (x, y, z) computes rows [y*BM, y*BM+BM) and columns [x*BN, x*BN+BN) of batch z.
 // This file holds the staging; matmul_simt_4x4.wgsl / matmul_simt_8x8.wgsl (appended to it)
 // hold the entry point for TM = TN = 4 or 8, written out without indexed private arrays so
-// the accumulators stay in registers on every compiler. Each step stages a BM x BK slice of op(A) and a BK x BN slice of op(B) in workgroup memory
-// (both k-major, so an invocation reads its TM rows / TN columns as vec4s), zero-filled past
-// the edges; every invocation then accumulates its TM x TN block in registers. This is the
-// classic register-blocked GEMM (e.g. siboehm's "kernel 5/6", gpu.cpp's matmul v9) with
-// register prefetching of the next step (his "kernel 10" double buffering).
+// the accumulators stay in registers on every compiler. Each step stages a BM x BK slice of
+// op(A) and a BK x BN slice of op(B) in workgroup memory (both k-major, so an invocation
+// reads its TM rows / TN columns as vec4s), zero-filled past the edges; every invocation
+// then accumulates its TM x TN block in registers. This is the classic register-blocked
+// GEMM (e.g. siboehm's "kernel 5/6", gpu.cpp's matmul v9), with the next step prefetched
+// into registers while the current one is multiplied (double buffering).
 
 struct Params {
     m: u32, n: u32, k: u32, _p0: u32,
