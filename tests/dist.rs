@@ -527,8 +527,14 @@ const DEEP_CONFIG: &str = r#"{"architectures": ["LlamaForCausalLM"], "model_type
 /// The memory plan of rank `rank` of `world` (ZeRO-3 when `world > 1`) for a full fine-tune
 /// of [`DEEP_CONFIG`], and the element counts of its trainable tensors by name.
 fn deep_plan(world: usize, rank: usize, reshard: bool) -> (MemoryPlan, Vec<(String, usize)>) {
+    deep_plan_of(world, rank, reshard, false)
+}
+
+/// The plan of rank `rank` of `world` under ZeRO-3 (world 1: unsharded) for a full fine-tune
+/// or (`lora`) LoRA r=4 on every linear layer, with the trainable tensors' sizes.
+fn deep_plan_of(world: usize, rank: usize, reshard: bool, lora: bool) -> (MemoryPlan, Vec<(String, usize)>) {
     use ferrotune::dist::{ShardLayout, ShardSpec, Stage};
-    use ferrotune::model::llama::{build_with_attention, AttnOptions, BuildOptions};
+    use ferrotune::model::llama::{build_with_attention, AttnOptions, BuildOptions, LoraOptions, LINEAR_MODULES};
     use ferrotune::train::TrainGraph;
     let cfg = ferrotune::model::ModelConfig::parse(DEEP_CONFIG, "deep").unwrap();
     let opts = BuildOptions {
@@ -536,8 +542,14 @@ fn deep_plan(world: usize, rank: usize, reshard: bool) -> (MemoryPlan, Vec<(Stri
         seq_len: 32,
         weight_dtype: ferrotune::DType::F32,
         act_dtype: ferrotune::DType::F32,
-        lora: None,
-        train_base: true,
+        lora: lora.then(|| LoraOptions {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            use_rslora: false,
+            targets: LINEAR_MODULES.iter().map(|s| s.to_string()).collect(),
+        }),
+        train_base: !lora,
         modules_to_save: Vec::new(),
         loss_rows: None,
     };
@@ -607,6 +619,29 @@ fn a_zero3_rank_plans_a_quarter_of_the_weights_and_few_layers_in_flight() {
         }
         assert_eq!(sum, total, "the ranks' slices hold every tensor once");
     }
+}
+
+#[test]
+fn a_zero3_lora_rank_plans_a_quarter_of_the_frozen_base_weights() {
+    let (whole, sizes) = deep_plan_of(1, 0, true, true);
+    let frozen = whole.persistent.frozen_weights;
+    assert!(frozen > 0 && sizes.iter().all(|(n, _)| n.contains("lora_")));
+    // Slices start at SHARD_ALIGN elements: at most that much padding per weight (the deep
+    // model has 9 per layer, 3 outside), plus the rotary table, which stays whole.
+    let padding = ((9 * 8 + 3) * ferrotune::dist::SHARD_ALIGN * 4 + 4096) as u64;
+    let mut sum = 0;
+    for rank in 0..4 {
+        let (p, _) = deep_plan_of(4, rank, true, true);
+        let mine = p.persistent.frozen_weights;
+        eprintln!("lora zero3 rank {rank}: {mine} of {frozen} frozen bytes");
+        assert!(
+            mine <= frozen / 4 + padding,
+            "rank {rank}: {mine} > {frozen} / 4 + {padding}"
+        );
+        sum += mine;
+    }
+    // Every weight is held once, by the rank that owns each element.
+    assert!(frozen <= sum && sum <= frozen + 3 * 4096, "{sum} against {frozen}");
 }
 
 #[test]

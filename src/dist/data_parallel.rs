@@ -117,7 +117,12 @@ impl DataParallel {
     /// slice of tensor `ts[k]` (empty where it owns none). One all-gather.
     pub fn gather_slices(&mut self, ts: &[usize], own: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
         let l = self.layout()?.clone();
-        let (offs, chunk) = Self::slots(&l, ts);
+        self.gather_in(&l, ts, own)
+    }
+
+    /// [`Self::gather_slices`] of tensors `ts` of layout `l`.
+    pub fn gather_in(&mut self, l: &ShardLayout, ts: &[usize], own: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        let (offs, chunk) = Self::slots(l, ts);
         let mut send = vec![0f32; chunk];
         for ((&i, &o), v) in ts.iter().zip(&offs).zip(own) {
             if v.len() != l.mine(i).len() {
@@ -278,6 +283,31 @@ impl DataParallel {
     }
 }
 
+/// This rank's slices of tensors `ts` of layout `l` (an input for each non-empty one),
+/// all-gathered into full tensors of the outputs' shapes and types.
+fn gather(
+    dp: &mut DataParallel,
+    l: &ShardLayout,
+    ts: &[usize],
+    inputs: Vec<HostTensor>,
+    outputs: &[&TensorInfo],
+) -> Result<Vec<HostTensor>> {
+    let mut inputs = inputs.into_iter();
+    let own: Vec<Vec<f32>> = ts
+        .iter()
+        .map(|&i| match l.mine(i).is_empty() {
+            true => Vec::new(),
+            false => inputs.next().map(|t| t.to_f32()).unwrap_or_default(),
+        })
+        .collect();
+    let full = dp.gather_in(l, ts, &own)?;
+    Ok(full
+        .iter()
+        .zip(outputs)
+        .map(|(v, o)| HostTensor::from_f32(&o.shape, v).cast(o.dtype))
+        .collect())
+}
+
 /// The host calls of a sharded step graph ([`ShardCall`]s), run on this rank's collective.
 pub struct ShardCalls<'a> {
     pub dp: &'a mut DataParallel,
@@ -292,21 +322,10 @@ impl HostCalls for ShardCalls<'_> {
             .ok_or_else(|| crate::msg!("host call {id}: the step graph has {} calls", self.calls.len()))?;
         let l = self.dp.layout()?.clone();
         match call {
-            ShardCall::Gather(ts) => {
-                let mut inputs = inputs.into_iter();
-                let own: Vec<Vec<f32>> = ts
-                    .iter()
-                    .map(|&i| match l.mine(i).is_empty() {
-                        true => Vec::new(),
-                        false => inputs.next().map(|t| t.to_f32()).unwrap_or_default(),
-                    })
-                    .collect();
-                let full = self.dp.gather_slices(ts, &own)?;
-                Ok(full
-                    .iter()
-                    .zip(outputs)
-                    .map(|(v, o)| HostTensor::from_f32(&o.shape, v).cast(o.dtype))
-                    .collect())
+            ShardCall::Gather(ts) => gather(self.dp, &l, ts, inputs, outputs),
+            ShardCall::GatherFrozen(sizes) => {
+                let frozen = ShardLayout::new(sizes, l.rank, l.world);
+                gather(self.dp, &frozen, &(0..sizes.len()).collect::<Vec<_>>(), inputs, outputs)
             }
             ShardCall::ReduceScatter(ts) => {
                 let full: Vec<Vec<f32>> = inputs.iter().map(|t| t.to_f32()).collect();

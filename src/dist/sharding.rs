@@ -251,6 +251,10 @@ pub enum ShardCall {
     /// full gradients; the outputs are its slices of their sums over ranks, for the tensors
     /// whose slice is not empty.
     ReduceScatter(Vec<usize>),
+    /// All-gather of frozen base weights (ZeRO-3) with these element counts, sliced as
+    /// [`ShardLayout`] slices them: the inputs are this rank's non-empty slices, in order;
+    /// the outputs are the full tensors.
+    GatherFrozen(Vec<usize>),
 }
 
 /// Elements `r` of `t`, flattened, in `t`'s dtype.

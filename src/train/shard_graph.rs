@@ -9,7 +9,8 @@
 //!   host call all-gathers a group's full tensors just before the group is used, one group
 //!   ahead (prefetch), and they are transient tensors freed after their last reader. With
 //!   `reshard_after_forward` the backward pass gathers them again instead of keeping the
-//!   forward's copies.
+//!   forward's copies. Frozen base weights (16- and 32-bit floats) are sliced and gathered
+//!   the same way, so a LoRA run's base model is spread over the ranks too.
 //!
 //! Host calls are appended to the graph and then moved to their places in the node order
 //! (the executor schedules in index order), so every rank runs them, and their collectives,
@@ -141,35 +142,48 @@ pub fn drain_gradients(
     Ok(accs)
 }
 
+/// What a ZeRO-3 gather holds sliced.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Gathered {
+    /// Trainable tensors: the slices are parameters the optimizer updates.
+    Trainable,
+    /// Frozen base weights: the slices are frozen too.
+    Frozen,
+}
+
 /// Parameter gathers (ZeRO-3) for the nodes of `g` up to the end of the backward pass
-/// (`backward`, the nodes autodiff appended). Each trainable tensor becomes a persistent
-/// slice (`<name>.shard`, returned; `None` where this rank's slice is empty); its readers
-/// read gathered copies instead.
+/// (`backward`, the nodes autodiff appended). Each of `tensors` (the ones `layout` slices,
+/// trainable or frozen as `kind` says) becomes a persistent slice (`<name>.shard`,
+/// returned; `None` where this rank's slice is empty); its readers read gathered copies
+/// instead.
 pub fn gather_parameters(
     g: &mut Graph,
-    trainable: &[TensorId],
+    tensors: &[TensorId],
     backward: std::ops::Range<usize>,
     reshard_after_forward: bool,
     layout: &ShardLayout,
+    kind: Gathered,
     plan: &mut HostPlan,
 ) -> Result<Vec<Option<TensorId>>> {
     let (original, backward_start) = (backward.end, backward.start);
-    let shards: Vec<Option<TensorId>> = trainable
+    let shards: Vec<Option<TensorId>> = tensors
         .iter()
         .enumerate()
         .map(|(i, &t)| {
             let n = layout.mine(i).len();
             (n > 0).then(|| {
-                let name = g.info(t).name.clone();
-                g.parameter(&format!("{name}.shard"), &[n], g.dtype(t))
+                let (name, dt) = (format!("{}.shard", g.info(t).name), g.dtype(t));
+                match kind {
+                    Gathered::Trainable => g.parameter(&name, &[n], dt),
+                    Gathered::Frozen => g.frozen(&name, &[n], dt),
+                }
             })
         })
         .collect();
     // Readers of each tensor in each phase: (node, input slot).
     let phase_of = |n: usize| usize::from(reshard_after_forward && n >= backward_start);
-    let mut readers: Vec<[Vec<(usize, usize)>; 2]> = vec![Default::default(); trainable.len()];
-    let index: std::collections::HashMap<TensorId, usize> =
-        trainable.iter().enumerate().map(|(i, &t)| (t, i)).collect();
+    let mut readers: Vec<[Vec<(usize, usize)>; 2]> = vec![Default::default(); tensors.len()];
+    let index: std::collections::HashMap<TensorId, usize> = tensors.iter().enumerate().map(|(i, &t)| (t, i)).collect();
     for n in 0..original {
         for (slot, t) in g.nodes[n].inputs.iter().enumerate() {
             if let Some(&i) = index.get(t) {
@@ -178,22 +192,25 @@ pub fn gather_parameters(
         }
     }
     for phase in 0..2 {
-        let mut gs = groups(g, trainable, |i| !readers[i][phase].is_empty());
+        let mut gs = groups(g, tensors, |i| !readers[i][phase].is_empty());
         let first = |grp: &Vec<usize>| grp.iter().map(|&i| readers[i][phase][0].0).min().unwrap_or(0);
         gs.sort_by_key(first);
         let firsts: Vec<usize> = gs.iter().map(first).collect();
         for (k, grp) in gs.iter().enumerate() {
             let outputs = grp
                 .iter()
-                .map(|&i| (g.shape(trainable[i]).to_vec(), g.dtype(trainable[i])))
+                .map(|&i| (g.shape(tensors[i]).to_vec(), g.dtype(tensors[i])))
                 .collect();
             let inputs: Vec<TensorId> = grp.iter().filter_map(|&i| shards[i]).collect();
             let id = plan.calls.len() as u32;
-            plan.calls.push(ShardCall::Gather(grp.clone()));
+            plan.calls.push(match kind {
+                Gathered::Trainable => ShardCall::Gather(grp.clone()),
+                Gathered::Frozen => ShardCall::GatherFrozen(grp.iter().map(|&i| layout.numel(i)).collect()),
+            });
             let full = g.apply(Op::HostCall { id, outputs }, &inputs)?;
             let node = NodeId(g.nodes.len() as u32 - 1);
             for (&i, &f) in grp.iter().zip(&full) {
-                let name = g.info(trainable[i]).name.clone();
+                let name = g.info(tensors[i]).name.clone();
                 g.set_name(f, format!("{name}.gathered{}", ["", "_for_backward"][phase]));
                 for &(n, slot) in &readers[i][phase] {
                     g.nodes[n].inputs[slot] = f;

@@ -5,7 +5,7 @@
 //! `train` (forward, backward, accumulate), `optimizer` (clip and update), `eval`.
 
 use super::shard_graph;
-use crate::dist::{ShardCall, ShardSpec, Stage};
+use crate::dist::{ShardCall, ShardLayout, ShardSpec, Stage};
 use crate::exec::ProgramSpec;
 use crate::graph::{self, Graph, NodeId, TensorId};
 use crate::model::llama::ModelGraph;
@@ -49,6 +49,19 @@ pub struct ParamState {
     pub exp_avg_sq: TensorId,
 }
 
+/// A frozen base weight held as this rank's slice (ZeRO-3).
+#[derive(Clone, Debug)]
+pub struct FrozenShard {
+    /// The weight's name in the model's files.
+    pub name: String,
+    /// The full tensor (gathered before each use; not held between uses).
+    pub tensor: TensorId,
+    /// This rank's slice, `None` where it is empty.
+    pub shard: Option<TensorId>,
+    /// Its elements of the flattened weight.
+    pub range: std::ops::Range<usize>,
+}
+
 pub struct TrainGraph {
     pub model: ModelGraph,
     /// `[1]`: the backward seed, `1 / label tokens in the optimizer step`.
@@ -70,6 +83,8 @@ pub struct TrainGraph {
     /// ZeRO-3: this rank's persistent slice of each trainable tensor (`None` where empty);
     /// empty otherwise.
     pub param_shards: Vec<Option<TensorId>>,
+    /// ZeRO-3: this rank's slice of each floating-point frozen base weight; empty otherwise.
+    pub frozen_shards: Vec<FrozenShard>,
     /// What the graph's host calls do (`Op::HostCall` ids index this).
     pub host_calls: Vec<ShardCall>,
     micro_effects: Vec<NodeId>,
@@ -155,8 +170,47 @@ impl TrainGraph {
                 backward_start..original,
                 s.reshard_after_forward,
                 &s.layout,
+                shard_graph::Gathered::Trainable,
                 &mut host,
             )?,
+            _ => Vec::new(),
+        };
+        let frozen_shards = match &shard {
+            Some(s) if stage == Stage::Zero3 => {
+                // Floating-point frozen weights round-trip exactly through the f32 gathers.
+                let frozen: Vec<(String, TensorId)> = model
+                    .weights
+                    .iter()
+                    .filter(|(_, t)| {
+                        g.info(*t).role == graph::Role::Frozen
+                            && matches!(g.dtype(*t), DType::F32 | DType::F16 | DType::BF16)
+                    })
+                    .cloned()
+                    .collect();
+                let ids: Vec<TensorId> = frozen.iter().map(|(_, t)| *t).collect();
+                let sizes: Vec<usize> = ids.iter().map(|&t| g.info(t).numel()).collect();
+                let layout = ShardLayout::new(&sizes, s.layout.rank, s.layout.world);
+                let shards = shard_graph::gather_parameters(
+                    g,
+                    &ids,
+                    backward_start..original,
+                    s.reshard_after_forward,
+                    &layout,
+                    shard_graph::Gathered::Frozen,
+                    &mut host,
+                )?;
+                frozen
+                    .into_iter()
+                    .zip(shards)
+                    .enumerate()
+                    .map(|(i, ((name, tensor), shard))| FrozenShard {
+                        name,
+                        tensor,
+                        shard,
+                        range: layout.mine(i),
+                    })
+                    .collect()
+            }
             _ => Vec::new(),
         };
         if !host.is_empty() {
@@ -256,6 +310,7 @@ impl TrainGraph {
             local_sumsq,
             shard,
             param_shards,
+            frozen_shards,
             host_calls: host.calls,
             micro_effects,
             opt_effects,

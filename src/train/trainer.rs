@@ -331,6 +331,15 @@ impl Trainer {
             None => None,
         };
         load_base_weights(&mut ex, &tg.model, weights)?;
+        // ZeRO-3: frozen base weights are held as this rank's slices.
+        for f in &tg.frozen_shards {
+            let Some(shard) = f.shard.filter(|&s| ex.holds(s)) else {
+                continue;
+            };
+            let info = ex.graph().info(f.tensor).clone();
+            let v = weights.get_shaped(&f.name, &info.shape, info.dtype)?;
+            ex.set_tensor(shard, &slice_flat(&v, f.range.clone()))?;
+        }
         if tg.params_sharded() {
             // Trained base weights are held as this rank's slices.
             for (name, t) in &tg.model.weights {
