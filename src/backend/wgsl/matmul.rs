@@ -977,20 +977,34 @@ fn main(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wg: vec3
 /// tilings with depth `bk`, for validating it offline on machines without cooperative
 /// matrices.
 pub fn coop_shader_sources(subgroup: u32, bk: u32, trans_a: bool, trans_b: bool, vec: bool) -> Vec<String> {
-    let mut seen = Vec::new();
-    let mut out = Vec::new();
+    let mut tilings: Vec<KernelChoice> = Vec::new();
     for c in coop_tiles(subgroup) {
-        let KernelChoice::Coop { bm, bn, wm, wn, .. } = c else {
-            continue;
-        };
-        if seen.contains(&(bm, bn, wm, wn)) {
-            continue;
+        if let KernelChoice::Coop {
+            bm,
+            bn,
+            subgroup,
+            wm,
+            wn,
+            ..
+        } = c
+        {
+            let c = KernelChoice::Coop {
+                bm,
+                bn,
+                bk,
+                subgroup,
+                wm,
+                wn,
+            };
+            if !tilings.contains(&c) {
+                tilings.push(c);
+            }
         }
-        seen.push((bm, bn, wm, wn));
-        let c = coop_choice(subgroup, wm, wn, bm / (16 * wm), bn / (16 * wn), bk);
-        out.push(coop_spec(c, trans_a, trans_b, vec).full_source());
     }
-    out
+    tilings
+        .into_iter()
+        .map(|c| coop_spec(c, trans_a, trans_b, vec).full_source())
+        .collect()
 }
 
 #[cfg(test)]
