@@ -30,11 +30,27 @@ pub enum Error {
     /// Anything else, already phrased for the user.
     #[error("{0}")]
     Msg(String),
+    /// Another rank of a distributed run stopped first (it failed, exited or aborted the
+    /// collective): this rank's failure is a consequence, the cause is in that rank's log.
+    #[error("{0}")]
+    PeerLost(String),
 }
+
+/// The exit status of `ferrotune` when a rank stops only because another rank stopped
+/// first, so a launcher can tell the rank that failed first from those that followed.
+pub const PEER_LOST_EXIT: i32 = 3;
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// The process exit status this error ends `ferrotune` with: [`PEER_LOST_EXIT`] for a
+    /// consequence of another rank's failure, 2 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::PeerLost(_) => PEER_LOST_EXIT,
+            _ => 2,
+        }
+    }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

@@ -11,8 +11,10 @@ fn main() {
     let code = match cli::run() {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e}");
-            2
+            // One write, so the lines of ranks sharing a terminal do not interleave.
+            use std::io::Write;
+            let _ = std::io::stderr().write_all(format!("error: {e}\n").as_bytes());
+            e.exit_code()
         }
     };
     std::process::exit(code);

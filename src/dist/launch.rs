@@ -166,7 +166,10 @@ pub fn launch(o: &LaunchOptions) -> Result<LaunchReport> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let failed: Vec<&(usize, ExitStatus)> = exits.iter().filter(|(_, s)| !s.success()).collect();
+    let mut failed: Vec<&(usize, ExitStatus)> = exits.iter().filter(|(_, s)| !s.success()).collect();
+    // Exit order alone can mislead: a rank that saw a peer go away may end before that peer
+    // finished exiting. Ranks whose failure names another rank's as its cause go last.
+    failed.sort_by_key(|(_, s)| s.code() == Some(crate::error::PEER_LOST_EXIT));
     if let Some((rank, status)) = failed.first() {
         let others: Vec<usize> = failed[1..].iter().map(|(r, _)| *r).collect();
         let also = if others.is_empty() {
@@ -179,4 +182,41 @@ pub fn launch(o: &LaunchOptions) -> Result<LaunchReport> {
         ));
     }
     Ok(LaunchReport { exits })
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    /// Local rank 0 runs `rank0`, rank 1 runs `rank1` (shell commands; `$RANK` is set).
+    fn launch_sh(rank0: &str, rank1: &str) -> Result<LaunchReport> {
+        let script = format!("if [ \"$RANK\" = 0 ]; then {rank0}; else {rank1}; fi");
+        launch(&LaunchOptions {
+            nproc_per_node: 2,
+            nnodes: 1,
+            node_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: 29500,
+            program: "sh".into(),
+            args: vec!["-c".into(), script],
+            grace: Duration::from_secs(5),
+        })
+    }
+
+    #[test]
+    fn the_rank_that_failed_first_is_named_even_when_its_peer_exits_sooner() {
+        // Rank 1 ends at once as a consequence (exit 3); rank 0, the cause, ends later.
+        let e = launch_sh("sleep 0.3; exit 2", &format!("exit {}", crate::error::PEER_LOST_EXIT)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("rank 0 failed first (exit status: 2); then rank 1 failed too"),
+            "{e}"
+        );
+        // Without a consequence's status, exit order decides.
+        let e = launch_sh("sleep 0.3; exit 2", "exit 2").unwrap_err();
+        assert!(e.to_string().contains("rank 1 failed first"), "{e}");
+        let r = launch_sh("true", "true").unwrap();
+        assert_eq!(r.exits.len(), 2);
+        assert!(r.exits.iter().all(|(_, s)| s.success()));
+    }
 }

@@ -147,7 +147,8 @@ pub fn serve(
     let mut out = Vec::new();
     for (k, slot) in streams.into_iter().enumerate() {
         let (mut s, _) = slot.expect("all arrived");
-        write_frame(&mut s, OK, &data).map_err(|e| crate::msg!("rendezvous: rank {} went away: {e}", k + 1))?;
+        write_frame(&mut s, OK, &data)
+            .map_err(|e| Error::PeerLost(format!("rendezvous: rank {} went away: {e}", k + 1)))?;
         out.push(s);
     }
     Ok((Links::Master(out), data))
@@ -193,7 +194,8 @@ pub fn join(o: &RendezvousOptions) -> Result<(Links, Vec<u8>)> {
     let wait = o.timeout + Duration::from_secs(5);
     match read_frame(&mut s, wait) {
         Ok((OK, data)) => Ok((Links::Worker(s), data)),
-        Ok((ABORT, m)) => Err(Error::Config(format!(
+        // Rank 0 gave up and says why: the cause is on rank 0.
+        Ok((ABORT, m)) => Err(Error::PeerLost(format!(
             "rank {}: {}",
             o.rank,
             String::from_utf8_lossy(&m)
@@ -207,10 +209,10 @@ pub fn join(o: &RendezvousOptions) -> Result<(Links, Vec<u8>)> {
             o.rank,
             wait.as_secs_f64()
         )),
-        Err(ReadFail::Closed) => Err(crate::msg!(
+        Err(ReadFail::Closed) => Err(Error::PeerLost(format!(
             "rank {}: rendezvous: rank 0 at {addr} closed the connection (it exited or failed)",
             o.rank
-        )),
+        ))),
         Err(ReadFail::Other(e)) => Err(crate::msg!("rank {}: rendezvous with rank 0: {e}", o.rank)),
     }
 }

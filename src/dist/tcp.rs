@@ -48,31 +48,38 @@ impl TcpCollective {
                 let mut all = vec![data.to_vec()];
                 for k in 1..self.world {
                     let got = read_frame(&mut streams[k - 1], deadline.saturating_duration_since(Instant::now()));
-                    let fail = match got {
+                    // `lost`: rank k is gone, so this failure follows from its own.
+                    let (fail, lost) = match got {
                         Ok((DATA, body)) if body.first() == Some(&op_code(op)) => {
                             all.push(bytes_f32(&body[1..])?);
                             continue;
                         }
-                        Ok((DATA, body)) => format!(
-                            "rank {k} called {} while rank 0 called {op}; every rank must run the same steps",
-                            OPS.get(body.first().copied().unwrap_or(99) as usize)
-                                .unwrap_or(&"an unknown operation")
+                        Ok((DATA, body)) => (
+                            format!(
+                                "rank {k} called {} while rank 0 called {op}; every rank must run the same steps",
+                                OPS.get(body.first().copied().unwrap_or(99) as usize)
+                                    .unwrap_or(&"an unknown operation")
+                            ),
+                            false,
                         ),
-                        Ok((t, _)) => format!("rank {k} sent an unexpected message ({t})"),
-                        Err(ReadFail::TimedOut) => {
-                            format!("rank {k} did not arrive at {op} within {:.0} s", timeout.as_secs_f64())
-                        }
-                        Err(ReadFail::Closed) => {
-                            format!("rank {k} closed its connection during {op} (it exited or failed)")
-                        }
-                        Err(ReadFail::Other(e)) => format!("rank {k}: {e}"),
+                        Ok((t, _)) => (format!("rank {k} sent an unexpected message ({t})"), false),
+                        Err(ReadFail::TimedOut) => (
+                            format!("rank {k} did not arrive at {op} within {:.0} s", timeout.as_secs_f64()),
+                            false,
+                        ),
+                        Err(ReadFail::Closed) => (
+                            format!("rank {k} closed its connection during {op} (it exited or failed)"),
+                            true,
+                        ),
+                        Err(ReadFail::Other(e)) => (format!("rank {k}: {e}"), false),
                     };
                     for (j, s) in streams.iter_mut().enumerate() {
                         if j + 1 != k {
                             let _ = write_frame(s, ABORT, fail.as_bytes());
                         }
                     }
-                    return Err(Error::Msg(format!("rank 0: {fail}")));
+                    let fail = format!("rank 0: {fail}");
+                    return Err(if lost { Error::PeerLost(fail) } else { Error::Msg(fail) });
                 }
                 Ok(Some(all))
             }
@@ -89,13 +96,13 @@ impl TcpCollective {
                 let mut results = results.expect("hub");
                 for (k, s) in streams.iter_mut().enumerate() {
                     write_frame(s, DATA, &f32_bytes(&results[k + 1]))
-                        .map_err(|e| crate::msg!("rank 0: rank {} went away during {op}: {e}", k + 1))?;
+                        .map_err(|e| Error::PeerLost(format!("rank 0: rank {} went away during {op}: {e}", k + 1)))?;
                 }
                 Ok(results.swap_remove(0))
             }
             Links::Worker(s) => match read_frame(s, wait) {
                 Ok((DATA, body)) => bytes_f32(&body),
-                Ok((ABORT, m)) => Err(Error::Msg(format!(
+                Ok((ABORT, m)) => Err(Error::PeerLost(format!(
                     "rank {}: {op} failed: {}",
                     self.rank,
                     String::from_utf8_lossy(&m)
@@ -139,7 +146,9 @@ impl TcpCollective {
 }
 
 fn hub_gone(rank: usize, op: &str, e: &str) -> Error {
-    crate::msg!("rank {rank}: rank 0 went away during {op} ({e}); it exited or failed, see its log")
+    Error::PeerLost(format!(
+        "rank {rank}: rank 0 went away during {op} ({e}); it exited or failed, see its log"
+    ))
 }
 
 impl Collective for TcpCollective {
