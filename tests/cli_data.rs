@@ -325,7 +325,7 @@ fn preprocess_setup(dir: &Path) -> (PathBuf, usize) {
 fn expected_counts(cfg_path: &Path, set: &[String]) -> (String, ferrotune::data::PreparedData, Tokenizer) {
     let cfg = ferrotune::Config::from_yaml(&std::fs::read_to_string(cfg_path).unwrap(), set).unwrap();
     let p = ferrotune::train::run::open_model(&cfg).unwrap();
-    let data = ferrotune::train::run::prepare_data(&cfg, &p.tokenizer).unwrap();
+    let data = ferrotune::train::run::prepare_data(&cfg, &p).unwrap();
     let st = &data.stats;
     let sched = BatchSchedule::new(
         &data.train,

@@ -125,6 +125,23 @@ fn sharded_round_trip_in_hf_format() {
         WeightStore::open(&dir).unwrap().get_raw("model.norm.weight").unwrap(),
         ts[4].1
     );
+    // One shard per tensor, then two: the single file and the five shards are gone.
+    write_safetensors_sharded(&dir, &ts, 1, None).unwrap();
+    assert_eq!(files_in(&dir).len(), ts.len() + 1);
+    assert!(!dir.join("model.safetensors").exists());
+    write_safetensors_sharded(&dir, &ts, 400, None).unwrap();
+    assert_eq!(
+        files_in(&dir),
+        [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json"
+        ]
+    );
+    let st = WeightStore::open(&dir).unwrap();
+    for (name, t) in &ts {
+        assert_eq!(&st.get_raw(name).unwrap(), t);
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

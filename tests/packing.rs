@@ -165,7 +165,7 @@ fn a_collated_packed_row_gives_each_sample_its_own_logits_and_loss() {
     );
     let cfg = ferrotune::Config::from_yaml(&yaml, &[]).unwrap();
     let tok = ferrotune::data::Tokenizer::from_dir(&model).unwrap();
-    let samples = ferrotune::train::run::prepare_data(&cfg, &tok).unwrap().train;
+    let samples = ferrotune::train::run::prepare_samples(&cfg, &tok).unwrap().train;
     assert_eq!(samples.len(), 4);
     let lengths: Vec<usize> = samples.iter().map(|s| s.len()).collect();
     let mut distinct = lengths.clone();

@@ -273,7 +273,7 @@ fn modules_to_save_trains_embed_tokens_and_lm_head_under_peft_keys() {
     // An embedding row gets one only from a token some label position attends to: a token
     // before the last label of its sample (with no weight decay, Adam leaves the others).
     let p = open_model(&c).unwrap();
-    let data = prepare_data(&c, &p.tokenizer).unwrap();
+    let data = prepare_data(&c, &p).unwrap();
     let mut expected = BTreeSet::new();
     for smp in &data.train {
         let last = smp.labels.iter().rposition(|&l| l != -100).unwrap();

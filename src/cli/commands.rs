@@ -8,7 +8,7 @@ use ferrotune::backend::select::{create_backend, precision_for};
 use ferrotune::config::{Config, DeviceChoice};
 use ferrotune::data::{collate, BatchSchedule, ScheduleOptions, Tokenizer};
 use ferrotune::exec::{Executor, ProgramSpec};
-use ferrotune::infer::exact_match::{exact_match, references};
+use ferrotune::infer::exact_match::{exact_match, has_references, references};
 use ferrotune::infer::{GenerateOptions, Generator};
 use ferrotune::model::llama::{build_with_attention, BuildOptions};
 use ferrotune::train::batches::model_inputs;
@@ -209,7 +209,7 @@ fn eval(path: &Path, adapter: Option<&Path>, set: &[String], limit: usize, json:
     let (backend, notices) = create_backend(cfg.device)?;
     notices.iter().for_each(|n| eprintln!("{n}"));
     let precision = precision_for(backend.as_ref(), &cfg);
-    let data = prepare_data(&cfg, &p.tokenizer)?;
+    let data = prepare_data(&cfg, &p)?;
     let mut result = EvalResult {
         eval_loss: None,
         eval_label_tokens: 0,
@@ -254,10 +254,13 @@ fn eval(path: &Path, adapter: Option<&Path>, set: &[String], limit: usize, json:
         result.eval_label_tokens = count as u64;
     }
     let mut refs = Vec::new();
-    for spec in &cfg.test_datasets {
-        if let Ok(r) = references(spec, &p.tokenizer, limit.saturating_sub(refs.len())) {
-            refs.extend(r);
-        }
+    for spec in cfg.test_datasets.iter().filter(|s| has_references(s.kind)) {
+        refs.extend(references(
+            spec,
+            &cfg.data,
+            &p.tokenizer,
+            limit.saturating_sub(refs.len()),
+        )?);
     }
     if !refs.is_empty() {
         let backend = match backend.take() {
@@ -459,7 +462,7 @@ fn plan(path: &Path, set: &[String], json: bool, world: usize, rank: usize) -> R
     let (backend, notices) = create_backend(cfg.device)?;
     notices.iter().for_each(|n| eprintln!("{n}"));
     let precision = precision_for(backend.as_ref(), &cfg);
-    let data = prepare_data(&cfg, &p.tokenizer)?;
+    let data = prepare_data(&cfg, &p)?;
     let rp = RunPlan::for_rank(
         cfg.clone(),
         &p.model_config,
@@ -542,7 +545,7 @@ fn plan(path: &Path, set: &[String], json: bool, world: usize, rank: usize) -> R
 fn preprocess(path: &Path, set: &[String]) -> Result<()> {
     let cfg = load_config(path, set)?;
     let p = open_model(&cfg)?;
-    let data = prepare_data(&cfg, &p.tokenizer)?;
+    let data = prepare_data(&cfg, &p)?;
     let s = &data.stats;
     println!("rows read: {}", s.rows);
     println!(

@@ -152,7 +152,11 @@ pub fn read(dir: &Path) -> Result<BTreeMap<String, HostTensor>> {
     let Some(&(_, world, _)) = shards.first() else {
         return Err(Error::format(
             dir,
-            format!("the checkpoint has no optimizer state ({OPTIMIZER_STATE} or optimizer-rank*-of-*.safetensors)"),
+            format!(
+                "the checkpoint has no optimizer state ({OPTIMIZER_STATE} or optimizer-rank*-of-*.safetensors), so \
+                 it cannot resume a run (a run with `save_only_model: true` writes such checkpoints); start a new \
+                 run from its weights instead (`lora_model_dir` for an adapter, `base_model` for a full model)"
+            ),
         ));
     };
     let ranks: Vec<usize> = shards.iter().filter(|s| s.1 == world).map(|s| s.0).collect();

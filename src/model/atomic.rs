@@ -39,6 +39,18 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> s
     Ok(())
 }
 
+/// Make a folder's entries (files created or renamed in it) durable. A no-op where
+/// folders cannot be opened as files (Windows).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
 /// Replace the folder `dst` by the finished folder `tmp` (both in the same parent).
 /// An existing `dst` is moved aside first and removed only after the rename succeeded.
 pub fn replace_dir(tmp: &Path, dst: &Path) -> Result<()> {

@@ -61,6 +61,10 @@ pub fn write_safetensors(
     let views = tensors.iter().map(|(n, t)| (n.as_str(), HostView(t)));
     safetensors::serialize_to_file(views, metadata, path)
         .map_err(|e| Error::format(path, format!("writing safetensors failed: {e}")))?;
+    // The crate flushes but does not sync: make the bytes durable before anyone relies on them.
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))?;
     // The crate's temporary file is private (0600); give the result the usual mode.
     #[cfg(unix)]
     {
@@ -93,17 +97,21 @@ pub fn write_safetensors_sharded(
         shards.last_mut().expect("never empty").push(i);
         cur += n;
     }
-    remove_old_shards(dir)?;
+    // New files first, then the stale ones of the old layout: a crash in between leaves
+    // either the old model or the new one complete (a loader prefers the index when both
+    // a single file and an index are present, and the index is written last, or removed
+    // before the old shards).
     if shards.len() == 1 {
         let path = dir.join(SINGLE_FILE);
         write_safetensors(&path, tensors, metadata)?;
         remove_if_exists(&dir.join(INDEX_FILE))?;
+        remove_old_shards(dir, &[])?;
         return Ok(vec![path]);
     }
-    remove_if_exists(&dir.join(SINGLE_FILE))?;
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
     let mut written = Vec::new();
+    let mut files = Vec::new();
     for (k, idx) in shards.iter().enumerate() {
         let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, n);
         let part: Vec<(String, HostTensor)> = idx.iter().map(|&i| tensors[i].clone()).collect();
@@ -113,6 +121,7 @@ pub fn write_safetensors_sharded(
             weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
         }
         written.push(path);
+        files.push(file);
     }
     let total: usize = tensors.iter().map(|(_, t)| t.data.len()).sum();
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
@@ -120,6 +129,8 @@ pub fn write_safetensors_sharded(
     let text = serde_json::to_string_pretty(&index).expect("JSON values always serialize");
     super::atomic::write_atomic(&index_path, format!("{text}\n").as_bytes())?;
     written.push(index_path);
+    remove_if_exists(&dir.join(SINGLE_FILE))?;
+    remove_old_shards(dir, &files)?;
     Ok(written)
 }
 
@@ -131,13 +142,17 @@ fn remove_if_exists(path: &Path) -> Result<()> {
     }
 }
 
-/// Remove `model-*-of-*.safetensors` left by an earlier sharded save.
-fn remove_old_shards(dir: &Path) -> Result<()> {
+/// Remove `model-*-of-*.safetensors` left by an earlier sharded save, except `keep`.
+fn remove_old_shards(dir: &Path, keep: &[String]) -> Result<()> {
     let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     for ent in rd {
         let ent = ent.map_err(|e| Error::io(dir, e))?;
         let name = ent.file_name().to_string_lossy().into_owned();
-        if name.starts_with("model-") && name.contains("-of-") && name.ends_with(".safetensors") {
+        if name.starts_with("model-")
+            && name.contains("-of-")
+            && name.ends_with(".safetensors")
+            && !keep.contains(&name)
+        {
             remove_if_exists(&ent.path())?;
         }
     }

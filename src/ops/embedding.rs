@@ -57,7 +57,8 @@ fn row(id: i32, vocab: usize) -> Option<usize> {
     (id >= 0 && (id as usize) < vocab).then_some(id as usize)
 }
 
-/// Out-of-range ids produce zero rows (the data layer rejects them before this point).
+/// Out-of-range ids produce zero rows (training refuses data with such ids before this
+/// point: `train::run::prepare_data`).
 pub fn cpu<T: Real>(table: &[T], ids: &[i32], y: &mut [T], h: usize) {
     let vocab = table.len() / h.max(1);
     y.par_chunks_mut(h)

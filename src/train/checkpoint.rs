@@ -50,6 +50,7 @@ pub fn write(output_dir: &Path, ck: &Checkpoint) -> Result<PathBuf> {
         // The state file goes last: a folder without it is never taken as a checkpoint.
         let state = serde_json::to_vec_pretty(ck.state).expect("serializable");
         crate::model::atomic::write_atomic(&tmp.join(TRAINER_STATE), &state)?;
+        crate::model::atomic::sync_dir(&tmp)?;
         if final_dir.exists() {
             let old = output_dir.join(format!(
                 ".checkpoint-{}.old-{}",
@@ -62,7 +63,8 @@ pub fn write(output_dir: &Path, ck: &Checkpoint) -> Result<PathBuf> {
         } else {
             std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
         }
-        Ok(())
+        // The rename itself is durable before rotation may delete older checkpoints.
+        crate::model::atomic::sync_dir(output_dir)
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -90,13 +92,17 @@ pub fn latest(output_dir: &Path) -> Option<PathBuf> {
     list(output_dir).pop().map(|(_, p)| p)
 }
 
-/// Deletes the oldest checkpoints beyond `limit` (Hugging Face's `save_total_limit`).
-pub fn rotate(output_dir: &Path, limit: usize) -> Result<()> {
-    let all = list(output_dir);
-    if all.len() > limit {
-        for (_, p) in &all[..all.len() - limit] {
-            std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
-        }
+/// Deletes the oldest checkpoints beyond `limit` (Hugging Face's `save_total_limit`),
+/// never `keep` (the one just written, which counts towards the limit).
+pub fn rotate(output_dir: &Path, limit: usize, keep: &Path) -> Result<()> {
+    let others: Vec<PathBuf> = list(output_dir)
+        .into_iter()
+        .map(|(_, p)| p)
+        .filter(|p| p != keep)
+        .collect();
+    let excess = (others.len() + 1).saturating_sub(limit.max(1));
+    for p in &others[..excess] {
+        std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
     }
     Ok(())
 }
@@ -132,9 +138,12 @@ mod tests {
         // A folder left by an interrupted write is never listed.
         std::fs::create_dir_all(dir.join("checkpoint-9")).unwrap();
         assert_eq!(list(&dir).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2, 4, 6]);
-        rotate(&dir, 2).unwrap();
+        rotate(&dir, 2, &checkpoint_dir(&dir, 6)).unwrap();
         assert_eq!(list(&dir).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![4, 6]);
         assert_eq!(read_state(&latest(&dir).unwrap()).unwrap().global_step, 6);
+        // The checkpoint just written stays even when an older run left higher steps.
+        rotate(&dir, 1, &checkpoint_dir(&dir, 4)).unwrap();
+        assert_eq!(list(&dir).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![4]);
         let leftovers: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
             .flatten()

@@ -108,8 +108,39 @@ pub fn pad_id(tok: &Tokenizer) -> Result<u32> {
         .ok_or_else(|| crate::msg!("the tokenizer has neither a pad nor an eos token; set special_tokens.pad_token"))
 }
 
-/// Training and evaluation samples: `test_datasets` when given, else the `val_set_size` split.
-pub fn prepare_data(cfg: &Config, tok: &Tokenizer) -> Result<crate::data::PreparedData> {
+/// Training and evaluation samples for the model in `p`: `test_datasets` when given, else
+/// the `val_set_size` split. Every token id must index the model's embedding.
+pub fn prepare_data(cfg: &Config, p: &Prepared) -> Result<crate::data::PreparedData> {
+    let data = prepare_samples(cfg, &p.tokenizer)?;
+    check_ids_fit(&data, &p.tokenizer, p.model_config.vocab_size)?;
+    Ok(data)
+}
+
+/// Refuses token ids past the embedding (a tokenizer that is not the model's, or a named
+/// special token the tokenizer lacked and had to add): they would train as zero rows.
+fn check_ids_fit(data: &crate::data::PreparedData, tok: &Tokenizer, vocab: usize) -> Result<()> {
+    let max = data
+        .train
+        .iter()
+        .chain(&data.eval)
+        .flat_map(|s| s.input_ids.iter().copied())
+        .max();
+    match max {
+        Some(id) if id as usize >= vocab => Err(crate::msg!(
+            "the data holds token id {id} ({}), but the model's vocabulary has {vocab} ids: the tokenizer \
+             does not match the model, or a special token named in tokenizer_config.json or `special_tokens` \
+             is missing from it (adding tokens would need a larger embedding, which is not supported); use \
+             the model's own tokenizer and name only tokens it has",
+            tok.id_to_token(id)
+                .map(|t| format!("`{t}`"))
+                .unwrap_or_else(|| "an unknown token".into())
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// [`prepare_data`] without the model check.
+pub fn prepare_samples(cfg: &Config, tok: &Tokenizer) -> Result<crate::data::PreparedData> {
     let mut data = prepare(&cfg.datasets, &cfg.data, tok)?;
     if !cfg.test_datasets.is_empty() {
         let opts = crate::data::DataOptions {
@@ -137,13 +168,14 @@ pub fn build_trainer_with(
     cb: &mut dyn Callback,
     dist: Option<DataParallel>,
 ) -> Result<Trainer> {
+    let resume = resume_dir(cfg)?;
     let (backend, notices) = create_backend(cfg.device)?;
     for n in notices {
         cb.on_message(&n);
     }
     cb.on_message(&format!("device: {} ({})", backend.name(), backend.device_info()));
     let precision: Precision = precision_for(backend.as_ref(), cfg);
-    let data = prepare_data(cfg, &p.tokenizer)?;
+    let data = prepare_data(cfg, p)?;
     cb.on_message(&format!(
         "data: {} train / {} eval samples, {} tokens ({} trained), {} dropped, {} truncated",
         data.train.len(),
@@ -164,11 +196,6 @@ pub fn build_trainer_with(
         dist,
     )?;
     let mut trainer = Trainer::new(plan, backend, &p.store)?;
-    let resume = match (&cfg.resume_from_checkpoint, cfg.auto_resume_from_checkpoints) {
-        (Some(d), _) => Some(d.clone()),
-        (None, true) => checkpoint::latest(&cfg.output_dir),
-        _ => None,
-    };
     if let Some(dir) = resume {
         let state = checkpoint::read_state(&dir)?;
         let weights_file = if cfg.is_lora() {
@@ -195,6 +222,26 @@ pub fn build_trainer_with(
         }
     }
     Ok(trainer)
+}
+
+/// The checkpoint a run continues from, if any. A fresh run refuses an `output_dir` that
+/// already holds checkpoints: its own would mix with them, and `save_total_limit` could
+/// then delete the newer run's checkpoints in favour of the older run's higher steps.
+fn resume_dir(cfg: &Config) -> Result<Option<PathBuf>> {
+    match (&cfg.resume_from_checkpoint, cfg.auto_resume_from_checkpoints) {
+        (Some(d), _) => Ok(Some(d.clone())),
+        (None, true) => Ok(checkpoint::latest(&cfg.output_dir)),
+        (None, false) => match checkpoint::list(&cfg.output_dir).last() {
+            None => Ok(None),
+            Some((_, last)) => Err(Error::Config(format!(
+                "output_dir {} already holds checkpoints of an earlier run (the latest is {}); \
+                 continue it with `auto_resume_from_checkpoints: true` (or `resume_from_checkpoint: DIR`), \
+                 or choose another output_dir, or delete its checkpoint-* folders",
+                cfg.output_dir.display(),
+                last.display()
+            ))),
+        },
+    }
 }
 
 fn read_all(path: &Path) -> Result<BTreeMap<String, crate::HostTensor>> {
@@ -259,7 +306,11 @@ pub fn save_checkpoint(t: &mut Trainer, p: &Prepared) -> Result<PathBuf> {
         return Ok(checkpoint::checkpoint_dir(&cfg.output_dir, step));
     };
     let mut files: Vec<(&str, Vec<u8>)> = vec![("config.yaml", cfg.to_yaml().into_bytes())];
-    files.extend(opt.files.iter().map(|(n, b)| (n.as_str(), b.clone())));
+    // `save_only_model`: the weights and the state, no optimizer state (smaller; such a
+    // checkpoint cannot resume a run, as in Hugging Face Trainer).
+    if !cfg.save_only_model {
+        files.extend(opt.files.iter().map(|(n, b)| (n.as_str(), b.clone())));
+    }
     let weights_file = match t.adapter_config() {
         Some(a) => {
             files.push((ADAPTER_CONFIG, a.to_json().into_bytes()));
@@ -276,13 +327,13 @@ pub fn save_checkpoint(t: &mut Trainer, p: &Prepared) -> Result<PathBuf> {
     let state = t.state.clone();
     let ck = Checkpoint {
         weights: vec![(weights_file, trained)],
-        optimizer: opt.tensors,
+        optimizer: if cfg.save_only_model { Vec::new() } else { opt.tensors },
         state: &state,
         files,
     };
     let dir = checkpoint::write(&cfg.output_dir, &ck)?;
     if let Some(limit) = cfg.save_total_limit {
-        checkpoint::rotate(&cfg.output_dir, limit.max(1))?;
+        checkpoint::rotate(&cfg.output_dir, limit, &dir)?;
     }
     if let Some(s) = &opt.staging {
         let _ = std::fs::remove_dir_all(s);
@@ -314,17 +365,11 @@ pub fn save_outputs(t: &mut Trainer, p: &Prepared) -> Result<()> {
     copy_tokenizer(&p.model_dir, &out)
 }
 
-/// A full Hugging Face checkpoint: config.json and safetensors (sharded above 5 GB, HF's default).
+/// A full Hugging Face checkpoint: config.json and safetensors (sharded above 5 GB, HF's
+/// default); files of the other layout left by an earlier save are removed.
 pub fn write_model(out: &Path, cfg: &ModelConfig, tensors: &[(String, crate::HostTensor)]) -> Result<()> {
     const MAX_SHARD: usize = 5_000_000_000;
-    let bytes: usize = tensors.iter().map(|(_, t)| t.data.len()).sum();
-    if bytes > MAX_SHARD {
-        crate::model::write_safetensors_sharded(out, tensors, MAX_SHARD, None)?;
-    } else {
-        let mut meta = std::collections::HashMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        crate::model::write_safetensors(&out.join("model.safetensors"), tensors, Some(meta))?;
-    }
+    crate::model::write_safetensors_sharded(out, tensors, MAX_SHARD, None)?;
     cfg.write(&out.join("config.json"))
 }
 

@@ -107,8 +107,16 @@ fn lora_options(cfg: &Config) -> Option<LoraOptions> {
     })
 }
 
+/// Samples times epochs scanned for the label counts of every micro-batch (each epoch is
+/// packed anew); a longer run sizes the logits for every position instead of scanning.
+const MAX_SAMPLE_EPOCHS_SCANNED: usize = 20_000_000;
+
 /// The most label positions of any micro-batch, to size the logits of the step graph.
 fn max_label_rows(sched: &BatchSchedule, samples: &[crate::data::Sample], epochs: usize, pad: u32) -> Result<usize> {
+    if epochs.saturating_mul(samples.len().max(1)) > MAX_SAMPLE_EPOCHS_SCANNED {
+        let layout = sched.layout();
+        return Ok(layout.rows * layout.seq_len);
+    }
     let mut k = 0;
     for e in 0..epochs {
         for mb in sched.epoch(e).micro_batches() {
@@ -222,7 +230,9 @@ impl RunPlan {
             None => (cfg.num_epochs * steps_per_epoch as f64).ceil().max(1.0) as u64,
         };
         let epochs = match cfg.max_steps {
-            Some(m) => m.div_ceil(steps_per_epoch) as usize + 1,
+            Some(m) => usize::try_from(m.div_ceil(steps_per_epoch))
+                .unwrap_or(usize::MAX)
+                .saturating_add(1),
             None => cfg.num_epochs.ceil() as usize,
         };
         let layout = schedule.layout();
