@@ -207,3 +207,19 @@ fn flex_attention_mask_is_parsed_and_checked() {
         "{e}"
     );
 }
+
+#[test]
+fn run_lengths_and_waits_must_be_finite_and_bounded() {
+    let e = err(&base("num_epochs: .inf\n"));
+    assert!(e.contains("num_epochs: inf must be a positive finite number"), "{e}");
+    let e = err(&base("num_epochs: -1\n"));
+    assert!(e.contains("num_epochs: -1 must be a positive finite number"), "{e}");
+    let e = err(&base("ddp_timeout: 18446744073709551615\n"));
+    assert!(
+        e.contains("ddp_timeout: 18446744073709551615 seconds must be between 1 and 2592000"),
+        "{e}"
+    );
+    let e = err(&base("ddp_timeout: 0\n"));
+    assert!(e.contains("ddp_timeout: 0 seconds must be between 1"), "{e}");
+    assert!(Config::from_yaml(&base("ddp_timeout: 1800\nnum_epochs: 3.5\n"), &[]).is_ok());
+}

@@ -6,6 +6,7 @@
 //! and stage; a missing or dead rank and a config mismatch are named.
 
 mod common;
+use common::train::{adapter, max_rel};
 use common::{temp_dir, write_arithmetic, write_tiny_model, CHATML};
 use ferrotune::dist::collective::Collective;
 use ferrotune::dist::store::{self, RendezvousOptions};
@@ -14,7 +15,7 @@ use ferrotune::dist::{DataParallel, ShardingConfig, ThreadCollective};
 use ferrotune::exec::MemoryPlan;
 use ferrotune::train::run::{train, train_with, Callback};
 use ferrotune::train::trainer::{EvalReport, RunInfo, StepReport};
-use ferrotune::{Config, HostTensor};
+use ferrotune::Config;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -105,18 +106,6 @@ fn run_threads(cfg: &Config, world: usize, stop_at: Option<u64>) -> Vec<Collect>
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
-}
-
-fn adapter(dir: &Path) -> BTreeMap<String, HostTensor> {
-    ferrotune::adapters::lora::load(dir).unwrap().1
-}
-
-fn max_rel(a: &BTreeMap<String, HostTensor>, b: &BTreeMap<String, HostTensor>) -> f64 {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    a.iter()
-        .map(|(k, x)| common::rel_err(&x.to_f64(), &b[k].to_f64()))
-        .filter(|e| e.is_finite())
-        .fold(0.0, f64::max)
 }
 
 fn close(a: &[f64], b: &[f64], what: &str) {
@@ -391,6 +380,28 @@ fn tcp_group<T: Send + 'static>(
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn a_stray_client_on_the_port_does_not_stop_the_rendezvous() {
+    use std::io::Write;
+    let port = free_port();
+    let hub = {
+        let o = rdzv(port, 0, 2, "h", 30.0);
+        std::thread::spawn(move || store::rendezvous(&o, &|| Ok(vec![1u8])).map(|(_, p)| p))
+    };
+    // An HTTP probe: its first bytes read as a frame of about 6e18 bytes.
+    let mut probe = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    probe.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let o = rdzv(port, 1, 2, "h", 30.0);
+    let worker = store::rendezvous(&o, &|| Ok(vec![1u8])).map(|(_, p)| p);
+    assert_eq!(worker.unwrap(), vec![1u8]);
+    assert_eq!(hub.join().unwrap().unwrap(), vec![1u8]);
 }
 
 #[test]

@@ -5,7 +5,7 @@
 mod common;
 use common::{temp_dir, write_tiny_model, CHATML};
 use ferrotune::backend::cpu::CpuBackend;
-use ferrotune::data::{DatasetSpec, DatasetType, Tokenizer};
+use ferrotune::data::{DataOptions, DatasetSpec, DatasetType, Tokenizer};
 use ferrotune::infer::exact_match::{is_exact_match, references, score_answers};
 use ferrotune::infer::score::score;
 use ferrotune::infer::{GenerateOptions, Generator};
@@ -198,7 +198,7 @@ fn references_are_the_prompt_before_the_last_assistant_turn() {
     std::fs::write(&path, rows.join("\n")).unwrap();
     let mut spec = DatasetSpec::new(path.display().to_string(), DatasetType::ChatTemplate);
     spec.chat_template_jinja = Some(CHATML.to_string());
-    let refs = references(&spec, &tok, 10).unwrap();
+    let refs = references(&spec, &DataOptions::default(), &tok, 10).unwrap();
     // The row without an assistant turn has no reference.
     assert_eq!(refs.len(), 2);
     let want = [
@@ -216,6 +216,10 @@ fn references_are_the_prompt_before_the_last_assistant_turn() {
         assert_eq!(r.prompt, tok.encode(prompt, false).unwrap());
         assert_eq!(r.answer, answer);
     }
-    assert_eq!(references(&spec, &tok, 1).unwrap().len(), 1, "limit counts rows");
+    assert_eq!(
+        references(&spec, &DataOptions::default(), &tok, 1).unwrap().len(),
+        1,
+        "limit counts rows"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -292,8 +292,13 @@ pub fn load(dir: &Path) -> Result<(AdapterConfig, BTreeMap<String, HostTensor>)>
 /// `W + scale * B @ A` for `W [out, in]`, `A [r, in]`, `B [out, r]`, computed in f64 and
 /// returned in `W`'s dtype.
 pub fn merge_weight(w: &HostTensor, a: &HostTensor, b: &HostTensor, scale: f64) -> Result<HostTensor> {
-    let (out, inp) = (w.shape[0], w.shape[1]);
-    let r = a.shape[0];
+    let (&[out, inp], Some(&r)) = (w.shape.as_slice(), a.shape.first()) else {
+        return Err(crate::msg!(
+            "LoRA pairs apply to matrices; the weight has shape {:?} and A {:?}",
+            w.shape,
+            a.shape
+        ));
+    };
     if a.shape != [r, inp] || b.shape != [out, r] {
         return Err(crate::msg!(
             "LoRA shapes do not fit the weight {:?}: A {:?}, B {:?}",
@@ -317,4 +322,26 @@ pub fn merge_weight(w: &HostTensor, a: &HostTensor, b: &HostTensor, scale: f64) 
         }
     }
     Ok(HostTensor::from_f64(&w.shape, &m).cast(w.dtype))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_adds_the_scaled_product_and_refuses_non_matrices() {
+        // W + 0.5 * B A with B = [2, 0]^T, A = [1, 0]: only W[0][0] changes, by 1.
+        let w = HostTensor::from_f32(&[2, 2], &[1.0, 2.0, 3.0, 4.0]);
+        let a = HostTensor::from_f32(&[1, 2], &[1.0, 0.0]);
+        let b = HostTensor::from_f32(&[2, 1], &[2.0, 0.0]);
+        let m = merge_weight(&w, &a, &b, 0.5).unwrap();
+        assert_eq!(m.to_f32(), vec![2.0, 2.0, 3.0, 4.0]);
+        let norm = HostTensor::from_f32(&[2], &[1.0, 1.0]);
+        let e = merge_weight(&norm, &a, &b, 0.5).unwrap_err().to_string();
+        assert!(e.contains("apply to matrices"), "{e}");
+        let e = merge_weight(&w, &HostTensor::from_f32(&[2], &[1.0, 0.0]), &b, 0.5)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("do not fit"), "{e}");
+    }
 }

@@ -55,7 +55,9 @@ impl WeightSource for MergedWeights<'_> {
         match Self::module(name)
             .and_then(|m| Some((self.tensors.get(&lora_a_key(m))?, self.tensors.get(&lora_b_key(m))?)))
         {
-            Some((a, b)) => Ok(merge_weight(&base, a, b, self.config.scale())?.cast(dtype)),
+            Some((a, b)) => Ok(merge_weight(&base, a, b, self.config.scale())
+                .map_err(|e| crate::msg!("adapter pair for {name}: {e}"))?
+                .cast(dtype)),
             None => Ok(base.cast(dtype)),
         }
     }

@@ -45,9 +45,17 @@ impl Config {
         );
         need(
             &mut e,
-            self.num_epochs > 0.0,
-            format!("num_epochs: {} must be positive", self.num_epochs),
+            self.num_epochs > 0.0 && self.num_epochs.is_finite(),
+            format!("num_epochs: {} must be a positive finite number", self.num_epochs),
         );
+        if let Some(t) = self.ddp_timeout {
+            let max = crate::dist::collective::MAX_TIMEOUT_SECS;
+            need(
+                &mut e,
+                (1..=max).contains(&t),
+                format!("ddp_timeout: {t} seconds must be between 1 and {max} (30 days)"),
+            );
+        }
         need(
             &mut e,
             self.max_steps != Some(0),

@@ -174,7 +174,8 @@ fn replace_generation_tags(src: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
+        // The closing `%}` starts after the opening `{%` (in `{%}` the two overlap).
+        let Some(end) = tag[2..].find("%}").map(|e| e + 2) else {
             break;
         };
         let inner = &tag[2..end];
@@ -349,6 +350,14 @@ mod tests {
             .to_string();
         assert!(err.starts_with("chat template does not parse"), "{err}");
         assert!(err.contains("chat_template:3"), "{err}");
+    }
+
+    #[test]
+    fn a_malformed_block_tag_is_a_syntax_error() {
+        for src in ["{%}", "x {%} y", "{%-%}", "{%"] {
+            let err = ChatTemplate::new(src).unwrap_err().to_string();
+            assert!(err.starts_with("chat template does not parse"), "{src}: {err}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub mod formats;
 pub mod generate;
 pub mod packing;
 mod pyjson;
-mod reader;
+pub(crate) mod reader;
 pub mod sample;
 pub mod schedule;
 pub mod tokenizer;

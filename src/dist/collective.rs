@@ -10,6 +10,8 @@ use std::time::Duration;
 pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default wait for every rank to join at start-up.
 pub const DEFAULT_RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest wait either timeout may be set to: 30 days.
+pub const MAX_TIMEOUT_SECS: u64 = 30 * 24 * 3600;
 
 /// A group of `world_size` ranks; each rank calls the same operations in the same order.
 pub trait Collective: Send {

@@ -53,15 +53,23 @@ pub fn collective_timeout(cfg: &Config) -> Duration {
 /// The start-up wait: `FERROTUNE_RENDEZVOUS_TIMEOUT` seconds, 2 minutes by default.
 pub fn rendezvous_timeout() -> Result<Duration> {
     match std::env::var("FERROTUNE_RENDEZVOUS_TIMEOUT") {
-        Ok(v) => v
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|s| *s > 0.0)
-            .map(Duration::from_secs_f64)
-            .ok_or_else(|| Error::Config(format!("FERROTUNE_RENDEZVOUS_TIMEOUT={v:?}: expected seconds"))),
+        Ok(v) => parse_rendezvous_timeout(&v),
         Err(_) => Ok(DEFAULT_RENDEZVOUS_TIMEOUT),
     }
+}
+
+fn parse_rendezvous_timeout(v: &str) -> Result<Duration> {
+    v.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0 && *s <= collective::MAX_TIMEOUT_SECS as f64)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "FERROTUNE_RENDEZVOUS_TIMEOUT={v:?}: expected seconds, more than 0 and at most {}",
+                collective::MAX_TIMEOUT_SECS
+            ))
+        })
 }
 
 /// Which collective a process group uses.
@@ -135,4 +143,21 @@ pub fn connect(cfg: &Config) -> Result<Option<DataParallel>> {
         }
     };
     Ok(Some(DataParallel::new(coll, sharding)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rendezvous_timeout_is_a_bounded_number_of_seconds() {
+        assert_eq!(parse_rendezvous_timeout(" 2.5 ").unwrap(), Duration::from_millis(2500));
+        for bad in ["inf", "1e30", "0", "-3", "NaN", "soon"] {
+            let e = parse_rendezvous_timeout(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("expected seconds, more than 0 and at most 2592000"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

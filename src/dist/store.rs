@@ -4,11 +4,16 @@
 //! same payload (the NCCL unique id). The connections stay open for the TCP collective.
 
 use super::collective::name_ranks;
-use super::wire::{read_frame, write_frame, ReadFail, ABORT, HELLO, OK};
+use super::wire::{read_frame, read_frame_at_most, write_frame, ReadFail, ABORT, HELLO, OK};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
+
+/// How long rank 0 waits for the hello of a connection it accepted.
+const HELLO_WAIT: Duration = Duration::from_secs(5);
+/// A hello is a small JSON object; anything larger is not from a rank.
+const MAX_HELLO_BYTES: u64 = 64 << 10;
 
 #[derive(Clone, Debug)]
 pub struct RendezvousOptions {
@@ -94,7 +99,10 @@ pub fn serve(
         };
         let _ = s.set_nonblocking(false);
         let _ = s.set_nodelay(true);
-        let hello: Hello = match read_frame(&mut s, deadline.saturating_duration_since(Instant::now())) {
+        // A rank sends its hello at once; anything else on the port gets a few seconds and
+        // a small message before it is dropped.
+        let wait = deadline.saturating_duration_since(Instant::now()).min(HELLO_WAIT);
+        let hello: Hello = match read_frame_at_most(&mut s, wait, MAX_HELLO_BYTES) {
             Ok((HELLO, body)) => match serde_json::from_slice(&body) {
                 Ok(h) => h,
                 Err(_) => continue,

@@ -28,12 +28,28 @@ pub fn write_frame(s: &mut TcpStream, tag: u8, payload: &[u8]) -> std::io::Resul
 
 /// Reads one frame, waiting at most `timeout` for it to start.
 pub fn read_frame(s: &mut TcpStream, timeout: Duration) -> std::result::Result<(u8, Vec<u8>), ReadFail> {
+    read_frame_at_most(s, timeout, u64::MAX)
+}
+
+/// [`read_frame`] for a frame of at most `max_len` payload bytes: a longer one (a stray
+/// client on the port, not one of our ranks) fails before anything is allocated for it.
+pub fn read_frame_at_most(
+    s: &mut TcpStream,
+    timeout: Duration,
+    max_len: u64,
+) -> std::result::Result<(u8, Vec<u8>), ReadFail> {
     s.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
         .map_err(|e| ReadFail::Other(e.to_string()))?;
     let mut head = [0u8; 9];
     s.read_exact(&mut head).map_err(classify)?;
     // Once a frame has started, its body follows promptly.
-    let len = u64::from_le_bytes(head[1..].try_into().expect("8 bytes")) as usize;
+    let len = u64::from_le_bytes(head[1..].try_into().expect("8 bytes"));
+    if len > max_len {
+        return Err(ReadFail::Other(format!(
+            "a message of {len} bytes where at most {max_len} were expected"
+        )));
+    }
+    let len = usize::try_from(len).map_err(|_| ReadFail::Other(format!("a message of {len} bytes")))?;
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).map_err(classify)?;
     Ok((head[0], body))

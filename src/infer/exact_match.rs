@@ -3,9 +3,8 @@
 //! and the answer must equal the reference after trimming whitespace.
 
 use super::generate::{GenerateOptions, Generator};
-use crate::data::{ChatTemplate, DatasetSpec, DatasetType, Message, TemplateVars, Tokenizer};
+use crate::data::{ChatTemplate, DataOptions, DatasetSpec, DatasetType, Message, TemplateVars, Tokenizer};
 use crate::{Error, Result};
-use std::path::Path;
 
 /// One evaluation item: prompt tokens and the expected answer text.
 #[derive(Clone, Debug)]
@@ -28,44 +27,30 @@ impl ExactMatch {
     }
 }
 
-fn rows(path: &Path) -> Result<Vec<serde_json::Value>> {
-    let files: Vec<std::path::PathBuf> = if path.is_dir() {
-        let mut v: Vec<_> = std::fs::read_dir(path)
-            .map_err(|e| Error::io(path, e))?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "jsonl" || x == "json"))
-            .collect();
-        v.sort();
-        v
-    } else {
-        vec![path.to_path_buf()]
-    };
+/// The rows of a dataset's files, read as training reads them (JSON arrays or JSON Lines,
+/// `data_files`, folders).
+fn rows(spec: &DatasetSpec) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
     let mut out = Vec::new();
-    for f in files {
-        let text = std::fs::read_to_string(&f).map_err(|e| Error::io(&f, e))?;
-        if f.extension().is_some_and(|x| x == "json") {
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(&f, e.to_string()))?;
-            out.extend(v.as_array().cloned().unwrap_or_default());
-        } else {
-            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-                out.push(serde_json::from_str(line).map_err(|e| Error::format(&f, format!("line {}: {e}", i + 1)))?);
-            }
-        }
+    for src in crate::data::reader::read_sources(spec)? {
+        out.extend(crate::data::reader::parse_rows(&src)?.into_iter().map(|r| r.fields));
     }
     Ok(out)
 }
 
+/// Whether rows of this dataset type carry a reference answer for [`references`].
+pub fn has_references(kind: DatasetType) -> bool {
+    matches!(kind, DatasetType::ChatTemplate | DatasetType::Alpaca)
+}
+
 /// Prompts and reference answers of a dataset: the last assistant turn of a
 /// `chat_template` row, or the `output` of an `alpaca` row.
-pub fn references(spec: &DatasetSpec, tok: &Tokenizer, limit: usize) -> Result<Vec<Reference>> {
+/// The template is the one training renders the dataset with (`opts` holds the top-level
+/// `chat_template` keys).
+pub fn references(spec: &DatasetSpec, opts: &DataOptions, tok: &Tokenizer, limit: usize) -> Result<Vec<Reference>> {
     let mut out = Vec::new();
     match spec.kind {
         DatasetType::ChatTemplate => {
-            let template = match (&spec.chat_template, &spec.chat_template_jinja) {
-                (_, Some(j)) => ChatTemplate::new(j)?,
-                _ => ChatTemplate::from_tokenizer(tok)?,
-            };
+            let template = ChatTemplate::new(&crate::data::formats::chat::template_source(spec, opts, tok)?)?;
             let vars = TemplateVars::from_tokenizer(tok);
             let field = spec.field_messages.clone().unwrap_or_else(|| "messages".into());
             let map = spec.message_property_mappings.clone().unwrap_or_default();
@@ -73,9 +58,10 @@ pub fn references(spec: &DatasetSpec, tok: &Tokenizer, limit: usize) -> Result<V
                 map.get("role").cloned().unwrap_or_else(|| "role".into()),
                 map.get("content").cloned().unwrap_or_else(|| "content".into()),
             );
-            for row in rows(Path::new(&spec.path))?.into_iter().take(limit) {
-                let msgs: Vec<Message> = row[&field]
-                    .as_array()
+            for row in rows(spec)?.into_iter().take(limit) {
+                let msgs: Vec<Message> = row
+                    .get(&field)
+                    .and_then(|v| v.as_array())
                     .ok_or_else(|| Error::Data(format!("{}: a row has no `{field}` list", spec.path)))?
                     .iter()
                     .map(|m| {
@@ -96,8 +82,8 @@ pub fn references(spec: &DatasetSpec, tok: &Tokenizer, limit: usize) -> Result<V
             }
         }
         DatasetType::Alpaca => {
-            for row in rows(Path::new(&spec.path))?.into_iter().take(limit) {
-                let s = |k: &str| row[k].as_str().unwrap_or("").to_string();
+            for row in rows(spec)?.into_iter().take(limit) {
+                let s = |k: &str| row.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
                 let text = crate::data::formats::alpaca::prompt(
                     &s("instruction"),
                     Some(s("input").as_str()).filter(|i| !i.is_empty()),

@@ -39,10 +39,15 @@ pub struct ChatFormat {
 
 /// The template text a spec selects (dataset keys first, then the root keys).
 pub fn template_source(spec: &DatasetSpec, opts: &DataOptions, tok: &Tokenizer) -> Result<String> {
-    let choice = spec
-        .chat_template
-        .clone()
-        .or_else(|| opts.chat_template.clone())
+    // A template text given without a choice is the choice (as axolotl sets `jinja` then);
+    // the dataset's own keys come before the top-level ones.
+    let pick = |c: &Option<ChatTemplateChoice>, j: &Option<String>| match (c, j) {
+        (Some(c), _) => Some(c.clone()),
+        (None, Some(_)) => Some(ChatTemplateChoice::Jinja),
+        (None, None) => None,
+    };
+    let choice = pick(&spec.chat_template, &spec.chat_template_jinja)
+        .or_else(|| pick(&opts.chat_template, &opts.chat_template_jinja))
         .unwrap_or_default();
     match choice {
         ChatTemplateChoice::Chatml => Ok(CHATML.to_string()),

@@ -340,10 +340,10 @@ impl GgufFile {
         for i in 0..n_tensors {
             let name = c.string(&|| format!("the name of tensor {i}"))?;
             let n_dims = c.u32(&|| format!("the dimension count of tensor `{name}`"))? as usize;
-            if n_dims > 4 {
+            if n_dims == 0 || n_dims > 4 {
                 return Err(Error::format(
                     path,
-                    format!("tensor `{name}` has {n_dims} dimensions; GGUF allows at most 4"),
+                    format!("tensor `{name}` has {n_dims} dimensions; GGUF tensors have 1 to 4"),
                 ));
             }
             let mut dims = Vec::with_capacity(n_dims);
