@@ -63,12 +63,16 @@ pub fn adapter(dir: &Path) -> BTreeMap<String, HostTensor> {
     ferrotune::adapters::lora::load(dir).unwrap().1
 }
 
-/// The largest relative error over tensors of the same names.
+/// The largest relative error over tensors of the same names; every value must be finite
+/// (a NaN or infinity in either set fails the test, it never counts as a match).
 pub fn max_rel(a: &BTreeMap<String, HostTensor>, b: &BTreeMap<String, HostTensor>) -> f64 {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     a.iter()
-        .map(|(k, x)| super::rel_err(&x.to_f64(), &b[k].to_f64()))
-        .filter(|e| e.is_finite())
+        .map(|(k, x)| {
+            let (x, y) = (x.to_f64(), b[k].to_f64());
+            assert!(x.iter().chain(&y).all(|v| v.is_finite()), "{k}: a non-finite value");
+            super::rel_err(&x, &y)
+        })
         .fold(0.0, f64::max)
 }
 

@@ -52,14 +52,21 @@ pub fn ints(shape: &[usize], v: Vec<i32>) -> HostTensor {
     HostTensor::from_i32(shape, &v)
 }
 
-/// ||a - b|| / ||b|| in f64; NaN anywhere in `a` where `b` is finite gives infinity.
+/// ||a - b|| / ||b|| in f64 over the finite elements of `b`. Where `b` is not finite, `a`
+/// must be the same (NaN, or infinity of the same sign); any other mismatch of finiteness
+/// gives infinity.
 pub fn rel_err(a: &HostTensor, b: &HostTensor) -> f64 {
     assert_eq!(a.shape, b.shape, "shapes differ");
     let (a, b) = (a.to_f64(), b.to_f64());
     let mut num = 0.0;
     let mut den = 0.0;
     for (x, y) in a.iter().zip(&b) {
-        if y.is_finite() && !x.is_finite() {
+        let same_class = if y.is_nan() {
+            x.is_nan()
+        } else {
+            y.is_finite() == x.is_finite() && (y.is_finite() || x == y)
+        };
+        if !same_class {
             return f64::INFINITY;
         }
         if y.is_finite() {
