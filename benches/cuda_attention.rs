@@ -1,11 +1,9 @@
-//! Attention speed on the device (ignored by default: a measurement, not a check). Run with
-//! `--ignored`; prints median milliseconds and TFLOP/s of the forward and backward passes of
+//! `cargo bench --features cuda --bench cuda_attention`: attention speed on the device.
+//! Prints median milliseconds and TFLOP/s of the forward and backward passes of
 //! causal bf16 attention at 2k, 8k and 16k tokens per row (16k tokens per step) for head dims
 //! 64 and 128 with the default tile shapes of the tensor-core kernels (whose results
 //! `cuda_ops` checks against the CPU). `FERROTUNE_BENCH_TILES=all` adds every other tile
 //! shape; `FERROTUNE_BENCH_TILES="mw,bn,nw,bm;..."` times the listed ones instead.
-#![cfg(feature = "cuda")]
-
 use ferrotune::backend::cuda::bench::{time_attention, AttnShape};
 use ferrotune::backend::cuda::{CudaBackend, CudaOptions, FlashTiles};
 use ferrotune::DType;
@@ -44,10 +42,8 @@ fn tile_sets() -> Vec<Option<FlashTiles>> {
     v
 }
 
-#[test]
-#[ignore]
-fn attention_speed() {
-    eprintln!("| tiles | T | batch | heads | head dim | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s |");
+fn main() {
+    println!("| tiles | T | batch | heads | head dim | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s |");
     for (hd, heads) in [(64usize, 32usize), (128, 16)] {
         for tiles in tile_sets() {
             if tiles.is_some_and(|t| !t.valid(hd)) {
@@ -73,7 +69,7 @@ fn attention_speed() {
                     dtype: DType::BF16,
                 };
                 let r = time_attention(&mut be, &sh, 3, 10).unwrap();
-                eprintln!(
+                println!(
                     "| {label} | {t} | {b} | {heads} | {hd} | {:.3} | {:.1} | {:.3} | {:.1} |",
                     r.fwd_ms,
                     r.fwd_flops / r.fwd_ms / 1e9,

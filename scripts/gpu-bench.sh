@@ -13,7 +13,7 @@
 #                                    checkpointing in the transformers reference.
 set -uo pipefail
 mode="${1:-}"
-dir="${2:-.carry/cuda}"
+dir="${2:-target/gpu-bundle}"
 
 if [ "$mode" = build ]; then
   set -e

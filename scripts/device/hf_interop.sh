@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU machine (it has torch, transformers and peft): reference fixtures from
 # transformers + PEFT, then the PEFT/transformers interop check of what ferrotune writes.
-# Needs a prebuilt ferrotune binary at .carry/ferrotune. Results go to $OUT.
+# Needs a prebuilt ferrotune binary at target/gpu-bundle/ferrotune. Results go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-FT=$PWD/.carry/ferrotune
+FT=$PWD/target/gpu-bundle/ferrotune
 export PYTHONUNBUFFERED=1
 python3 scripts/fixtures/hf_reference.py "$OUT/hf" || exit 1
 
