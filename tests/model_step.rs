@@ -167,11 +167,25 @@ fn memory_plan_is_exact_and_liveness_reuses_memory() {
         train.transient_sum
     );
     assert!(plan.transient_bytes < all_transient);
-    let frozen: u64 = g
-        .with_role(Role::Frozen)
-        .iter()
-        .map(|&t| g.info(t).bytes() as u64)
-        .sum();
-    assert!(plan.persistent.frozen_weights >= frozen);
+    // The persistent breakdown counts every tensor of each role once, byte for byte, and
+    // the persistent arena holds them with at most one alignment gap (< 256 B) each.
+    let bytes_of = |role: Role| -> (u64, u64) {
+        let ts = g.with_role(role);
+        (ts.iter().map(|&t| g.info(t).bytes() as u64).sum(), ts.len() as u64)
+    };
+    let (frozen, n_frozen) = bytes_of(Role::Frozen);
+    let (params, n_params) = bytes_of(Role::Parameter);
+    let (state, n_state) = bytes_of(Role::OptimizerState);
+    assert_eq!(plan.persistent.frozen_weights, frozen);
+    assert_eq!(plan.persistent.trainable_parameters, params);
+    assert_eq!(plan.persistent.optimizer_state, state);
+    let p = &plan.persistent;
+    let sum = p.frozen_weights + p.trainable_parameters + p.optimizer_state + p.constants;
+    let n = n_frozen + n_params + n_state;
+    assert!(
+        plan.persistent_bytes >= sum && plan.persistent_bytes < sum + 256 * (n + 64),
+        "{plan:#?}"
+    );
+    assert_eq!(plan.total_bytes, plan.persistent_bytes + plan.transient_bytes);
     eprintln!("plan: {plan:#?}");
 }
