@@ -44,11 +44,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// The process exit status this error ends `ferrotune` with: [`PEER_LOST_EXIT`] for a
-    /// consequence of another rank's failure, 2 for everything else.
+    /// consequence of another rank's failure, 1 for everything else (2 is a command-line
+    /// usage error, as clap reports it).
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::PeerLost(_) => PEER_LOST_EXIT,
-            _ => 2,
+            _ => 1,
         }
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

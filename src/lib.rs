@@ -5,6 +5,7 @@
 //! [`data`] turns datasets into packed fixed-shape batches, [`model`] builds the forward
 //! graph, [`graph`] appends the backward pass, [`exec`] plans memory and runs a step on a
 //! [`backend`], and [`train`] drives the loop. [`infer`] generates text with a KV cache.
+//! [`progress`] reports long work to the embedding program.
 
 pub mod adapters;
 pub mod backend;
@@ -17,6 +18,7 @@ pub mod graph;
 pub mod infer;
 pub mod model;
 pub mod ops;
+pub mod progress;
 pub mod tensor;
 pub mod train;
 

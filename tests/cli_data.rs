@@ -36,10 +36,10 @@ fn ok(args: &[&str]) -> Out {
     o
 }
 
-/// A run that must fail with the binary's error exit code and a message naming `what`.
+/// A run that must fail with the binary's error exit code (1) and a message naming `what`.
 fn fails_naming(args: &[&str], what: &str) -> String {
     let o = cli(args);
-    assert_eq!(o.code, Some(2), "ferrotune {args:?}: {}{}", o.stdout, o.stderr);
+    assert_eq!(o.code, Some(1), "ferrotune {args:?}: {}{}", o.stdout, o.stderr);
     assert!(
         o.stderr.starts_with("error: ") && o.stderr.contains(what),
         "ferrotune {args:?}: the message should name {what}: {}",

@@ -80,16 +80,20 @@ fn ctrl_c_finishes_the_step_saves_a_checkpoint_and_exits_zero() {
         "{steps} steps, {names:?}"
     );
     assert!(!names.iter().any(|n| n.starts_with('.')), "{names:?}");
-    assert!(
-        !out.join("adapter_model.safetensors").exists(),
-        "an interrupted run wrote final outputs"
+    // As in axolotl, the interrupted run's weights are saved as well: the adapter in
+    // output_dir is the checkpoint's.
+    assert_eq!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(out.join(format!("checkpoint-{steps}/adapter_model.safetensors"))).unwrap()
     );
+    assert!(stderr.contains(&format!("(interrupted at step {steps} of")), "{stderr}");
     let state: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out.join(format!("checkpoint-{steps}/trainer_state.json"))).unwrap(),
     )
     .unwrap();
     assert_eq!(state["global_step"], steps as u64);
 
+    let at_interrupt = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
     // Resuming continues from there to the end.
     std::fs::write(&cfg, config(&model, &train, &out, steps as u64 + 1)).unwrap();
     let ck = format!(
@@ -103,6 +107,10 @@ fn ctrl_c_finishes_the_step_saves_a_checkpoint_and_exits_zero() {
     let stderr = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{stderr}");
     assert!(stderr.contains("resumed from"), "{stderr}");
-    assert!(out.join("adapter_model.safetensors").is_file());
+    assert_ne!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        at_interrupt,
+        "the resumed run's adapter replaces the interrupted one"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -172,6 +172,7 @@ fn resume_reproduces_the_uninterrupted_run_bit_for_bit() {
         "adapter_config.json",
         "optimizer.safetensors",
         "trainer_state.json",
+        "ferrotune_state.json",
         "config.yaml",
     ] {
         assert!(ck.join(f).is_file(), "checkpoint-3 lacks {f}");
@@ -318,22 +319,24 @@ fn check_checkpoint(ck: &Path, out: &Path, cfg_text: &str, metrics: &[serde_json
             assert!(a * a <= bound * b * (1.0 + 1e-5) + 1e-30, "{k}: m {a} v {b}");
         }
     }
-    // trainer_state.json: where the loop stands, and the log of every step and evaluation.
+    // trainer_state.json: where the loop stands, and the log of every step and evaluation;
+    // ferrotune_state.json: the data position, seeds and config hash of an exact resume.
     let state = read_json(&ck.join("trainer_state.json"));
+    let ours = read_json(&ck.join("ferrotune_state.json"));
     let cfg = Config::from_yaml(cfg_text, &[]).unwrap();
     let steps: Vec<&serde_json::Value> = metrics.iter().filter(|m| m.get("learning_rate").is_some()).collect();
     assert_eq!(state["global_step"], 4);
     assert_eq!(state["max_steps"], 4);
     assert_eq!(state["train_batch_size"], 2);
-    assert_eq!(state["seed"], 42);
+    assert_eq!(ours["seed"], 42);
     assert_eq!(state["num_train_epochs"], 1.0);
     // 40 samples in rows of 2, no packing: 20 steps an epoch.
     assert_eq!(state["epoch"], 0.2);
-    assert_eq!(state["position"], serde_json::json!({"epoch": 0, "step_in_epoch": 4}));
-    assert_eq!(state["micro_step"], 4);
+    assert_eq!(ours["position"], serde_json::json!({"epoch": 0, "step_in_epoch": 4}));
+    assert_eq!(ours["micro_step"], 4);
     let tokens: u64 = steps.iter().map(|s| s["tokens"].as_u64().unwrap()).sum();
-    assert_eq!(state["tokens_seen"], tokens);
-    assert_eq!(state["config_hash"], ferrotune::train::trainer::run_hash(&cfg));
+    assert_eq!(state["num_input_tokens_seen"], tokens);
+    assert_eq!(ours["config_hash"], ferrotune::train::trainer::run_hash(&cfg));
     let log = state["log_history"].as_array().unwrap();
     let logged: Vec<&serde_json::Value> = log.iter().filter(|e| e.get("loss").is_some()).collect();
     assert_eq!(logged.len(), 4);
@@ -430,6 +433,7 @@ fn cli_train_checkpoint_resume_eval_merge_generate() {
         "adapter_config.json",
         "optimizer.safetensors",
         "trainer_state.json",
+        "ferrotune_state.json",
         "config.yaml",
     ]
     .iter()

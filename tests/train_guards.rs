@@ -70,6 +70,7 @@ fn save_only_model_checkpoints_hold_weights_and_cannot_resume() {
             "adapter_config.json",
             "adapter_model.safetensors",
             "config.yaml",
+            "ferrotune_state.json",
             "trainer_state.json"
         ]
     );
@@ -107,5 +108,46 @@ fn token_ids_past_the_embedding_are_refused() {
     assert!(e.contains("token id 32000 (`<|im_end|>`)"), "{e}");
     assert!(e.contains("vocabulary has 32000 ids"), "{e}");
     assert!(!dir.join("out").join("adapter_model.safetensors").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn model_files_named_elsewhere_need_not_be_in_the_model_folder() {
+    let dir = temp_dir("guard-model-files");
+    let model = write_tiny_model(&dir.join("model"), 4);
+    let data = write_arithmetic(&dir.join("data"), 8, 2);
+    // The tokenizer lives in a folder of its own, named by `tokenizer_config`.
+    let tok = dir.join("tokenizer");
+    std::fs::create_dir_all(&tok).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::rename(model.join(f), tok.join(f)).unwrap();
+    }
+    let out = dir.join("out");
+    let e = train(&config(&model, &data, &out, "max_steps: 1\n"), &mut Collect::new())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a model folder: missing tokenizer.json"), "{e}");
+    let keys = format!("max_steps: 1\ntokenizer_config: {}\n", tok.display());
+    let mut c = Collect::new();
+    train(&config(&model, &data, &out, &keys), &mut c).unwrap();
+    assert_eq!(c.losses.len(), 1);
+    // The output carries the tokenizer the run used.
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(tok.join("tokenizer.json")).unwrap()
+    );
+    // A path that does not exist says what to give instead.
+    let e = ferrotune::train::session::resolve_model_dir(&dir.join("no-such-model").display().to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no such file or folder: name a Hugging Face model folder"),
+        "{e}"
+    );
+    // A folder that is not an adapter says what one is.
+    let e = ferrotune::adapters::lora::AdapterConfig::read(&tok)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not an adapter folder") && e.contains("checkpoint-N"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -139,6 +139,15 @@ impl AdapterConfig {
 
     pub fn read(dir: &Path) -> Result<AdapterConfig> {
         let p = dir.join(ADAPTER_CONFIG);
+        if !p.is_file() {
+            return Err(Error::format(
+                dir,
+                format!(
+                    "not an adapter folder: it has no {ADAPTER_CONFIG} (an adapter is {ADAPTER_CONFIG} and \
+                     {ADAPTER_WEIGHTS}); give a finished LoRA run's output_dir or one of its checkpoint-N folders"
+                ),
+            ));
+        }
         let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
         Self::from_json(&text, &p)
     }

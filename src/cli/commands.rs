@@ -67,16 +67,24 @@ pub fn dispatch(cmd: Command) -> Result<()> {
             raw,
             device,
         } => {
+            if temperature == 0.0 && (top_p.is_some() || seed.is_some()) {
+                eprintln!("notice: --temperature 0 decodes greedily, so --top-p and --seed have no effect");
+            }
             let opts = GenerateOptions {
                 max_new_tokens,
                 temperature,
-                top_p,
-                seed,
+                top_p: top_p.unwrap_or(1.0),
+                seed: seed.unwrap_or(0),
                 stop_ids: Vec::new(),
             };
             generate(&model, adapter.as_deref(), &prompt, opts, raw, &device)
         }
-        Command::Merge { config, adapter, out } => merge(&config, &adapter, &out),
+        Command::Merge {
+            config,
+            adapter,
+            out,
+            set,
+        } => merge(&config, &adapter, &out, &set),
         Command::Score {
             model,
             adapter,
@@ -243,7 +251,10 @@ fn eval(path: &Path, adapter: Option<&Path>, set: &[String], limit: usize, json:
         let mut ex = Executor::new(m.graph.clone(), backend.take().expect("unused"), &[spec])?;
         load_base_weights(&mut ex, &m, weights.source())?;
         let (mut sum, mut count) = (0.0, 0.0);
-        for mb in sched.epoch(0).micro_batches() {
+        let epoch = sched.epoch(0);
+        let task = ferrotune::progress::task("eval loss", epoch.micro_batches().count() as u64);
+        for (i, mb) in epoch.micro_batches().enumerate() {
+            task.set_done(i as u64);
             let b = collate(&data.eval, mb, layout, pad)?;
             let inp = model_inputs(&m, &b)?;
             let out = ex.run(0, &inp.feed())?;
@@ -422,8 +433,8 @@ fn open_store(dir: &Path) -> Result<ferrotune::model::WeightStore> {
     }
 }
 
-fn merge(path: &Path, adapter: &Path, out: &Path) -> Result<()> {
-    let cfg = load_config(path, &[])?;
+fn merge(path: &Path, adapter: &Path, out: &Path, set: &[String]) -> Result<()> {
+    let cfg = load_config(path, set)?;
     let p = open_model(&cfg)?;
     let (config, tensors) = lora::load(adapter)?;
     let merged = MergedWeights {
@@ -440,14 +451,16 @@ fn merge(path: &Path, adapter: &Path, out: &Path) -> Result<()> {
         ));
     }
     let mut tensors = Vec::new();
+    let task = ferrotune::progress::task("merging", names.len() as u64);
     for n in &names {
+        task.set_done(tensors.len() as u64);
         let dt = p.store.dtype(n)?;
         let shape = p.store.shape(n)?.to_vec();
         tensors.push((n.clone(), merged.get_shaped(n, &shape, dt)?));
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     run::write_model(out, &p.model_config, &tensors)?;
-    run::copy_tokenizer(&p.model_dir, out)?;
+    run::copy_tokenizer(&p.tokenizer_dir, out)?;
     eprintln!(
         "wrote the merged model ({} tensors, base dtype) to {}",
         tensors.len(),

@@ -3,6 +3,7 @@
 mod bench;
 mod commands;
 mod progress;
+mod task_bars;
 
 use clap::{Parser, Subcommand};
 use ferrotune::Result;
@@ -68,31 +69,41 @@ pub enum Command {
     },
     /// Generate a reply to a prompt (the chat template is applied).
     Generate {
+        /// A model folder (config.json, model.safetensors, tokenizer.json) or a .gguf file.
         #[arg(long)]
         model: PathBuf,
+        /// A LoRA adapter folder (adapter_config.json, adapter_model.safetensors) to apply.
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// The user message (or the raw text with --raw).
         #[arg(long)]
         prompt: String,
+        /// Stop after this many new tokens (or at an end-of-turn token).
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
-        /// 0 for greedy decoding.
+        /// Sampling temperature; 0 decodes greedily (then --top-p and --seed do nothing).
         #[arg(long, default_value_t = 0.0)]
         temperature: f64,
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        /// Nucleus sampling: keep the smallest set of tokens whose probability reaches
+        /// this [default: 1].
+        #[arg(long)]
+        top_p: Option<f64>,
+        /// Seed of the sampler [default: 0].
+        #[arg(long)]
+        seed: Option<u64>,
         /// Use the prompt as raw text, without the chat template.
         #[arg(long)]
         raw: bool,
+        /// auto, cpu, wgsl or cuda.
         #[arg(long, default_value = "auto")]
         device: String,
     },
     /// Score a text: per-token negative log-likelihood, perplexity, and the top next tokens.
     Score {
+        /// A model folder (config.json, model.safetensors, tokenizer.json) or a .gguf file.
         #[arg(long)]
         model: PathBuf,
+        /// A LoRA adapter folder to apply.
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// The text (encoded as the tokenizer does by default).
@@ -104,20 +115,27 @@ pub enum Command {
         /// Write the logits [tokens, vocab] (f32) to this safetensors file.
         #[arg(long)]
         logits_out: Option<PathBuf>,
+        /// How many most likely next tokens to list after the last token.
         #[arg(long, default_value_t = 5)]
         top: usize,
+        /// auto, cpu, wgsl or cuda.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Merge an adapter into the base model and write a Hugging Face checkpoint.
     Merge {
         config: PathBuf,
+        /// The adapter folder: a finished LoRA run's output_dir or a checkpoint-N folder.
         #[arg(long)]
         adapter: PathBuf,
+        /// The folder to write (config.json, safetensors, tokenizer files).
         #[arg(long)]
         out: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Parameters, trainable parameters and the memory plan, before anything is allocated.
     Plan {
@@ -172,7 +190,7 @@ pub enum ConvertCommand {
     Gguf {
         input: PathBuf,
         out_dir: PathBuf,
-        /// f32 or bf16
+        /// f32, bf16 or f16
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
@@ -210,7 +228,7 @@ pub enum DataCommand {
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// GEMM throughput of each backend at square sizes.
+    /// GEMM throughput of the cpu and wgsl backends at square sizes.
     Matmul {
         #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096")]
         sizes: Vec<usize>,
@@ -228,10 +246,13 @@ pub enum BenchCommand {
         /// Train every weight instead of LoRA adapters.
         #[arg(long)]
         full: bool,
+        /// Untimed steps first.
         #[arg(long, default_value_t = 3)]
         warmup: usize,
+        /// Timed steps.
         #[arg(long, default_value_t = 8)]
         steps: usize,
+        /// auto, cpu, wgsl or cuda.
         #[arg(long, default_value = "auto")]
         device: String,
         #[arg(long)]
@@ -241,5 +262,6 @@ pub enum BenchCommand {
 
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
+    ferrotune::progress::set_reporter(std::sync::Arc::new(task_bars::TaskBars));
     commands::dispatch(cli.command)
 }

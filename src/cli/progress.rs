@@ -21,8 +21,9 @@ impl Progress {
 
     fn say(&self, msg: &str) {
         match &self.bar {
-            Some(b) => b.println(msg),
-            None => eprintln!("{msg}"),
+            // A hidden bar (stderr is not a terminal: a log file, a pipe) prints nothing.
+            Some(b) if !b.is_hidden() => b.println(msg),
+            _ => eprintln!("{msg}"),
         }
     }
 }

@@ -160,41 +160,45 @@ fn prepare_uncached(
             Error::Msg(m) => Error::Config(format!("datasets[{i}]: {m}")),
             other => other,
         })?;
-        for file in files {
-            for row in reader::parse_rows(file)? {
-                stats.rows += 1;
-                let loc = &row.loc;
-                let produced = formatter.format_row(tok, &row.fields).map_err(|e| match e {
-                    Error::Msg(m) => Error::Data(format!("{loc}: {m}")),
-                    other => other,
-                })?;
-                stats.split_extra += produced.len().saturating_sub(1);
-                for mut s in produced {
-                    if s.len() > seq {
-                        match opts.excess_length_strategy {
-                            ExcessLengthStrategy::Drop => {
-                                stats.dropped_long += 1;
-                                continue;
-                            }
-                            ExcessLengthStrategy::Truncate => {
-                                s.truncate(seq);
-                                stats.truncated += 1;
-                            }
-                            ExcessLengthStrategy::Raise => {
-                                return Err(Error::Data(format!(
-                                    "{loc}: the sample has {} tokens, more than sequence_len {seq} \
-                                     (excess_length_strategy: raise); raise sequence_len or use drop or truncate",
-                                    s.len()
-                                )));
-                            }
+        let rows = files.iter().map(reader::parse_rows).collect::<Result<Vec<_>>>()?;
+        let task = crate::progress::task(
+            &format!("tokenizing {}", spec.path),
+            rows.iter().map(|r| r.len() as u64).sum(),
+        );
+        for (k, row) in rows.into_iter().flatten().enumerate() {
+            task.set_done(k as u64);
+            stats.rows += 1;
+            let loc = &row.loc;
+            let produced = formatter.format_row(tok, &row.fields).map_err(|e| match e {
+                Error::Msg(m) => Error::Data(format!("{loc}: {m}")),
+                other => other,
+            })?;
+            stats.split_extra += produced.len().saturating_sub(1);
+            for mut s in produced {
+                if s.len() > seq {
+                    match opts.excess_length_strategy {
+                        ExcessLengthStrategy::Drop => {
+                            stats.dropped_long += 1;
+                            continue;
+                        }
+                        ExcessLengthStrategy::Truncate => {
+                            s.truncate(seq);
+                            stats.truncated += 1;
+                        }
+                        ExcessLengthStrategy::Raise => {
+                            return Err(Error::Data(format!(
+                                "{loc}: the sample has {} tokens, more than sequence_len {seq} \
+                                 (excess_length_strategy: raise); raise sequence_len or use drop or truncate",
+                                s.len()
+                            )));
                         }
                     }
-                    if s.n_label_tokens() == 0 {
-                        stats.dropped_no_labels += 1;
-                        continue;
-                    }
-                    samples.push(s);
                 }
+                if s.n_label_tokens() == 0 {
+                    stats.dropped_no_labels += 1;
+                    continue;
+                }
+                samples.push(s);
             }
         }
     }

@@ -153,8 +153,12 @@ impl Generator {
     pub async fn generate_async(&mut self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
         let mut all = Vec::with_capacity(prompts.len());
+        let task = (prompts.len() > self.rows).then(|| crate::progress::task("generating", prompts.len() as u64));
         for chunk in prompts.chunks(self.rows) {
             all.extend(self.generate_batch(chunk, opts, &mut rng).await?);
+            if let Some(t) = &task {
+                t.set_done(all.len() as u64);
+            }
         }
         Ok(all)
     }

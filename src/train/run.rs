@@ -2,7 +2,7 @@
 //! checkpoints, `metrics.jsonl`, and the outputs (a PEFT adapter or a full checkpoint).
 
 use super::checkpoint::{self, Checkpoint};
-use super::session::{resolve_model_dir, Precision};
+use super::session::{resolve_model_dir_with, Precision};
 use super::trainer::{save_dtype, stop_requested, EvalReport, RunInfo, RunPlan, StepReport, Trainer};
 use crate::adapters::lora::{self, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::backend::select::{create_backend, precision_for};
@@ -61,6 +61,8 @@ const TOKENIZER_FILES: &[&str] = &[
 /// Everything a run loads before the first step.
 pub struct Prepared {
     pub model_dir: PathBuf,
+    /// Where the tokenizer files are (`tokenizer_config`, else the model folder).
+    pub tokenizer_dir: PathBuf,
     pub model_config: ModelConfig,
     pub tokenizer: Tokenizer,
     pub store: WeightStore,
@@ -68,7 +70,11 @@ pub struct Prepared {
 
 /// Opens the base model: converted from GGUF if needed, config, tokenizer, weights.
 pub fn open_model(cfg: &Config) -> Result<Prepared> {
-    let model_dir = resolve_model_dir(&cfg.base_model)?;
+    let model_dir = resolve_model_dir_with(
+        &cfg.base_model,
+        cfg.base_model_config.is_none(),
+        cfg.tokenizer_config.is_none(),
+    )?;
     let config_path = cfg
         .base_model_config
         .as_ref()
@@ -96,6 +102,7 @@ pub fn open_model(cfg: &Config) -> Result<Prepared> {
     };
     Ok(Prepared {
         model_dir,
+        tokenizer_dir: tok_dir,
         model_config,
         tokenizer,
         store,
@@ -177,13 +184,18 @@ pub fn build_trainer_with(
     let precision: Precision = precision_for(backend.as_ref(), cfg);
     let data = prepare_data(cfg, p)?;
     cb.on_message(&format!(
-        "data: {} train / {} eval samples, {} tokens ({} trained), {} dropped, {} truncated",
+        "data: {} train / {} eval samples, {} tokens ({} trained), {} dropped, {} truncated{}",
         data.train.len(),
         data.eval.len(),
         data.stats.tokens,
         data.stats.label_tokens,
         data.stats.dropped,
-        data.stats.truncated
+        data.stats.truncated,
+        if data.stats.from_cache {
+            " (from dataset_prepared_path's cache)"
+        } else {
+            ""
+        }
     ));
     let pad = pad_id(&p.tokenizer)?;
     let plan = RunPlan::new_distributed(
@@ -277,6 +289,9 @@ impl Metrics {
     }
 }
 
+/// Checkpoints kept when `save_total_limit` is unset, as in axolotl.
+pub const DEFAULT_SAVE_TOTAL_LIMIT: usize = 4;
+
 /// Saves `output_dir/checkpoint-<step>` and applies `save_total_limit`. With data
 /// parallelism every rank takes part (the optimizer state may be sharded) and rank 0 writes.
 pub fn save_checkpoint(t: &mut Trainer, p: &Prepared) -> Result<PathBuf> {
@@ -332,9 +347,12 @@ pub fn save_checkpoint(t: &mut Trainer, p: &Prepared) -> Result<PathBuf> {
         files,
     };
     let dir = checkpoint::write(&cfg.output_dir, &ck)?;
-    if let Some(limit) = cfg.save_total_limit {
-        checkpoint::rotate(&cfg.output_dir, limit, &dir)?;
-    }
+    // axolotl keeps 4 checkpoints unless told otherwise (0 counts as unset there too).
+    let limit = cfg
+        .save_total_limit
+        .filter(|&l| l > 0)
+        .unwrap_or(DEFAULT_SAVE_TOTAL_LIMIT);
+    checkpoint::rotate(&cfg.output_dir, limit, &dir)?;
     if let Some(s) = &opt.staging {
         let _ = std::fs::remove_dir_all(s);
     }
@@ -362,7 +380,7 @@ pub fn save_outputs(t: &mut Trainer, p: &Prepared) -> Result<()> {
             write_model(&out, &p.model_config, &tensors)?;
         }
     }
-    copy_tokenizer(&p.model_dir, &out)
+    copy_tokenizer(&p.tokenizer_dir, &out)
 }
 
 /// A full Hugging Face checkpoint: config.json and safetensors (sharded above 5 GB, HF's
@@ -441,13 +459,24 @@ pub fn train_with(cfg: &Config, cb: &mut dyn Callback, dist: Option<DataParallel
             break;
         }
     }
-    if !interrupted && (rank0 || t.params_sharded()) {
+    // An interrupted run saves its weights too (axolotl does on Ctrl-C), besides the
+    // checkpoint it resumes from.
+    if rank0 || t.params_sharded() {
         save_outputs(&mut t, &p)?;
         if rank0 {
             cb.on_message(&format!(
-                "saved the trained {} to {}",
+                "saved the trained {} to {}{}",
                 if cfg.is_lora() { "adapter" } else { "model" },
-                cfg.output_dir.display()
+                cfg.output_dir.display(),
+                if interrupted {
+                    format!(
+                        " (interrupted at step {} of {})",
+                        t.state.global_step,
+                        t.info().total_steps
+                    )
+                } else {
+                    String::new()
+                }
             ));
         }
     }

@@ -70,7 +70,9 @@ pub fn load_weights(
     cfg: &ModelConfig,
     src: &dyn WeightSource,
 ) -> Result<()> {
-    for (name, t) in weights {
+    let task = crate::progress::task("loading weights", weights.len() as u64);
+    for (i, (name, t)) in weights.iter().enumerate() {
+        task.set_done(i as u64);
         if !ex.holds(*t) {
             continue;
         }
@@ -88,15 +90,29 @@ pub fn load_weights(
 /// Checks that a model folder has what a run needs, naming what is missing.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn check_model_dir(dir: &std::path::Path) -> Result<()> {
+    check_model_files(dir, true, true)
+}
+
+/// [`check_model_dir`] without `config.json` or `tokenizer.json` where the config names
+/// them elsewhere (`base_model_config`, `tokenizer_config`).
+#[cfg(not(target_arch = "wasm32"))]
+fn check_model_files(dir: &std::path::Path, need_config: bool, need_tokenizer: bool) -> Result<()> {
+    if !dir.exists() {
+        return Err(crate::Error::format(
+            dir,
+            "no such file or folder: name a Hugging Face model folder (config.json, model.safetensors, \
+             tokenizer.json) or a .gguf file (`ferrotune fetch smollm2-135m-instruct` installs a small one)",
+        ));
+    }
     let has_weights = dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file();
     let mut missing = Vec::new();
-    if !dir.join("config.json").is_file() {
+    if need_config && !dir.join("config.json").is_file() {
         missing.push("config.json");
     }
     if !has_weights {
         missing.push("model.safetensors (or model.safetensors.index.json with its shards)");
     }
-    if !dir.join("tokenizer.json").is_file() {
+    if need_tokenizer && !dir.join("tokenizer.json").is_file() {
         missing.push("tokenizer.json");
     }
     if missing.is_empty() {
@@ -113,15 +129,23 @@ pub fn check_model_dir(dir: &std::path::Path) -> Result<()> {
 /// `.gguf` file (made once, next to it, as `<name>.hf/`).
 #[cfg(not(target_arch = "wasm32"))]
 pub fn resolve_model_dir(base_model: &str) -> Result<std::path::PathBuf> {
+    resolve_model_dir_with(base_model, true, true)
+}
+
+/// [`resolve_model_dir`] for a folder whose `config.json` or `tokenizer.json` may be
+/// elsewhere (`need_config`, `need_tokenizer` false).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn resolve_model_dir_with(base_model: &str, need_config: bool, need_tokenizer: bool) -> Result<std::path::PathBuf> {
     let p = std::path::Path::new(base_model);
     if p.is_file() && base_model.ends_with(".gguf") {
         let out = p.with_extension("hf");
         if check_model_dir(&out).is_err() {
             eprintln!("converting {} to {} (once)", p.display(), out.display());
-            crate::model::convert_gguf(p, &out, DType::F32)?;
+            let task = crate::progress::task("converting GGUF tensors", 0);
+            crate::model::convert_gguf_with_progress(p, &out, DType::F32, Some(&task.callback()))?;
         }
         return Ok(out);
     }
-    check_model_dir(p)?;
+    check_model_files(p, need_config, need_tokenizer)?;
     Ok(p.to_path_buf())
 }

@@ -107,6 +107,43 @@ fn lora_options(cfg: &Config) -> Option<LoraOptions> {
     })
 }
 
+/// The step interval of an evaluation or save cadence. `k` per epoch is, as in axolotl,
+/// the fraction `1 / (k * num_epochs)` of the total steps (rounded up, as Hugging Face
+/// rounds fractional intervals); a fraction of 1 or more means each epoch's end.
+pub fn due_interval(
+    every: Option<Every>,
+    per_epoch: Option<u64>,
+    num_epochs: f64,
+    total: u64,
+    steps_per_epoch: u64,
+) -> u64 {
+    let fraction = |f: f64| ((f * total as f64).ceil() as u64).max(1);
+    match (every, per_epoch) {
+        (Some(Every::Steps(n)), _) => n.max(1),
+        (Some(Every::Fraction(f)), _) => fraction(f),
+        (None, Some(k)) if (1.0 / (k.max(1) as f64 * num_epochs)) < 1.0 => {
+            fraction(1.0 / (k.max(1) as f64 * num_epochs))
+        }
+        _ => steps_per_epoch.max(1),
+    }
+}
+
+/// Warmup steps as axolotl sets them (`HFCausalTrainerBuilder`): `warmup_steps`, else
+/// `floor(warmup_ratio * total)`, else `min(floor(0.03 * total), 100)`; a warmup of 1 step
+/// becomes 2.
+pub fn warmup_steps(steps: Option<u64>, ratio: Option<f64>, total: u64) -> u64 {
+    let w = match (steps, ratio) {
+        (Some(w), _) => w,
+        (None, Some(r)) => (r * total as f64).floor().max(0.0) as u64,
+        (None, None) => ((0.03 * total as f64).floor() as u64).min(100),
+    };
+    if w == 1 {
+        2
+    } else {
+        w
+    }
+}
+
 /// Samples times epochs scanned for the label counts of every micro-batch (each epoch is
 /// packed anew); a longer run sizes the logits for every position instead of scanning.
 const MAX_SAMPLE_EPOCHS_SCANNED: usize = 20_000_000;
@@ -367,11 +404,7 @@ impl Trainer {
             a.ensure_weight_tying = tg.model.config.tie_word_embeddings && !saved.is_empty();
             a
         });
-        let warmup = match (cfg.warmup_steps, cfg.warmup_ratio) {
-            (Some(w), _) => w,
-            (None, Some(r)) => (r * total_steps as f64).ceil() as u64,
-            _ => 0,
-        };
+        let warmup = warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total_steps);
         let lr = LrSchedule {
             kind: cfg.lr_scheduler,
             base_lr: cfg.learning_rate,
@@ -846,12 +879,13 @@ impl Trainer {
     /// Whether `every` falls on the step just finished (`None`: at each epoch's end).
     fn due(&self, every: Option<Every>, per_epoch: Option<u64>) -> bool {
         let s = self.state.global_step;
-        let interval = match (every, per_epoch) {
-            (Some(Every::Steps(n)), _) => n,
-            (Some(Every::Fraction(f)), _) => (f * self.total_steps as f64).ceil().max(1.0) as u64,
-            (None, Some(k)) => (self.steps_per_epoch / k.max(1)).max(1),
-            (None, None) => self.steps_per_epoch,
-        };
+        let interval = due_interval(
+            every,
+            per_epoch,
+            self.cfg.num_epochs,
+            self.total_steps,
+            self.steps_per_epoch,
+        );
         s.is_multiple_of(interval) || s == self.total_steps
     }
 
@@ -1051,4 +1085,36 @@ pub fn save_dtype(cfg: &ModelConfig) -> DType {
     cfg.torch_dtype
         .filter(|d| matches!(d, DType::F32 | DType::BF16 | DType::F16))
         .unwrap_or(DType::F32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_defaults_follow_axolotl() {
+        // min(int(0.03 * total), 100) when neither key is set.
+        assert_eq!(warmup_steps(None, None, 1000), 30);
+        assert_eq!(warmup_steps(None, None, 10_000), 100);
+        assert_eq!(warmup_steps(None, None, 20), 0);
+        // int(ratio * total) rounds down; one step becomes two, whichever key gave it.
+        assert_eq!(warmup_steps(None, Some(0.1), 95), 9);
+        assert_eq!(warmup_steps(None, None, 50), 2);
+        assert_eq!(warmup_steps(Some(1), None, 50), 2);
+        assert_eq!(warmup_steps(Some(7), Some(0.5), 50), 7);
+    }
+
+    #[test]
+    fn per_epoch_cadences_are_fractions_of_the_run() {
+        // 10 steps, one epoch, 4 per epoch: every ceil(10 / 4) = 3 steps (3, 6, 9).
+        assert_eq!(due_interval(None, Some(4), 1.0, 10, 10), 3);
+        // 3 epochs of 10 steps, 2 per epoch: 1 / 6 of 30 steps.
+        assert_eq!(due_interval(None, Some(2), 3.0, 30, 10), 5);
+        // A fraction of 1 or more: each epoch's end.
+        assert_eq!(due_interval(None, Some(1), 1.0, 10, 10), 10);
+        assert_eq!(due_interval(None, Some(1), 0.5, 5, 10), 10);
+        assert_eq!(due_interval(Some(Every::Steps(4)), Some(2), 1.0, 10, 10), 4);
+        assert_eq!(due_interval(Some(Every::Fraction(0.25)), None, 1.0, 10, 10), 3);
+        assert_eq!(due_interval(None, None, 2.0, 20, 10), 10);
+    }
 }
