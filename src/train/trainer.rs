@@ -18,6 +18,7 @@ use crate::model::llama::{self, BuildOptions, LoraOptions};
 use crate::model::ModelConfig;
 use crate::tensor::{DType, HostTensor};
 use crate::{Error, Result};
+#[cfg(not(target_arch = "wasm32"))]
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
