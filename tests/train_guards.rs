@@ -151,3 +151,16 @@ fn model_files_named_elsewhere_need_not_be_in_the_model_folder() {
     assert!(e.contains("not an adapter folder") && e.contains("checkpoint-N"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn every_plan_checks_token_ids_against_the_vocabulary() {
+    use ferrotune::data::{PreparedData, Sample};
+    let data = PreparedData {
+        train: vec![Sample::all_trained(vec![5, 40])],
+        eval: vec![Sample::all_trained(vec![7])],
+        stats: Default::default(),
+    };
+    let e = data.check_ids_fit(40, &|_| None).unwrap_err().to_string();
+    assert!(e.contains("token id 40, but the model's vocabulary has 40 ids"), "{e}");
+    assert!(data.check_ids_fit(41, &|_| None).is_ok());
+}

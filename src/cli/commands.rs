@@ -46,6 +46,7 @@ pub fn dispatch(cmd: Command) -> Result<()> {
                 program,
                 args: command,
                 grace: std::time::Duration::from_secs(grace_seconds),
+                forward_signals: true,
             })
             .map(|_| ())
         }
@@ -136,7 +137,8 @@ fn device_choice(s: &str) -> Result<DeviceChoice> {
 
 fn train(path: &Path, set: &[String]) -> Result<()> {
     let cfg = load_config(path, set)?;
-    // Ctrl-C finishes the step, saves a checkpoint and exits 0; a second Ctrl-C aborts.
+    // Ctrl-C finishes the step, saves a checkpoint and the weights, and exits 0; a second
+    // Ctrl-C aborts.
     let _ = ctrlc::set_handler(|| {
         if ferrotune::train::trainer::stop_requested() {
             std::process::exit(130);

@@ -262,6 +262,9 @@ pub enum BenchCommand {
 
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
-    ferrotune::progress::set_reporter(std::sync::Arc::new(task_bars::TaskBars));
+    // Under `ferrotune launch` only rank 0 draws, as with the training bar.
+    if std::env::var("RANK").map_or(true, |r| r.trim() == "0") {
+        ferrotune::progress::set_reporter(std::sync::Arc::new(task_bars::TaskBars));
+    }
     commands::dispatch(cli.command)
 }

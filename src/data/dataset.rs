@@ -51,6 +51,30 @@ pub struct PreparedData {
     pub stats: DataStats,
 }
 
+impl PreparedData {
+    /// Refuses token ids past the embedding (a tokenizer that is not the model's, or a
+    /// named special token the tokenizer lacked and had to add): they would train as zero
+    /// rows. `token` names an id for the message where a tokenizer is at hand.
+    pub fn check_ids_fit(&self, vocab: usize, token: &dyn Fn(u32) -> Option<String>) -> Result<()> {
+        let max = self
+            .train
+            .iter()
+            .chain(&self.eval)
+            .flat_map(|s| s.input_ids.iter().copied())
+            .max();
+        match max {
+            Some(id) if id as usize >= vocab => Err(Error::Data(format!(
+                "the data holds token id {id}{}, but the model's vocabulary has {vocab} ids: the tokenizer \
+                 does not match the model, or a special token named in tokenizer_config.json or `special_tokens` \
+                 is missing from it (adding tokens would need a larger embedding, which is not supported); use \
+                 the model's own tokenizer and name only tokens it has",
+                token(id).map(|t| format!(" (`{t}`)")).unwrap_or_default()
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Everything that changes the prepared samples; packing and batch keys do not.
 #[derive(Serialize)]
 struct KeyOptions<'a> {
@@ -160,13 +184,22 @@ fn prepare_uncached(
             Error::Msg(m) => Error::Config(format!("datasets[{i}]: {m}")),
             other => other,
         })?;
-        let rows = files.iter().map(reader::parse_rows).collect::<Result<Vec<_>>>()?;
-        let task = crate::progress::task(
-            &format!("tokenizing {}", spec.path),
-            rows.iter().map(|r| r.len() as u64).sum(),
-        );
-        for (k, row) in rows.into_iter().flatten().enumerate() {
-            task.set_done(k as u64);
+        // One file parsed at a time; the total grows as files are read.
+        let task = crate::progress::task(&format!("tokenizing {}", spec.path), 0);
+        let (mut total, mut done) = (0u64, 0u64);
+        let mut rows = Vec::new().into_iter();
+        let mut files = files.iter();
+        loop {
+            let Some(row) = rows.next() else {
+                let Some(file) = files.next() else { break };
+                let parsed = reader::parse_rows(file)?;
+                total += parsed.len() as u64;
+                task.set_total(total);
+                rows = parsed.into_iter();
+                continue;
+            };
+            task.set_done(done);
+            done += 1;
             stats.rows += 1;
             let loc = &row.loc;
             let produced = formatter.format_row(tok, &row.fields).map_err(|e| match e {

@@ -21,6 +21,9 @@ pub struct LaunchOptions {
     pub args: Vec<String>,
     /// How long the other ranks get to stop on their own after one failed.
     pub grace: Duration,
+    /// Catch this process's SIGINT / SIGTERM and forward them to the ranks (the CLI does;
+    /// a program that handles its own signals may not want it).
+    pub forward_signals: bool,
 }
 
 /// How the ranks ended.
@@ -97,7 +100,9 @@ fn signal(child: &Child, sig: i32) {
 pub fn launch(o: &LaunchOptions) -> Result<LaunchReport> {
     o.check()?;
     #[cfg(unix)]
-    catch_signals();
+    if o.forward_signals {
+        catch_signals();
+    }
     let first_rank = o.node_rank * o.nproc_per_node;
     let mut children: Vec<Option<Child>> = Vec::new();
     for local in 0..o.nproc_per_node {
@@ -200,6 +205,7 @@ mod tests {
             program: "sh".into(),
             args: vec!["-c".into(), script],
             grace: Duration::from_secs(5),
+            forward_signals: false,
         })
     }
 

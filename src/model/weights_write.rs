@@ -43,8 +43,8 @@ fn check_tensor(path: &Path, name: &str, t: &HostTensor) -> Result<()> {
 }
 
 /// Write `tensors` to one safetensors file. Without `metadata`, `{"format": "pt"}` is written,
-/// which transformers expects. The file appears under its name only when complete: the
-/// safetensors crate writes a temporary sibling and renames it.
+/// which transformers expects. The file appears under its name only when complete and on
+/// disk: it is written and synced under a temporary sibling name, then renamed.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, HostTensor)],
@@ -59,19 +59,31 @@ pub fn write_safetensors(
     }
     let metadata = metadata.or_else(|| Some(HashMap::from([("format".to_string(), "pt".to_string())])));
     let views = tensors.iter().map(|(n, t)| (n.as_str(), HostView(t)));
-    safetensors::serialize_to_file(views, metadata, path)
-        .map_err(|e| Error::format(path, format!("writing safetensors failed: {e}")))?;
-    // The crate flushes but does not sync: make the bytes durable before anyone relies on them.
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(path, e))?;
-    // The crate's temporary file is private (0600); give the result the usual mode.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|e| Error::io(path, e))?;
+    // Our own temporary name, synced before the rename: a crash leaves the old file or the
+    // complete new one, never a file whose data had not reached the disk.
+    let tmp = super::atomic::temp_sibling(path);
+    let result = (|| {
+        safetensors::serialize_to_file(views, metadata, &tmp)
+            .map_err(|e| Error::format(path, format!("writing safetensors failed: {e}")))?;
+        let f = std::fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        // The crate's file is private (0600); give the result the usual mode.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    Ok(())
+    result?;
+    super::atomic::sync_dir(
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    )
 }
 
 /// Write a checkpoint into `dir` the way transformers' `save_pretrained` does: one

@@ -58,7 +58,7 @@ fn row(id: i32, vocab: usize) -> Option<usize> {
 }
 
 /// Out-of-range ids produce zero rows (training refuses data with such ids before this
-/// point: `train::run::prepare_data`).
+/// point: `PreparedData::check_ids_fit`).
 pub fn cpu<T: Real>(table: &[T], ids: &[i32], y: &mut [T], h: usize) {
     let vocab = table.len() / h.max(1);
     y.par_chunks_mut(h)

@@ -111,9 +111,16 @@ pub fn rotate(output_dir: &Path, limit: usize, keep: &Path) -> Result<()> {
 }
 
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
-    let paths = [dir.join(TRAINER_STATE), dir.join(RESUME_STATE)];
+    let mut paths = [dir.join(TRAINER_STATE), dir.join(RESUME_STATE)];
     let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::io(p, e));
-    let (hf, ours) = (read(&paths[0])?, read(&paths[1])?);
+    let hf = read(&paths[0])?;
+    // Checkpoints of earlier versions kept the resume keys in trainer_state.json.
+    let ours = if paths[1].is_file() {
+        read(&paths[1])?
+    } else {
+        paths[1] = paths[0].clone();
+        hf.clone()
+    };
     TrainerState::from_json_files(&hf, &ours)
         .map_err(|(i, e)| Error::format(&paths[i], format!("not a ferrotune checkpoint's state: {e}")))
 }
@@ -155,6 +162,21 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
             .collect();
         assert!(leftovers.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_checkpoint_with_the_earlier_single_state_file_still_reads() {
+        let dir = std::env::temp_dir().join(format!("ft-ck-old-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = r#"{"global_step": 3, "epoch": 0.5, "max_steps": 6, "num_train_epochs": 1.0,
+            "train_batch_size": 2, "log_history": [], "position": {"epoch": 0, "step_in_epoch": 3},
+            "micro_step": 6, "tokens_seen": 120, "seed": 42, "config_hash": "h"}"#;
+        std::fs::write(dir.join(TRAINER_STATE), old).unwrap();
+        let s = read_state(&dir).unwrap();
+        assert_eq!((s.global_step, s.micro_step, s.tokens_seen, s.seed), (3, 6, 120, 42));
+        assert_eq!(s.position.step_in_epoch, 3);
+        assert_eq!(s.config_hash, "h");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

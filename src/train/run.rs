@@ -43,9 +43,9 @@ pub struct TrainSummary {
     pub output_dir: PathBuf,
     pub interrupted: bool,
     pub last_checkpoint: Option<PathBuf>,
-    /// The trained LoRA adapter (config and tensors, as saved in `output_dir`, or in
-    /// `last_checkpoint` when interrupted); `None` for a full fine-tune, whose model is in
-    /// `output_dir`, and on ranks other than 0.
+    /// The trained LoRA adapter (config and tensors, as saved in `output_dir`, and in
+    /// `last_checkpoint` too when interrupted); `None` for a full fine-tune, whose model is
+    /// in `output_dir`, and on ranks other than 0.
     #[serde(skip)]
     pub adapter: Option<lora::Adapter>,
 }
@@ -119,31 +119,8 @@ pub fn pad_id(tok: &Tokenizer) -> Result<u32> {
 /// the `val_set_size` split. Every token id must index the model's embedding.
 pub fn prepare_data(cfg: &Config, p: &Prepared) -> Result<crate::data::PreparedData> {
     let data = prepare_samples(cfg, &p.tokenizer)?;
-    check_ids_fit(&data, &p.tokenizer, p.model_config.vocab_size)?;
+    data.check_ids_fit(p.model_config.vocab_size, &|id| p.tokenizer.id_to_token(id))?;
     Ok(data)
-}
-
-/// Refuses token ids past the embedding (a tokenizer that is not the model's, or a named
-/// special token the tokenizer lacked and had to add): they would train as zero rows.
-fn check_ids_fit(data: &crate::data::PreparedData, tok: &Tokenizer, vocab: usize) -> Result<()> {
-    let max = data
-        .train
-        .iter()
-        .chain(&data.eval)
-        .flat_map(|s| s.input_ids.iter().copied())
-        .max();
-    match max {
-        Some(id) if id as usize >= vocab => Err(crate::msg!(
-            "the data holds token id {id} ({}), but the model's vocabulary has {vocab} ids: the tokenizer \
-             does not match the model, or a special token named in tokenizer_config.json or `special_tokens` \
-             is missing from it (adding tokens would need a larger embedding, which is not supported); use \
-             the model's own tokenizer and name only tokens it has",
-            tok.id_to_token(id)
-                .map(|t| format!("`{t}`"))
-                .unwrap_or_else(|| "an unknown token".into())
-        )),
-        _ => Ok(()),
-    }
 }
 
 /// [`prepare_data`] without the model check.

@@ -39,6 +39,8 @@ struct HfTrainerState {
     max_steps: u64,
     num_train_epochs: f64,
     train_batch_size: usize,
+    /// `tokens_seen` in checkpoints of earlier versions, which kept everything in one file.
+    #[serde(alias = "tokens_seen")]
     num_input_tokens_seen: u64,
     log_history: Vec<serde_json::Value>,
 }

@@ -119,12 +119,11 @@ pub fn due_interval(
     steps_per_epoch: u64,
 ) -> u64 {
     let fraction = |f: f64| ((f * total as f64).ceil() as u64).max(1);
+    let per_epoch = per_epoch.map(|k| 1.0 / (k.max(1) as f64 * num_epochs));
     match (every, per_epoch) {
         (Some(Every::Steps(n)), _) => n.max(1),
         (Some(Every::Fraction(f)), _) => fraction(f),
-        (None, Some(k)) if (1.0 / (k.max(1) as f64 * num_epochs)) < 1.0 => {
-            fraction(1.0 / (k.max(1) as f64 * num_epochs))
-        }
+        (None, Some(f)) if f < 1.0 => fraction(f),
         _ => steps_per_epoch.max(1),
     }
 }
@@ -250,6 +249,7 @@ impl RunPlan {
         rank_of: Option<(ShardingConfig, usize)>,
         mut dist: Option<DataParallel>,
     ) -> Result<Self> {
+        data.check_ids_fit(model.vocab_size, &|_| None)?;
         let sched_opts = ScheduleOptions::new(&cfg.data, cfg.gradient_accumulation_steps * world);
         let schedule = BatchSchedule::new(&data.train, sched_opts.clone())?;
         let eval_schedule = if data.eval.is_empty() {
