@@ -372,6 +372,21 @@ fn preprocess_prints_the_library_counts_and_the_label_mask() {
         let o = ok(&args);
         let (want, data, tok) = expected_counts(&cfg, &set);
         assert!(o.stdout.starts_with(&want), "printed:\n{}\nlibrary:\n{want}", o.stdout);
+        // --json: the same counts and the same marked sample, as one object.
+        args.push("--json");
+        let j: serde_json::Value = serde_json::from_str(ok(&args).stdout.trim()).unwrap();
+        assert_eq!(j["stats"], serde_json::to_value(&data.stats).unwrap());
+        assert_eq!(j["train_samples"], data.train.len());
+        assert_eq!(j["eval_samples"], data.eval.len());
+        // (The printed example ends with println's newline.)
+        let marked = o
+            .stdout
+            .split("taken on):\n")
+            .nth(1)
+            .unwrap()
+            .strip_suffix('\n')
+            .unwrap();
+        assert_eq!(j["first_sample_marked"], marked);
         // The numbers, by hand: every row read; the row without an assistant turn has
         // nothing to train on.
         let st = &data.stats;

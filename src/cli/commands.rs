@@ -112,7 +112,7 @@ pub fn dispatch(cmd: Command) -> Result<()> {
             world_size,
             rank,
         } => plan(&config, &set, json, world_size, rank),
-        Command::Preprocess { config, set } => preprocess(&config, &set),
+        Command::Preprocess { config, set, json } => preprocess(&config, &set, json),
         Command::Convert {
             what: ConvertCommand::Gguf { input, out_dir, dtype },
         } => convert(&input, &out_dir, &dtype),
@@ -557,11 +557,49 @@ fn plan(path: &Path, set: &[String], json: bool, world: usize, rank: usize) -> R
     Ok(())
 }
 
-fn preprocess(path: &Path, set: &[String]) -> Result<()> {
+fn preprocess(path: &Path, set: &[String], json: bool) -> Result<()> {
     let cfg = load_config(path, set)?;
     let p = open_model(&cfg)?;
     let data = prepare_data(&cfg, &p)?;
     let s = &data.stats;
+    let sched = BatchSchedule::new(
+        &data.train,
+        ScheduleOptions::new(&cfg.data, cfg.gradient_accumulation_steps),
+    )?;
+    let plan = sched.epoch(0);
+    // The first training sample, with `[[...]]` around the tokens the loss is taken on.
+    let example = match data.train.first() {
+        None => None,
+        Some(sample) => {
+            let mut out = String::new();
+            let mut trained = false;
+            for (id, &label) in sample.input_ids.iter().zip(&sample.labels) {
+                let now = label != ferrotune::data::IGNORE_INDEX;
+                if now != trained {
+                    out.push_str(if now { "[[" } else { "]]" });
+                    trained = now;
+                }
+                out.push_str(&p.tokenizer.decode(&[*id], false)?);
+            }
+            if trained {
+                out.push_str("]]");
+            }
+            Some(out)
+        }
+    };
+    if json {
+        let v = serde_json::json!({
+            "stats": s,
+            "train_samples": data.train.len(),
+            "eval_samples": data.eval.len(),
+            "batch": [sched.layout().rows, sched.layout().seq_len],
+            "steps_per_epoch": plan.steps.len(),
+            "packing_efficiency": plan.efficiency(),
+            "first_sample_marked": example,
+        });
+        println!("{v}");
+        return Ok(());
+    }
     println!("rows read: {}", s.rows);
     println!(
         "samples: {} ({} train, {} eval)",
@@ -577,11 +615,6 @@ fn preprocess(path: &Path, set: &[String]) -> Result<()> {
         "tokens: {} ({} trained), longest sample {}",
         s.tokens, s.label_tokens, s.max_len
     );
-    let sched = BatchSchedule::new(
-        &data.train,
-        ScheduleOptions::new(&cfg.data, cfg.gradient_accumulation_steps),
-    )?;
-    let plan = sched.epoch(0);
     println!(
         "batches: [{} x {}], {} optimizer steps per epoch, packing efficiency {:.1}%",
         sched.layout().rows,
@@ -589,21 +622,8 @@ fn preprocess(path: &Path, set: &[String]) -> Result<()> {
         plan.steps.len(),
         100.0 * plan.efficiency()
     );
-    if let Some(sample) = data.train.first() {
+    if let Some(out) = example {
         println!("\nfirst training sample ([[...]] marks the tokens the loss is taken on):");
-        let mut out = String::new();
-        let mut trained = false;
-        for (id, &label) in sample.input_ids.iter().zip(&sample.labels) {
-            let now = label != ferrotune::data::IGNORE_INDEX;
-            if now != trained {
-                out.push_str(if now { "[[" } else { "]]" });
-                trained = now;
-            }
-            out.push_str(&p.tokenizer.decode(&[*id], false)?);
-        }
-        if trained {
-            out.push_str("]]");
-        }
         println!("{out}");
     }
     Ok(())

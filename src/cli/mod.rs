@@ -157,6 +157,9 @@ pub enum Command {
         config: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Print one JSON object (the counts, the batch shape, the first sample) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Convert model files.
     Convert {
