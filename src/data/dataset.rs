@@ -184,54 +184,48 @@ fn prepare_uncached(
             Error::Msg(m) => Error::Config(format!("datasets[{i}]: {m}")),
             other => other,
         })?;
-        // One file parsed at a time; the total grows as files are read.
+        // One file parsed at a time; the bar's total grows as files are read.
         let task = crate::progress::task(&format!("tokenizing {}", spec.path), 0);
-        let (mut total, mut done) = (0u64, 0u64);
-        let mut rows = Vec::new().into_iter();
-        let mut files = files.iter();
-        loop {
-            let Some(row) = rows.next() else {
-                let Some(file) = files.next() else { break };
-                let parsed = reader::parse_rows(file)?;
-                total += parsed.len() as u64;
-                task.set_total(total);
-                rows = parsed.into_iter();
-                continue;
-            };
-            task.set_done(done);
-            done += 1;
-            stats.rows += 1;
-            let loc = &row.loc;
-            let produced = formatter.format_row(tok, &row.fields).map_err(|e| match e {
-                Error::Msg(m) => Error::Data(format!("{loc}: {m}")),
-                other => other,
-            })?;
-            stats.split_extra += produced.len().saturating_sub(1);
-            for mut s in produced {
-                if s.len() > seq {
-                    match opts.excess_length_strategy {
-                        ExcessLengthStrategy::Drop => {
-                            stats.dropped_long += 1;
-                            continue;
-                        }
-                        ExcessLengthStrategy::Truncate => {
-                            s.truncate(seq);
-                            stats.truncated += 1;
-                        }
-                        ExcessLengthStrategy::Raise => {
-                            return Err(Error::Data(format!(
-                                "{loc}: the sample has {} tokens, more than sequence_len {seq} \
+        let (first_row, mut total) = (stats.rows, 0);
+        for file in files {
+            let rows = reader::parse_rows(file)?;
+            total += rows.len();
+            task.set_total(total as u64);
+            for row in rows {
+                task.set_done((stats.rows - first_row) as u64);
+                stats.rows += 1;
+                let loc = &row.loc;
+                let produced = formatter.format_row(tok, &row.fields).map_err(|e| match e {
+                    Error::Msg(m) => Error::Data(format!("{loc}: {m}")),
+                    other => other,
+                })?;
+                stats.split_extra += produced.len().saturating_sub(1);
+                for mut s in produced {
+                    if s.len() > seq {
+                        match opts.excess_length_strategy {
+                            ExcessLengthStrategy::Drop => {
+                                stats.dropped_long += 1;
+                                continue;
+                            }
+                            ExcessLengthStrategy::Truncate => {
+                                s.truncate(seq);
+                                stats.truncated += 1;
+                            }
+                            ExcessLengthStrategy::Raise => {
+                                return Err(Error::Data(format!(
+                                    "{loc}: the sample has {} tokens, more than sequence_len {seq} \
                                  (excess_length_strategy: raise); raise sequence_len or use drop or truncate",
-                                s.len()
-                            )));
+                                    s.len()
+                                )));
+                            }
                         }
                     }
+                    if s.n_label_tokens() == 0 {
+                        stats.dropped_no_labels += 1;
+                        continue;
+                    }
+                    samples.push(s);
                 }
-                if s.n_label_tokens() == 0 {
-                    stats.dropped_no_labels += 1;
-                    continue;
-                }
-                samples.push(s);
             }
         }
     }

@@ -111,17 +111,14 @@ pub fn rotate(output_dir: &Path, limit: usize, keep: &Path) -> Result<()> {
 }
 
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
-    let mut paths = [dir.join(TRAINER_STATE), dir.join(RESUME_STATE)];
-    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::io(p, e));
-    let hf = read(&paths[0])?;
     // Checkpoints of earlier versions kept the resume keys in trainer_state.json.
-    let ours = if paths[1].is_file() {
-        read(&paths[1])?
-    } else {
-        paths[1] = paths[0].clone();
-        hf.clone()
-    };
-    TrainerState::from_json_files(&hf, &ours)
+    let hf_path = dir.join(TRAINER_STATE);
+    let ours_path = Some(dir.join(RESUME_STATE))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| hf_path.clone());
+    let paths = [hf_path, ours_path];
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::io(p, e));
+    TrainerState::from_json_files(&read(&paths[0])?, &read(&paths[1])?)
         .map_err(|(i, e)| Error::format(&paths[i], format!("not a ferrotune checkpoint's state: {e}")))
 }
 

@@ -274,15 +274,26 @@ pub const DEFAULT_SAVE_TOTAL_LIMIT: usize = 4;
 pub fn save_checkpoint(t: &mut Trainer, p: &Prepared) -> Result<PathBuf> {
     let cfg = t.config().clone();
     let step = t.state.global_step;
-    let own = t.optimizer_tensors()?;
-    let trainable = t.trainable_infos();
-    let opt = match t.dist_mut() {
-        Some(d) => crate::dist::checkpoint::collect(d, own, &trainable, &cfg.output_dir, step)?,
-        None => Some(crate::dist::checkpoint::OptimizerFiles {
-            tensors: own,
-            files: Vec::new(),
-            staging: None,
-        }),
+    let no_optimizer = || crate::dist::checkpoint::OptimizerFiles {
+        tensors: Vec::new(),
+        files: Vec::new(),
+        staging: None,
+    };
+    // `save_only_model`: the weights and the state, no optimizer state (smaller; such a
+    // checkpoint cannot resume a run, as in Hugging Face Trainer), so none is read or
+    // gathered. Every rank has the same config, so all of them skip it together.
+    let opt = if cfg.save_only_model {
+        (t.rank() == 0).then(no_optimizer)
+    } else {
+        let own = t.optimizer_tensors()?;
+        let trainable = t.trainable_infos();
+        match t.dist_mut() {
+            Some(d) => crate::dist::checkpoint::collect(d, own, &trainable, &cfg.output_dir, step)?,
+            None => Some(crate::dist::checkpoint::OptimizerFiles {
+                tensors: own,
+                ..no_optimizer()
+            }),
+        }
     };
     // Sharded parameters are gathered by every rank together.
     let trained = if opt.is_some() || t.params_sharded() {
@@ -298,11 +309,7 @@ pub fn save_checkpoint(t: &mut Trainer, p: &Prepared) -> Result<PathBuf> {
         return Ok(checkpoint::checkpoint_dir(&cfg.output_dir, step));
     };
     let mut files: Vec<(&str, Vec<u8>)> = vec![("config.yaml", cfg.to_yaml().into_bytes())];
-    // `save_only_model`: the weights and the state, no optimizer state (smaller; such a
-    // checkpoint cannot resume a run, as in Hugging Face Trainer).
-    if !cfg.save_only_model {
-        files.extend(opt.files.iter().map(|(n, b)| (n.as_str(), b.clone())));
-    }
+    files.extend(opt.files.iter().map(|(n, b)| (n.as_str(), b.clone())));
     let weights_file = match t.adapter_config() {
         Some(a) => {
             files.push((ADAPTER_CONFIG, a.to_json().into_bytes()));
@@ -319,7 +326,7 @@ pub fn save_checkpoint(t: &mut Trainer, p: &Prepared) -> Result<PathBuf> {
     let state = t.state.clone();
     let ck = Checkpoint {
         weights: vec![(weights_file, trained)],
-        optimizer: if cfg.save_only_model { Vec::new() } else { opt.tensors },
+        optimizer: opt.tensors,
         state: &state,
         files,
     };
