@@ -3,7 +3,8 @@
 //! causal bf16 attention at 2k, 8k and 16k tokens per row (16k tokens per step) for head dims
 //! 64 and 128 with the default tile shapes of the tensor-core kernels (whose results
 //! `cuda_ops` checks against the CPU). `FERROTUNE_BENCH_TILES=all` adds every other tile
-//! shape; `FERROTUNE_BENCH_TILES="mw,bn,nw,bm;..."` times the listed ones instead.
+//! shape; `FERROTUNE_BENCH_TILES="mw,bn,nw,bm;..."` times the listed ones instead;
+//! `FERROTUNE_BENCH_HEAD_DIMS=64` (or `128`) times one head dim only.
 use ferrotune::backend::cuda::bench::{time_attention, AttnShape};
 use ferrotune::backend::cuda::{CudaBackend, CudaOptions, FlashTiles};
 use ferrotune::DType;
@@ -44,7 +45,11 @@ fn tile_sets() -> Vec<Option<FlashTiles>> {
 
 fn main() {
     println!("| tiles | T | batch | heads | head dim | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s |");
+    let dims = std::env::var("FERROTUNE_BENCH_HEAD_DIMS").unwrap_or_default();
     for (hd, heads) in [(64usize, 32usize), (128, 16)] {
+        if !dims.is_empty() && !dims.split(',').any(|d| d.trim() == hd.to_string()) {
+            continue;
+        }
         for tiles in tile_sets() {
             if tiles.is_some_and(|t| !t.valid(hd)) {
                 continue;

@@ -74,10 +74,31 @@ impl Family {
         }
     }
 
-    /// The text NVRTC compiles: the shared helpers, then the family's file.
-    pub fn source(self) -> String {
-        format!("{COMMON}\n#line 1 \"{}\"\n{}", self.file(), self.body())
+    /// The text NVRTC compiles: the shared helpers, then the family's file. With
+    /// `FERROTUNE_CUDA_SOURCE_DIR` set, a `common.cuh` or family file found in that folder
+    /// replaces the built-in one (for trying kernel edits without rebuilding).
+    pub fn source(self) -> Result<String> {
+        let common = override_text("common.cuh")?.unwrap_or_else(|| COMMON.to_string());
+        let body = override_text(self.file())?.unwrap_or_else(|| self.body().to_string());
+        Ok(format!("{common}\n#line 1 \"{}\"\n{body}", self.file()))
     }
+}
+
+/// The text of `file` in `FERROTUNE_CUDA_SOURCE_DIR`, when that is set and holds it.
+fn override_text(file: &str) -> Result<Option<String>> {
+    let Some(dir) = std::env::var_os("FERROTUNE_CUDA_SOURCE_DIR") else {
+        return Ok(None);
+    };
+    let path = std::path::Path::new(&dir).join(file);
+    if !path.exists() {
+        return Ok(None);
+    }
+    std::fs::read_to_string(&path).map(Some).map_err(|e| {
+        Error::backend(
+            "cuda",
+            format!("reading {} (FERROTUNE_CUDA_SOURCE_DIR): {e}", path.display()),
+        )
+    })
 }
 
 /// `sm_XY` for a compute capability.
@@ -95,7 +116,21 @@ fn options(arch: &str, verbose: bool, defines: &[&str]) -> Vec<String> {
         o.push("--ptxas-options=-v".to_string());
     }
     o.extend(defines.iter().map(|d| format!("-D{d}")));
+    o.extend(extra_defines().iter().map(|d| format!("-D{d}")));
     o
+}
+
+/// `FERROTUNE_CUDA_DEFINES`: space-separated `NAME=VALUE` defines added to every kernel
+/// compilation (the kernels' tuning switches, for measuring alternatives on a device).
+fn extra_defines() -> &'static [String] {
+    static DEFS: OnceLock<Vec<String>> = OnceLock::new();
+    DEFS.get_or_init(|| {
+        std::env::var("FERROTUNE_CUDA_DEFINES")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    })
 }
 
 /// A compiled family: machine code and the compiler's log.
@@ -138,7 +173,7 @@ pub fn compile(family: Family, arch: &str, verbose: bool, defines: &[&str]) -> R
             ),
         ));
     }
-    let src = CString::new(family.source()).map_err(|_| Error::backend("cuda", "kernel source holds a NUL byte"))?;
+    let src = CString::new(family.source()?).map_err(|_| Error::backend("cuda", "kernel source holds a NUL byte"))?;
     let name = CString::new(family.file()).expect("file names have no NUL");
     let opts: Vec<CString> = options(arch, verbose, defines)
         .into_iter()

@@ -153,7 +153,8 @@ fn layout(
 }
 
 impl Plan {
-    pub fn new(handle: lt::cublasLtHandle_t, key: MatmulKey) -> Result<Plan> {
+    /// `candidates`: how many of the heuristic's algorithms to keep (at most 64).
+    pub fn new(handle: lt::cublasLtHandle_t, key: MatmulKey, candidates: usize) -> Result<Plan> {
         let prec = precision(key.a, key.b, key.c)?;
         let (batch, m, n, k) = key.dims;
         let ct = prec.compute;
@@ -203,9 +204,10 @@ impl Plan {
         let pref = cudarc::cublaslt::result::create_matmul_pref()
             .map_err(|e| Error::backend("cuda", format!("cuBLASLt preference: {e:?}")))?;
         let ws = WORKSPACE_BYTES;
-        let mut results: [lt::cublasLtMatmulHeuristicResult_t; 8] = unsafe { std::mem::zeroed() };
+        let mut results: [lt::cublasLtMatmulHeuristicResult_t; 64] = unsafe { std::mem::zeroed() };
+        let want = candidates.clamp(1, 64) as i32;
         let mut count = 0i32;
-        // SAFETY: live descriptors; `results` has room for the 8 requested.
+        // SAFETY: live descriptors; `results` has room for the `want` (at most 64) requested.
         let r = unsafe {
             blas(
                 "workspace preference",
@@ -224,7 +226,7 @@ impl Plan {
                 c,
                 c,
                 pref,
-                8,
+                want,
                 results.as_mut_ptr(),
                 &mut count,
             )

@@ -11,6 +11,9 @@
 //! `FERROTUNE_CUDA_SYNC=1` waits after each launch so a failing kernel is named;
 //! `FERROTUNE_CUDA_FLASH=0` keeps attention on the general kernels;
 //! `FERROTUNE_CUDA_PROFILE=1` prints device time by op kind when the backend is dropped.
+//! For kernel work: `FERROTUNE_CUDA_SOURCE_DIR=DIR` compiles `DIR/<family>.cu` (and
+//! `DIR/common.cuh`) where present instead of the built-in sources, and
+//! `FERROTUNE_CUDA_DEFINES="NAME=VALUE ..."` adds defines to every compilation.
 
 mod attention;
 mod attn_eager;
@@ -58,6 +61,9 @@ pub struct CudaOptions {
     /// Time cuBLASLt's candidate algorithms for each matmul shape when it is prepared and
     /// keep the fastest (products whose operands take at most 1 GiB).
     pub tune_matmuls: bool,
+    /// How many of cuBLASLt's heuristic candidates are timed per shape
+    /// (`FERROTUNE_CUDA_TUNE_CANDIDATES`, default 8).
+    pub tune_candidates: usize,
 }
 
 impl Default for CudaOptions {
@@ -73,6 +79,9 @@ impl Default for CudaOptions {
             flash_tiles: None,
             profile: env("FERROTUNE_CUDA_PROFILE").as_deref() == Some("1"),
             tune_matmuls: env("FERROTUNE_CUDA_TUNE").as_deref() != Some("0"),
+            tune_candidates: env("FERROTUNE_CUDA_TUNE_CANDIDATES")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(8),
         }
     }
 }
@@ -237,7 +246,7 @@ impl CudaBackend {
             if self.graphs.capturing() {
                 return Err(Error::backend("cuda", "a matmul was not prepared before capture"));
             }
-            let mut p = Plan::new(self.lt, key)?;
+            let mut p = Plan::new(self.lt, key, self.opts.tune_candidates)?;
             if self.opts.tune_matmuls && p.candidates.len() > 1 {
                 if let Some(best) = self.tune(&p, &key)? {
                     p.algo = best;
