@@ -62,7 +62,7 @@ pub struct CudaOptions {
     /// keep the fastest (products whose operands take at most 1 GiB).
     pub tune_matmuls: bool,
     /// How many of cuBLASLt's heuristic candidates are timed per shape
-    /// (`FERROTUNE_CUDA_TUNE_CANDIDATES`, default 8).
+    /// (`FERROTUNE_CUDA_TUNE_CANDIDATES`, default 32).
     pub tune_candidates: usize,
 }
 
@@ -81,7 +81,7 @@ impl Default for CudaOptions {
             tune_matmuls: env("FERROTUNE_CUDA_TUNE").as_deref() != Some("0"),
             tune_candidates: env("FERROTUNE_CUDA_TUNE_CANDIDATES")
                 .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(8),
+                .unwrap_or(32),
         }
     }
 }
