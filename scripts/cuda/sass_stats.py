@@ -6,9 +6,9 @@ Compiles cuda/<family> for sm_90 with NVRTC exactly as the backend does (cuda/co
 first, the same options; NAME=VALUE become -D defines), prints ptxas' register and spill
 report, disassembles KERNEL with cuobjdump, and lists its loops (backward branches) with the
 instructions of each by kind: how much integer and address work each tensor-core instruction
-carries. NVRTC and cuobjdump come from PyPI's wheels (nvidia-cuda-nvrtc, nvidia-cuda-cuobjdump,
-nvidia-cuda-nvdisasm, CUDA 13; SASS_OUT=FILE also saves the disassembly), unpacked into a folder given by CUDA_WHEELS (default
-/tmp/cudawheels), e.g.:
+carries; SASS_OUT=FILE also saves the disassembly. NVRTC and cuobjdump come from PyPI's wheels
+(nvidia-cuda-nvrtc, nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm, CUDA 13), unpacked into a
+folder given by CUDA_WHEELS (default /tmp/cudawheels), e.g.:
 
     python3 -m pip download --no-deps --only-binary=:all: -d /tmp/cudawheels \
         nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
@@ -27,8 +27,7 @@ def compile_cubin(family, defines):
     os.environ["LD_LIBRARY_PATH"] = LIB + ":" + os.environ.get("LD_LIBRARY_PATH", "")
     ctypes.CDLL(os.path.join(LIB, "libnvrtc-builtins.so.13.0"))
     nv = ctypes.CDLL(os.path.join(LIB, "libnvrtc.so.13"))
-    src = open(os.path.join(ROOT, "common.cuh")).read()
-    src += f'\n#line 1 "{family}"\n' + open(os.path.join(ROOT, family)).read()
+    src = open(os.path.join(ROOT, "common.cuh")).read() + f'\n#line 1 "{family}"\n' + open(os.path.join(ROOT, family)).read()
     opts = ["--gpu-architecture=sm_90", "--std=c++17", "--device-as-default-execution-space", "--ptxas-options=-v"]
     opts += ["-D" + d for d in defines]
     prog = ctypes.c_void_p()

@@ -90,15 +90,14 @@ fn override_text(file: &str) -> Result<Option<String>> {
         return Ok(None);
     };
     let path = std::path::Path::new(&dir).join(file);
-    if !path.exists() {
-        return Ok(None);
-    }
-    std::fs::read_to_string(&path).map(Some).map_err(|e| {
-        Error::backend(
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::backend(
             "cuda",
             format!("reading {} (FERROTUNE_CUDA_SOURCE_DIR): {e}", path.display()),
-        )
-    })
+        )),
+    }
 }
 
 /// `sm_XY` for a compute capability.
