@@ -3,7 +3,8 @@
 //! causal bf16 attention at 2k, 8k and 16k tokens per row (16k tokens per step) for head dims
 //! 64 and 128 with the default tile shapes of the tensor-core kernels (whose results
 //! `cuda_ops` checks against the CPU). `FERROTUNE_BENCH_TILES=all` adds every other tile
-//! shape; `FERROTUNE_BENCH_TILES="mw,bn,nw,bm;..."` times the listed ones instead;
+//! shape; `FERROTUNE_BENCH_TILES="mw,bn,nw,bm[,p];..."` times the listed ones instead (`p`: the
+//! backward's warps in pairs);
 //! `FERROTUNE_BENCH_HEAD_DIMS=64` (or `128`) times one head dim only.
 use ferrotune::backend::cuda::bench::{time_attention, AttnShape};
 use ferrotune::backend::cuda::{CudaBackend, CudaOptions, FlashTiles};
@@ -17,28 +18,34 @@ fn tile_sets() -> Vec<Option<FlashTiles>> {
     }
     if env != "all" {
         let s = env;
-        // "mw,bn,nw,bm;..." replaces the list below.
+        // "mw,bn,nw,bm[,p];..." replaces the list below.
         return s
             .split(';')
             .map(|t| {
-                let n: Vec<usize> = t.split(',').map(|x| x.trim().parse().expect("tile numbers")).collect();
+                let f: Vec<&str> = t.split(',').map(str::trim).collect();
+                let n: Vec<usize> = f[..4].iter().map(|x| x.parse().expect("tile numbers")).collect();
                 Some(FlashTiles {
                     mw: n[0],
                     bn: n[1],
                     nw: n[2],
                     bm: n[3],
+                    pairs: f.get(4) == Some(&"p"),
                 })
             })
             .collect();
     }
-    for (mw, bn, nw, bm) in [
-        (1, 64, 4, 64),
-        (2, 64, 8, 64),
-        (2, 32, 4, 32),
-        (2, 32, 8, 32),
-        (2, 64, 4, 64),
+    for (mw, bn, nw, bm, pairs) in [
+        (1, 64, 4, 64, false),
+        (2, 64, 8, 64, false),
+        (2, 32, 4, 32, false),
+        (2, 32, 8, 32, false),
+        (2, 64, 4, 64, false),
+        (1, 64, 4, 64, true),
+        (2, 64, 8, 64, true),
+        (2, 64, 4, 64, true),
+        (2, 32, 4, 32, true),
     ] {
-        v.push(Some(FlashTiles { mw, bn, nw, bm }));
+        v.push(Some(FlashTiles { mw, bn, nw, bm, pairs }));
     }
     v
 }

@@ -836,32 +836,410 @@ __device__ void flash_bwd(const FlashParams& p) {
     }
 }
 
+// Backward, warp-pair layout: fewer shared-memory reads per mma than flash_bwd, whose warps
+// each re-read the whole query tile for 16 keys. NW warps form NW / 2 pairs; pair w / 2 owns
+// keys 32 (w / 2) .. 32 (w / 2) + 31 (BN = 16 NW keys per block, as in flash_bwd). Per query
+// tile of BM rows:
+//   S^T, dP^T for the pair's 32 keys and query half w % 2 (BM / 2 queries): each Q or dO
+//     fragment read from shared memory feeds both of the warp's key m-tiles;
+//   P^T, dS^T -> shared memory, each warp its own 32 x BM / 2 quarter;
+//   dV += P^T dO, dK += dS^T Q for the pair's 32 keys and column half w % 2 (D / 2) over all
+//     BM queries: the warp's own query half from registers, its partner's from shared memory
+//     (a 64-thread named barrier per pair orders the two);
+//   dQ_acc += dS K with the warps splitting the queries (32 each) and D, as in flash_bwd.
+template <int D, int NW, int BM, bool F16>
+__device__ void flash_bwd_pairs(const FlashParams& p) {
+    constexpr int BN = 16 * NW, S = D + 8, SS = BM + 8, DK = D / 16, NTH = NW * 32;
+    constexpr int QH = BM / 2, NQ = QH / 8, KQ = QH / 16;                 // S phase: queries per warp
+    constexpr int DH = D / 2, ND = DH / 8;                                 // dK/dV phase: columns per warp
+    constexpr int MQ = BM / 32, CW = NW / MQ, DQC = D / CW, NDQ = DQC / 8;  // dQ phase
+    static_assert(NW % 2 == 0 && BM % 32 == 0 && NW % MQ == 0 && D % CW == 0 && DQC % 16 == 0 && DH % 16 == 0,
+                  "unsupported backward tiling");
+    constexpr bool KVREG = D <= 64;
+    extern __shared__ __align__(16) u16 smem[];
+    u16* sK = smem;                          // [BN][S]
+    u16* sV = sK + BN * S;                   // [BN][S]
+    u16* sQ = sV + BN * S;                   // [2][BM][S]
+    u16* sdO = sQ + 2 * BM * S;              // [2][BM][S]
+    u16* sP = sdO + 2 * BM * S;              // [BN][SS] P^T
+    u16* sdS = sP + BN * SS;                 // [BN][SS] dS^T
+    float* sL = (float*)(sdS + BN * SS);     // [2][BM] lse
+    float* sDi = sL + 2 * BM;                // [2][BM]
+    int* sSg = (int*)(sDi + 2 * BM);         // [2][BM] segment ids of the queries
+    int2* sRng = (int2*)(sSg + 2 * BM);      // granule ranges
+    u8* sFlag = (u8*)(sRng + p.ngr);         // per query tile: TILE_*
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+    const int pair = warp >> 1, half = warp & 1;
+    const BlockOrder o = block_order(gridDim.x * gridDim.y * gridDim.z <= FLASH_LPT_MAX);
+    const i64 b = o.b, T = p.T;
+    const int Ti = (int)T;
+    const int kh = o.h, group = p.Hq / p.Hkv;
+    const i64 n0 = (i64)o.tile * BN;  // the first keys are seen by the most queries
+    const i64 qw = (i64)p.Hq * D, kw = (i64)p.Hkv * D;
+    const u16* K = (const u16*)p.k + b * T * kw + kh * D;
+    const u16* V = (const u16*)p.v + b * T * kw + kh * D;
+    const int* seg = (const int*)p.seg + b * T;
+
+    i64 q_lo = 0, q_hi = T;
+    if (p.causal) q_lo = n0;
+    if (p.window > 0) {
+        q_hi = min(T, n0 + BN - 1 + p.window);
+        if (!p.causal) q_lo = max((i64)0, n0 - p.window + 1);
+    }
+    const int mt_lo = (int)(q_lo / BM), mt_hi = (int)((q_hi + BM - 1) / BM);
+    const int goff = stage_ranges(p, b, min((i64)mt_lo * BM, n0), max((i64)mt_hi * BM, n0 + BN), sRng, NTH);
+    __syncthreads();
+    int ks_lo, ks_hi;
+    srange(sRng, goff, n0, BN, T, ks_lo, ks_hi);
+    const int nk = (int)min((i64)BN, T - n0);
+    for (int mt = mt_lo + tid; mt < mt_hi; mt += NTH) {
+        const i64 m0 = (i64)mt * BM;
+        u8 f = TILE_HIDDEN;
+        if (!pos_hidden(p, m0, BM, n0, nk)) {
+            int a, c;
+            srange(sRng, goff, m0, BM, T, a, c);
+            if (c >= ks_lo && a <= ks_hi)
+                f = pos_full(p, m0, BM, n0, BN) && a == c && ks_lo == ks_hi && a == ks_lo ? TILE_FULL : TILE_MASKED;
+        }
+        sFlag[mt - mt_lo] = f;
+    }
+    __syncthreads();
+    struct Step {
+        int hh, mt;
+    };
+    auto next = [&](Step st) {
+#pragma unroll 1
+        while (st.hh < group) {
+            if (++st.mt == mt_hi) {
+                st.mt = mt_lo;
+                st.hh++;
+            }
+            if (st.hh < group && sFlag[st.mt - mt_lo] != TILE_HIDDEN) break;
+        }
+        return st;
+    };
+    auto first_step = [&]() {
+        Step st{0, mt_lo - 1};
+        return mt_lo < mt_hi ? next(st) : Step{group, mt_lo};
+    };
+
+    const u32 sb = smem_addr(smem), sbV = sb + BN * S * 2, sbQ = sbV + BN * S * 2, sbdO = sbQ + 2 * BM * S * 2;
+    const u32 sbP = sbdO + 2 * BM * S * 2, sbdS = sbP + BN * SS * 2;
+    const u32 sbL = smem_addr(sL), sbDi = smem_addr(sDi), sbSg = smem_addr(sSg);
+    auto load_step = [&](Step st, int buf) {
+        const int hh = kh * group + st.hh, m0 = st.mt * BM;
+        TileCopy<BM, D, S, NTH>((const u16*)p.q + b * T * qw + hh * D, qw, sbQ).copy(m0, Ti, buf * BM * S * 2);
+        TileCopy<BM, D, S, NTH>((const u16*)p.d_o + b * T * qw + hh * D, qw, sbdO).copy(m0, Ti, buf * BM * S * 2);
+        const i64 lrow = (b * p.Hq + hh) * T;
+        for (int r = tid; r < BM; r += NTH) {
+            const int i = m0 + r, ok = i < Ti ? 4 : 0, ii = i < Ti ? i : 0;
+            cp_async4(sbL + (buf * BM + r) * 4, (const float*)p.lse + lrow + ii, ok);
+            cp_async4(sbDi + (buf * BM + r) * 4, (const float*)p.Di + lrow + ii, ok);
+            cp_async4(sbSg + (buf * BM + r) * 4, seg + ii, ok);
+        }
+    };
+
+    const i64 krow0 = n0 + pair * 32 + g;  // this thread's key rows: krow0 + 16 mi + 8 r
+    int segk[2][2], ilo[2][2], ihi[2][2];
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const i64 j = krow0 + 16 * mi + 8 * r;
+            segk[mi][r] = j < T ? seg[j] : 0;
+            visible_span(p, j, false, ilo[mi][r], ihi[mi][r]);
+        }
+    }
+    float dk[2][ND][4], dv[2][ND][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int i = 0; i < ND; i++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) dk[mi][i][e] = dv[mi][i][e] = 0.f;
+    u32 kf[KVREG ? 2 : 1][KVREG ? DK : 1][4], vf[KVREG ? 2 : 1][KVREG ? DK : 1][4];
+    // Per-lane parts of the ldmatrix addresses (bytes).
+    const u32 aKV = ((pair * 32 + (lane & 15)) * S + (lane >> 4) * 8) * 2;                   // K, V rows (A)
+    const u32 aPS = ((pair * 32 + (lane & 15)) * SS + (lane >> 4) * 8) * 2;                  // P^T, dS^T rows (A)
+    const u32 aQB = (((lane & 7) + ((lane >> 4) << 3) + half * QH) * S + ((lane >> 3) & 1) * 8) * 2;  // Q, dO (B)
+    const u32 aQT = (((lane & 7) + ((lane >> 3) & 1) * 8) * S + (lane >> 4) * 8 + half * DH) * 2;     // Q, dO^T
+    const u32 aDS = (((lane & 7) + ((lane >> 4) << 3)) * SS + ((lane >> 3) & 1) * 8) * 2;    // dS (A, transposed)
+    const u32 aKT = (((lane & 7) + ((lane >> 3) & 1) * 8) * S + (lane >> 4) * 8) * 2;        // K (B, transposed)
+    const u32 barrier = 1 + pair;  // named barrier of this pair (0 is __syncthreads)
+
+    TileCopy<BN, D, S, NTH>(K, kw, sb).copy((int)n0, Ti, 0);
+    TileCopy<BN, D, S, NTH>(V, kw, sbV).copy((int)n0, Ti, 0);
+    Step st = first_step();
+    Step sn = st.hh < group ? next(st) : st;
+    if (st.hh < group) load_step(st, 0);
+    cp_async_commit();
+    if (sn.hh < group) load_step(sn, 1);
+    cp_async_commit();
+    int buf = 0;
+    bool first = true;
+    const float sl2 = p.scale_log2;
+    while (st.hh < group) {
+        const int hh = kh * group + st.hh, m0 = st.mt * BM;
+        const u32 cQ = sbQ + buf * BM * S * 2, cdO = sbdO + buf * BM * S * 2;
+        const float* cL = sL + buf * BM;
+        const float* cDi = sDi + buf * BM;
+        const int* cSg = sSg + buf * BM;
+        const bool full = sFlag[st.mt - mt_lo] == TILE_FULL;
+        cp_async_wait_1();
+        __syncthreads();
+        if (KVREG && first) {
+#pragma unroll
+            for (int mi = 0; mi < (KVREG ? 2 : 1); mi++)
+#pragma unroll
+                for (int kc = 0; kc < (KVREG ? DK : 1); kc++) {
+                    const u32 off = aKV + (mi * 16 * S + kc * 16) * 2;
+                    ldsm_x4(sb + off, kf[mi][kc][0], kf[mi][kc][1], kf[mi][kc][2], kf[mi][kc][3]);
+                    ldsm_x4(sbV + off, vf[mi][kc][0], vf[mi][kc][1], vf[mi][kc][2], vf[mi][kc][3]);
+                }
+        }
+        first = false;
+        // S^T = K Q^T and dP^T = V dO^T: the pair's 32 keys, this warp's query half.
+        float st_[2][NQ][4], dpt[2][NQ][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+            for (int i = 0; i < NQ; i++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) st_[mi][i][e] = dpt[mi][i][e] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < DK; kc++) {
+            u32 ka[2][4], va[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                if (KVREG) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        ka[mi][e] = kf[KVREG ? mi : 0][KVREG ? kc : 0][e];
+                        va[mi][e] = vf[KVREG ? mi : 0][KVREG ? kc : 0][e];
+                    }
+                } else {
+                    const u32 off = aKV + (mi * 16 * S + kc * 16) * 2;
+                    ldsm_x4(sb + off, ka[mi][0], ka[mi][1], ka[mi][2], ka[mi][3]);
+                    ldsm_x4(sbV + off, va[mi][0], va[mi][1], va[mi][2], va[mi][3]);
+                }
+            }
+#pragma unroll
+            for (int mp = 0; mp < NQ / 2; mp++) {
+                u32 b0, b1, b2, b3;
+                const u32 off = aQB + (mp * 16 * S + kc * 16) * 2;
+                ldsm_x4(cQ + off, b0, b1, b2, b3);
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+                    mma16816<F16>(st_[mi][2 * mp], ka[mi], b0, b1);
+                    mma16816<F16>(st_[mi][2 * mp + 1], ka[mi], b2, b3);
+                }
+                ldsm_x4(cdO + off, b0, b1, b2, b3);
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+                    mma16816<F16>(dpt[mi][2 * mp], va[mi], b0, b1);
+                    mma16816<F16>(dpt[mi][2 * mp + 1], va[mi], b2, b3);
+                }
+            }
+        }
+        // P^T and dS^T. Element e of n-tile nt is query half QH + 8 nt + 2 tig + (e & 1) and
+        // key row 16 mi + g + 8 (e >> 1) of the pair.
+#pragma unroll
+        for (int nt = 0; nt < NQ; nt++) {
+            const int qc = half * QH + nt * 8 + 2 * tig;
+            const float2 lq = *(const float2*)(cL + qc), dq2 = *(const float2*)(cDi + qc);
+            const int2 sq = full ? make_int2(0, 0) : *(const int2*)(cSg + qc);
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int c = e & 1, r = e >> 1;
+                    float pv = ex2(fmaf(st_[mi][nt][e], sl2, -(c ? lq.y : lq.x) * LOG2E));
+                    if (!full) {
+                        const int i = m0 + qc + c;
+                        const bool ok = (i >= ilo[mi][r]) & (i <= ihi[mi][r]) & ((c ? sq.y : sq.x) == segk[mi][r]);
+                        pv = ok ? pv : 0.f;
+                    }
+                    st_[mi][nt][e] = pv;
+                    dpt[mi][nt][e] = pv * (dpt[mi][nt][e] - (c ? dq2.y : dq2.x));
+                }
+            }
+        }
+        // Packed as A operands (m = keys, k = queries) and stored for the partner and dQ.
+        u32 pa[2][KQ][4], da[2][KQ][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++) {
+#pragma unroll
+            for (int kc = 0; kc < KQ; kc++) {
+                pa[mi][kc][0] = pack2<F16>(st_[mi][2 * kc][0], st_[mi][2 * kc][1]);
+                pa[mi][kc][1] = pack2<F16>(st_[mi][2 * kc][2], st_[mi][2 * kc][3]);
+                pa[mi][kc][2] = pack2<F16>(st_[mi][2 * kc + 1][0], st_[mi][2 * kc + 1][1]);
+                pa[mi][kc][3] = pack2<F16>(st_[mi][2 * kc + 1][2], st_[mi][2 * kc + 1][3]);
+                da[mi][kc][0] = pack2<F16>(dpt[mi][2 * kc][0], dpt[mi][2 * kc][1]);
+                da[mi][kc][1] = pack2<F16>(dpt[mi][2 * kc][2], dpt[mi][2 * kc][3]);
+                da[mi][kc][2] = pack2<F16>(dpt[mi][2 * kc + 1][0], dpt[mi][2 * kc + 1][1]);
+                da[mi][kc][3] = pack2<F16>(dpt[mi][2 * kc + 1][2], dpt[mi][2 * kc + 1][3]);
+                const int r = pair * 32 + mi * 16 + g, c = half * QH + kc * 16 + 2 * tig;
+                *(u32*)(sP + r * SS + c) = pa[mi][kc][0];
+                *(u32*)(sP + (r + 8) * SS + c) = pa[mi][kc][1];
+                *(u32*)(sP + r * SS + c + 8) = pa[mi][kc][2];
+                *(u32*)(sP + (r + 8) * SS + c + 8) = pa[mi][kc][3];
+                *(u32*)(sdS + r * SS + c) = da[mi][kc][0];
+                *(u32*)(sdS + (r + 8) * SS + c) = da[mi][kc][1];
+                *(u32*)(sdS + r * SS + c + 8) = da[mi][kc][2];
+                *(u32*)(sdS + (r + 8) * SS + c + 8) = da[mi][kc][3];
+            }
+        }
+        // dV += P^T dO, dK += dS^T Q over this warp's own query half (A from registers) ...
+#pragma unroll
+        for (int kc = 0; kc < KQ; kc++) {
+#pragma unroll
+            for (int dp = 0; dp < ND / 2; dp++) {
+                u32 b0, b1, b2, b3;
+                const u32 off = aQT + ((half * QH + kc * 16) * S + dp * 16) * 2;
+                ldsm_x4_t(cdO + off, b0, b1, b2, b3);
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+                    mma16816<F16>(dv[mi][2 * dp], pa[mi][kc], b0, b1);
+                    mma16816<F16>(dv[mi][2 * dp + 1], pa[mi][kc], b2, b3);
+                }
+                ldsm_x4_t(cQ + off, b0, b1, b2, b3);
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+                    mma16816<F16>(dk[mi][2 * dp], da[mi][kc], b0, b1);
+                    mma16816<F16>(dk[mi][2 * dp + 1], da[mi][kc], b2, b3);
+                }
+            }
+        }
+        // ... and over the partner's (A from shared memory, once the partner has stored it).
+        asm volatile("bar.sync %0, 64;" ::"r"(barrier) : "memory");
+#pragma unroll
+        for (int kc = 0; kc < KQ; kc++) {
+            const int q0 = (half ^ 1) * QH + kc * 16;
+            u32 pb[2][4], db[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                const u32 off = aPS + (mi * 16 * SS + q0) * 2;
+                ldsm_x4(sbP + off, pb[mi][0], pb[mi][1], pb[mi][2], pb[mi][3]);
+                ldsm_x4(sbdS + off, db[mi][0], db[mi][1], db[mi][2], db[mi][3]);
+            }
+#pragma unroll
+            for (int dp = 0; dp < ND / 2; dp++) {
+                u32 b0, b1, b2, b3;
+                const u32 off = aQT + (q0 * S + dp * 16) * 2;
+                ldsm_x4_t(cdO + off, b0, b1, b2, b3);
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+                    mma16816<F16>(dv[mi][2 * dp], pb[mi], b0, b1);
+                    mma16816<F16>(dv[mi][2 * dp + 1], pb[mi], b2, b3);
+                }
+                ldsm_x4_t(cQ + off, b0, b1, b2, b3);
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+                    mma16816<F16>(dk[mi][2 * dp], db[mi], b0, b1);
+                    mma16816<F16>(dk[mi][2 * dp + 1], db[mi], b2, b3);
+                }
+            }
+        }
+        __syncthreads();  // dS^T is complete; buffer `buf` is free
+        const Step snn = sn.hh < group ? next(sn) : sn;
+        if (snn.hh < group) load_step(snn, buf);
+        cp_async_commit();
+        // dQ_acc[queries 32 qg.., columns of group cg] += dS K over this block's BN keys.
+        const int qg = warp % MQ, cg = warp / MQ;
+        float dq[2][NDQ][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+            for (int i = 0; i < NDQ; i++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) dq[mi][i][e] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < BN / 16; kc++) {
+            u32 a[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+                ldsm_x4_t(sbdS + aDS + (kc * 16 * SS + qg * 32 + mi * 16) * 2, a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
+#pragma unroll
+            for (int dp = 0; dp < NDQ / 2; dp++) {
+                u32 b0, b1, b2, b3;
+                ldsm_x4_t(sb + aKT + (kc * 16 * S + cg * DQC + dp * 16) * 2, b0, b1, b2, b3);
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+                    mma16816<F16>(dq[mi][2 * dp], a[mi], b0, b1);
+                    mma16816<F16>(dq[mi][2 * dp + 1], a[mi], b2, b3);
+                }
+            }
+        }
+        float* dqa = (float*)p.dq_acc + b * T * qw + hh * D;
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++) {
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int i = m0 + qg * 32 + mi * 16 + g + r * 8;
+                if (i < Ti) {
+#pragma unroll
+                    for (int dt = 0; dt < NDQ; dt++)
+                        red_add2(dqa + i * qw + cg * DQC + dt * 8 + 2 * tig, dq[mi][dt][2 * r], dq[mi][dt][2 * r + 1]);
+                }
+            }
+        }
+        st = sn;
+        sn = snn;
+        buf ^= 1;
+    }
+    cp_async_wait_all();
+
+    u16* dK = (u16*)p.dk + b * T * kw + kh * D;
+    u16* dV = (u16*)p.dv + b * T * kw + kh * D;
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const i64 j = krow0 + 16 * mi + 8 * r;
+            if (j < T) {
+#pragma unroll
+                for (int dt = 0; dt < ND; dt++) {
+                    const int c = half * DH + dt * 8 + 2 * tig;
+                    *(u32*)(dK + j * kw + c) = pack2<F16>(dk[mi][dt][2 * r] * p.scale, dk[mi][dt][2 * r + 1] * p.scale);
+                    *(u32*)(dV + j * kw + c) = pack2<F16>(dv[mi][dt][2 * r], dv[mi][dt][2 * r + 1]);
+                }
+            }
+        }
+    }
+}
+
 // Shared memory bytes (src/backend/cuda/attention.rs computes the same), with G the granules
 // per row (ceil(T / 32); also at least the tiles per row, one flag byte each):
 //   forward:  (BM + 4 BN) (D + 8) 2 + 2 BN 4 + 9 G                      BM = 64 MW
-//   backward: (2 BN + 4 BM) (D + 8) 2 + BN (BM + 8) 2 + 6 BM 4 + 9 G     BN = 16 NW
-#define FLASH_ENTRIES_(D, MW, BN, NW, BM, F16, NAME)                                                   \
+//   backward: (2 BN + 4 BM) (D + 8) 2 + X BN (BM + 8) 2 + 6 BM 4 + 9 G   BN = 16 NW
+// with X = 1 (dS^T) for flash_bwd and 2 (P^T, dS^T) for flash_bwd_pairs (PAIRS = 1).
+#define FLASH_ENTRIES_(D, MW, BN, NW, BM, F16, NAME, PAIRS)                                            \
     extern "C" __global__ void __launch_bounds__(128) flash_fwd_##NAME##_##D##_m##MW##_n##BN(FlashParams p) { \
         flash_fwd<D, MW, BN, F16>(p);                                                                  \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                              \
-        flash_bwd_##NAME##_##D##_w##NW##_m##BM(FlashParams p) {                                        \
-        flash_bwd<D, NW, BM, F16>(p);                                                                  \
+        flash_bwd_##NAME##_##D##_w##NW##_m##BM##_p##PAIRS(FlashParams p) {                             \
+        if constexpr (PAIRS) flash_bwd_pairs<D, NW, BM, F16>(p);                                       \
+        else flash_bwd<D, NW, BM, F16>(p);                                                             \
     }
-#define FLASH_ENTRIES(D, MW, BN, NW, BM, F16, NAME) FLASH_ENTRIES_(D, MW, BN, NW, BM, F16, NAME)
+#define FLASH_ENTRIES(D, MW, BN, NW, BM, F16, NAME, PAIRS) FLASH_ENTRIES_(D, MW, BN, NW, BM, F16, NAME, PAIRS)
 
 // The backend compiles one variant at a time (-DFLASH_D=.. -DFLASH_MW=.. -DFLASH_BN=..
-// -DFLASH_NW=.. -DFLASH_BM=.. -DFLASH_F16=.. -DFLASH_NAME=..); without them a set of
-// variants is compiled (a check of the whole file).
+// -DFLASH_NW=.. -DFLASH_BM=.. -DFLASH_F16=.. -DFLASH_NAME=.. -DFLASH_PAIRS=..); without them
+// a set of variants is compiled (a check of the whole file).
 #ifdef FLASH_D
-FLASH_ENTRIES(FLASH_D, FLASH_MW, FLASH_BN, FLASH_NW, FLASH_BM, FLASH_F16, FLASH_NAME)
+FLASH_ENTRIES(FLASH_D, FLASH_MW, FLASH_BN, FLASH_NW, FLASH_BM, FLASH_F16, FLASH_NAME, FLASH_PAIRS)
 #else
-FLASH_ENTRIES(64, 1, 64, 8, 64, false, bf16)
-FLASH_ENTRIES(96, 2, 64, 8, 64, false, bf16)
-FLASH_ENTRIES(128, 2, 64, 8, 64, false, bf16)
-FLASH_ENTRIES(64, 1, 64, 8, 64, true, f16)
-FLASH_ENTRIES(96, 2, 64, 8, 64, true, f16)
-FLASH_ENTRIES(128, 2, 64, 8, 64, true, f16)
-FLASH_ENTRIES(64, 2, 32, 4, 32, false, bf16)
-FLASH_ENTRIES(128, 2, 32, 4, 64, false, bf16)
+FLASH_ENTRIES(64, 1, 64, 8, 64, false, bf16, 0)
+FLASH_ENTRIES(96, 2, 64, 8, 64, false, bf16, 0)
+FLASH_ENTRIES(128, 2, 64, 8, 64, false, bf16, 0)
+FLASH_ENTRIES(64, 1, 64, 8, 64, true, f16, 0)
+FLASH_ENTRIES(96, 2, 64, 8, 64, true, f16, 0)
+FLASH_ENTRIES(128, 2, 64, 8, 64, true, f16, 0)
+FLASH_ENTRIES(64, 2, 32, 4, 32, false, bf16, 0)
+FLASH_ENTRIES(128, 2, 32, 4, 64, false, bf16, 0)
+FLASH_ENTRIES(64, 1, 64, 4, 64, false, bf16, 1)
+FLASH_ENTRIES(96, 2, 64, 4, 64, false, bf16, 1)
+FLASH_ENTRIES(128, 2, 64, 8, 64, true, f16, 1)
+FLASH_ENTRIES(64, 2, 32, 4, 32, false, bf16, 1)
 #endif

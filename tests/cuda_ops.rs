@@ -947,38 +947,19 @@ fn attention_tensor_core_path() {
 #[test]
 fn attention_tensor_core_tile_shapes() {
     let mut r = rng(17);
-    for tiles in [
-        FlashTiles {
-            mw: 1,
-            bn: 64,
-            nw: 4,
-            bm: 64,
-        },
-        FlashTiles {
-            mw: 2,
-            bn: 64,
-            nw: 8,
-            bm: 64,
-        },
-        FlashTiles {
-            mw: 2,
-            bn: 32,
-            nw: 4,
-            bm: 32,
-        },
-        FlashTiles {
-            mw: 2,
-            bn: 32,
-            nw: 8,
-            bm: 32,
-        },
-        FlashTiles {
-            mw: 2,
-            bn: 64,
-            nw: 4,
-            bm: 64,
-        },
-    ] {
+    let shapes = [
+        (1, 64, 4, 64, false),
+        (2, 64, 8, 64, false),
+        (2, 32, 4, 32, false),
+        (2, 32, 8, 32, false),
+        (2, 64, 4, 64, false),
+        (1, 64, 4, 64, true),
+        (2, 64, 8, 64, true),
+        (2, 64, 4, 64, true),
+        (2, 32, 4, 32, true),
+        (2, 32, 8, 32, true),
+    ];
+    for tiles in shapes.map(|(mw, bn, nw, bm, pairs)| FlashTiles { mw, bn, nw, bm, pairs }) {
         let mut g = CudaBackend::with_options(CudaOptions {
             flash_tiles: Some(tiles),
             ..Default::default()

@@ -103,13 +103,15 @@ fn half(d: DType) -> bool {
 
 /// Tile shapes of the tensor-core kernels (template parameters of cuda/flash_attn.cu):
 /// forward `mw` m16 tiles per warp (4 warps, 64 mw query rows) and key tiles of `bn`;
-/// backward `nw` warps (16 nw keys) and query tiles of `bm`.
+/// backward `nw` warps (16 nw keys) and query tiles of `bm`, with the warps in pairs that
+/// share 32 keys when `pairs` (flash_bwd_pairs) or each owning 16 keys (flash_bwd).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlashTiles {
     pub mw: usize,
     pub bn: usize,
     pub nw: usize,
     pub bm: usize,
+    pub pairs: bool,
 }
 
 impl FlashTiles {
@@ -121,27 +123,41 @@ impl FlashTiles {
                 bn: 64,
                 nw: 4,
                 bm: 64,
+                pairs: false,
             },
             _ => FlashTiles {
                 mw: 2,
                 bn: 64,
                 nw: 8,
                 bm: 64,
+                pairs: false,
             },
         }
     }
 
-    /// Whether the kernels support these shapes for `head_dim` (the static_assert of
-    /// flash_bwd, and tiles the loops can walk).
+    /// Whether the kernels support these shapes for `head_dim` (the static_asserts of
+    /// flash_bwd and flash_bwd_pairs, and tiles the loops can walk).
     pub fn valid(&self, head_dim: usize) -> bool {
-        let (dn, mk) = (head_dim / 8, self.bm / 16);
-        matches!(self.mw, 1 | 2)
+        let common = matches!(self.mw, 1 | 2)
             && matches!(self.bn, 32 | 64)
             && matches!(self.nw, 4 | 8)
-            && matches!(self.bm, 32 | 64)
-            && self.nw.is_multiple_of(mk)
-            && dn.is_multiple_of(self.nw / mk)
-            && (dn / (self.nw / mk)).is_multiple_of(2)
+            && matches!(self.bm, 32 | 64);
+        if self.pairs {
+            // dQ phase: bm / 32 query groups, nw / groups column groups of 16k columns.
+            let groups = self.bm / 32;
+            let cw = self.nw / groups;
+            common
+                && self.nw.is_multiple_of(groups)
+                && head_dim.is_multiple_of(cw)
+                && (head_dim / cw).is_multiple_of(16)
+                && (head_dim / 2).is_multiple_of(16)
+        } else {
+            let (dn, mk) = (head_dim / 8, self.bm / 16);
+            common
+                && self.nw.is_multiple_of(mk)
+                && dn.is_multiple_of(self.nw / mk)
+                && (dn / (self.nw / mk)).is_multiple_of(2)
+        }
     }
 
     /// Dynamic shared memory of the forward or backward kernel for rows of `seq_len`.
@@ -149,8 +165,8 @@ impl FlashTiles {
         let (s, g) = (d + 8, granules(seq_len));
         // The granule ranges (8 bytes each), then one flag byte per tile (at most G tiles).
         if bwd {
-            let bn = 16 * self.nw;
-            ((2 * bn + 4 * self.bm) * s * 2 + bn * (self.bm + 8) * 2 + 6 * self.bm * 4 + 9 * g) as u32
+            let (bn, tiles) = (16 * self.nw, if self.pairs { 2 } else { 1 });
+            ((2 * bn + 4 * self.bm) * s * 2 + tiles * bn * (self.bm + 8) * 2 + 6 * self.bm * 4 + 9 * g) as u32
         } else {
             ((64 * self.mw + 4 * self.bn) * s * 2 + 2 * self.bn * 4 + 9 * g) as u32
         }
@@ -175,7 +191,7 @@ fn intern(s: String) -> &'static str {
 fn flash_kernel(d: DType, hd: usize, t: FlashTiles, bwd: bool) -> (&'static str, Vec<&'static str>) {
     let name = if d == DType::F16 { "f16" } else { "bf16" };
     let kernel = if bwd {
-        format!("flash_bwd_{name}_{hd}_w{}_m{}", t.nw, t.bm)
+        format!("flash_bwd_{name}_{hd}_w{}_m{}_p{}", t.nw, t.bm, t.pairs as u8)
     } else {
         format!("flash_fwd_{name}_{hd}_m{}_n{}", t.mw, t.bn)
     };
@@ -187,6 +203,7 @@ fn flash_kernel(d: DType, hd: usize, t: FlashTiles, bwd: bool) -> (&'static str,
         format!("FLASH_BM={}", t.bm),
         format!("FLASH_F16={}", d == DType::F16),
         format!("FLASH_NAME={name}"),
+        format!("FLASH_PAIRS={}", t.pairs as u8),
     ];
     let mut defines: Vec<&'static str> = defines.into_iter().map(intern).collect();
     defines.extend(tuning_defines());
