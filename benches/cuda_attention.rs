@@ -21,17 +21,7 @@ fn tile_sets() -> Vec<Option<FlashTiles>> {
         // "mw,bn,nw,bm[,p];..." replaces the list below.
         return s
             .split(';')
-            .map(|t| {
-                let f: Vec<&str> = t.split(',').map(str::trim).collect();
-                let n: Vec<usize> = f[..4].iter().map(|x| x.parse().expect("tile numbers")).collect();
-                Some(FlashTiles {
-                    mw: n[0],
-                    bn: n[1],
-                    nw: n[2],
-                    bm: n[3],
-                    pairs: f.get(4) == Some(&"p"),
-                })
-            })
+            .map(|t| Some(FlashTiles::parse(t).unwrap_or_else(|e| panic!("FERROTUNE_BENCH_TILES: {e}"))))
             .collect();
     }
     for (mw, bn, nw, bm, pairs) in [

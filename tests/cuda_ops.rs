@@ -943,6 +943,27 @@ fn attention_tensor_core_path() {
     attention_case(&mut g, &mut r, DType::BF16, spec(4, 2, 64, 512, true, None), 2, false);
 }
 
+/// Tile shapes as `FERROTUNE_FLASH_TILES` and the attention bench spell them.
+#[test]
+fn flash_tile_shapes_parse() {
+    let t = FlashTiles::parse("1, 64,4,64,p").unwrap();
+    assert_eq!(
+        t,
+        FlashTiles {
+            mw: 1,
+            bn: 64,
+            nw: 4,
+            bm: 64,
+            pairs: true
+        }
+    );
+    assert!(!FlashTiles::parse("2,64,8,64").unwrap().pairs);
+    for bad in ["2,64,8", "2,64,8,64,q", "2,64,x,64", "2,64,8,64,p,1"] {
+        let e = FlashTiles::parse(bad).unwrap_err().to_string();
+        assert!(e.contains(bad) && e.contains("mw,bn,nw,bm"), "{e}");
+    }
+}
+
 /// Every tile shape the backend can be configured with computes the same attention.
 #[test]
 fn attention_tensor_core_tile_shapes() {

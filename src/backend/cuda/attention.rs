@@ -135,6 +135,32 @@ impl FlashTiles {
         }
     }
 
+    /// Parses "mw,bn,nw,bm" with an optional fifth field "p" (backward warps in pairs).
+    pub fn parse(text: &str) -> Result<FlashTiles> {
+        let bad = || {
+            Error::backend(
+                "cuda",
+                format!("flash tile shape `{text}`: expected four numbers mw,bn,nw,bm and an optional `,p`, e.g. `1,64,4,64,p`"),
+            )
+        };
+        let f: Vec<&str> = text.split(',').map(str::trim).collect();
+        if !(4..=5).contains(&f.len()) || f.get(4).is_some_and(|x| *x != "p") {
+            return Err(bad());
+        }
+        let n = f[..4]
+            .iter()
+            .map(|x| x.parse::<usize>())
+            .collect::<std::result::Result<Vec<_>, _>>();
+        let n = n.map_err(|_| bad())?;
+        Ok(FlashTiles {
+            mw: n[0],
+            bn: n[1],
+            nw: n[2],
+            bm: n[3],
+            pairs: f.len() == 5,
+        })
+    }
+
     /// Whether the kernels support these shapes for `head_dim` (the static_asserts of
     /// flash_bwd and flash_bwd_pairs, and tiles the loops can walk).
     pub fn valid(&self, head_dim: usize) -> bool {

@@ -54,7 +54,9 @@ pub struct CudaOptions {
     /// Use the tensor-core attention kernels where they apply (bf16/f16, head dim 64, 96,
     /// 128, compute capability 8.0+).
     pub flash_attention: bool,
-    /// Tile shapes of the tensor-core attention kernels (None: per head dim defaults).
+    /// Tile shapes of the tensor-core attention kernels (None: per head dim defaults;
+    /// `FERROTUNE_FLASH_TILES="mw,bn,nw,bm[,p]"` sets them for every head dim, see
+    /// [`FlashTiles::parse`]; an unparsable value is ignored with a notice).
     pub flash_tiles: Option<FlashTiles>,
     /// Time every launch with events and print the totals by op kind on drop (no graphs).
     pub profile: bool,
@@ -76,7 +78,13 @@ impl Default for CudaOptions {
             sync_each_launch: env("FERROTUNE_CUDA_SYNC").as_deref() == Some("1"),
             poison_allocations: false,
             flash_attention: env("FERROTUNE_CUDA_FLASH").as_deref() != Some("0"),
-            flash_tiles: None,
+            flash_tiles: env("FERROTUNE_FLASH_TILES").and_then(|v| match FlashTiles::parse(&v) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    eprintln!("ferrotune: ignoring FERROTUNE_FLASH_TILES: {e}");
+                    None
+                }
+            }),
             profile: env("FERROTUNE_CUDA_PROFILE").as_deref() == Some("1"),
             tune_matmuls: env("FERROTUNE_CUDA_TUNE").as_deref() != Some("0"),
             tune_candidates: env("FERROTUNE_CUDA_TUNE_CANDIDATES")
