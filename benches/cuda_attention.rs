@@ -57,7 +57,14 @@ fn main() {
             })
             .unwrap_or_else(|e| panic!("this benchmark needs a CUDA device: {e}"));
             let label = match tiles {
-                Some(t) => format!("m{}n{} w{}m{}", t.mw, t.bn, t.nw, t.bm),
+                Some(t) => format!(
+                    "m{}n{} w{}m{}{}",
+                    t.mw,
+                    t.bn,
+                    t.nw,
+                    t.bm,
+                    if t.pairs { "p" } else { "" }
+                ),
                 None => "default".to_string(),
             };
             for (t, b) in [(2048usize, 8usize), (8192, 2), (16384, 1)] {

@@ -847,6 +847,11 @@ __device__ void flash_bwd(const FlashParams& p) {
 //     BM queries: the warp's own query half from registers, its partner's from shared memory
 //     (a 64-thread named barrier per pair orders the two);
 //   dQ_acc += dS K with the warps splitting the queries (32 each) and D, as in flash_bwd.
+// K and V stay in registers as A fragments up to this head dim (above it they are read from
+// shared memory each step).
+#ifndef FLASH_PAIRS_KVREG_D
+#define FLASH_PAIRS_KVREG_D 64
+#endif
 template <int D, int NW, int BM, bool F16>
 __device__ void flash_bwd_pairs(const FlashParams& p) {
     constexpr int BN = 16 * NW, S = D + 8, SS = BM + 8, DK = D / 16, NTH = NW * 32;
@@ -855,7 +860,7 @@ __device__ void flash_bwd_pairs(const FlashParams& p) {
     constexpr int MQ = BM / 32, CW = NW / MQ, DQC = D / CW, NDQ = DQC / 8;  // dQ phase
     static_assert(NW % 2 == 0 && BM % 32 == 0 && NW % MQ == 0 && D % CW == 0 && DQC % 16 == 0 && DH % 16 == 0,
                   "unsupported backward tiling");
-    constexpr bool KVREG = D <= 64;
+    constexpr bool KVREG = D <= FLASH_PAIRS_KVREG_D;
     extern __shared__ __align__(16) u16 smem[];
     u16* sK = smem;                          // [BN][S]
     u16* sV = sK + BN * S;                   // [BN][S]

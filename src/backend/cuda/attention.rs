@@ -117,21 +117,14 @@ pub struct FlashTiles {
 impl FlashTiles {
     /// The shapes used unless [`super::CudaOptions::flash_tiles`] overrides them.
     pub fn default_for(head_dim: usize) -> FlashTiles {
-        match head_dim {
-            64 => FlashTiles {
-                mw: 1,
-                bn: 64,
-                nw: 4,
-                bm: 64,
-                pairs: false,
-            },
-            _ => FlashTiles {
-                mw: 2,
-                bn: 64,
-                nw: 8,
-                bm: 64,
-                pairs: false,
-            },
+        // Fastest measured on the H200 (docs/benchmarks.md); head dim 96 has no valid pair
+        // layout with 8 warps (its dQ column groups would be 24 wide).
+        FlashTiles {
+            mw: 2,
+            bn: 64,
+            nw: 8,
+            bm: 64,
+            pairs: head_dim != 96,
         }
     }
 
