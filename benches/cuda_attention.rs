@@ -24,19 +24,7 @@ fn tile_sets() -> Vec<Option<FlashTiles>> {
             .map(|t| Some(FlashTiles::parse(t).unwrap_or_else(|e| panic!("FERROTUNE_BENCH_TILES: {e}"))))
             .collect();
     }
-    for (mw, bn, nw, bm, pairs) in [
-        (1, 64, 4, 64, false),
-        (2, 64, 8, 64, false),
-        (2, 32, 4, 32, false),
-        (2, 32, 8, 32, false),
-        (2, 64, 4, 64, false),
-        (1, 64, 4, 64, true),
-        (2, 64, 8, 64, true),
-        (2, 64, 4, 64, true),
-        (2, 32, 4, 32, true),
-    ] {
-        v.push(Some(FlashTiles { mw, bn, nw, bm, pairs }));
-    }
+    v.extend(FlashTiles::known().into_iter().map(Some));
     v
 }
 

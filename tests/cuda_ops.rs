@@ -968,19 +968,7 @@ fn flash_tile_shapes_parse() {
 #[test]
 fn attention_tensor_core_tile_shapes() {
     let mut r = rng(17);
-    let shapes = [
-        (1, 64, 4, 64, false),
-        (2, 64, 8, 64, false),
-        (2, 32, 4, 32, false),
-        (2, 32, 8, 32, false),
-        (2, 64, 4, 64, false),
-        (1, 64, 4, 64, true),
-        (2, 64, 8, 64, true),
-        (2, 64, 4, 64, true),
-        (2, 32, 4, 32, true),
-        (2, 32, 8, 32, true),
-    ];
-    for tiles in shapes.map(|(mw, bn, nw, bm, pairs)| FlashTiles { mw, bn, nw, bm, pairs }) {
+    for tiles in FlashTiles::known() {
         let mut g = CudaBackend::with_options(CudaOptions {
             flash_tiles: Some(tiles),
             ..Default::default()

@@ -128,6 +128,25 @@ impl FlashTiles {
         }
     }
 
+    /// The tile shapes the attention tests check and `FERROTUNE_BENCH_TILES=all` times
+    /// (each valid only for some head dims, see [`FlashTiles::valid`]).
+    pub fn known() -> Vec<FlashTiles> {
+        [
+            (1, 64, 4, 64, false),
+            (2, 64, 8, 64, false),
+            (2, 32, 4, 32, false),
+            (2, 32, 8, 32, false),
+            (2, 64, 4, 64, false),
+            (1, 64, 4, 64, true),
+            (2, 64, 8, 64, true),
+            (2, 64, 4, 64, true),
+            (2, 32, 4, 32, true),
+            (2, 32, 8, 32, true),
+        ]
+        .map(|(mw, bn, nw, bm, pairs)| FlashTiles { mw, bn, nw, bm, pairs })
+        .to_vec()
+    }
+
     /// Parses "mw,bn,nw,bm" with an optional fifth field "p" (backward warps in pairs).
     pub fn parse(text: &str) -> Result<FlashTiles> {
         let bad = || {
