@@ -318,7 +318,9 @@ __device__ __forceinline__ BlockOrder block_order(bool lpt) {
 template <int D, int MW, int BN, bool F16>
 __device__ void flash_fwd(const FlashParams& p) {
     constexpr int NW = 4, BM = 16 * MW * NW, S = D + 8, DK = D / 16, DN = D / 8, NT = BN / 8, NTH = NW * 32;
-    constexpr bool QREG = MW == 1 || D <= 64;
+    // Q stays in registers for the whole block where the score accumulators leave room (with
+    // two m-tiles, 128 keys and head dim 64 it would spill: measured 10% slower on the H200).
+    constexpr bool QREG = MW == 1 || (D <= 64 && BN <= 64);
     extern __shared__ __align__(16) u16 smem[];
     u16* sQ = smem;                     // [BM][S]
     u16* sK = sQ + BM * S;              // [2][BN][S]
@@ -840,27 +842,30 @@ __device__ void flash_bwd(const FlashParams& p) {
 // each re-read the whole query tile for 16 keys. NW warps form NW / 2 pairs; pair w / 2 owns
 // keys 32 (w / 2) .. 32 (w / 2) + 31 (BN = 16 NW keys per block, as in flash_bwd). Per query
 // tile of BM rows:
-//   S^T, dP^T for the pair's 32 keys and query half w % 2 (BM / 2 queries): each Q or dO
-//     fragment read from shared memory feeds both of the warp's key m-tiles;
+//   S^T, dP^T for the pair's 32 keys and query half w % 2 (BM / 2 queries, in chunks of at
+//     most 32 so that BM = 128 costs no more registers than 64): each Q or dO fragment read
+//     from shared memory feeds both of the warp's key m-tiles;
 //   P^T, dS^T -> shared memory, each warp its own 32 x BM / 2 quarter;
 //   dV += P^T dO, dK += dS^T Q for the pair's 32 keys and column half w % 2 (D / 2) over all
-//     BM queries: the warp's own query half from registers, its partner's from shared memory
-//     (a 64-thread named barrier per pair orders the two);
+//     BM queries: the warp's own query half from registers (chunk by chunk), its partner's
+//     from shared memory (a 64-thread named barrier per pair orders the two);
 //   dQ_acc += dS K with the warps splitting the queries (32 each) and D, as in flash_bwd.
-// K and V stay in registers as A fragments up to this head dim (above it they are read from
-// shared memory each step).
+// K and V stay in registers as A fragments up to this head dim with 64 queries per step
+// (above it, or with 128 queries, they are read from shared memory each step: with 128 they
+// would spill, measured 1.2% slower at head dim 64 on the H200).
 #ifndef FLASH_PAIRS_KVREG_D
 #define FLASH_PAIRS_KVREG_D 64
 #endif
 template <int D, int NW, int BM, bool F16>
 __device__ void flash_bwd_pairs(const FlashParams& p) {
     constexpr int BN = 16 * NW, S = D + 8, SS = BM + 8, DK = D / 16, NTH = NW * 32;
-    constexpr int QH = BM / 2, NQ = QH / 8, KQ = QH / 16;                 // S phase: queries per warp
+    constexpr int QH = BM / 2, QC = QH < 32 ? QH : 32, NC = QH / QC;       // S phase: QH queries per warp in NC chunks
+    constexpr int NQ = QC / 8, KQ = QC / 16;
     constexpr int DH = D / 2, ND = DH / 8;                                 // dK/dV phase: columns per warp
     constexpr int MQ = BM / 32, CW = NW / MQ, DQC = D / CW, NDQ = DQC / 8;  // dQ phase
     static_assert(NW % 2 == 0 && BM % 32 == 0 && NW % MQ == 0 && D % CW == 0 && DQC % 16 == 0 && DH % 16 == 0,
                   "unsupported backward tiling");
-    constexpr bool KVREG = D <= FLASH_PAIRS_KVREG_D;
+    constexpr bool KVREG = D <= FLASH_PAIRS_KVREG_D && BM <= 64;
     extern __shared__ __align__(16) u16 smem[];
     u16* sK = smem;                          // [BN][S]
     u16* sV = sK + BN * S;                   // [BN][S]
@@ -966,7 +971,7 @@ __device__ void flash_bwd_pairs(const FlashParams& p) {
     // Per-lane parts of the ldmatrix addresses (bytes).
     const u32 aKV = ((pair * 32 + (lane & 15)) * S + (lane >> 4) * 8) * 2;                   // K, V rows (A)
     const u32 aPS = ((pair * 32 + (lane & 15)) * SS + (lane >> 4) * 8) * 2;                  // P^T, dS^T rows (A)
-    const u32 aQB = (((lane & 7) + ((lane >> 4) << 3) + half * QH) * S + ((lane >> 3) & 1) * 8) * 2;  // Q, dO (B)
+    const u32 aQB = (((lane & 7) + ((lane >> 4) << 3)) * S + ((lane >> 3) & 1) * 8) * 2;  // Q, dO (B)
     const u32 aQT = (((lane & 7) + ((lane >> 3) & 1) * 8) * S + (lane >> 4) * 8 + half * DH) * 2;     // Q, dO^T
     const u32 aDS = (((lane & 7) + ((lane >> 4) << 3)) * SS + ((lane >> 3) & 1) * 8) * 2;    // dS (A, transposed)
     const u32 aKT = (((lane & 7) + ((lane >> 3) & 1) * 8) * S + (lane >> 4) * 8) * 2;        // K (B, transposed)
@@ -1003,122 +1008,127 @@ __device__ void flash_bwd_pairs(const FlashParams& p) {
                 }
         }
         first = false;
-        // S^T = K Q^T and dP^T = V dO^T: the pair's 32 keys, this warp's query half.
-        float st_[2][NQ][4], dpt[2][NQ][4];
+        // The warp's query half in chunks of QC (registers bound the S accumulators).
 #pragma unroll
-        for (int mi = 0; mi < 2; mi++)
+        for (int ch = 0; ch < NC; ch++) {
+            const int q0c = half * QH + QC * ch;
+            // S^T = K Q^T and dP^T = V dO^T: the pair's 32 keys, this warp's query chunk.
+            float st_[2][NQ][4], dpt[2][NQ][4];
 #pragma unroll
-            for (int i = 0; i < NQ; i++)
+            for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) st_[mi][i][e] = dpt[mi][i][e] = 0.f;
+                for (int i = 0; i < NQ; i++)
 #pragma unroll
-        for (int kc = 0; kc < DK; kc++) {
-            u32 ka[2][4], va[2][4];
+                    for (int e = 0; e < 4; e++) st_[mi][i][e] = dpt[mi][i][e] = 0.f;
 #pragma unroll
-            for (int mi = 0; mi < 2; mi++) {
-                if (KVREG) {
+            for (int kc = 0; kc < DK; kc++) {
+                u32 ka[2][4], va[2][4];
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+                    if (KVREG) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            ka[mi][e] = kf[KVREG ? mi : 0][KVREG ? kc : 0][e];
+                            va[mi][e] = vf[KVREG ? mi : 0][KVREG ? kc : 0][e];
+                        }
+                    } else {
+                        const u32 off = aKV + (mi * 16 * S + kc * 16) * 2;
+                        ldsm_x4(sb + off, ka[mi][0], ka[mi][1], ka[mi][2], ka[mi][3]);
+                        ldsm_x4(sbV + off, va[mi][0], va[mi][1], va[mi][2], va[mi][3]);
+                    }
+                }
+#pragma unroll
+                for (int mp = 0; mp < NQ / 2; mp++) {
+                    u32 b0, b1, b2, b3;
+                    const u32 off = aQB + ((q0c + mp * 16) * S + kc * 16) * 2;
+                    ldsm_x4(cQ + off, b0, b1, b2, b3);
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++) {
+                        mma16816<F16>(st_[mi][2 * mp], ka[mi], b0, b1);
+                        mma16816<F16>(st_[mi][2 * mp + 1], ka[mi], b2, b3);
+                    }
+                    ldsm_x4(cdO + off, b0, b1, b2, b3);
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++) {
+                        mma16816<F16>(dpt[mi][2 * mp], va[mi], b0, b1);
+                        mma16816<F16>(dpt[mi][2 * mp + 1], va[mi], b2, b3);
+                    }
+                }
+            }
+            // P^T and dS^T. Element e of n-tile nt is query q0c + 8 nt + 2 tig + (e & 1) and
+            // key row 16 mi + g + 8 (e >> 1) of the pair.
+#pragma unroll
+            for (int nt = 0; nt < NQ; nt++) {
+                const int qc = q0c + nt * 8 + 2 * tig;
+                const float2 lq = *(const float2*)(cL + qc), dq2 = *(const float2*)(cDi + qc);
+                const int2 sq = full ? make_int2(0, 0) : *(const int2*)(cSg + qc);
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
-                        ka[mi][e] = kf[KVREG ? mi : 0][KVREG ? kc : 0][e];
-                        va[mi][e] = vf[KVREG ? mi : 0][KVREG ? kc : 0][e];
+                        const int c = e & 1, r = e >> 1;
+                        float pv = ex2(fmaf(st_[mi][nt][e], sl2, -(c ? lq.y : lq.x) * LOG2E));
+                        if (!full) {
+                            const int i = m0 + qc + c;
+                            const bool ok = (i >= ilo[mi][r]) & (i <= ihi[mi][r]) & ((c ? sq.y : sq.x) == segk[mi][r]);
+                            pv = ok ? pv : 0.f;
+                        }
+                        st_[mi][nt][e] = pv;
+                        dpt[mi][nt][e] = pv * (dpt[mi][nt][e] - (c ? dq2.y : dq2.x));
                     }
-                } else {
-                    const u32 off = aKV + (mi * 16 * S + kc * 16) * 2;
-                    ldsm_x4(sb + off, ka[mi][0], ka[mi][1], ka[mi][2], ka[mi][3]);
-                    ldsm_x4(sbV + off, va[mi][0], va[mi][1], va[mi][2], va[mi][3]);
                 }
             }
-#pragma unroll
-            for (int mp = 0; mp < NQ / 2; mp++) {
-                u32 b0, b1, b2, b3;
-                const u32 off = aQB + (mp * 16 * S + kc * 16) * 2;
-                ldsm_x4(cQ + off, b0, b1, b2, b3);
-#pragma unroll
-                for (int mi = 0; mi < 2; mi++) {
-                    mma16816<F16>(st_[mi][2 * mp], ka[mi], b0, b1);
-                    mma16816<F16>(st_[mi][2 * mp + 1], ka[mi], b2, b3);
-                }
-                ldsm_x4(cdO + off, b0, b1, b2, b3);
-#pragma unroll
-                for (int mi = 0; mi < 2; mi++) {
-                    mma16816<F16>(dpt[mi][2 * mp], va[mi], b0, b1);
-                    mma16816<F16>(dpt[mi][2 * mp + 1], va[mi], b2, b3);
-                }
-            }
-        }
-        // P^T and dS^T. Element e of n-tile nt is query half QH + 8 nt + 2 tig + (e & 1) and
-        // key row 16 mi + g + 8 (e >> 1) of the pair.
-#pragma unroll
-        for (int nt = 0; nt < NQ; nt++) {
-            const int qc = half * QH + nt * 8 + 2 * tig;
-            const float2 lq = *(const float2*)(cL + qc), dq2 = *(const float2*)(cDi + qc);
-            const int2 sq = full ? make_int2(0, 0) : *(const int2*)(cSg + qc);
+            // Packed as A operands (m = keys, k = queries) and stored for the partner and dQ.
+            u32 pa[2][KQ][4], da[2][KQ][4];
 #pragma unroll
             for (int mi = 0; mi < 2; mi++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int c = e & 1, r = e >> 1;
-                    float pv = ex2(fmaf(st_[mi][nt][e], sl2, -(c ? lq.y : lq.x) * LOG2E));
-                    if (!full) {
-                        const int i = m0 + qc + c;
-                        const bool ok = (i >= ilo[mi][r]) & (i <= ihi[mi][r]) & ((c ? sq.y : sq.x) == segk[mi][r]);
-                        pv = ok ? pv : 0.f;
-                    }
-                    st_[mi][nt][e] = pv;
-                    dpt[mi][nt][e] = pv * (dpt[mi][nt][e] - (c ? dq2.y : dq2.x));
+                for (int kc = 0; kc < KQ; kc++) {
+                    pa[mi][kc][0] = pack2<F16>(st_[mi][2 * kc][0], st_[mi][2 * kc][1]);
+                    pa[mi][kc][1] = pack2<F16>(st_[mi][2 * kc][2], st_[mi][2 * kc][3]);
+                    pa[mi][kc][2] = pack2<F16>(st_[mi][2 * kc + 1][0], st_[mi][2 * kc + 1][1]);
+                    pa[mi][kc][3] = pack2<F16>(st_[mi][2 * kc + 1][2], st_[mi][2 * kc + 1][3]);
+                    da[mi][kc][0] = pack2<F16>(dpt[mi][2 * kc][0], dpt[mi][2 * kc][1]);
+                    da[mi][kc][1] = pack2<F16>(dpt[mi][2 * kc][2], dpt[mi][2 * kc][3]);
+                    da[mi][kc][2] = pack2<F16>(dpt[mi][2 * kc + 1][0], dpt[mi][2 * kc + 1][1]);
+                    da[mi][kc][3] = pack2<F16>(dpt[mi][2 * kc + 1][2], dpt[mi][2 * kc + 1][3]);
+                    const int r = pair * 32 + mi * 16 + g, c = q0c + kc * 16 + 2 * tig;
+                    *(u32*)(sP + r * SS + c) = pa[mi][kc][0];
+                    *(u32*)(sP + (r + 8) * SS + c) = pa[mi][kc][1];
+                    *(u32*)(sP + r * SS + c + 8) = pa[mi][kc][2];
+                    *(u32*)(sP + (r + 8) * SS + c + 8) = pa[mi][kc][3];
+                    *(u32*)(sdS + r * SS + c) = da[mi][kc][0];
+                    *(u32*)(sdS + (r + 8) * SS + c) = da[mi][kc][1];
+                    *(u32*)(sdS + r * SS + c + 8) = da[mi][kc][2];
+                    *(u32*)(sdS + (r + 8) * SS + c + 8) = da[mi][kc][3];
                 }
             }
-        }
-        // Packed as A operands (m = keys, k = queries) and stored for the partner and dQ.
-        u32 pa[2][KQ][4], da[2][KQ][4];
-#pragma unroll
-        for (int mi = 0; mi < 2; mi++) {
+            // dV += P^T dO, dK += dS^T Q over this chunk (A from registers) ...
 #pragma unroll
             for (int kc = 0; kc < KQ; kc++) {
-                pa[mi][kc][0] = pack2<F16>(st_[mi][2 * kc][0], st_[mi][2 * kc][1]);
-                pa[mi][kc][1] = pack2<F16>(st_[mi][2 * kc][2], st_[mi][2 * kc][3]);
-                pa[mi][kc][2] = pack2<F16>(st_[mi][2 * kc + 1][0], st_[mi][2 * kc + 1][1]);
-                pa[mi][kc][3] = pack2<F16>(st_[mi][2 * kc + 1][2], st_[mi][2 * kc + 1][3]);
-                da[mi][kc][0] = pack2<F16>(dpt[mi][2 * kc][0], dpt[mi][2 * kc][1]);
-                da[mi][kc][1] = pack2<F16>(dpt[mi][2 * kc][2], dpt[mi][2 * kc][3]);
-                da[mi][kc][2] = pack2<F16>(dpt[mi][2 * kc + 1][0], dpt[mi][2 * kc + 1][1]);
-                da[mi][kc][3] = pack2<F16>(dpt[mi][2 * kc + 1][2], dpt[mi][2 * kc + 1][3]);
-                const int r = pair * 32 + mi * 16 + g, c = half * QH + kc * 16 + 2 * tig;
-                *(u32*)(sP + r * SS + c) = pa[mi][kc][0];
-                *(u32*)(sP + (r + 8) * SS + c) = pa[mi][kc][1];
-                *(u32*)(sP + r * SS + c + 8) = pa[mi][kc][2];
-                *(u32*)(sP + (r + 8) * SS + c + 8) = pa[mi][kc][3];
-                *(u32*)(sdS + r * SS + c) = da[mi][kc][0];
-                *(u32*)(sdS + (r + 8) * SS + c) = da[mi][kc][1];
-                *(u32*)(sdS + r * SS + c + 8) = da[mi][kc][2];
-                *(u32*)(sdS + (r + 8) * SS + c + 8) = da[mi][kc][3];
-            }
-        }
-        // dV += P^T dO, dK += dS^T Q over this warp's own query half (A from registers) ...
 #pragma unroll
-        for (int kc = 0; kc < KQ; kc++) {
+                for (int dp = 0; dp < ND / 2; dp++) {
+                    u32 b0, b1, b2, b3;
+                    const u32 off = aQT + ((q0c + kc * 16) * S + dp * 16) * 2;
+                    ldsm_x4_t(cdO + off, b0, b1, b2, b3);
 #pragma unroll
-            for (int dp = 0; dp < ND / 2; dp++) {
-                u32 b0, b1, b2, b3;
-                const u32 off = aQT + ((half * QH + kc * 16) * S + dp * 16) * 2;
-                ldsm_x4_t(cdO + off, b0, b1, b2, b3);
+                    for (int mi = 0; mi < 2; mi++) {
+                        mma16816<F16>(dv[mi][2 * dp], pa[mi][kc], b0, b1);
+                        mma16816<F16>(dv[mi][2 * dp + 1], pa[mi][kc], b2, b3);
+                    }
+                    ldsm_x4_t(cQ + off, b0, b1, b2, b3);
 #pragma unroll
-                for (int mi = 0; mi < 2; mi++) {
-                    mma16816<F16>(dv[mi][2 * dp], pa[mi][kc], b0, b1);
-                    mma16816<F16>(dv[mi][2 * dp + 1], pa[mi][kc], b2, b3);
-                }
-                ldsm_x4_t(cQ + off, b0, b1, b2, b3);
-#pragma unroll
-                for (int mi = 0; mi < 2; mi++) {
-                    mma16816<F16>(dk[mi][2 * dp], da[mi][kc], b0, b1);
-                    mma16816<F16>(dk[mi][2 * dp + 1], da[mi][kc], b2, b3);
+                    for (int mi = 0; mi < 2; mi++) {
+                        mma16816<F16>(dk[mi][2 * dp], da[mi][kc], b0, b1);
+                        mma16816<F16>(dk[mi][2 * dp + 1], da[mi][kc], b2, b3);
+                    }
                 }
             }
         }
         // ... and over the partner's (A from shared memory, once the partner has stored it).
         asm volatile("bar.sync %0, 64;" ::"r"(barrier) : "memory");
 #pragma unroll
-        for (int kc = 0; kc < KQ; kc++) {
+        for (int kc = 0; kc < QH / 16; kc++) {
             const int q0 = (half ^ 1) * QH + kc * 16;
             u32 pb[2][4], db[2][4];
 #pragma unroll
@@ -1218,33 +1228,41 @@ __device__ void flash_bwd_pairs(const FlashParams& p) {
 //   forward:  (BM + 4 BN) (D + 8) 2 + 2 BN 4 + 9 G                      BM = 64 MW
 //   backward: (2 BN + 4 BM) (D + 8) 2 + X BN (BM + 8) 2 + 6 BM 4 + 9 G   BN = 16 NW
 // with X = 1 (dS^T) for flash_bwd and 2 (P^T, dS^T) for flash_bwd_pairs (PAIRS = 1).
-#define FLASH_ENTRIES_(D, MW, BN, NW, BM, F16, NAME, PAIRS)                                            \
+#define FLASH_FWD_ENTRY_(D, MW, BN, F16, NAME)                                                         \
     extern "C" __global__ void __launch_bounds__(128) flash_fwd_##NAME##_##D##_m##MW##_n##BN(FlashParams p) { \
         flash_fwd<D, MW, BN, F16>(p);                                                                  \
-    }                                                                                                  \
+    }
+#define FLASH_BWD_ENTRY_(D, NW, BM, F16, NAME, PAIRS)                                                  \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                              \
         flash_bwd_##NAME##_##D##_w##NW##_m##BM##_p##PAIRS(FlashParams p) {                             \
         if constexpr (PAIRS) flash_bwd_pairs<D, NW, BM, F16>(p);                                       \
         else flash_bwd<D, NW, BM, F16>(p);                                                             \
     }
-#define FLASH_ENTRIES(D, MW, BN, NW, BM, F16, NAME, PAIRS) FLASH_ENTRIES_(D, MW, BN, NW, BM, F16, NAME, PAIRS)
+#define FLASH_FWD_ENTRY(D, MW, BN, F16, NAME) FLASH_FWD_ENTRY_(D, MW, BN, F16, NAME)
+#define FLASH_BWD_ENTRY(D, NW, BM, F16, NAME, PAIRS) FLASH_BWD_ENTRY_(D, NW, BM, F16, NAME, PAIRS)
 
 // The backend compiles one variant at a time (-DFLASH_D=.. -DFLASH_MW=.. -DFLASH_BN=..
 // -DFLASH_NW=.. -DFLASH_BM=.. -DFLASH_F16=.. -DFLASH_NAME=.. -DFLASH_PAIRS=..); without them
 // a set of variants is compiled (a check of the whole file).
 #ifdef FLASH_D
-FLASH_ENTRIES(FLASH_D, FLASH_MW, FLASH_BN, FLASH_NW, FLASH_BM, FLASH_F16, FLASH_NAME, FLASH_PAIRS)
+FLASH_FWD_ENTRY(FLASH_D, FLASH_MW, FLASH_BN, FLASH_F16, FLASH_NAME)
+FLASH_BWD_ENTRY(FLASH_D, FLASH_NW, FLASH_BM, FLASH_F16, FLASH_NAME, FLASH_PAIRS)
 #else
-FLASH_ENTRIES(64, 1, 64, 8, 64, false, bf16, 0)
-FLASH_ENTRIES(96, 2, 64, 8, 64, false, bf16, 0)
-FLASH_ENTRIES(128, 2, 64, 8, 64, false, bf16, 0)
-FLASH_ENTRIES(64, 1, 64, 8, 64, true, f16, 0)
-FLASH_ENTRIES(96, 2, 64, 8, 64, true, f16, 0)
-FLASH_ENTRIES(128, 2, 64, 8, 64, true, f16, 0)
-FLASH_ENTRIES(64, 2, 32, 4, 32, false, bf16, 0)
-FLASH_ENTRIES(128, 2, 32, 4, 64, false, bf16, 0)
-FLASH_ENTRIES(64, 1, 64, 4, 64, false, bf16, 1)
-FLASH_ENTRIES(96, 2, 64, 4, 64, false, bf16, 1)
-FLASH_ENTRIES(128, 2, 64, 8, 64, true, f16, 1)
-FLASH_ENTRIES(64, 2, 32, 4, 32, false, bf16, 1)
+FLASH_FWD_ENTRY(64, 1, 64, false, bf16)
+FLASH_FWD_ENTRY(64, 2, 128, false, bf16)
+FLASH_FWD_ENTRY(96, 2, 64, false, bf16)
+FLASH_FWD_ENTRY(128, 2, 64, false, bf16)
+FLASH_FWD_ENTRY(64, 2, 128, true, f16)
+FLASH_FWD_ENTRY(128, 2, 64, true, f16)
+FLASH_FWD_ENTRY(64, 2, 32, false, bf16)
+FLASH_BWD_ENTRY(64, 8, 64, false, bf16, 0)
+FLASH_BWD_ENTRY(96, 8, 64, false, bf16, 0)
+FLASH_BWD_ENTRY(96, 8, 64, true, f16, 0)
+FLASH_BWD_ENTRY(64, 4, 32, false, bf16, 0)
+FLASH_BWD_ENTRY(64, 4, 64, false, bf16, 1)
+FLASH_BWD_ENTRY(64, 8, 128, false, bf16, 1)
+FLASH_BWD_ENTRY(64, 8, 128, true, f16, 1)
+FLASH_BWD_ENTRY(128, 8, 64, false, bf16, 1)
+FLASH_BWD_ENTRY(128, 8, 64, true, f16, 1)
+FLASH_BWD_ENTRY(64, 4, 32, false, bf16, 1)
 #endif

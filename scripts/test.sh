@@ -29,6 +29,15 @@ cargo test --release --lib --bins --tests --examples -- --skip coop_matmul_match
 # The CUDA backend loads its libraries at run time: it compiles without a GPU, and its
 # tests (which need one) run with scripts/gpu-test.sh on a machine that has it.
 cargo build --release --features cuda --all-targets
+# NVRTC needs no GPU, so every CUDA kernel source is compiled here for sm_80 and sm_90 with
+# NVRTC from NVIDIA's PyPI wheel (the version the GPU machine's CUDA 13.0 has).
+nvrtc=target/nvrtc-wheel
+if [ ! -e "$nvrtc/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+  python3 -m pip download -q --no-deps --only-binary=:all: -d "$nvrtc" nvidia-cuda-nvrtc==13.0.88
+  (cd "$nvrtc" && for w in *.whl; do python3 -m zipfile -e "$w" .; done)
+fi
+LD_LIBRARY_PATH="$PWD/$nvrtc/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test --release --features cuda --test cuda_nvrtc
 
 # The browser demo in headless Chromium (installs Chromium, wasm-bindgen-cli and
 # playwright-core when missing).

@@ -117,13 +117,16 @@ pub struct FlashTiles {
 impl FlashTiles {
     /// The shapes used unless [`super::CudaOptions::flash_tiles`] overrides them.
     pub fn default_for(head_dim: usize) -> FlashTiles {
-        // Fastest measured on the H200 (docs/benchmarks.md); head dim 96 has no valid pair
-        // layout with 8 warps (its dQ column groups would be 24 wide).
+        // Fastest measured on the H200 (docs/benchmarks.md). Head dim 64 takes 128 keys per
+        // forward tile and 128 queries per backward step, which larger head dims cannot
+        // (registers, shared memory); 96 has no valid pair layout with 8 warps and 64 queries
+        // (its dQ column groups would be 24 wide).
+        let big = head_dim == 64;
         FlashTiles {
             mw: 2,
-            bn: 64,
+            bn: if big { 128 } else { 64 },
             nw: 8,
-            bm: 64,
+            bm: if big { 128 } else { 64 },
             pairs: head_dim != 96,
         }
     }
@@ -142,6 +145,9 @@ impl FlashTiles {
             (2, 64, 4, 64, true),
             (2, 32, 4, 32, true),
             (2, 32, 8, 32, true),
+            (1, 128, 8, 64, true),
+            (2, 128, 8, 64, true),
+            (2, 128, 8, 128, true),
         ]
         .map(|(mw, bn, nw, bm, pairs)| FlashTiles { mw, bn, nw, bm, pairs })
         .to_vec()
@@ -177,9 +183,12 @@ impl FlashTiles {
     /// flash_bwd and flash_bwd_pairs, and tiles the loops can walk).
     pub fn valid(&self, head_dim: usize) -> bool {
         let common = matches!(self.mw, 1 | 2)
-            && matches!(self.bn, 32 | 64)
+            && matches!(self.bn, 32 | 64 | 128)
             && matches!(self.nw, 4 | 8)
-            && matches!(self.bm, 32 | 64);
+            // 128 queries per step: only the pair layout (flash_bwd's accumulators would
+            // spill), and only at head dim 64 (above it the backward needs more than the
+            // 227 KiB of shared memory a Hopper block can have).
+            && (matches!(self.bm, 32 | 64) || self.pairs && self.bm == 128 && head_dim == 64);
         if self.pairs {
             // dQ phase: bm / 32 query groups, nw / groups column groups of 16k columns.
             let groups = self.bm / 32;
@@ -302,23 +311,35 @@ impl CudaBackend {
         }
     }
 
-    fn tiles(&self, head_dim: usize) -> FlashTiles {
-        self.opts
-            .flash_tiles
-            .unwrap_or_else(|| FlashTiles::default_for(head_dim))
+    /// The tile shapes for `s`: the configured ones, else the defaults, made smaller (64 keys
+    /// and 64 queries per step) where the defaults need more shared memory than the device has.
+    fn tiles(&self, s: &AttnSpec) -> FlashTiles {
+        if let Some(t) = self.opts.flash_tiles {
+            return t;
+        }
+        let t = FlashTiles::default_for(s.head_dim);
+        if self.smem_fits(t, s) {
+            t
+        } else {
+            FlashTiles { bn: 64, bm: 64, ..t }
+        }
+    }
+
+    fn smem_fits(&self, t: FlashTiles, s: &AttnSpec) -> bool {
+        let need = t
+            .smem(s.head_dim, s.seq_len, true)
+            .max(t.smem(s.head_dim, s.seq_len, false));
+        need as u64 <= self.gpu.smem_optin as u64
     }
 
     fn flash_capable(&self, s: &AttnSpec, dt: DType) -> bool {
-        let t = self.tiles(s.head_dim);
+        let t = self.tiles(s);
         self.opts.flash_attention
             && self.gpu.cc >= (8, 0)
             && half(dt)
             && matches!(s.head_dim, 64 | 96 | 128)
             && t.valid(s.head_dim)
-            && (t
-                .smem(s.head_dim, s.seq_len, true)
-                .max(t.smem(s.head_dim, s.seq_len, false)) as i64)
-                <= self.gpu.smem_optin as i64
+            && self.smem_fits(t, s)
     }
 
     pub(super) fn flash_ok_fwd(&self, s: &AttnSpec, i: &[&TensorInfo], o: &[&TensorInfo]) -> bool {
@@ -352,7 +373,7 @@ impl CudaBackend {
             self.flash_ok_fwd(s, i, o)
         };
         if flash {
-            let t = self.tiles(s.head_dim);
+            let t = self.tiles(s);
             let (name, defs) = flash_kernel(i[0].dtype, s.head_dim, t, bwd);
             self.mods
                 .get_with_smem(Family::FlashAttn, &defs, name, t.smem(s.head_dim, s.seq_len, bwd))?;
@@ -384,7 +405,7 @@ impl CudaBackend {
         let a = dims(s, n)?;
         let dt = dt_code(i[0].info.dtype)?;
         if self.flash_ok_fwd(s, &infos, &oinfos) {
-            let t = self.tiles(s.head_dim);
+            let t = self.tiles(s);
             let (name, defs) = flash_kernel(i[0].info.dtype, s.head_dim, t, false);
             let smem = t.smem(s.head_dim, s.seq_len, false);
             let k = self.mods.get_with_smem(Family::FlashAttn, &defs, name, smem)?;
@@ -511,7 +532,7 @@ impl CudaBackend {
             let dq_acc = sc[1];
             let qn = (n * s.n_heads * s.head_dim) as u64;
             self.gpu.memset32(dq_acc, 0, qn as usize)?;
-            let t = self.tiles(s.head_dim);
+            let t = self.tiles(s);
             let (name, defs) = flash_kernel(i[0].info.dtype, s.head_dim, t, true);
             let smem = t.smem(s.head_dim, s.seq_len, true);
             let kf = self.mods.get_with_smem(Family::FlashAttn, &defs, name, smem)?;
