@@ -5,7 +5,7 @@
 //! `cuda_ops` checks against the CPU). `FERROTUNE_BENCH_TILES=all` adds every other tile
 //! shape; `FERROTUNE_BENCH_TILES="mw,bn,nw,bm[,p];..."` times the listed ones instead (`p`: the
 //! backward's warps in pairs);
-//! `FERROTUNE_BENCH_HEAD_DIMS=64` (or `128`) times one head dim only.
+//! `FERROTUNE_BENCH_HEAD_DIMS=64` (or `128`, or a list such as `96,128`) times those head dims only.
 use ferrotune::backend::cuda::bench::{time_attention, AttnShape};
 use ferrotune::backend::cuda::{CudaBackend, CudaOptions, FlashTiles};
 use ferrotune::DType;
@@ -31,8 +31,10 @@ fn tile_sets() -> Vec<Option<FlashTiles>> {
 fn main() {
     println!("| tiles | T | batch | heads | head dim | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s |");
     let dims = std::env::var("FERROTUNE_BENCH_HEAD_DIMS").unwrap_or_default();
-    for (hd, heads) in [(64usize, 32usize), (128, 16)] {
-        if !dims.is_empty() && !dims.split(',').any(|d| d.trim() == hd.to_string()) {
+    // Head dim 96 only when asked for (the SDPA reference of gpu-test.sh times 64 and 128).
+    for (hd, heads) in [(64usize, 32usize), (96, 16), (128, 16)] {
+        let asked = dims.split(',').any(|d| d.trim() == hd.to_string());
+        if !asked && (!dims.is_empty() || hd == 96) {
             continue;
         }
         for tiles in tile_sets() {

@@ -866,17 +866,21 @@ __device__ void flash_bwd_pairs(const FlashParams& p) {
     static_assert(NW % 2 == 0 && BM % 32 == 0 && NW % MQ == 0 && D % CW == 0 && DQC % 16 == 0 && DH % 16 == 0,
                   "unsupported backward tiling");
     constexpr bool KVREG = D <= FLASH_PAIRS_KVREG_D && BM <= 64;
+    // Query-side buffers: two (the next step loads while this one runs) but for 128 queries
+    // above head dim 64, where two do not fit in shared memory; with one, the next step's
+    // load overlaps this step's dQ phase only (which reads dS^T and K, not Q or dO).
+    constexpr int QB = BM == 128 && D > 64 ? 1 : 2;
     extern __shared__ __align__(16) u16 smem[];
     u16* sK = smem;                          // [BN][S]
     u16* sV = sK + BN * S;                   // [BN][S]
-    u16* sQ = sV + BN * S;                   // [2][BM][S]
-    u16* sdO = sQ + 2 * BM * S;              // [2][BM][S]
-    u16* sP = sdO + 2 * BM * S;              // [BN][SS] P^T
+    u16* sQ = sV + BN * S;                   // [QB][BM][S]
+    u16* sdO = sQ + QB * BM * S;             // [QB][BM][S]
+    u16* sP = sdO + QB * BM * S;             // [BN][SS] P^T
     u16* sdS = sP + BN * SS;                 // [BN][SS] dS^T
-    float* sL = (float*)(sdS + BN * SS);     // [2][BM] lse
-    float* sDi = sL + 2 * BM;                // [2][BM]
-    int* sSg = (int*)(sDi + 2 * BM);         // [2][BM] segment ids of the queries
-    int2* sRng = (int2*)(sSg + 2 * BM);      // granule ranges
+    float* sL = (float*)(sdS + BN * SS);     // [QB][BM] lse
+    float* sDi = sL + QB * BM;               // [QB][BM]
+    int* sSg = (int*)(sDi + QB * BM);        // [QB][BM] segment ids of the queries
+    int2* sRng = (int2*)(sSg + QB * BM);     // granule ranges
     u8* sFlag = (u8*)(sRng + p.ngr);         // per query tile: TILE_*
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
     const int pair = warp >> 1, half = warp & 1;
@@ -933,8 +937,8 @@ __device__ void flash_bwd_pairs(const FlashParams& p) {
         return mt_lo < mt_hi ? next(st) : Step{group, mt_lo};
     };
 
-    const u32 sb = smem_addr(smem), sbV = sb + BN * S * 2, sbQ = sbV + BN * S * 2, sbdO = sbQ + 2 * BM * S * 2;
-    const u32 sbP = sbdO + 2 * BM * S * 2, sbdS = sbP + BN * SS * 2;
+    const u32 sb = smem_addr(smem), sbV = sb + BN * S * 2, sbQ = sbV + BN * S * 2, sbdO = sbQ + QB * BM * S * 2;
+    const u32 sbP = sbdO + QB * BM * S * 2, sbdS = sbP + BN * SS * 2;
     const u32 sbL = smem_addr(sL), sbDi = smem_addr(sDi), sbSg = smem_addr(sSg);
     auto load_step = [&](Step st, int buf) {
         const int hh = kh * group + st.hh, m0 = st.mt * BM;
@@ -983,7 +987,7 @@ __device__ void flash_bwd_pairs(const FlashParams& p) {
     Step sn = st.hh < group ? next(st) : st;
     if (st.hh < group) load_step(st, 0);
     cp_async_commit();
-    if (sn.hh < group) load_step(sn, 1);
+    if (QB == 2 && sn.hh < group) load_step(sn, 1);
     cp_async_commit();
     int buf = 0;
     bool first = true;
@@ -995,7 +999,8 @@ __device__ void flash_bwd_pairs(const FlashParams& p) {
         const float* cDi = sDi + buf * BM;
         const int* cSg = sSg + buf * BM;
         const bool full = sFlag[st.mt - mt_lo] == TILE_FULL;
-        cp_async_wait_1();
+        if (QB == 2) cp_async_wait_1();
+        else cp_async_wait_all();
         __syncthreads();
         if (KVREG && first) {
 #pragma unroll
@@ -1157,7 +1162,8 @@ __device__ void flash_bwd_pairs(const FlashParams& p) {
         }
         __syncthreads();  // dS^T is complete; buffer `buf` is free
         const Step snn = sn.hh < group ? next(sn) : sn;
-        if (snn.hh < group) load_step(snn, buf);
+        if (QB == 2 && snn.hh < group) load_step(snn, buf);
+        if (QB == 1 && sn.hh < group) load_step(sn, 0);
         cp_async_commit();
         // dQ_acc[queries 32 qg.., columns of group cg] += dS K over this block's BN keys.
         const int qg = warp % MQ, cg = warp / MQ;
@@ -1200,7 +1206,7 @@ __device__ void flash_bwd_pairs(const FlashParams& p) {
         }
         st = sn;
         sn = snn;
-        buf ^= 1;
+        buf ^= QB - 1;
     }
     cp_async_wait_all();
 
@@ -1226,8 +1232,9 @@ __device__ void flash_bwd_pairs(const FlashParams& p) {
 // Shared memory bytes (src/backend/cuda/attention.rs computes the same), with G the granules
 // per row (ceil(T / 32); also at least the tiles per row, one flag byte each):
 //   forward:  (BM + 4 BN) (D + 8) 2 + 2 BN 4 + 9 G                      BM = 64 MW
-//   backward: (2 BN + 4 BM) (D + 8) 2 + X BN (BM + 8) 2 + 6 BM 4 + 9 G   BN = 16 NW
-// with X = 1 (dS^T) for flash_bwd and 2 (P^T, dS^T) for flash_bwd_pairs (PAIRS = 1).
+//   backward: (2 BN + 2 QB BM) (D + 8) 2 + X BN (BM + 8) 2 + 3 QB BM 4 + 9 G   BN = 16 NW
+// with X = 1 (dS^T) for flash_bwd and 2 (P^T, dS^T) for flash_bwd_pairs (PAIRS = 1), and QB
+// query-side buffers: 1 for flash_bwd_pairs with BM = 128 above head dim 64, else 2.
 #define FLASH_FWD_ENTRY_(D, MW, BN, F16, NAME)                                                         \
     extern "C" __global__ void __launch_bounds__(128) flash_fwd_##NAME##_##D##_m##MW##_n##BN(FlashParams p) { \
         flash_fwd<D, MW, BN, F16>(p);                                                                  \
@@ -1264,5 +1271,7 @@ FLASH_BWD_ENTRY(64, 8, 128, false, bf16, 1)
 FLASH_BWD_ENTRY(64, 8, 128, true, f16, 1)
 FLASH_BWD_ENTRY(128, 8, 64, false, bf16, 1)
 FLASH_BWD_ENTRY(128, 8, 64, true, f16, 1)
+FLASH_BWD_ENTRY(128, 8, 128, false, bf16, 1)
+FLASH_BWD_ENTRY(96, 8, 128, false, bf16, 1)
 FLASH_BWD_ENTRY(64, 4, 32, false, bf16, 1)
 #endif

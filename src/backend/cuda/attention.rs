@@ -117,17 +117,15 @@ pub struct FlashTiles {
 impl FlashTiles {
     /// The shapes used unless [`super::CudaOptions::flash_tiles`] overrides them.
     pub fn default_for(head_dim: usize) -> FlashTiles {
-        // Fastest measured on the H200 (docs/benchmarks.md). Head dim 64 takes 128 keys per
-        // forward tile and 128 queries per backward step, which larger head dims cannot
-        // (registers, shared memory); 96 has no valid pair layout with 8 warps and 64 queries
-        // (its dQ column groups would be 24 wide).
-        let big = head_dim == 64;
+        // Fastest measured on the H200 (docs/benchmarks.md): 128 queries per backward step in
+        // pairs for every head dim; 128 keys per forward tile at head dim 64 (above it the
+        // forward's accumulators would spill).
         FlashTiles {
             mw: 2,
-            bn: if big { 128 } else { 64 },
+            bn: if head_dim == 64 { 128 } else { 64 },
             nw: 8,
-            bm: if big { 128 } else { 64 },
-            pairs: head_dim != 96,
+            bm: 128,
+            pairs: true,
         }
     }
 
@@ -148,6 +146,7 @@ impl FlashTiles {
             (1, 128, 8, 64, true),
             (2, 128, 8, 64, true),
             (2, 128, 8, 128, true),
+            (2, 64, 8, 128, true),
         ]
         .map(|(mw, bn, nw, bm, pairs)| FlashTiles { mw, bn, nw, bm, pairs })
         .to_vec()
@@ -186,9 +185,8 @@ impl FlashTiles {
             && matches!(self.bn, 32 | 64 | 128)
             && matches!(self.nw, 4 | 8)
             // 128 queries per step: only the pair layout (flash_bwd's accumulators would
-            // spill), and only at head dim 64 (above it the backward needs more than the
-            // 227 KiB of shared memory a Hopper block can have).
-            && (matches!(self.bm, 32 | 64) || self.pairs && self.bm == 128 && head_dim == 64);
+            // spill).
+            && (matches!(self.bm, 32 | 64) || self.pairs && self.bm == 128);
         if self.pairs {
             // dQ phase: bm / 32 query groups, nw / groups column groups of 16k columns.
             let groups = self.bm / 32;
@@ -213,7 +211,11 @@ impl FlashTiles {
         // The granule ranges (8 bytes each), then one flag byte per tile (at most G tiles).
         if bwd {
             let (bn, tiles) = (16 * self.nw, if self.pairs { 2 } else { 1 });
-            ((2 * bn + 4 * self.bm) * s * 2 + tiles * bn * (self.bm + 8) * 2 + 6 * self.bm * 4 + 9 * g) as u32
+            // Query-side buffers (Q, dO, lse, Di, segment ids): one for 128 queries above
+            // head dim 64, else two.
+            let qb = if self.pairs && self.bm == 128 && d > 64 { 1 } else { 2 };
+            let (qtiles, qrows) = (2 * qb * self.bm * s * 2, 3 * qb * self.bm * 4);
+            (2 * bn * s * 2 + qtiles + tiles * bn * (self.bm + 8) * 2 + qrows + 9 * g) as u32
         } else {
             ((64 * self.mw + 4 * self.bn) * s * 2 + 2 * self.bn * 4 + 9 * g) as u32
         }
@@ -321,7 +323,14 @@ impl CudaBackend {
         if self.smem_fits(t, s) {
             t
         } else {
-            FlashTiles { bn: 64, bm: 64, ..t }
+            // Head dim 96 has no pair layout with 8 warps and 64 queries (its dQ column
+            // groups would be 24 wide).
+            FlashTiles {
+                bn: 64,
+                bm: 64,
+                pairs: s.head_dim != 96,
+                ..t
+            }
         }
     }
 
