@@ -8,6 +8,8 @@
 //                                              rmsnorm_dw_final adds the partials in f64.
 // Each thread owns up to MAXC chunks of V consecutive features (V = 8: 16-byte loads when
 // H % 8 == 0, else V = 1) and keeps its x (and dy) in registers, so every input is read once.
+// The backward is also built for C < MAXC chunks (rmsnorm_bwd_v8_c1, _c2): rows of up to
+// C x 8 x 512 features, with fewer registers, so more blocks run per SM.
 
 #define MAXC 4
 
@@ -70,21 +72,21 @@ extern "C" __global__ void __launch_bounds__(512) rmsnorm_fwd_v1(const void* x, 
     rmsnorm_fwd<1>(x, dtx, w, dtw, y, dty, H, eps);
 }
 
-template <int V>
+template <int V, int C>
 __device__ void rmsnorm_bwd(const void* x, int dtx, const void* w, int dtw, const void* dy, int dtd, void* dx, int dtdx,
                             float* partial, i64 R, int H, float eps) {
     __shared__ float red[32];
-    float acc[MAXC][V];
+    float acc[C][V];
 #pragma unroll
-    for (int c = 0; c < MAXC; c++)
+    for (int c = 0; c < C; c++)
 #pragma unroll
         for (int k = 0; k < V; k++) acc[c][k] = 0.f;
     for (i64 row = blockIdx.x; row < R; row += gridDim.x) {
         const i64 base = row * H;
-        float xv[MAXC][V], dv[MAXC][V];
+        float xv[C][V], dv[C][V];
         float ss = 0.f, gx = 0.f;
 #pragma unroll
-        for (int c = 0; c < MAXC; c++) {
+        for (int c = 0; c < C; c++) {
             int col = (c * blockDim.x + threadIdx.x) * V;
             if (col < H) {
                 float wv[V];
@@ -103,7 +105,7 @@ __device__ void rmsnorm_bwd(const void* x, int dtx, const void* w, int dtw, cons
         float r = 1.0f / sqrtf(ss / (float)H + eps);
         float dot = gx * r / (float)H;  // mean(g xh)
 #pragma unroll
-        for (int c = 0; c < MAXC; c++) {
+        for (int c = 0; c < C; c++) {
             int col = (c * blockDim.x + threadIdx.x) * V;
             if (col < H) {
                 float wv[V], o[V];
@@ -119,7 +121,7 @@ __device__ void rmsnorm_bwd(const void* x, int dtx, const void* w, int dtw, cons
         }
     }
 #pragma unroll
-    for (int c = 0; c < MAXC; c++) {
+    for (int c = 0; c < C; c++) {
         int col = (c * blockDim.x + threadIdx.x) * V;
         if (col < H) {
 #pragma unroll
@@ -128,16 +130,16 @@ __device__ void rmsnorm_bwd(const void* x, int dtx, const void* w, int dtw, cons
     }
 }
 
-extern "C" __global__ void __launch_bounds__(512)
-    rmsnorm_bwd_v8(const void* x, int dtx, const void* w, int dtw, const void* dy, int dtd, void* dx, int dtdx,
-                   float* partial, i64 R, int H, float eps) {
-    rmsnorm_bwd<8>(x, dtx, w, dtw, dy, dtd, dx, dtdx, partial, R, H, eps);
-}
-extern "C" __global__ void __launch_bounds__(512)
-    rmsnorm_bwd_v1(const void* x, int dtx, const void* w, int dtw, const void* dy, int dtd, void* dx, int dtdx,
-                   float* partial, i64 R, int H, float eps) {
-    rmsnorm_bwd<1>(x, dtx, w, dtw, dy, dtd, dx, dtdx, partial, R, H, eps);
-}
+#define RMSNORM_BWD_ENTRY(NAME, V, C)                                                                       \
+    extern "C" __global__ void __launch_bounds__(512)                                                         \
+        NAME(const void* x, int dtx, const void* w, int dtw, const void* dy, int dtd, void* dx, int dtdx,     \
+             float* partial, i64 R, int H, float eps) {                                                       \
+        rmsnorm_bwd<V, C>(x, dtx, w, dtw, dy, dtd, dx, dtdx, partial, R, H, eps);                             \
+    }
+RMSNORM_BWD_ENTRY(rmsnorm_bwd_v8, 8, MAXC)
+RMSNORM_BWD_ENTRY(rmsnorm_bwd_v8_c1, 8, 1)
+RMSNORM_BWD_ENTRY(rmsnorm_bwd_v8_c2, 8, 2)
+RMSNORM_BWD_ENTRY(rmsnorm_bwd_v1, 1, MAXC)
 
 // dw[j] = sum over blocks of partial[b, j], in f64.
 extern "C" __global__ void rmsnorm_dw_final(const float* partial, int blocks, int H, void* dw, int dtw) {

@@ -419,6 +419,9 @@ fn rms_norm_forward_and_backward() {
         (&[64, 256], DType::BF16, DType::BF16),
         (&[300, 4096], DType::F32, DType::F32),
         (&[5, 8192], DType::BF16, DType::F32),
+        // One, two and four register chunks per thread in the backward; more rows than blocks.
+        (&[1100, 2048], DType::BF16, DType::BF16),
+        (&[3, 16384], DType::BF16, DType::F32),
     ] {
         let h = *shape.last().unwrap();
         let x = t(&mut r, shape, dx);

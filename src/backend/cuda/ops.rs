@@ -66,6 +66,22 @@ fn rms_threads(h: u64, v: u64) -> Result<u32> {
     Ok(t.max(32) as u32)
 }
 
+/// The RMSNorm backward's kernel for rows of `h` features and its grid (blocks that each walk
+/// rows): the fewest register chunks that hold a row (cuda/rmsnorm.cu), and as many blocks as
+/// fit on the SMs at once with that many registers (49, 76 and 128 per thread on sm_90).
+fn rms_bwd_launch(h: u64, rows: u64, sms: u64) -> Result<(&'static str, u32, u64)> {
+    let v = if h.is_multiple_of(8) { 8 } else { 1 };
+    let threads = rms_threads(h, v)?;
+    let chunks = h.div_ceil(threads as u64 * v);
+    let (name, per_sm) = match (v, chunks) {
+        (8, 1) => ("rmsnorm_bwd_v8_c1", 4),
+        (8, 2) => ("rmsnorm_bwd_v8_c2", 3),
+        (8, _) => ("rmsnorm_bwd_v8", 2),
+        _ => ("rmsnorm_bwd_v1", 2),
+    };
+    Ok((name, threads, rows.clamp(1, per_sm * sms.max(1))))
+}
+
 impl CudaBackend {
     /// Scratch pieces an op needs, in the order its launch carves them.
     pub(super) fn scratch_sizes(&self, op: &Op, i: &[&TensorInfo], o: &[&TensorInfo]) -> Result<Vec<u64>> {
@@ -87,7 +103,7 @@ impl CudaBackend {
             Op::RmsNormBackward { .. } => {
                 let h = *i[0].shape.last().unwrap_or(&1) as u64;
                 let rows = numel(i[0]) / h.max(1);
-                vec![rows.clamp(1, 2 * sms) * h * 4]
+                vec![rms_bwd_launch(h, rows, sms)?.2 * h * 4]
             }
             Op::CrossEntropy { .. } => vec![i[0].shape[0] as u64 * 4; 2],
             Op::SumSquares => vec![super::multi::sumsq_chunks(i) * 4],
@@ -338,12 +354,9 @@ impl CudaBackend {
             Op::RmsNormBackward { eps } => {
                 let h = *i[0].info.shape.last().unwrap_or(&1) as u64;
                 let rows = numel(i[0].info) / h.max(1);
-                let v = if h.is_multiple_of(8) { 8 } else { 1 };
-                let threads = rms_threads(h, v)?;
+                let (name, threads, grid) = rms_bwd_launch(h, rows, self.gpu.sms as u64)?;
                 let sizes = self.scratch_sizes(op, &[i[0].info, i[1].info, i[2].info], &[o[0].info, o[1].info])?;
                 let partial = self.carve(&sizes)?[0];
-                let grid = rows.clamp(1, 2 * self.gpu.sms.max(1) as u64);
-                let name = if v == 8 { "rmsnorm_bwd_v8" } else { "rmsnorm_bwd_v1" };
                 let args = Args::new()
                     .ptr(p(self, &i[0]))
                     .i32(code(&i[0])?)
