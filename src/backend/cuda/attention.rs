@@ -321,17 +321,12 @@ impl CudaBackend {
         }
         let t = FlashTiles::default_for(s.head_dim);
         if self.smem_fits(t, s) {
-            t
-        } else {
-            // Head dim 96 has no pair layout with 8 warps and 64 queries (its dQ column
-            // groups would be 24 wide).
-            FlashTiles {
-                bn: 64,
-                bm: 64,
-                pairs: s.head_dim != 96,
-                ..t
-            }
+            return t;
         }
+        // Warps in pairs where that layout is valid for the head dim, else alone.
+        let small = FlashTiles { bn: 64, bm: 64, ..t };
+        let pairs = small.valid(s.head_dim);
+        FlashTiles { pairs, ..small }
     }
 
     fn smem_fits(&self, t: FlashTiles, s: &AttnSpec) -> bool {
