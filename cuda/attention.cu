@@ -288,6 +288,36 @@ ATTN_ENTRIES(8)
 //   softmax_backward: ds = p * (dp - rowsum(p * dp)) over rows of `cols`
 // split/merge: one thread per output element. softmax: one block per row.
 
+// Before the flash backward: Di = sum_d do[i, d] o[i, d] for every (token, head), and the
+// f32 dQ accumulator zeroed, in one pass. Each thread takes 8 consecutive features (16-byte
+// loads; D % 8 == 0), D / 8 threads per head row, summed with shuffles.
+extern "C" __global__ void attn_bwd_prep(const void* o, int dto, const void* d_o, int dtdo, float* Di, float* dq_acc,
+                                         i64 B, i64 T, int Hq, int D) {
+    const int per = D / 8;  // threads per (token, head); a power of two dividing 32
+    i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    i64 row = t / per;  // (b, i, h) in the layout of o: [B, T, Hq, D]
+    bool live = row < B * T * Hq;
+    float s = 0.f;
+    if (live) {
+        i64 e = t * 8;
+        float x[8], y[8];
+        ld8(o, dto, e, x);
+        ld8(d_o, dtdo, e, y);
+#pragma unroll
+        for (int k = 0; k < 8; k++) s += x[k] * y[k];
+        float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+        float4* q = (float4*)(dq_acc + e);
+        q[0] = z;
+        q[1] = z;
+    }
+    for (int m = per / 2; m > 0; m >>= 1) s += __shfl_xor_sync(0xffffffffu, s, m);
+    if (live && (t % per) == 0) {
+        i64 h = row % Hq, bi = row / Hq;  // bi = b * T + i
+        i64 b = bi / T, i = bi % T;
+        Di[(b * Hq + h) * T + i] = s;
+    }
+}
+
 extern "C" __global__ void split_heads(const void* x, int dtx, void* y, int dty, i64 n, i64 T, int H, int r, int D) {
     i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= n) return;

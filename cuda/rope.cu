@@ -5,24 +5,67 @@
 //   s = sin(a) * scale * (inverse ? -1 : 1),  c = cos(a) * scale   (in f64, then rounded to f32)
 //   y[h, i]        = x1 c - x2 s
 //   y[h, i + hd/2] = x2 c + x1 s            with x1 = x[h, i], x2 = x[h, i + hd/2]
-// One thread per (token, pair) computes the angle once and rotates that pair in every head.
+// One thread per (token, group of P consecutive pairs, group of up to HPT heads) computes the
+// P angles once and rotates those pairs in each of its heads; P = 8 (16-byte loads) when
+// hd / 2 is a multiple of 8, else 1. Reads and writes each element once, so x may be y.
 
-extern "C" __global__ void rope_kernel(const void* x, int dtx, const int* pos, const float* inv_freq, void* y, int dty,
-                                       i64 N, int heads, int hd, int inverse, double scale) {
-    int half = hd / 2;
+#define ROPE_HPT 4
+
+template <int P>
+__device__ void rope(const void* x, int dtx, const int* pos, const float* inv_freq, void* y, int dty, i64 N, int heads,
+                     int hd, int inverse, double scale) {
+    const int half = hd / 2, groups = half / P, hgroups = (heads + ROPE_HPT - 1) / ROPE_HPT;
     i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= N * half) return;
-    i64 n = t / half;
-    int i = (int)(t - n * half);
-    float a = (float)pos[n] * inv_freq[i];
-    double s, c;
-    sincos((double)a, &s, &c);
-    float sf = (float)((inverse ? -s : s) * scale), cf = (float)(c * scale);
-    i64 row = n * (i64)heads * hd;
-    for (int h = 0; h < heads; h++) {
-        i64 o = row + (i64)h * hd + i;
-        float x1 = ldf(x, dtx, o), x2 = ldf(x, dtx, o + half);
-        stf(y, dty, o, __fsub_rn(__fmul_rn(x1, cf), __fmul_rn(x2, sf)));
-        stf(y, dty, o + half, __fadd_rn(__fmul_rn(x2, cf), __fmul_rn(x1, sf)));
+    if (t >= N * groups * hgroups) return;
+    const int g = (int)(t % groups);
+    const int hg = (int)((t / groups) % hgroups);
+    const i64 n = t / ((i64)groups * hgroups);
+    float sf[P], cf[P];
+#pragma unroll
+    for (int k = 0; k < P; k++) {
+        float a = (float)pos[n] * inv_freq[g * P + k];
+        double s, c;
+        sincos((double)a, &s, &c);
+        sf[k] = (float)((inverse ? -s : s) * scale);
+        cf[k] = (float)(c * scale);
     }
+    const int h1 = min(heads, (hg + 1) * ROPE_HPT);
+    for (int h = hg * ROPE_HPT; h < h1; h++) {
+        const i64 o = (n * heads + h) * (i64)hd + g * P;
+        float x1[P], x2[P], y1[P], y2[P];
+        if (P == 8) {
+            ld8(x, dtx, o, x1);
+            ld8(x, dtx, o + half, x2);
+        } else {
+#pragma unroll
+            for (int k = 0; k < P; k++) {
+                x1[k] = ldf(x, dtx, o + k);
+                x2[k] = ldf(x, dtx, o + half + k);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < P; k++) {
+            y1[k] = __fsub_rn(__fmul_rn(x1[k], cf[k]), __fmul_rn(x2[k], sf[k]));
+            y2[k] = __fadd_rn(__fmul_rn(x2[k], cf[k]), __fmul_rn(x1[k], sf[k]));
+        }
+        if (P == 8) {
+            st8(y, dty, o, y1);
+            st8(y, dty, o + half, y2);
+        } else {
+#pragma unroll
+            for (int k = 0; k < P; k++) {
+                stf(y, dty, o + k, y1[k]);
+                stf(y, dty, o + half + k, y2[k]);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void rope_v8(const void* x, int dtx, const int* pos, const float* inv_freq, void* y, int dty,
+                                   i64 N, int heads, int hd, int inverse, double scale) {
+    rope<8>(x, dtx, pos, inv_freq, y, dty, N, heads, hd, inverse, scale);
+}
+extern "C" __global__ void rope_v1(const void* x, int dtx, const int* pos, const float* inv_freq, void* y, int dty,
+                                   i64 N, int heads, int hd, int inverse, double scale) {
+    rope<1>(x, dtx, pos, inv_freq, y, dty, N, heads, hd, inverse, scale);
 }

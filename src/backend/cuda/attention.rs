@@ -277,6 +277,11 @@ fn tuning_defines() -> &'static [&'static str] {
     })
 }
 
+/// Whether `attn_bwd_prep` takes this head dim: rows of D / 8 threads that tile a warp.
+fn prep_fits(head_dim: usize) -> bool {
+    head_dim % 8 == 0 && 32 % (head_dim / 8) == 0
+}
+
 fn generic_name(kind: &str, dc: usize) -> &'static str {
     match (kind, dc) {
         ("fwd", 1) => "attn_fwd_1",
@@ -522,20 +527,35 @@ impl CudaBackend {
         let (out, lse, d_o) = (self.ptr(i[4].loc), self.ptr(i[5].loc), self.ptr(i[6].loc));
         let (dq, dk, dv) = (self.ptr(o[0].loc), self.ptr(o[1].loc), self.ptr(o[2].loc));
         let rows = (a.b * a.hq as i64 * a.t) as u64;
-        // Di = rowsum(dO * O)
-        let kd = self.kernel(Family::Attention, generic_name("dot", c))?;
-        let args = Args::new()
-            .ptr(out)
-            .i32(dt_code(i[4].info.dtype)?)
-            .ptr(d_o)
-            .i32(dt_code(i[6].info.dtype)?)
-            .ptr(di)
-            .blob(&a);
-        self.run(&kd, (blocks(rows, 4), 1, 1), 128, 0, args)?;
-        if flash {
-            let dq_acc = sc[1];
-            let qn = (n * s.n_heads * s.head_dim) as u64;
-            self.gpu.memset32(dq_acc, 0, qn as usize)?;
+        let (dto, dtdo) = (dt_code(i[4].info.dtype)?, dt_code(i[6].info.dtype)?);
+        // The flash kernel sums dQ into an f32 accumulator that starts at zero.
+        let qn = (n * s.n_heads * s.head_dim) as u64;
+        let dq_acc = flash.then(|| sc[1]);
+        if let (Some(acc), true) = (dq_acc, prep_fits(s.head_dim)) {
+            // Di = rowsum(dO * O) and the zeroed accumulator, in one pass.
+            let kp = self.kernel(Family::Attention, "attn_bwd_prep")?;
+            let args = Args::new()
+                .ptr(out)
+                .i32(dto)
+                .ptr(d_o)
+                .i32(dtdo)
+                .ptr(di)
+                .ptr(acc)
+                .i64(a.b)
+                .i64(a.t)
+                .i32(a.hq)
+                .i32(s.head_dim as i32);
+            self.run(&kp, (blocks(qn / 8, 256), 1, 1), 256, 0, args)?;
+        } else {
+            // Di = rowsum(dO * O)
+            let kd = self.kernel(Family::Attention, generic_name("dot", c))?;
+            let args = Args::new().ptr(out).i32(dto).ptr(d_o).i32(dtdo).ptr(di).blob(&a);
+            self.run(&kd, (blocks(rows, 4), 1, 1), 128, 0, args)?;
+            if let Some(acc) = dq_acc {
+                self.gpu.memset32(acc, 0, qn as usize)?;
+            }
+        }
+        if let Some(dq_acc) = dq_acc {
             let t = self.tiles(s);
             let (name, defs) = flash_kernel(i[0].info.dtype, s.head_dim, t, true);
             let smem = t.smem(s.head_dim, s.seq_len, true);

@@ -115,6 +115,7 @@ pub struct CudaBackend {
     lt_workspace: u64,
     graphs: Graphs,
     profile: Option<profile::Profile>,
+    profiler_range: profile::ProfilerRange,
     mods: Modules,
     gpu: Gpu,
 }
@@ -161,6 +162,7 @@ impl CudaBackend {
             lt_workspace,
             graphs,
             profile,
+            profiler_range: profile::ProfilerRange::from_env(),
             gpu,
         })
     }
@@ -487,6 +489,7 @@ impl Backend for CudaBackend {
     fn begin_program(&mut self, id: usize) -> Result<bool> {
         self.gpu.bind()?;
         self.flush_adamw()?;
+        self.profiler_range.begin()?;
         self.graphs.begin(&self.gpu, id)
     }
 
@@ -497,7 +500,8 @@ impl Backend for CudaBackend {
             self.graphs.abort(&self.gpu);
             return r;
         }
-        self.graphs.end(&self.gpu, id)
+        self.graphs.end(&self.gpu, id)?;
+        self.profiler_range.end()
     }
 }
 

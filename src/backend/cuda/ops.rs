@@ -41,6 +41,9 @@ fn want(a: &Arg, d: DType, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Heads each RoPE thread rotates (`ROPE_HPT` in cuda/rope.cu).
+const ROPE_HEADS_PER_THREAD: u64 = 4;
+
 pub fn blocks(n: u64, per: u64) -> u32 {
     n.div_ceil(per.max(1)).clamp(1, u32::MAX as u64) as u32
 }
@@ -402,14 +405,12 @@ impl CudaBackend {
                     .i32(*head_dim as i32)
                     .i32(*inverse as i32)
                     .f64(*scale);
-                let k = self.kernel(Family::Rope, "rope_kernel")?;
-                self.run(
-                    &k,
-                    (blocks(n * (*head_dim as u64 / 2), BLOCK as u64), 1, 1),
-                    BLOCK,
-                    0,
-                    args,
-                )
+                // Threads as cuda/rope.cu lays them out: (token, pair group, head group).
+                let half = *head_dim as u64 / 2;
+                let (name, per) = if half % 8 == 0 { ("rope_v8", 8) } else { ("rope_v1", 1) };
+                let threads = n * (half / per) * (heads as u64).div_ceil(ROPE_HEADS_PER_THREAD);
+                let k = self.kernel(Family::Rope, name)?;
+                self.run(&k, (blocks(threads, BLOCK as u64), 1, 1), BLOCK, 0, args)
             }
             Op::Swiglu => {
                 let n = numel(i[0].info);

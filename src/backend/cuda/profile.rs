@@ -81,3 +81,47 @@ impl Profile {
         }
     }
 }
+
+/// One program run wrapped in `cuProfilerStart` / `cuProfilerStop`
+/// (`FERROTUNE_CUDA_PROFILER_RUN=k`: the k-th program run of the process, counting from 0),
+/// so `ncu --profile-from-start off` measures exactly that run's kernels, replayed from its
+/// CUDA graph when it has one.
+pub struct ProfilerRange {
+    target: Option<usize>,
+    runs: usize,
+}
+
+impl ProfilerRange {
+    pub fn from_env() -> Self {
+        ProfilerRange {
+            target: std::env::var("FERROTUNE_CUDA_PROFILER_RUN")
+                .ok()
+                .and_then(|v| v.trim().parse().ok()),
+            runs: 0,
+        }
+    }
+
+    /// Called as a program starts: opens the range on the chosen run.
+    pub fn begin(&mut self) -> Result<()> {
+        if self.target == Some(self.runs) {
+            // SAFETY: a plain driver call on the current context.
+            unsafe { sys::cuProfilerStart() }
+                .result()
+                .map_err(|e| drv("cuProfilerStart", e))?;
+        }
+        Ok(())
+    }
+
+    /// Called as a program ends (after its graph launch): closes the range it opened.
+    pub fn end(&mut self) -> Result<()> {
+        let chosen = self.target == Some(self.runs);
+        self.runs += 1;
+        if chosen {
+            // SAFETY: as in `begin`.
+            unsafe { sys::cuProfilerStop() }
+                .result()
+                .map_err(|e| drv("cuProfilerStop", e))?;
+        }
+        Ok(())
+    }
+}
