@@ -3,6 +3,7 @@
 //   binary:      y[i] = a[i] (+ or *) b[i % nb]   b is a's shape, a suffix of it, or one element
 //   scale:       y[i] = x[i] * f                  f rounded to f32 first, as the CPU does
 //   cast:        y[i] = x[i]                      widen to f32, round to nearest even on store
+//   cast_multi:  the cast over a table of chunks of many tensors (block b: chunk b)
 //   broadcast:   y[i] = x[i % nx]
 //   reduce_sum:  y[c] = sum_r x[r * C + c]        x seen as [R, C]; two stages, f64 at the end
 //   dropout:     y[i] = keep(i) ? x[i] * k : 0    k = 1 / (1 - p); keep from the counter hash
@@ -65,6 +66,17 @@ extern "C" __global__ void cast_kernel(const void* x, int dtx, void* y, int dty,
     } else {
         for (i64 i = i0; i < n; i++) stf(y, dty, i, ldf(x, dtx, i));
     }
+}
+
+struct CastChunk {
+    u64 src, dst;
+    i64 start, len, dts, dtd;
+};
+
+extern "C" __global__ void cast_multi(const CastChunk* chunks) {
+    CastChunk c = chunks[blockIdx.x];
+    for (i64 i = c.start + threadIdx.x; i < c.start + c.len; i += blockDim.x)
+        stf((void*)c.dst, (int)c.dtd, i, ldf((const void*)c.src, (int)c.dts, i));
 }
 
 extern "C" __global__ void broadcast_kernel(const void* x, int dtx, i64 nx, void* y, int dty, i64 n) {

@@ -6,6 +6,8 @@
 //   dw = sum_rows(dy xh)                       two stages: each block keeps its rows' partial
 //                                              sums in registers and writes partial[block, H];
 //                                              rmsnorm_dw_final adds the partials in f64.
+//   With acc non-null, acc (x's shape) is added to dx; with partial null (a frozen weight)
+//   no dw partials are kept.
 // Each thread owns up to MAXC chunks of V consecutive features (V = 8: 16-byte loads when
 // H % 8 == 0, else V = 1) and keeps its x (and dy) in registers, so every input is read once.
 // The backward is also built for C < MAXC chunks (rmsnorm_bwd_v8_c1, _c2): rows of up to
@@ -73,8 +75,8 @@ extern "C" __global__ void __launch_bounds__(512) rmsnorm_fwd_v1(const void* x, 
 }
 
 template <int V, int C>
-__device__ void rmsnorm_bwd(const void* x, int dtx, const void* w, int dtw, const void* dy, int dtd, void* dx, int dtdx,
-                            float* partial, i64 R, int H, float eps) {
+__device__ void rmsnorm_bwd(const void* x, int dtx, const void* w, int dtw, const void* dy, int dtd, const void* acc_in,
+                            int dta, void* dx, int dtdx, float* partial, i64 R, int H, float eps) {
     __shared__ float red[32];
     float acc[C][V];
 #pragma unroll
@@ -108,18 +110,25 @@ __device__ void rmsnorm_bwd(const void* x, int dtx, const void* w, int dtw, cons
         for (int c = 0; c < C; c++) {
             int col = (c * blockDim.x + threadIdx.x) * V;
             if (col < H) {
-                float wv[V], o[V];
+                float wv[V], o[V], a[V];
                 ldv<V>(w, dtw, col, wv);
+                if (acc_in) {
+                    ldv<V>(acc_in, dta, base + col, a);
+                } else {
+#pragma unroll
+                    for (int k = 0; k < V; k++) a[k] = 0.f;
+                }
 #pragma unroll
                 for (int k = 0; k < V; k++) {
                     float xh = xv[c][k] * r;
-                    o[k] = r * (dv[c][k] * wv[k] - xh * dot);
+                    o[k] = r * (dv[c][k] * wv[k] - xh * dot) + a[k];
                     acc[c][k] += dv[c][k] * xh;
                 }
                 stv<V>(dx, dtdx, base + col, o);
             }
         }
     }
+    if (!partial) return;
 #pragma unroll
     for (int c = 0; c < C; c++) {
         int col = (c * blockDim.x + threadIdx.x) * V;
@@ -132,9 +141,9 @@ __device__ void rmsnorm_bwd(const void* x, int dtx, const void* w, int dtw, cons
 
 #define RMSNORM_BWD_ENTRY(NAME, V, C)                                                                       \
     extern "C" __global__ void __launch_bounds__(512)                                                         \
-        NAME(const void* x, int dtx, const void* w, int dtw, const void* dy, int dtd, void* dx, int dtdx,     \
-             float* partial, i64 R, int H, float eps) {                                                       \
-        rmsnorm_bwd<V, C>(x, dtx, w, dtw, dy, dtd, dx, dtdx, partial, R, H, eps);                             \
+        NAME(const void* x, int dtx, const void* w, int dtw, const void* dy, int dtd, const void* acc, int dta, \
+             void* dx, int dtdx, float* partial, i64 R, int H, float eps) {                                     \
+        rmsnorm_bwd<V, C>(x, dtx, w, dtw, dy, dtd, acc, dta, dx, dtdx, partial, R, H, eps);                     \
     }
 RMSNORM_BWD_ENTRY(rmsnorm_bwd_v8, 8, MAXC)
 RMSNORM_BWD_ENTRY(rmsnorm_bwd_v8_c1, 8, 1)

@@ -8,8 +8,11 @@
 //   block's partial dw into part[(P.u[3] + block) * H ..] (part is bound from the first
 //   block of the dispatch, so u3 = 0); the partials are then summed
 //   over blocks in a fixed order by reduce.wgsl's colsum, so dw is deterministic.
+//   With ADD, acc (x's shape) is added to dx; without DW (a frozen weight) no partials are
+//   written and part is a placeholder.
 // Uniforms: u0 = H, u1 = rows in this dispatch, u2 = rows per block, u3 = first block;
-// f0 = eps. The host sets MAXC = ceil(H / 256), the columns each invocation owns.
+// f0 = eps. The host sets MAXC = ceil(H / 256), the columns each invocation owns, and the
+// flags ADD and DW.
 
 var<workgroup> red: array<vec2<f32>, 256>;
 
@@ -77,12 +80,19 @@ fn rms_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
             if (c < h) {
                 let dy = ld_dy(base + c);
                 let xh = ld_x(base + c) * r;
-                st_dx(base + c, r * (dy * ld_w(c) - xh * dot));
+                var d = r * (dy * ld_w(c) - xh * dot);
+                if (ADD) {
+                    d += ld_acc(base + c);
+                }
+                st_dx(base + c, d);
                 acc[k] += dy * xh;
             }
         }
         // Everyone has read red[0] before the next row overwrites it.
         workgroupBarrier();
+    }
+    if (!DW) {
+        return;
     }
     let out = (pu(3u) + blk) * h;
     for (var k = 0u; k < MAXC; k++) {

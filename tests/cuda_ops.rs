@@ -429,12 +429,21 @@ fn rms_norm_forward_and_backward() {
         let dy = t(&mut r, shape, dx);
         let what = format!("rms_norm {shape:?} x {dx} w {dw}");
         compare(&mut g, &what, &Op::RmsNorm { eps: 1e-5 }, &[x.clone(), w.clone()]);
-        compare(
-            &mut g,
-            &format!("{what} backward"),
-            &Op::RmsNormBackward { eps: 1e-5 },
-            &[x, w, dy],
-        );
+        let acc = t(&mut r, shape, dx);
+        // With the weight gradient; without it (a frozen weight), alone and adding the
+        // residual stream's other gradient.
+        for (weight_grad, add) in [(true, false), (false, false), (false, true)] {
+            let op = Op::RmsNormBackward {
+                eps: 1e-5,
+                weight_grad,
+                add,
+            };
+            let mut inputs = vec![x.clone(), w.clone(), dy.clone()];
+            if add {
+                inputs.push(acc.clone());
+            }
+            compare(&mut g, &format!("{what} backward {op:?}"), &op, &inputs);
+        }
     }
 }
 
@@ -1092,5 +1101,60 @@ fn cuda_graph_capture_and_replay() {
         let ey = rel_err(&gy.to_f64(), &y.to_f64());
         let es = rel_err(&gs.to_f64(), &s.to_f64());
         assert!(ey < 1e-2 && es < 1e-2, "step {step}: errors {ey:.2e} {es:.2e}");
+    }
+}
+
+/// An f32 weight read by bf16 products (LoRA's A beside bf16 activations) is read through
+/// its persistent bf16 copy: it must follow the weight when the host writes it and when an
+/// op of another program writes it in place, eagerly and in replayed CUDA graphs.
+#[test]
+fn weight_copies_follow_their_weights() {
+    use ferrotune::exec::{Executor, ProgramSpec};
+    use ferrotune::graph::{Graph, NodeId};
+    let (n, k, m) = (48usize, 96usize, 40usize);
+    let mut gr = Graph::new();
+    let x = gr.input("x", &[n, k], DType::BF16);
+    let x2 = gr.input("x2", &[n, k], DType::BF16);
+    let w = gr.parameter("w", &[m, k], DType::F32);
+    let d = gr.input("d", &[m, k], DType::F32);
+    let y = gr.linear(x, w).unwrap();
+    let y2 = gr.linear(x2, w).unwrap();
+    gr.apply(Op::AccumulateGrad, &[w, d]).unwrap();
+    let bump = NodeId(gr.nodes.len() as u32 - 1);
+    let specs = [
+        ProgramSpec::new("fwd", &[y, y2], &[]),
+        ProgramSpec::new("bump", &[], &[bump]),
+    ];
+    let mut gpu = Executor::new(gr.clone(), Box::new(cuda()), &specs).unwrap();
+    let mut r = rng(31);
+    let mut wv = t(&mut r, &[m, k], DType::F32);
+    gpu.set_tensor(w, &wv).unwrap();
+    for step in 0..6 {
+        if step == 3 {
+            wv = t(&mut r, &[m, k], DType::F32);
+            gpu.set_tensor(w, &wv).unwrap();
+        }
+        let (xv, x2v) = (t(&mut r, &[n, k], DType::BF16), t(&mut r, &[n, k], DType::BF16));
+        let out = gpu.run(0, &[(x, &xv), (x2, &x2v)]).unwrap();
+        for (got, xin) in out.iter().zip([&xv, &x2v]) {
+            let want = run_op(
+                &mut CpuBackend::new(),
+                &Op::MatMul {
+                    trans_a: false,
+                    trans_b: true,
+                },
+                &[xin.clone(), wv.cast(DType::BF16)],
+            )
+            .remove(0);
+            let e = rel_err(&got.to_f64(), &want.to_f64());
+            assert!(
+                e < 1e-2,
+                "step {step}: relative error {e:.2e} against the current weight"
+            );
+        }
+        let dv = t(&mut r, &[m, k], DType::F32);
+        gpu.run(1, &[(d, &dv)]).unwrap();
+        let sum: Vec<f64> = wv.to_f64().iter().zip(dv.to_f64()).map(|(a, b)| a + b).collect();
+        wv = HostTensor::from_f64(&[m, k], &sum).cast(DType::F32);
     }
 }

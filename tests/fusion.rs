@@ -60,7 +60,12 @@ fn train(lora: bool, dropout: f64, fuse: bool) -> (Run, BTreeMap<&'static str, u
     let train_spec = &specs[0];
     let mut ops = BTreeMap::new();
     for n in select_nodes(ex.graph(), train_spec).unwrap() {
-        *ops.entry(ex.graph().node(n).op.name()).or_insert(0) += 1;
+        let name = match ex.graph().node(n).op {
+            Op::RmsNormBackward { add: true, .. } => "rms_norm_backward adding",
+            Op::RmsNormBackward { weight_grad: true, .. } => "rms_norm_backward with dw",
+            ref op => op.name(),
+        };
+        *ops.entry(name).or_insert(0) += 1;
     }
     let mut r = rng(3);
     let m = &tg.model;
@@ -187,6 +192,13 @@ fn lora_step_fused_equals_the_graph_as_built() {
             count(&ops, "add") < count(&plain_ops, "add"),
             "{ops:?} vs {plain_ops:?}"
         );
+        // Frozen norm weights: no weight gradients; the residual stream's gradient sums at
+        // the norms are added by the norms' backward: both norms of layer 1, the second of
+        // layer 0 (nothing needs the gradient of the embedding output the first one reads).
+        assert_eq!(count(&plain_ops, "rms_norm_backward with dw"), 0, "{plain_ops:?}");
+        assert_eq!(count(&plain_ops, "rms_norm_backward adding"), 0, "{plain_ops:?}");
+        assert_eq!(count(&ops, "rms_norm_backward adding"), 3, "{ops:?}");
+        assert_eq!(count(&ops, "rms_norm_backward"), 1, "the final norm: {ops:?}");
         let nodes = |o: &BTreeMap<&str, usize>| o.values().sum::<usize>();
         assert!(nodes(&ops) < nodes(&plain_ops));
     }
@@ -200,6 +212,8 @@ fn full_fine_tune_step_fused_equals_the_graph_as_built() {
     // Every projection weight (2 layers x 7) and the untied lm_head: gradient products
     // accumulated in place.
     assert_eq!(count(&ops, "matmul_accumulate"), 2 * ALL_LINEAR.len() + 1, "{ops:?}");
+    // Trained norm weights (2 layers x 2 and the final norm) keep their weight gradients.
+    assert_eq!(count(&ops, "rms_norm_backward with dw"), 5, "{ops:?}");
 }
 
 /// A product whose operand is written in place before the add that reads the product must

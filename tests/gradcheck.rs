@@ -88,6 +88,19 @@ fn rms_norm() {
     check(err);
 }
 
+/// A frozen norm weight (no weight gradient) in a residual block: the executor fuses the sum
+/// of the residual stream's two gradients into the norm's backward.
+#[test]
+fn rms_norm_with_frozen_weight_in_a_residual_block() {
+    let mut r = common::rng(12);
+    let w = common::rand_tensor(&mut r, &[9], DType::F64);
+    let err = GradCheck::new(&[("x", &[4, 9])]).input("w", w).run(|g, p, i| {
+        let y = g.rms_norm(p[0], i[0], 1e-5).unwrap();
+        vec![g.add(p[0], y).unwrap()]
+    });
+    check(err);
+}
+
 #[test]
 fn rope_with_restarting_positions() {
     let pos = HostTensor::from_i32(&[5], &[0, 1, 2, 0, 1]);

@@ -156,7 +156,19 @@ fn rms_norm_and_backward_with_half_weights() {
             let w = randn(&mut r, &[h], wdt);
             let dy = randn(&mut r, &[rows, h], DType::F32);
             check_both(&mut f, &mut s, &Op::RmsNorm { eps: 1e-5 }, &[x.clone(), w.clone()], TOL);
-            check_both(&mut f, &mut s, &Op::RmsNormBackward { eps: 1e-5 }, &[x, w, dy], TOL);
+            let acc = randn(&mut r, &[rows, h], DType::F32);
+            for (weight_grad, add) in [(true, false), (false, false), (false, true)] {
+                let op = Op::RmsNormBackward {
+                    eps: 1e-5,
+                    weight_grad,
+                    add,
+                };
+                let mut inputs = vec![x.clone(), w.clone(), dy.clone()];
+                if add {
+                    inputs.push(acc.clone());
+                }
+                check_both(&mut f, &mut s, &op, &inputs, TOL);
+            }
         }
     }
 }

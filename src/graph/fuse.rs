@@ -7,7 +7,10 @@
 //! - `add(c, P)` (either order) of a product `P` and a tensor of its shape: `alpha P + c`
 //!   in one pass ([`Op::MatMulFused`] with `add`);
 //! - `accumulate_grad(acc, P)` or `accumulate_grad(acc, cast(P))`: `acc += alpha P` in place
-//!   ([`Op::MatMulAccumulate`]; the 16-bit product is summed in f32 unrounded).
+//!   ([`Op::MatMulAccumulate`]; the 16-bit product is summed in f32 unrounded);
+//! - `add(c, dx)` (either order) of the `dx` of an RMSNorm backward without a weight
+//!   gradient: the backward adds `c` as it writes `dx` ([`Op::RmsNormBackward`] with `add`),
+//!   which in a residual block is the sum of the residual stream's two gradients.
 //!
 //! LoRA's `base + s * (x A^T) B^T` becomes one product with `alpha = s` reading `base` as C;
 //! in the backward pass the scaled output gradient, the sums of a tensor's gradients over
@@ -28,11 +31,16 @@ pub struct FuseStats {
     pub scaled_products: usize,
     pub added_products: usize,
     pub accumulated_products: usize,
+    pub added_norm_gradients: usize,
 }
 
 impl FuseStats {
     pub fn total(&self) -> usize {
-        self.scaled_operands + self.scaled_products + self.added_products + self.accumulated_products
+        self.scaled_operands
+            + self.scaled_products
+            + self.added_products
+            + self.accumulated_products
+            + self.added_norm_gradients
     }
 }
 
@@ -235,6 +243,49 @@ impl Pass<'_> {
         }
     }
 
+    /// `add(c, dx)` or `add(dx, c)` of a private RMSNorm input gradient: one backward that
+    /// adds `c`.
+    fn added_norm_gradient(&mut self, n: usize, stats: &mut FuseStats) {
+        if self.g.nodes[n].op != Op::Add {
+            return;
+        }
+        let (x0, x1, y) = (
+            self.g.nodes[n].inputs[0],
+            self.g.nodes[n].inputs[1],
+            self.g.nodes[n].outputs[0],
+        );
+        if x0 == x1 || self.g.shape(x0) != self.g.shape(x1) || self.g.shape(x0) != self.g.shape(y) {
+            return;
+        }
+        for (q, c) in [(x1, x0), (x0, x1)] {
+            let Some(pn) = self.g.producer[q.idx()] else { continue };
+            let node = self.g.node(pn);
+            let Op::RmsNormBackward {
+                eps,
+                weight_grad: false,
+                add: false,
+            } = node.op
+            else {
+                continue;
+            };
+            let inputs = node.inputs.clone();
+            let fits = self.private(q)
+                && self.g.dtype(q) == self.g.dtype(y)
+                && inputs.iter().all(|&t| self.unchanged(t, pn.idx(), n));
+            if !fits {
+                continue;
+            }
+            let op = Op::RmsNormBackward {
+                eps,
+                weight_grad: false,
+                add: true,
+            };
+            self.rewrite(n, op, inputs.into_iter().chain([c]).collect());
+            stats.added_norm_gradients += 1;
+            return;
+        }
+    }
+
     /// `accumulate_grad(acc, P)` or `accumulate_grad(acc, cast(P))`: `acc += alpha P`.
     fn accumulated_product(&mut self, n: usize, stats: &mut FuseStats) {
         if self.g.nodes[n].op != Op::AccumulateGrad {
@@ -291,6 +342,7 @@ pub fn matmul_epilogues(g: &mut Graph, keep: &HashSet<TensorId>) -> FuseStats {
         pass.scaled_operand(n, &mut stats);
         pass.added_product(n, &mut stats);
         pass.accumulated_product(n, &mut stats);
+        pass.added_norm_gradient(n, &mut stats);
     }
     stats
 }

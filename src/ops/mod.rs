@@ -72,8 +72,10 @@ pub enum Op {
     Broadcast { shape: Vec<usize> },
     /// `(x [.., H], w [H]) -> x / rms(x) * w`
     RmsNorm { eps: f64 },
-    /// `(x, w, dy) -> (dx, dw)`
-    RmsNormBackward { eps: f64 },
+    /// `(x, w, dy[, acc]) -> (dx[, dw])`: `dw` only when `weight_grad` (a frozen norm
+    /// weight needs none); with `add`, `acc` (x's shape) is added to `dx` (the residual
+    /// stream's other gradient, fused by `graph::fuse`).
+    RmsNormBackward { eps: f64, weight_grad: bool, add: bool },
     /// Rotary embedding, rotate-half convention: `(x [N, heads*head_dim], pos [N] i32,
     /// inv_freq [head_dim/2] f32) -> y`; `inverse` rotates by the negative angle.
     Rope { head_dim: usize, inverse: bool, scale: f64 },
@@ -251,9 +253,9 @@ impl Op {
                 want(2)?;
                 rmsnorm::infer(x[0], x[1])
             }
-            Op::RmsNormBackward { .. } => {
-                want(3)?;
-                rmsnorm::infer_backward(x[0], x[1], x[2])
+            Op::RmsNormBackward { weight_grad, add, .. } => {
+                want(3 + *add as usize)?;
+                rmsnorm::infer_backward(x[0], x[1], x[2], add.then(|| x[3]), *weight_grad)
             }
             Op::Rope { head_dim, .. } => {
                 want(3)?;
@@ -374,7 +376,7 @@ impl Op {
                 let shape = g.shape(i[0]).to_vec();
                 Ok(vec![Some(g.apply1(Op::ReduceSum { shape }, &[dy])?)])
             }
-            Op::RmsNorm { eps } => rmsnorm::backward(g, i, dy, *eps),
+            Op::RmsNorm { eps } => rmsnorm::backward(g, i, dy, *eps, need),
             Op::Rope {
                 head_dim,
                 inverse,

@@ -260,12 +260,24 @@ impl CpuBackend {
                 rmsnorm::cpu(&self.src::<T>(&i[0]), &self.src::<T>(&i[1]), y.get(), *eps);
                 y.finish();
             }
-            Op::RmsNormBackward { eps } => {
-                let (mut dx, mut dw) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]));
+            Op::RmsNormBackward { eps, add, .. } => {
+                let mut dx = self.dst::<T>(&o[0]);
+                let mut dw = o.get(1).map(|d| self.dst::<T>(d));
                 let (x, w, dy) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]), self.src::<T>(&i[2]));
-                rmsnorm::cpu_backward(&x, &w, &dy, dx.get(), dw.get(), *eps);
+                let acc = add.then(|| self.src::<T>(&i[3]));
+                rmsnorm::cpu_backward(
+                    &x,
+                    &w,
+                    &dy,
+                    acc.as_deref(),
+                    dx.get(),
+                    dw.as_mut().map(|d| d.get()),
+                    *eps,
+                );
                 dx.finish();
-                dw.finish();
+                if let Some(dw) = dw {
+                    dw.finish();
+                }
             }
             Op::Rope {
                 head_dim,

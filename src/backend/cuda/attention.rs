@@ -279,7 +279,7 @@ fn tuning_defines() -> &'static [&'static str] {
 
 /// Whether `attn_bwd_prep` takes this head dim: rows of D / 8 threads that tile a warp.
 fn prep_fits(head_dim: usize) -> bool {
-    head_dim % 8 == 0 && 32 % (head_dim / 8) == 0
+    head_dim.is_multiple_of(8) && 32 % (head_dim / 8) == 0
 }
 
 fn generic_name(kind: &str, dc: usize) -> &'static str {

@@ -25,6 +25,7 @@ mod matmul;
 mod multi;
 mod ops;
 mod profile;
+mod weight_casts;
 
 pub use attention::FlashTiles;
 pub use kernels::compile_all_kernels;
@@ -110,6 +111,7 @@ pub struct CudaBackend {
     /// Multi-tensor tables on the device, by content.
     tables: HashMap<Vec<u64>, u64>,
     pending_adamw: Vec<multi::AdamEntry>,
+    weight_casts: weight_casts::WeightCasts,
     plans: HashMap<MatmulKey, Plan>,
     lt: lt::cublasLtHandle_t,
     lt_workspace: u64,
@@ -157,6 +159,7 @@ impl CudaBackend {
             scratch: (0, 0),
             tables: HashMap::new(),
             pending_adamw: Vec::new(),
+            weight_casts: Default::default(),
             plans: HashMap::new(),
             lt: handle,
             lt_workspace,
@@ -342,6 +345,9 @@ impl CudaBackend {
         if !matches!(op, Op::AdamW(_)) {
             self.flush_adamw()?;
         }
+        if op.writes().iter().any(|&w| self.weight_casts.holds(self.ptr(i[w].loc))) {
+            self.weight_casts.invalidate();
+        }
         if matches!(op, Op::AdamW(_)) || self.profile.is_none() {
             return self.dispatch(op, i, o);
         }
@@ -444,6 +450,7 @@ impl Backend for CudaBackend {
         if self.graphs.capturing() {
             return Err(Error::backend("cuda", "write while a program is being captured"));
         }
+        self.weight_casts.invalidate();
         self.gpu.htod(self.ptr(dst), data)
     }
 
@@ -489,6 +496,8 @@ impl Backend for CudaBackend {
     fn begin_program(&mut self, id: usize) -> Result<bool> {
         self.gpu.bind()?;
         self.flush_adamw()?;
+        self.weight_casts.invalidate();
+        self.weight_cast_table()?;
         self.profiler_range.begin()?;
         self.graphs.begin(&self.gpu, id)
     }
@@ -534,6 +543,9 @@ impl Drop for CudaBackend {
                 self.gpu.free(p);
             }
             for &p in self.tables.values() {
+                self.gpu.free(p);
+            }
+            for p in self.weight_casts.allocations() {
                 self.gpu.free(p);
             }
             if self.scratch.0 != 0 {

@@ -103,7 +103,7 @@ impl CudaBackend {
                     vec![chunks * c * 4]
                 }
             }
-            Op::RmsNormBackward { .. } => {
+            Op::RmsNormBackward { weight_grad: true, .. } => {
                 let h = *i[0].shape.last().unwrap_or(&1) as u64;
                 let rows = numel(i[0]) / h.max(1);
                 vec![rms_bwd_launch(h, rows, sms)?.2 * h * 4]
@@ -354,12 +354,16 @@ impl CudaBackend {
                 let k = self.kernel(Family::RmsNorm, name)?;
                 self.run(&k, (blocks(rows, 1), 1, 1), threads, 0, args)
             }
-            Op::RmsNormBackward { eps } => {
+            Op::RmsNormBackward { eps, weight_grad, add } => {
                 let h = *i[0].info.shape.last().unwrap_or(&1) as u64;
                 let rows = numel(i[0].info) / h.max(1);
                 let (name, threads, grid) = rms_bwd_launch(h, rows, self.gpu.sms as u64)?;
-                let sizes = self.scratch_sizes(op, &[i[0].info, i[1].info, i[2].info], &[o[0].info, o[1].info])?;
-                let partial = self.carve(&sizes)?[0];
+                let infos: Vec<&TensorInfo> = i.iter().map(|a| a.info).collect();
+                let out_infos: Vec<&TensorInfo> = o.iter().map(|a| a.info).collect();
+                let sizes = self.scratch_sizes(op, &infos, &out_infos)?;
+                // Null pointers: no added gradient, no weight gradient (cuda/rmsnorm.cu).
+                let partial = if *weight_grad { self.carve(&sizes)?[0] } else { 0 };
+                let (acc, acc_dt) = if *add { (p(self, &i[3]), code(&i[3])?) } else { (0, 0) };
                 let args = Args::new()
                     .ptr(p(self, &i[0]))
                     .i32(code(&i[0])?)
@@ -367,6 +371,8 @@ impl CudaBackend {
                     .i32(code(&i[1])?)
                     .ptr(p(self, &i[2]))
                     .i32(code(&i[2])?)
+                    .ptr(acc)
+                    .i32(acc_dt)
                     .ptr(p(self, &o[0]))
                     .i32(code(&o[0])?)
                     .ptr(partial)
@@ -375,6 +381,9 @@ impl CudaBackend {
                     .f32(*eps as f32);
                 let k = self.kernel(Family::RmsNorm, name)?;
                 self.run(&k, (grid as u32, 1, 1), threads, 0, args)?;
+                if !*weight_grad {
+                    return Ok(());
+                }
                 let args = Args::new()
                     .ptr(partial)
                     .i32(grid as i32)
@@ -407,7 +416,11 @@ impl CudaBackend {
                     .f64(*scale);
                 // Threads as cuda/rope.cu lays them out: (token, pair group, head group).
                 let half = *head_dim as u64 / 2;
-                let (name, per) = if half % 8 == 0 { ("rope_v8", 8) } else { ("rope_v1", 1) };
+                let (name, per) = if half.is_multiple_of(8) {
+                    ("rope_v8", 8)
+                } else {
+                    ("rope_v1", 1)
+                };
                 let threads = n * (half / per) * (heads as u64).div_ceil(ROPE_HEADS_PER_THREAD);
                 let k = self.kernel(Family::Rope, name)?;
                 self.run(&k, (blocks(threads, BLOCK as u64), 1, 1), BLOCK, 0, args)
@@ -641,14 +654,12 @@ impl CudaBackend {
         let sizes = self.gemm_scratch(a.info, b.info, out.info, direct_c)?;
         let sc = self.carve(&sizes)?;
         let a2 = if prec.cast_a {
-            self.cast_raw(ap, a.info.dtype, sc[0], ct, numel(a.info))?;
-            sc[0]
+            self.cast_operand(a, ct, sc[0])?
         } else {
             ap
         };
         let b2 = if prec.cast_b {
-            self.cast_raw(bp, b.info.dtype, sc[1], ct, numel(b.info))?;
-            sc[1]
+            self.cast_operand(b, ct, sc[1])?
         } else {
             bp
         };
@@ -685,6 +696,16 @@ impl CudaBackend {
             self.cast_raw(sc[2], ct, dp, out.info.dtype, numel(out.info))?;
         }
         Ok(())
+    }
+
+    /// A product operand in type `dt`: a weight's persistent copy (weight_casts.rs), or
+    /// the operand cast into `scratch`.
+    fn cast_operand(&mut self, x: &Arg, dt: DType, scratch: u64) -> Result<u64> {
+        if let Some(p) = self.weight_copy(x, dt)? {
+            return Ok(p);
+        }
+        self.cast_raw(self.ptr(x.loc), x.info.dtype, scratch, dt, numel(x.info))?;
+        Ok(scratch)
     }
 
     /// Scratch for a product's operand casts: (a, b, the output in the compute type).

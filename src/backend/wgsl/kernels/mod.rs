@@ -90,6 +90,7 @@ pub(crate) static RMSNORM: ShaderFile = ShaderFile {
         ("dy", Float),
         ("dx", Float),
         ("part", Float),
+        ("acc", Float),
     ],
 };
 
@@ -367,7 +368,7 @@ pub(crate) fn plan(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg]) -> Result<()>
         Op::ReduceSum { .. } => reduce::reduce_sum(b, op, i, o),
         Op::SumSquares => reduce::sum_squares(b, op, i, o),
         Op::RmsNorm { eps } => norm::rms_norm(b, op, i, o, *eps),
-        Op::RmsNormBackward { eps } => norm::rms_norm_backward(b, op, i, o, *eps),
+        Op::RmsNormBackward { eps, .. } => norm::rms_norm_backward(b, op, i, o, *eps),
         Op::Rope {
             head_dim,
             inverse,

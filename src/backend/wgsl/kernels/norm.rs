@@ -34,7 +34,7 @@ pub(super) fn rms_norm(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg], eps: f64)
         &RMSNORM,
         "rms_fwd",
         &[("x", ops[0].dtype), ("w", ops[1].dtype)],
-        "const MAXC: u32 = 1u;\n",
+        "const MAXC: u32 = 1u;\nconst ADD: bool = false;\nconst DW: bool = false;\n",
     )?;
     for (u0, nu) in b.chunks(rows, &ops, u64::MAX)? {
         let binds = b.windows(&ops, u0, nu);
@@ -44,18 +44,33 @@ pub(super) fn rms_norm(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg], eps: f64)
     Ok(())
 }
 
+/// `dx` (plus the added gradient `i[3]` when there is one) and, when the op has a second
+/// output, `dw`. An absent added gradient or `dw` is bound to a 16-byte placeholder the
+/// shader never touches (`ADD`, `DW` are false).
 pub(super) fn rms_norm_backward(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg], eps: f64) -> Result<()> {
     for (k, what) in ["x", "the weight", "dy"].iter().enumerate() {
         check_float_in(op, what, i[k].info.dtype)?;
     }
+    let (add, dw) = (i.len() > 3, o.len() > 1);
+    if add {
+        check_float_in(op, "the added gradient", i[3].info.dtype)?;
+    }
     check_f32_out(op, "dx", o[0].info.dtype)?;
-    check_f32_out(op, "dw", o[1].info.dtype)?;
+    if dw {
+        check_f32_out(op, "dw", o[1].info.dtype)?;
+    }
     let (h, rows) = row_width(op, i)?;
+    let acc = if add {
+        opnd("acc", &i[3], Part::Rows(h))
+    } else {
+        b.workspace("acc", 16)
+    };
     let ops = [
         opnd("x", &i[0], Part::Rows(h)),
         opnd("w", &i[1], Part::Whole),
         opnd("dy", &i[2], Part::Rows(h)),
         opnd("dx", &o[0], Part::Rows(h)),
+        acc,
     ];
     let chunks = b.chunks(rows, &ops, u64::MAX)?;
     // Row blocks per chunk: enough workgroups to fill a GPU, their partial rows of dw
@@ -69,15 +84,30 @@ pub(super) fn rms_norm_backward(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg], 
         plan.push((u0, nu, per, nb, blocks));
         blocks += nb;
     }
-    let part = b.workspace("part", blocks * h * 4).with_part(Part::Rows(h));
-    let consts = format!("const MAXC: u32 = {}u;\n", h.div_ceil(WG));
-    let dtypes = [("x", ops[0].dtype), ("w", ops[1].dtype), ("dy", ops[2].dtype)];
+    let part = if dw {
+        b.workspace("part", blocks * h * 4).with_part(Part::Rows(h))
+    } else {
+        b.workspace("part", 16)
+    };
+    let consts = format!(
+        "const MAXC: u32 = {}u;\nconst ADD: bool = {add};\nconst DW: bool = {dw};\n",
+        h.div_ceil(WG)
+    );
+    let dtypes = [
+        ("x", ops[0].dtype),
+        ("w", ops[1].dtype),
+        ("dy", ops[2].dtype),
+        ("acc", ops[4].dtype),
+    ];
     let pipe = b.pipeline(&RMSNORM, "rms_bwd", &dtypes, &consts)?;
     for (u0, nu, per, nb, first) in plan {
         let mut binds = b.windows(&ops, u0, nu);
         binds.push(b.window(&part, first, nb));
         let u = Uniforms::new(&[h as u32, nu as u32, per as u32, 0], &[eps as f32]);
         b.dispatch(&pipe, &RMSNORM, binds, u, grid(nb)?);
+    }
+    if !dw {
+        return Ok(());
     }
     reduce::column_sum(b, part, opnd("y", &o[1], Part::Whole), blocks, h)
 }
