@@ -180,7 +180,7 @@ fn lora_step_fused_equals_the_graph_as_built() {
         let (plain, plain_ops) = train(true, dropout, false);
         let (fused, ops) = train(true, dropout, true);
         assert_same(&format!("LoRA, dropout {dropout}"), &fused, &plain);
-        // 2 layers x 7 projections: each LoRA output is one product reading the base output
+        // 2 layers x 7 projections: each LoRA output is the base product reading the rank-r one
         // as C, and every A and B gradient is accumulated by its product.
         let loras = 2 * ALL_LINEAR.len();
         assert_eq!(count(&ops, "scale"), 0, "fused train program: {ops:?}");
@@ -273,5 +273,43 @@ fn program_outputs_are_kept() {
             assert!((sv - 0.5 * dot).abs() < 1e-5, "s[{i},{j}] = {sv}, want {}", 0.5 * dot);
             assert!((yv - (cv[i * 5 + j] + 0.5 * dot)).abs() < 1e-5);
         }
+    }
+}
+
+/// Of two products summed, the one with the longer inner dimension reads the other as C
+/// (LoRA: the base product takes the rank-r product, which then only writes its output).
+#[test]
+fn the_longer_product_reads_the_shorter_as_c() {
+    for swap in [false, true] {
+        let mut g = Graph::new();
+        let x = g.input("x", &[4, 64], DType::F32);
+        let w = g.input("w", &[64, 8], DType::F32);
+        let u = g.input("u", &[4, 2], DType::F32);
+        let b = g.input("b", &[2, 8], DType::F32);
+        let base = g.matmul(x, w, false, false).unwrap();
+        let low = g.matmul(u, b, false, false).unwrap();
+        let low = g.scale(low, 0.5).unwrap();
+        let y = if swap {
+            g.add(low, base).unwrap()
+        } else {
+            g.add(base, low).unwrap()
+        };
+        let keep: HashSet<_> = [y].into_iter().collect();
+        let stats = matmul_epilogues(&mut g, &keep);
+        assert_eq!(stats.added_products, 1);
+        let node = g.node(g.producer[y.idx()].unwrap());
+        assert!(matches!(node.op, Op::MatMulFused { add: true, .. }), "{:?}", node.op);
+        assert_eq!(&node.inputs[..2], &[x, w], "swap {swap}: {:?}", node.inputs);
+        let c = node.inputs[2];
+        let cn = g.node(g.producer[c.idx()].unwrap());
+        assert_eq!(
+            cn.op,
+            Op::MatMulFused {
+                trans_a: false,
+                trans_b: false,
+                alpha: 0.5,
+                add: false
+            }
+        );
     }
 }

@@ -5,14 +5,17 @@
 //! - `scale(x, f)` read only as a product operand: the products take `alpha * f` and `x`;
 //! - `scale(P, f)` of a product `P`: the product takes `alpha * f`;
 //! - `add(c, P)` (either order) of a product `P` and a tensor of its shape: `alpha P + c`
-//!   in one pass ([`Op::MatMulFused`] with `add`);
+//!   in one pass ([`Op::MatMulFused`] with `add`); when both terms are products, the one
+//!   with the longer inner dimension takes the other as C: reading C costs little in a
+//!   compute-bound product and doubles the memory traffic of a rank-r one;
 //! - `accumulate_grad(acc, P)` or `accumulate_grad(acc, cast(P))`: `acc += alpha P` in place
 //!   ([`Op::MatMulAccumulate`]; the 16-bit product is summed in f32 unrounded);
 //! - `add(c, dx)` (either order) of the `dx` of an RMSNorm backward without a weight
 //!   gradient: the backward adds `c` as it writes `dx` ([`Op::RmsNormBackward`] with `add`),
 //!   which in a residual block is the sum of the residual stream's two gradients.
 //!
-//! LoRA's `base + s * (x A^T) B^T` becomes one product with `alpha = s` reading `base` as C;
+//! LoRA's `base + s * (x A^T) B^T` becomes the rank-r product `s (x A^T) B^T`, read as C by
+//! the base product;
 //! in the backward pass the scaled output gradient, the sums of a tensor's gradients over
 //! its readers and the accumulation of weight gradients disappear the same way. A rewritten
 //! node keeps its index and its output tensor, so tensor ids, program outputs and effects
@@ -226,11 +229,22 @@ impl Pass<'_> {
         if x0 == x1 || self.g.shape(x0) != self.g.shape(x1) || self.g.shape(x0) != self.g.shape(y) {
             return;
         }
-        for (q, c) in [(x1, x0), (x0, x1)] {
-            let Some(p) = self.product(q, n) else { continue };
-            if !self.private(q) || !self.types_ok(&p, self.g.dtype(c)) || p.a == c || p.b == c {
-                continue;
+        let fusable = |pass: &Self, q: TensorId, c: TensorId| {
+            let p = pass.product(q, n)?;
+            let ok = pass.private(q) && pass.types_ok(&p, pass.g.dtype(c)) && p.a != c && p.b != c;
+            ok.then_some(p)
+        };
+        let inner = |pass: &Self, p: &Product| {
+            crate::ops::matmul::dims(pass.g.shape(p.a), pass.g.shape(p.b), p.trans_a, p.trans_b).map_or(0, |d| d.k)
+        };
+        let mut order = [(x1, x0), (x0, x1)];
+        if let (Some(p1), Some(p0)) = (fusable(self, x1, x0), fusable(self, x0, x1)) {
+            if inner(self, &p0) > inner(self, &p1) {
+                order.swap(0, 1);
             }
+        }
+        for (q, c) in order {
+            let Some(p) = fusable(self, q, c) else { continue };
             let op = Op::MatMulFused {
                 trans_a: p.trans_a,
                 trans_b: p.trans_b,
