@@ -72,7 +72,8 @@ struct Steps {
     params: Vec<HostTensor>,
 }
 
-/// Runs `steps` training steps (train program, then optimizer program) on `backend`.
+/// Runs `steps` training steps (train program, then optimizer program) on `backend`, on the
+/// graph as built.
 fn train_steps(backend: Box<dyn Backend>, cfg: &ModelConfig, opts: &BuildOptions, steps: u64) -> (Steps, u64, u64) {
     train_steps_with(backend, cfg, opts, &AttnOptions::default(), steps)
 }
@@ -90,7 +91,9 @@ fn train_steps_with(
         ..OptimizerOptions::default()
     };
     let tg = TrainGraph::new(build_with_attention(cfg, opts, attn).unwrap(), &opt).unwrap();
-    let mut ex = Executor::new(tg.model.graph.clone(), backend, &tg.programs()).unwrap();
+    // The graph as built on every backend (the wgsl backend does not fuse product
+    // epilogues; tests/fusion.rs checks the fused graph against this one on the CPU).
+    let mut ex = Executor::with_fusion(tg.model.graph.clone(), backend, &tg.programs(), false).unwrap();
     load_base_weights(&mut ex, &tg.model, &weights(&tg, 3)).unwrap();
     let mut r = rng(5);
     for p in &tg.model.lora {
