@@ -430,18 +430,7 @@ fn rms_norm_forward_and_backward() {
         let what = format!("rms_norm {shape:?} x {dx} w {dw}");
         compare(&mut g, &what, &Op::RmsNorm { eps: 1e-5 }, &[x.clone(), w.clone()]);
         let acc = t(&mut r, shape, dx);
-        // With the weight gradient; without it (a frozen weight), alone and adding the
-        // residual stream's other gradient.
-        for (weight_grad, add) in [(true, false), (false, false), (false, true)] {
-            let op = Op::RmsNormBackward {
-                eps: 1e-5,
-                weight_grad,
-                add,
-            };
-            let mut inputs = vec![x.clone(), w.clone(), dy.clone()];
-            if add {
-                inputs.push(acc.clone());
-            }
+        for (op, inputs) in common::rms_norm_backward_cases(&x, &w, &dy, &acc) {
             compare(&mut g, &format!("{what} backward {op:?}"), &op, &inputs);
         }
     }

@@ -6,6 +6,7 @@
 //! element offsets of their windows.
 //! Runs on any adapter (lavapipe in CI) and fails when there is none.
 
+mod common;
 mod wgsl_support;
 
 use ferrotune::backend::wgsl::WgslBackend;
@@ -157,16 +158,7 @@ fn rms_norm_and_backward_with_half_weights() {
             let dy = randn(&mut r, &[rows, h], DType::F32);
             check_both(&mut f, &mut s, &Op::RmsNorm { eps: 1e-5 }, &[x.clone(), w.clone()], TOL);
             let acc = randn(&mut r, &[rows, h], DType::F32);
-            for (weight_grad, add) in [(true, false), (false, false), (false, true)] {
-                let op = Op::RmsNormBackward {
-                    eps: 1e-5,
-                    weight_grad,
-                    add,
-                };
-                let mut inputs = vec![x.clone(), w.clone(), dy.clone()];
-                if add {
-                    inputs.push(acc.clone());
-                }
+            for (op, inputs) in common::rms_norm_backward_cases(&x, &w, &dy, &acc) {
                 check_both(&mut f, &mut s, &op, &inputs, TOL);
             }
         }

@@ -216,19 +216,22 @@ impl Pass<'_> {
         stats.scaled_products += 1;
     }
 
+    /// The operands and output of node `n` when it adds two distinct tensors of its shape.
+    fn same_shape_add(&self, n: usize) -> Option<(TensorId, TensorId, TensorId)> {
+        let node = &self.g.nodes[n];
+        if node.op != Op::Add {
+            return None;
+        }
+        let (x0, x1, y) = (node.inputs[0], node.inputs[1], node.outputs[0]);
+        let same = self.g.shape(x0) == self.g.shape(x1) && self.g.shape(x0) == self.g.shape(y);
+        (x0 != x1 && same).then_some((x0, x1, y))
+    }
+
     /// `add(c, P)` or `add(P, c)` with `c` of the product's shape: `alpha P + c`.
     fn added_product(&mut self, n: usize, stats: &mut FuseStats) {
-        if self.g.nodes[n].op != Op::Add {
+        let Some((x0, x1, _)) = self.same_shape_add(n) else {
             return;
-        }
-        let (x0, x1, y) = (
-            self.g.nodes[n].inputs[0],
-            self.g.nodes[n].inputs[1],
-            self.g.nodes[n].outputs[0],
-        );
-        if x0 == x1 || self.g.shape(x0) != self.g.shape(x1) || self.g.shape(x0) != self.g.shape(y) {
-            return;
-        }
+        };
         let fusable = |pass: &Self, q: TensorId, c: TensorId| {
             let p = pass.product(q, n)?;
             let ok = pass.private(q) && pass.types_ok(&p, pass.g.dtype(c)) && p.a != c && p.b != c;
@@ -260,17 +263,9 @@ impl Pass<'_> {
     /// `add(c, dx)` or `add(dx, c)` of a private RMSNorm input gradient: one backward that
     /// adds `c`.
     fn added_norm_gradient(&mut self, n: usize, stats: &mut FuseStats) {
-        if self.g.nodes[n].op != Op::Add {
+        let Some((x0, x1, y)) = self.same_shape_add(n) else {
             return;
-        }
-        let (x0, x1, y) = (
-            self.g.nodes[n].inputs[0],
-            self.g.nodes[n].inputs[1],
-            self.g.nodes[n].outputs[0],
-        );
-        if x0 == x1 || self.g.shape(x0) != self.g.shape(x1) || self.g.shape(x0) != self.g.shape(y) {
-            return;
-        }
+        };
         for (q, c) in [(x1, x0), (x0, x1)] {
             let Some(pn) = self.g.producer[q.idx()] else { continue };
             let node = self.g.node(pn);

@@ -251,3 +251,28 @@ pub fn temp_dir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// The RMSNorm backward variants with their inputs: with the weight gradient; without it (a
+/// frozen weight), alone and adding `acc` (the residual stream's other gradient).
+pub fn rms_norm_backward_cases(
+    x: &HostTensor,
+    w: &HostTensor,
+    dy: &HostTensor,
+    acc: &HostTensor,
+) -> Vec<(ferrotune::ops::Op, Vec<HostTensor>)> {
+    [(true, false), (false, false), (false, true)]
+        .into_iter()
+        .map(|(weight_grad, add)| {
+            let op = ferrotune::ops::Op::RmsNormBackward {
+                eps: 1e-5,
+                weight_grad,
+                add,
+            };
+            let mut inputs = vec![x.clone(), w.clone(), dy.clone()];
+            if add {
+                inputs.push(acc.clone());
+            }
+            (op, inputs)
+        })
+        .collect()
+}
