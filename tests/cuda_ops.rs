@@ -1147,3 +1147,51 @@ fn weight_copies_follow_their_weights() {
         wv = HostTensor::from_f64(&[m, k], &sum).cast(DType::F32);
     }
 }
+
+/// The flash kernels' segment-range table is computed once per program run and shared by
+/// every attention of the run: two forwards and a backward over the same segment ids, a new
+/// packing at every run (eager, captured, then replayed), each against the CPU.
+#[test]
+fn segment_tables_follow_each_new_packing() {
+    use ferrotune::exec::{Executor, ProgramSpec};
+    use ferrotune::graph::Graph;
+    let (rows, s) = (2usize, spec(4, 2, 64, 256, true, None));
+    let n = rows * s.seq_len;
+    let dt = DType::BF16;
+    let mut gr = Graph::new();
+    let q = gr.input("q", &[n, 4 * 64], dt);
+    let q2 = gr.input("q2", &[n, 4 * 64], dt);
+    let k = gr.input("k", &[n, 2 * 64], dt);
+    let v = gr.input("v", &[n, 2 * 64], dt);
+    let seg = gr.input("seg", &[n], DType::I32);
+    let d_o = gr.input("d_o", &[n, 4 * 64], dt);
+    let (o1, lse1) = gr.attention(s.clone(), q, k, v, seg).unwrap();
+    let (o2, _) = gr.attention(s.clone(), q2, k, v, seg).unwrap();
+    let grads = gr
+        .apply(Op::AttentionBackward(s.clone()), &[q, k, v, seg, o1, lse1, d_o])
+        .unwrap();
+    let outs = [o1, o2, grads[0], grads[1], grads[2]];
+    let specs = [ProgramSpec::new("attn", &outs, &[])];
+    let gpu_be = cuda();
+    assert_eq!(gpu_be.attention_path(&s, dt), "tensor-core");
+    let mut gpu = Executor::new(gr.clone(), Box::new(gpu_be), &specs).unwrap();
+    let mut cpu = Executor::new(gr, Box::new(CpuBackend::new()), &specs).unwrap();
+    let mut r = rng(33);
+    for run in 0..4 {
+        let vals = [
+            t(&mut r, &[n, 4 * 64], dt),
+            t(&mut r, &[n, 4 * 64], dt),
+            t(&mut r, &[n, 2 * 64], dt),
+            t(&mut r, &[n, 2 * 64], dt),
+            HostTensor::from_i32(&[n], &segments(&mut r, rows, s.seq_len)),
+            t(&mut r, &[n, 4 * 64], dt),
+        ];
+        let feed: Vec<_> = [q, q2, k, v, seg, d_o].into_iter().zip(vals.iter()).collect();
+        let got = gpu.run(0, &feed).unwrap();
+        let want = cpu.run(0, &feed).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let e = rel_err(&g.to_f64(), &w.to_f64());
+            assert!(e < 1e-2, "run {run}, output {i}: relative error {e:.2e}");
+        }
+    }
+}

@@ -8,6 +8,13 @@
 //!   in one pass ([`Op::MatMulFused`] with `add`); when both terms are products, the one
 //!   with the longer inner dimension takes the other as C: reading C costs little in a
 //!   compute-bound product and doubles the memory traffic of a rank-r one;
+//! - `add(c, Q)` (either order) where `Q` is already `alpha P + d` and `d` a private
+//!   product: `d` takes `c` as its C term and `Q` takes the place of the add, so a residual
+//!   stream's `h + (base + s (x A^T) B^T)` costs no pass of its own;
+//! - `swiglu(G + cg, U + cu)` of two LoRA outputs in 16-bit types, whose rank-r terms
+//!   `cg = a ug bg^T`, `cu` are read only there: [`Op::SwigluLowRank`] recomputes the terms
+//!   from the rank-r factors, and its backward does too, so neither `[n, f]` term is written
+//!   or read back (the base products lose their C);
 //! - `accumulate_grad(acc, P)` or `accumulate_grad(acc, cast(P))`: `acc += alpha P` in place
 //!   ([`Op::MatMulAccumulate`]; the 16-bit product is summed in f32 unrounded);
 //! - `add(c, dx)` (either order) of the `dx` of an RMSNorm backward without a weight
@@ -33,8 +40,10 @@ pub struct FuseStats {
     pub scaled_operands: usize,
     pub scaled_products: usize,
     pub added_products: usize,
+    pub added_product_sums: usize,
     pub accumulated_products: usize,
     pub added_norm_gradients: usize,
+    pub low_rank_swiglus: usize,
 }
 
 impl FuseStats {
@@ -42,8 +51,10 @@ impl FuseStats {
         self.scaled_operands
             + self.scaled_products
             + self.added_products
+            + self.added_product_sums
             + self.accumulated_products
             + self.added_norm_gradients
+            + self.low_rank_swiglus
     }
 }
 
@@ -260,6 +271,63 @@ impl Pass<'_> {
         }
     }
 
+    /// `add(c, Q)` or `add(Q, c)` with `Q = alpha P + d` and `d` a private product: the
+    /// product of `d` adds `c`, and the add becomes `Q`.
+    fn added_product_sum(&mut self, n: usize, stats: &mut FuseStats) {
+        let Some((x0, x1, _)) = self.same_shape_add(n) else {
+            return;
+        };
+        for (q, c) in [(x1, x0), (x0, x1)] {
+            let Some(qn) = self.g.producer[q.idx()] else { continue };
+            let Op::MatMulFused {
+                trans_a,
+                trans_b,
+                alpha,
+                add: true,
+            } = self.g.node(qn).op
+            else {
+                continue;
+            };
+            let (a, b, d) = {
+                let i = &self.g.node(qn).inputs;
+                (i[0], i[1], i[2])
+            };
+            let Some(dn) = self.g.producer[d.idx()] else { continue };
+            let Some(pd) = self.product(d, qn.idx()) else { continue };
+            // `c` must exist, and hold its value at `n`, where `d` is computed.
+            let c_ready = self.g.producer[c.idx()].is_none_or(|cn| cn.idx() < dn.idx());
+            let fits = self.private(q)
+                && self.private(d)
+                && c_ready
+                && self.unchanged(c, dn.idx(), n)
+                && [a, b].iter().all(|&t| self.unchanged(t, qn.idx(), n))
+                && self.unchanged(pd.a, dn.idx(), n)
+                && self.unchanged(pd.b, dn.idx(), n)
+                && self.g.dtype(c) == self.g.dtype(d)
+                && self.g.dtype(q) == self.g.dtype(d)
+                && ![pd.a, pd.b, a, b].contains(&c);
+            if !fits {
+                continue;
+            }
+            let inner = Op::MatMulFused {
+                trans_a: pd.trans_a,
+                trans_b: pd.trans_b,
+                alpha: pd.alpha,
+                add: true,
+            };
+            self.rewrite(dn.idx(), inner, vec![pd.a, pd.b, c]);
+            let outer = Op::MatMulFused {
+                trans_a,
+                trans_b,
+                alpha,
+                add: true,
+            };
+            self.rewrite(n, outer, vec![a, b, d]);
+            stats.added_product_sums += 1;
+            return;
+        }
+    }
+
     /// `add(c, dx)` or `add(dx, c)` of a private RMSNorm input gradient: one backward that
     /// adds `c`.
     fn added_norm_gradient(&mut self, n: usize, stats: &mut FuseStats) {
@@ -293,6 +361,102 @@ impl Pass<'_> {
             stats.added_norm_gradients += 1;
             return;
         }
+    }
+
+    /// For a SwiGLU input `t = alpha P + d` with `d = a u b^T` a private rank-r product in
+    /// `t`'s 16-bit type: the base product's node, its operands, and `(u, b, a)`.
+    fn low_rank_input(&self, t: TensorId, at: usize) -> Option<(usize, Product, (TensorId, TensorId, f64))> {
+        let tn = self.g.producer[t.idx()]?;
+        let node = self.g.node(tn);
+        let Op::MatMulFused {
+            trans_a,
+            trans_b,
+            alpha,
+            add: true,
+        } = node.op
+        else {
+            return None;
+        };
+        let (x, w, d) = (node.inputs[0], node.inputs[1], node.inputs[2]);
+        let dn = self.g.producer[d.idx()]?;
+        let pd = self.product(d, tn.idx())?;
+        let dt = self.g.dtype(t);
+        let (ts, us, bs) = (self.g.shape(t), self.g.shape(pd.a), self.g.shape(pd.b));
+        let shapes = ts.len() == 2 && us.len() == 2 && bs.len() == 2 && us[0] == ts[0] && bs[0] == ts[1] && us[1] == bs[1];
+        let fits = matches!(dt, DType::BF16 | DType::F16)
+            && self.private(d)
+            && !pd.trans_a
+            && pd.trans_b
+            && shapes
+            && self.g.dtype(pd.a) == dt
+            && (self.g.dtype(pd.b) == DType::F32 || self.g.dtype(pd.b) == dt);
+        let stable = [x, w].iter().all(|&v| self.unchanged(v, tn.idx(), at))
+            && [pd.a, pd.b].iter().all(|&v| self.unchanged(v, dn.idx(), at));
+        let base = Product {
+            a: x,
+            b: w,
+            trans_a,
+            trans_b,
+            alpha,
+        };
+        (fits && stable).then_some((tn.idx(), base, (pd.a, pd.b, pd.alpha)))
+    }
+
+    /// `swiglu(G + cg, U + cu)` and its backwards: [`Op::SwigluLowRank`] and
+    /// [`Op::SwigluLowRankBackward`] over the base products and the rank-r factors.
+    fn low_rank_swiglu(&mut self, n: usize, stats: &mut FuseStats) {
+        if self.g.nodes[n].op != Op::Swiglu {
+            return;
+        }
+        let (gate, up) = (self.g.nodes[n].inputs[0], self.g.nodes[n].inputs[1]);
+        if gate == up || self.keep.contains(&gate) || self.keep.contains(&up) {
+            return;
+        }
+        // Every other reader must be a backward of this SwiGLU.
+        let backwards: Vec<usize> = (n + 1..self.g.nodes.len())
+            .filter(|&k| self.g.nodes[k].inputs.iter().any(|&t| t == gate || t == up))
+            .collect();
+        let only_backwards = backwards.iter().all(|&k| {
+            let node = &self.g.nodes[k];
+            node.op == Op::SwigluBackward && node.inputs[..2] == [gate, up]
+        });
+        let reads = 1 + backwards.len();
+        if !only_backwards || self.readers[gate.idx()] != reads || self.readers[up.idx()] != reads {
+            return;
+        }
+        let last = backwards.last().copied().unwrap_or(n);
+        let (Some((gn, gb, fg)), Some((un, ub, fu))) = (self.low_rank_input(gate, last), self.low_rank_input(up, last))
+        else {
+            return;
+        };
+        if self.g.shape(fg.0)[1] != self.g.shape(fu.0)[1] {
+            return;
+        }
+        for (node, base) in [(gn, gb), (un, ub)] {
+            let op = Op::MatMulFused {
+                trans_a: base.trans_a,
+                trans_b: base.trans_b,
+                alpha: base.alpha,
+                add: false,
+            };
+            self.rewrite(node, op, vec![base.a, base.b]);
+        }
+        let factors = [fg.0, fg.1, fu.0, fu.1];
+        let (alpha_gate, alpha_up) = (fg.2, fu.2);
+        self.rewrite(
+            n,
+            Op::SwigluLowRank { alpha_gate, alpha_up },
+            [gate, up].into_iter().chain(factors).collect(),
+        );
+        for k in backwards {
+            let dy = self.g.nodes[k].inputs[2];
+            self.rewrite(
+                k,
+                Op::SwigluLowRankBackward { alpha_gate, alpha_up },
+                [gate, up, dy].into_iter().chain(factors).collect(),
+            );
+        }
+        stats.low_rank_swiglus += 1;
     }
 
     /// `accumulate_grad(acc, P)` or `accumulate_grad(acc, cast(P))`: `acc += alpha P`.
@@ -350,8 +514,10 @@ pub fn matmul_epilogues(g: &mut Graph, keep: &HashSet<TensorId>) -> FuseStats {
         pass.scaled_product(n, &mut stats);
         pass.scaled_operand(n, &mut stats);
         pass.added_product(n, &mut stats);
+        pass.added_product_sum(n, &mut stats);
         pass.accumulated_product(n, &mut stats);
         pass.added_norm_gradient(n, &mut stats);
+        pass.low_rank_swiglu(n, &mut stats);
     }
     stats
 }

@@ -21,6 +21,7 @@ pub mod real;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
+pub mod swiglu_low_rank;
 
 use crate::graph::{Graph, Node, TensorId, TensorInfo};
 use crate::tensor::DType;
@@ -83,6 +84,12 @@ pub enum Op {
     Swiglu,
     /// `(gate, up, dy) -> (dgate, dup)`
     SwigluBackward,
+    /// `(gate, up, ug [n, r], bg [f, r], uu, bu) -> silu(gate + alpha_gate ug bg^T) *
+    /// (up + alpha_up uu bu^T)`: SwiGLU of two LoRA outputs whose rank-r terms are recomputed
+    /// in place of being stored (see [`swiglu_low_rank`]); built by the fusion pass.
+    SwigluLowRank { alpha_gate: f64, alpha_up: f64 },
+    /// `(gate, up, dy, ug, bg, uu, bu) -> (dgate, dup)` of [`Op::SwigluLowRank`].
+    SwigluLowRankBackward { alpha_gate: f64, alpha_up: f64 },
     /// `(x, seed [1] u32, p [1] f32) -> x * mask / (1 - p)`, mask from a counter-based hash
     /// of (seed, salt, element index); the salt makes each call site's mask independent.
     Dropout { salt: u32 },
@@ -150,6 +157,8 @@ impl Op {
             Op::Rope { .. } => "rope",
             Op::Swiglu => "swiglu",
             Op::SwigluBackward => "swiglu_backward",
+            Op::SwigluLowRank { .. } => "swiglu_low_rank",
+            Op::SwigluLowRankBackward { .. } => "swiglu_low_rank_backward",
             Op::Dropout { .. } => "dropout",
             Op::Attention(_) => "attention",
             Op::AttentionBackward(_) => "attention_backward",
@@ -269,6 +278,8 @@ impl Op {
                 want(3)?;
                 swiglu::infer_backward(x[0], x[1], x[2])
             }
+            Op::SwigluLowRank { .. } => swiglu_low_rank::infer(x),
+            Op::SwigluLowRankBackward { .. } => swiglu_low_rank::infer_backward(x),
             Op::Dropout { .. } => {
                 want(3)?;
                 elementwise::infer_dropout(x[0], x[1], x[2])
@@ -431,6 +442,7 @@ impl Op {
             Op::EmbeddingBackward { .. }
             | Op::RmsNormBackward { .. }
             | Op::SwigluBackward
+            | Op::SwigluLowRankBackward { .. }
             | Op::AttentionBackward(_)
             | Op::SoftmaxBackward
             | Op::CrossEntropyBackward { .. }
@@ -438,12 +450,13 @@ impl Op {
             | Op::AdamW(_)
             | Op::AccumulateGrad
             | Op::MatMulAccumulate { .. }
+            | Op::SwigluLowRank { .. }
             | Op::CacheWrite
             | Op::AttentionCached(_)
             | Op::View { .. }
             | Op::HostCall { .. } => Err(crate::Error::shape(
                 self.name(),
-                "has no backward rule (it is a backward, optimizer or host op)",
+                "has no backward rule (it is a backward, optimizer, host or fused op)",
             )),
         }
     }

@@ -29,7 +29,7 @@ pub fn backward(gr: &mut Graph, i: &[TensorId], dy: TensorId) -> Result<Vec<Opti
     Ok(vec![Some(o[0]), Some(o[1])])
 }
 
-fn sigmoid(x: f64) -> f64 {
+pub(super) fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 

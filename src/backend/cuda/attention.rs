@@ -392,7 +392,7 @@ impl CudaBackend {
     }
 
     /// Min and max segment id of every GRAN tokens: int2 [rows, granules] at `out`.
-    fn seg_ranges(&mut self, defs: &[&'static str], seg: u64, rows: i64, t: i64, out: u64) -> Result<()> {
+    pub(super) fn seg_ranges(&mut self, defs: &[&'static str], seg: u64, rows: i64, t: i64, out: u64) -> Result<()> {
         let k = self.mods.get_variant(Family::FlashAttn, defs, "flash_seg_ranges")?;
         let g = granules(t as usize) as i64;
         let args = Args::new().ptr(seg).i64(rows).i64(t).i32(g as i32).ptr(out);
@@ -419,9 +419,8 @@ impl CudaBackend {
             let smem = t.smem(s.head_dim, s.seq_len, false);
             let k = self.mods.get_with_smem(Family::FlashAttn, &defs, name, smem)?;
             let sizes = self.scratch_sizes(&crate::ops::Op::Attention(s.clone()), &infos, &oinfos)?;
-            let rng = self.carve(&sizes)?[0];
-            let seg = self.ptr(i[3].loc);
-            self.seg_ranges(&defs, seg, a.b, a.t, rng)?;
+            let scratch = self.carve(&sizes)?[0];
+            let rng = self.seg_range_table(&defs, &i[3], a.b, a.t, sizes[0], scratch)?;
             let prm = FlashParams {
                 q: self.ptr(i[0].loc),
                 k: self.ptr(i[1].loc),
@@ -560,8 +559,7 @@ impl CudaBackend {
             let (name, defs) = flash_kernel(i[0].info.dtype, s.head_dim, t, true);
             let smem = t.smem(s.head_dim, s.seq_len, true);
             let kf = self.mods.get_with_smem(Family::FlashAttn, &defs, name, smem)?;
-            let rng = sc[2];
-            self.seg_ranges(&defs, seg, a.b, a.t, rng)?;
+            let rng = self.seg_range_table(&defs, &i[3], a.b, a.t, sizes[2], sc[2])?;
             let prm = FlashParams {
                 q,
                 k,

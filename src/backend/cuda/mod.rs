@@ -25,6 +25,7 @@ mod matmul;
 mod multi;
 mod ops;
 mod profile;
+mod seg_ranges;
 mod weight_casts;
 
 pub use attention::FlashTiles;
@@ -112,12 +113,14 @@ pub struct CudaBackend {
     tables: HashMap<Vec<u64>, u64>,
     pending_adamw: Vec<multi::AdamEntry>,
     weight_casts: weight_casts::WeightCasts,
+    seg_cache: seg_ranges::SegRanges,
     plans: HashMap<MatmulKey, Plan>,
     lt: lt::cublasLtHandle_t,
     lt_workspace: u64,
     graphs: Graphs,
     profile: Option<profile::Profile>,
     profiler_range: profile::ProfilerRange,
+    run_times: Option<profile::RunTimes>,
     mods: Modules,
     gpu: Gpu,
 }
@@ -160,12 +163,14 @@ impl CudaBackend {
             tables: HashMap::new(),
             pending_adamw: Vec::new(),
             weight_casts: Default::default(),
+            seg_cache: Default::default(),
             plans: HashMap::new(),
             lt: handle,
             lt_workspace,
             graphs,
             profile,
             profiler_range: profile::ProfilerRange::from_env(),
+            run_times: profile::RunTimes::from_env(),
             gpu,
         })
     }
@@ -451,6 +456,7 @@ impl Backend for CudaBackend {
             return Err(Error::backend("cuda", "write while a program is being captured"));
         }
         self.weight_casts.invalidate();
+        self.seg_cache.invalidate();
         self.gpu.htod(self.ptr(dst), data)
     }
 
@@ -469,6 +475,9 @@ impl Backend for CudaBackend {
         self.gpu.sync()?;
         if let Some(p) = self.profile.as_mut() {
             p.collect();
+        }
+        if let Some(r) = self.run_times.as_mut() {
+            r.collect();
         }
         Ok(out)
     }
@@ -497,8 +506,12 @@ impl Backend for CudaBackend {
         self.gpu.bind()?;
         self.flush_adamw()?;
         self.weight_casts.invalidate();
+        self.seg_cache.invalidate();
         self.weight_cast_table()?;
         self.profiler_range.begin()?;
+        if let Some(r) = self.run_times.as_mut() {
+            r.begin(self.gpu.stream, id)?;
+        }
         self.graphs.begin(&self.gpu, id)
     }
 
@@ -510,6 +523,9 @@ impl Backend for CudaBackend {
             return r;
         }
         self.graphs.end(&self.gpu, id)?;
+        if let Some(r) = self.run_times.as_mut() {
+            r.end(self.gpu.stream)?;
+        }
         self.profiler_range.end()
     }
 }
@@ -535,6 +551,11 @@ impl Drop for CudaBackend {
             }
             p.release();
         }
+        if let Some(r) = self.run_times.as_mut() {
+            r.collect();
+            eprint!("{}", r.report());
+            r.release();
+        }
         self.graphs.invalidate();
         self.plans.clear();
         // SAFETY: the stream is idle; nothing uses these allocations or the handle after this.
@@ -545,7 +566,7 @@ impl Drop for CudaBackend {
             for &p in self.tables.values() {
                 self.gpu.free(p);
             }
-            for p in self.weight_casts.allocations() {
+            for p in self.weight_casts.allocations().chain(self.seg_cache.allocations()) {
                 self.gpu.free(p);
             }
             if self.scratch.0 != 0 {

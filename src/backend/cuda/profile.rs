@@ -125,3 +125,65 @@ impl ProfilerRange {
         Ok(())
     }
 }
+
+/// Device time of whole program runs (`FERROTUNE_CUDA_RUN_TIMES=1`): an event pair around
+/// each run, CUDA graph replays included, printed per program when the backend is dropped.
+/// Set beside the step's wall time, it says how much of a step the device is busy.
+#[derive(Default)]
+pub struct RunTimes {
+    events: Profile,
+    open: Option<(usize, (sys::CUevent, sys::CUevent))>,
+    runs: HashMap<usize, Vec<f64>>,
+}
+
+impl RunTimes {
+    pub fn from_env() -> Option<Self> {
+        (std::env::var("FERROTUNE_CUDA_RUN_TIMES").as_deref() == Ok("1")).then(RunTimes::default)
+    }
+
+    pub fn begin(&mut self, stream: sys::CUstream, id: usize) -> Result<()> {
+        self.open = Some((id, self.events.start(stream)?));
+        Ok(())
+    }
+
+    pub fn end(&mut self, stream: sys::CUstream) -> Result<()> {
+        if let Some((id, ev)) = self.open.take() {
+            self.events.stop(stream, id.to_string(), ev)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the finished pairs; call after the stream is synchronised.
+    pub fn collect(&mut self) {
+        for (id, a, b) in std::mem::take(&mut self.events.pending) {
+            // SAFETY: both events completed (the stream was synchronised).
+            if let Ok(ms) = unsafe { event::elapsed(a, b) } {
+                self.runs.entry(id.parse().unwrap_or(usize::MAX)).or_default().push(ms as f64);
+            }
+            self.events.free.extend([a, b]);
+        }
+    }
+
+    /// One line per program: runs, then the median and the fastest run in ms.
+    pub fn report(&self) -> String {
+        let mut ids: Vec<_> = self.runs.keys().copied().collect();
+        ids.sort();
+        let mut s = String::from("device time per program run:\n");
+        for id in ids {
+            let mut t = self.runs[&id].clone();
+            t.sort_by(f64::total_cmp);
+            s += &format!(
+                "program {id}: {} runs, median {:.3} ms, fastest {:.3} ms, all {:?}\n",
+                t.len(),
+                t[t.len() / 2],
+                t[0],
+                t.iter().map(|x| (x * 1e3).round() / 1e3).collect::<Vec<_>>()
+            );
+        }
+        s
+    }
+
+    pub fn release(&mut self) {
+        self.events.release();
+    }
+}

@@ -388,7 +388,10 @@ pub(crate) fn plan(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg]) -> Result<()>
         Op::EmbeddingBackward { .. } => embedding::backward(b, op, i, o),
         Op::ClipCoef { max_norm } => optim::clip_coef(b, op, i, o, *max_norm),
         Op::AdamW(s) => optim::adamw(b, op, s, i),
-        Op::MatMulFused { .. } | Op::MatMulAccumulate { .. } => Err(Error::backend(
+        Op::MatMulFused { .. }
+        | Op::MatMulAccumulate { .. }
+        | Op::SwigluLowRank { .. }
+        | Op::SwigluLowRankBackward { .. } => Err(Error::backend(
             "wgsl",
             format!(
                 "{} is not implemented here (the executor fuses product epilogues only on \
