@@ -1195,3 +1195,41 @@ fn segment_tables_follow_each_new_packing() {
         }
     }
 }
+
+/// SwiGLU over LoRA-corrected gate and up (tensor-core corrections) against the CPU: ranks
+/// that are and are not multiples of 16, rows past a 16-row tile, features past a 64-column
+/// warp block, an odd feature count (no paired loads), f32 and 16-bit B factors.
+#[test]
+fn swiglu_low_rank_forward_and_backward() {
+    let mut g = cuda();
+    let mut r = rng(34);
+    let cases = [
+        (DType::BF16, DType::F32, 64, 256, 16),
+        (DType::BF16, DType::F32, 37, 130, 8),
+        (DType::BF16, DType::F32, 50, 129, 24),
+        (DType::BF16, DType::BF16, 33, 300, 40),
+        (DType::F16, DType::F32, 20, 70, 16),
+        (DType::F16, DType::F16, 17, 64, 5),
+    ];
+    for (dt, bt, n, f, rank) in cases {
+        let (alpha_gate, alpha_up) = (2.0, -0.5);
+        let base = |r: &mut ChaCha8Rng| t(r, &[n, f], dt);
+        let (gate, up, dy) = (base(&mut r), base(&mut r), base(&mut r));
+        let factors = [
+            t(&mut r, &[n, rank], dt),
+            t(&mut r, &[f, rank], bt),
+            t(&mut r, &[n, rank], dt),
+            t(&mut r, &[f, rank], bt),
+        ];
+        let what = format!("swiglu_low_rank {dt} (B {bt}) n {n} f {f} r {rank}");
+        let fwd = [&[gate.clone(), up.clone()][..], &factors].concat();
+        compare(&mut g, &what, &Op::SwigluLowRank { alpha_gate, alpha_up }, &fwd);
+        let bwd = [&[gate, up, dy][..], &factors].concat();
+        compare(
+            &mut g,
+            &format!("{what} backward"),
+            &Op::SwigluLowRankBackward { alpha_gate, alpha_up },
+            &bwd,
+        );
+    }
+}

@@ -255,7 +255,11 @@ fn low_rank_swiglu_equals_swiglu_of_the_sums() {
     let (ag, au) = (0.75, -1.25);
     let mut g = Graph::new();
     let t = |g: &mut Graph, name: &str, s: &[usize]| g.input(name, s, DType::F64);
-    let (gate, up, dy) = (t(&mut g, "G", &[n, f]), t(&mut g, "U", &[n, f]), t(&mut g, "dy", &[n, f]));
+    let (gate, up, dy) = (
+        t(&mut g, "G", &[n, f]),
+        t(&mut g, "U", &[n, f]),
+        t(&mut g, "dy", &[n, f]),
+    );
     let (ug, bg, uu, bu) = (
         t(&mut g, "ug", &[n, r]),
         t(&mut g, "bg", &[f, r]),
@@ -458,7 +462,11 @@ fn a_residual_add_is_taken_by_the_rank_r_product() {
             let low: f64 = (0..2).map(|k| uv[i * 2 + k] * bv[k * 8 + j]).sum();
             let want = hv[i * 8 + j] + base + 0.5 * low;
             for out in &outs {
-                assert!((out[i * 8 + j] - want).abs() < 1e-5, "y[{i},{j}] = {}, want {want}", out[i * 8 + j]);
+                assert!(
+                    (out[i * 8 + j] - want).abs() < 1e-5,
+                    "y[{i},{j}] = {}, want {want}",
+                    out[i * 8 + j]
+                );
             }
         }
     }

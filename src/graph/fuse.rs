@@ -382,7 +382,8 @@ impl Pass<'_> {
         let pd = self.product(d, tn.idx())?;
         let dt = self.g.dtype(t);
         let (ts, us, bs) = (self.g.shape(t), self.g.shape(pd.a), self.g.shape(pd.b));
-        let shapes = ts.len() == 2 && us.len() == 2 && bs.len() == 2 && us[0] == ts[0] && bs[0] == ts[1] && us[1] == bs[1];
+        let shapes =
+            ts.len() == 2 && us.len() == 2 && bs.len() == 2 && us[0] == ts[0] && bs[0] == ts[1] && us[1] == bs[1];
         let fits = matches!(dt, DType::BF16 | DType::F16)
             && self.private(d)
             && !pd.trans_a

@@ -26,6 +26,7 @@ mod multi;
 mod ops;
 mod profile;
 mod seg_ranges;
+mod swiglu_low_rank;
 mod weight_casts;
 
 pub use attention::FlashTiles;

@@ -145,7 +145,7 @@ impl CudaBackend {
             Op::Rope { .. } => {
                 self.mods.load(Family::Rope)?;
             }
-            Op::Swiglu | Op::SwigluBackward => {
+            Op::Swiglu | Op::SwigluBackward | Op::SwigluLowRank { .. } | Op::SwigluLowRankBackward { .. } => {
                 self.mods.load(Family::Swiglu)?;
             }
             Op::CrossEntropy { .. } | Op::CrossEntropyBackward { .. } => {
@@ -454,6 +454,10 @@ impl CudaBackend {
                     .i64(n as i64);
                 let k = self.kernel(Family::Swiglu, "swiglu_bwd")?;
                 self.run(&k, (blocks(n.div_ceil(8), BLOCK as u64), 1, 1), BLOCK, 0, args)
+            }
+            Op::SwigluLowRank { alpha_gate, alpha_up } => self.swiglu_low_rank(i, o, (*alpha_gate, *alpha_up), false),
+            Op::SwigluLowRankBackward { alpha_gate, alpha_up } => {
+                self.swiglu_low_rank(i, o, (*alpha_gate, *alpha_up), true)
             }
             Op::CrossEntropy { ignore_index } => {
                 want(&i[1], DType::I32, "labels")?;

@@ -158,7 +158,10 @@ impl RunTimes {
         for (id, a, b) in std::mem::take(&mut self.events.pending) {
             // SAFETY: both events completed (the stream was synchronised).
             if let Ok(ms) = unsafe { event::elapsed(a, b) } {
-                self.runs.entry(id.parse().unwrap_or(usize::MAX)).or_default().push(ms as f64);
+                self.runs
+                    .entry(id.parse().unwrap_or(usize::MAX))
+                    .or_default()
+                    .push(ms as f64);
             }
             self.events.free.extend([a, b]);
         }
