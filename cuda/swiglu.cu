@@ -58,8 +58,8 @@ extern "C" __global__ void swiglu_bwd(const void* g, int dtg, const void* u, int
 // G, U, dy, y, dg, dp: [n, f] in one 16-bit type DT; ug, uu: [n, r] in DT; bg, bu: [f, r] in DT or
 // f32 (rounded to DT, as the products round them). The corrections are recomputed here, never
 // stored: on the tensor cores, a warp owns 16 rows x 64 columns as eight m16n8k16 tiles per term,
-// r in steps of 16 (zeros past r); then each lane finishes the elements its accumulators hold:
-// rows lane/4 and lane/4 + 8, columns 8j + 2 (lane % 4) and the next.
+// r in steps of 16 (zeros past r); the corrections go through shared memory, and each lane then
+// finishes eight neighbouring elements of a row.
 struct SwigluLr {
     const void *gate, *up, *dy;
     const u16 *ug, *uu;
@@ -105,58 +105,77 @@ __device__ __forceinline__ void lr_correction(const u16* u, const void* b, const
     }
 }
 
+// Warps per block (src/backend/cuda/swiglu_low_rank.rs launches 32 * LR_WARPS threads), and the
+// row stride of the staged corrections (64 columns + 4: conflict-free fragment stores, aligned
+// 16-byte reads).
+#define LR_WARPS 4
+#define LR_STRIDE 68
+
 template <bool F16, bool BWD>
 __device__ __forceinline__ void swiglu_lr(const SwigluLr& p) {
     const int dt = F16 ? DT_F16 : DT_BF16;
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const i64 r0 = (i64)blockIdx.x * 16;
-    const i64 c0 = ((i64)blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 64;
+    const i64 c0 = ((i64)blockIdx.y * LR_WARPS + warp) * 64;
     if (c0 >= p.f) return;
-    float cg[8][4], cu[8][4];
-    lr_correction<F16>(p.ug, p.bg, p, r0, c0, cg);
-    lr_correction<F16>(p.uu, p.bu, p, r0, c0, cu);
-    // With f even, each lane's two neighbouring elements are one aligned 4-byte word.
-    const bool pairs = (p.f & 1) == 0;
+    // The scaled corrections of the warp's block, staged so the epilogue reads the base tensors
+    // with coalesced 16-byte loads (eight features per lane) instead of the fragments' pairs.
+    __shared__ __align__(16) float corr[LR_WARPS][2][16 * LR_STRIDE];
+    {
+        float acc[8][4];
+        for (int which = 0; which < 2; which++) {
+            lr_correction<F16>(which ? p.uu : p.ug, which ? p.bu : p.bg, p, r0, c0, acc);
+            const float a = which ? p.au : p.ag;
+            float* c = corr[warp][which];
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            i64 row = r0 + g + 8 * h, col = c0 + 8 * j + 2 * t;
-            if (row >= p.n || col >= p.f) continue;
-            i64 i = row * p.f + col;
-            int m = col + 1 < p.f ? 2 : 1;
-            float gv[2] = {0.0f, 0.0f}, uv[2] = {0.0f, 0.0f}, dv[2] = {0.0f, 0.0f}, o0[2], o1[2];
-            if (pairs && m == 2) {
-                u32 wg = ((const u32*)p.gate)[i >> 1], wu = ((const u32*)p.up)[i >> 1];
-                gv[0] = h16_to_f32((u16)wg, dt), gv[1] = h16_to_f32((u16)(wg >> 16), dt);
-                uv[0] = h16_to_f32((u16)wu, dt), uv[1] = h16_to_f32((u16)(wu >> 16), dt);
-                if (BWD) {
-                    u32 wd = ((const u32*)p.dy)[i >> 1];
-                    dv[0] = h16_to_f32((u16)wd, dt), dv[1] = h16_to_f32((u16)(wd >> 16), dt);
-                }
-            } else {
-                for (int e = 0; e < m; e++) {
-                    gv[e] = ldf(p.gate, dt, i + e), uv[e] = ldf(p.up, dt, i + e);
-                    if (BWD) dv[e] = ldf(p.dy, dt, i + e);
-                }
+            for (int j = 0; j < 8; j++) {
+                *(float2*)&c[g * LR_STRIDE + 8 * j + 2 * t] = make_float2(a * acc[j][0], a * acc[j][1]);
+                *(float2*)&c[(g + 8) * LR_STRIDE + 8 * j + 2 * t] = make_float2(a * acc[j][2], a * acc[j][3]);
             }
+        }
+    }
+    __syncwarp();
+    // Lane l: row 4 it + l / 8 of the block, features 8 (l % 8) .. + 7.
+    const bool vec = (p.f & 7) == 0;
+    const int cl = 8 * (lane & 7);
+    const i64 col = c0 + cl;
 #pragma unroll
-            for (int e = 0; e < 2; e++) {
-                float gc = gv[e] + p.ag * cg[j][2 * h + e], uc = uv[e] + p.au * cu[j][2 * h + e];
-                if (BWD) {
-                    swiglu_grad(gc, uc, dv[e], &o0[e], &o1[e]);
-                } else {
-                    o0[e] = __fmul_rn(gc * sigmoidf_(gc), uc);
-                }
+    for (int it = 0; it < 4; it++) {
+        const int rl = 4 * it + (lane >> 3);
+        const i64 row = r0 + rl;
+        if (row >= p.n || col >= p.f) continue;
+        const i64 i = row * p.f + col;
+        const int m = (int)min((i64)8, p.f - col);
+        float gv[8], uv[8], dv[8], o0[8], o1[8];
+        if (vec) {
+            ld8(p.gate, dt, i, gv);
+            ld8(p.up, dt, i, uv);
+            if (BWD) ld8(p.dy, dt, i, dv);
+        } else {
+            for (int e = 0; e < 8; e++) {
+                gv[e] = e < m ? ldf(p.gate, dt, i + e) : 0.0f;
+                uv[e] = e < m ? ldf(p.up, dt, i + e) : 0.0f;
+                dv[e] = BWD && e < m ? ldf(p.dy, dt, i + e) : 0.0f;
             }
-            if (pairs && m == 2) {
-                ((u32*)p.out0)[i >> 1] = f32_to_h16(o0[0], dt) | ((u32)f32_to_h16(o0[1], dt) << 16);
-                if (BWD) ((u32*)p.out1)[i >> 1] = f32_to_h16(o1[0], dt) | ((u32)f32_to_h16(o1[1], dt) << 16);
+        }
+        const float* cgp = &corr[warp][0][rl * LR_STRIDE + cl];
+        const float* cup = &corr[warp][1][rl * LR_STRIDE + cl];
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            float gc = gv[e] + cgp[e], uc = uv[e] + cup[e];
+            if (BWD) {
+                swiglu_grad(gc, uc, dv[e], &o0[e], &o1[e]);
             } else {
-                for (int e = 0; e < m; e++) {
-                    stf(p.out0, dt, i + e, o0[e]);
-                    if (BWD) stf(p.out1, dt, i + e, o1[e]);
-                }
+                o0[e] = __fmul_rn(gc * sigmoidf_(gc), uc);
+            }
+        }
+        if (vec) {
+            st8(p.out0, dt, i, o0);
+            if (BWD) st8(p.out1, dt, i, o1);
+        } else {
+            for (int e = 0; e < m; e++) {
+                stf(p.out0, dt, i + e, o0[e]);
+                if (BWD) stf(p.out1, dt, i + e, o1[e]);
             }
         }
     }

@@ -406,7 +406,8 @@ impl Pass<'_> {
     /// `swiglu(G + cg, U + cu)` and its backwards: [`Op::SwigluLowRank`] and
     /// [`Op::SwigluLowRankBackward`] over the base products and the rank-r factors.
     fn low_rank_swiglu(&mut self, n: usize, stats: &mut FuseStats) {
-        if self.g.nodes[n].op != Op::Swiglu {
+        // Opt-in until its CUDA kernel is measured faster than the products it replaces.
+        if self.g.nodes[n].op != Op::Swiglu || std::env::var("FERROTUNE_FUSE_LOW_RANK_SWIGLU").as_deref() != Ok("1") {
             return;
         }
         let (gate, up) = (self.g.nodes[n].inputs[0], self.g.nodes[n].inputs[1]);

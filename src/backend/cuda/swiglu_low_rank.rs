@@ -30,7 +30,7 @@ struct SwigluLr {
     au: f32,
 }
 
-/// Warps per block; each warp covers 16 rows and 64 features.
+/// Warps per block (LR_WARPS in cuda/swiglu.cu); each warp covers 16 rows and 64 features.
 const WARPS: u32 = 4;
 
 impl CudaBackend {
