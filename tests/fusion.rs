@@ -8,7 +8,7 @@ use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::exec::select_nodes;
 use ferrotune::exec::{Executor, ProgramSpec};
 use ferrotune::graph::fuse::matmul_epilogues;
-use ferrotune::graph::{Graph, Role};
+use ferrotune::graph::{Graph, Role, TensorId};
 use ferrotune::model::llama::{build, shift_targets, BuildOptions, LoraOptions, LINEAR_MODULES as ALL_LINEAR};
 use ferrotune::model::ModelConfig;
 use ferrotune::ops::Op;
@@ -376,19 +376,26 @@ fn program_outputs_are_kept() {
     }
 }
 
+/// `x W` (`x [4, 64]`) and `0.5 u B` (`u [4, 2]`), as a LoRA output's two terms: the inputs,
+/// then both terms.
+fn lora_terms(g: &mut Graph) -> (TensorId, TensorId, TensorId, TensorId, TensorId, TensorId) {
+    let x = g.input("x", &[4, 64], DType::F32);
+    let w = g.input("w", &[64, 8], DType::F32);
+    let u = g.input("u", &[4, 2], DType::F32);
+    let b = g.input("b", &[2, 8], DType::F32);
+    let base = g.matmul(x, w, false, false).unwrap();
+    let low = g.matmul(u, b, false, false).unwrap();
+    let low = g.scale(low, 0.5).unwrap();
+    (x, w, u, b, base, low)
+}
+
 /// Of two products summed, the one with the longer inner dimension reads the other as C
 /// (LoRA: the base product takes the rank-r product, which then only writes its output).
 #[test]
 fn the_longer_product_reads_the_shorter_as_c() {
     for swap in [false, true] {
         let mut g = Graph::new();
-        let x = g.input("x", &[4, 64], DType::F32);
-        let w = g.input("w", &[64, 8], DType::F32);
-        let u = g.input("u", &[4, 2], DType::F32);
-        let b = g.input("b", &[2, 8], DType::F32);
-        let base = g.matmul(x, w, false, false).unwrap();
-        let low = g.matmul(u, b, false, false).unwrap();
-        let low = g.scale(low, 0.5).unwrap();
+        let (x, w, _, _, base, low) = lora_terms(&mut g);
         let y = if swap {
             g.add(low, base).unwrap()
         } else {
@@ -420,13 +427,7 @@ fn the_longer_product_reads_the_shorter_as_c() {
 fn a_residual_add_is_taken_by_the_rank_r_product() {
     let mut g = Graph::new();
     let h = g.input("h", &[4, 8], DType::F32);
-    let x = g.input("x", &[4, 64], DType::F32);
-    let w = g.input("w", &[64, 8], DType::F32);
-    let u = g.input("u", &[4, 2], DType::F32);
-    let b = g.input("b", &[2, 8], DType::F32);
-    let base = g.matmul(x, w, false, false).unwrap();
-    let low = g.matmul(u, b, false, false).unwrap();
-    let low = g.scale(low, 0.5).unwrap();
+    let (x, w, u, b, base, low) = lora_terms(&mut g);
     let sum = g.add(base, low).unwrap();
     let y = g.add(h, sum).unwrap();
     let keep: HashSet<_> = [y].into_iter().collect();
