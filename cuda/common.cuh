@@ -57,6 +57,16 @@ __device__ __forceinline__ void stf(void* p, int dt, i64 i, float v) {
 __device__ __forceinline__ float h16_to_f32(u16 h, int dt) { return dt == DT_BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
 __device__ __forceinline__ u16 f32_to_h16(float v, int dt) { return dt == DT_BF16 ? f32_to_bf16(v) : f32_to_f16(v); }
 
+// The eight 16-bit values of one 16-byte word, widened.
+__device__ __forceinline__ void unpack8(uint4 u, int dt, float* v) {
+    u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        v[2 * k] = h16_to_f32((u16)(w[k] & 0xffffu), dt);
+        v[2 * k + 1] = h16_to_f32((u16)(w[k] >> 16), dt);
+    }
+}
+
 // Eight consecutive elements starting at i (a multiple of 8; buffers are 256-byte aligned,
 // so these are 16-byte loads and stores).
 __device__ __forceinline__ void ld8(const void* p, int dt, i64 i, float* v) {
@@ -66,13 +76,7 @@ __device__ __forceinline__ void ld8(const void* p, int dt, i64 i, float* v) {
         v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
         v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
     } else {
-        uint4 u = *(const uint4*)((const u16*)p + i);
-        u32 w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            v[2 * k] = h16_to_f32((u16)(w[k] & 0xffffu), dt);
-            v[2 * k + 1] = h16_to_f32((u16)(w[k] >> 16), dt);
-        }
+        unpack8(*(const uint4*)((const u16*)p + i), dt, v);
     }
 }
 

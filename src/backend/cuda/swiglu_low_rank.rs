@@ -30,8 +30,11 @@ struct SwigluLr {
     au: f32,
 }
 
-/// Warps per block (LR_WARPS in cuda/swiglu.cu); each warp covers 16 rows and 64 features.
+/// Warps per block (LR_WARPS in cuda/swiglu.cu) and the features of one warp (LR_COLS).
 const WARPS: u32 = 4;
+const WARP_COLS: u64 = 32;
+/// Rows per block (16 * LR_ROW_TILES in cuda/swiglu.cu).
+const ROWS: u64 = 128;
 
 impl CudaBackend {
     /// Forward (`dy` None, inputs `gate, up, ug, bg, uu, bu`) or backward (inputs `gate, up,
@@ -82,14 +85,14 @@ impl CudaBackend {
             (true, true) => "swiglu_lr_bwd_f16",
         };
         let k = self.kernel(Family::Swiglu, name)?;
-        let cols = (f as u64).div_ceil(64 * WARPS as u64);
+        let cols = (f as u64).div_ceil(WARP_COLS * WARPS as u64);
         if cols > 65535 {
             return Err(Error::backend(
                 "cuda",
                 format!("swiglu_low_rank: {f} features is too many"),
             ));
         }
-        let grid = ((n as u64).div_ceil(16) as u32, cols as u32, 1);
+        let grid = ((n as u64).div_ceil(ROWS) as u32, cols as u32, 1);
         self.run(&k, grid, 32 * WARPS, 0, Args::new().blob(&prm))
     }
 }
