@@ -7,7 +7,7 @@ use common::{rand_tensor, rel_err, rng};
 use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::exec::select_nodes;
 use ferrotune::exec::{Executor, ProgramSpec};
-use ferrotune::graph::fuse::matmul_epilogues;
+use ferrotune::graph::fuse::{matmul_epilogues, FuseOptions};
 use ferrotune::graph::{Graph, Role, TensorId};
 use ferrotune::model::llama::{build, shift_targets, BuildOptions, LoraOptions, LINEAR_MODULES as ALL_LINEAR};
 use ferrotune::model::ModelConfig;
@@ -225,7 +225,8 @@ fn lora_step_fused_equals_the_graph_as_built() {
 /// run: the fused one is no further from it than the graph as built (within 1%).
 #[test]
 fn bf16_lora_swiglu_recomputes_the_rank_r_terms() {
-    // The rewrite is opt-in; only bf16 graphs (this test's) are affected by the variable.
+    // The rewrite is opt-in (the executor reads the variable); only bf16 graphs (this
+    // test's) are affected by it.
     std::env::set_var("FERROTUNE_FUSE_LOW_RANK_SWIGLU", "1");
     let (plain, plain_ops) = train_in(DType::BF16, true, 0.0, false);
     let (fused, ops) = train_in(DType::BF16, true, 0.0, true);
@@ -330,7 +331,7 @@ fn products_are_not_moved_past_in_place_writes() {
     let y = g.add(c, p).unwrap();
     let keep: HashSet<_> = [y].into_iter().collect();
     let mut fused = g.clone();
-    let stats = matmul_epilogues(&mut fused, &keep);
+    let stats = matmul_epilogues(&mut fused, &keep, FuseOptions::default());
     assert_eq!(
         stats.added_products, 0,
         "the add read a product of w before w was updated"
@@ -342,7 +343,7 @@ fn products_are_not_moved_past_in_place_writes() {
     let c = g2.input("c", &[3, 5], DType::F32);
     let p = g2.matmul(x, w, false, false).unwrap();
     let y2 = g2.add(c, p).unwrap();
-    let stats = matmul_epilogues(&mut g2, &[y2].into_iter().collect());
+    let stats = matmul_epilogues(&mut g2, &[y2].into_iter().collect(), FuseOptions::default());
     assert_eq!(stats.added_products, 1);
 }
 
@@ -402,7 +403,7 @@ fn the_longer_product_reads_the_shorter_as_c() {
             g.add(base, low).unwrap()
         };
         let keep: HashSet<_> = [y].into_iter().collect();
-        let stats = matmul_epilogues(&mut g, &keep);
+        let stats = matmul_epilogues(&mut g, &keep, FuseOptions::default());
         assert_eq!(stats.added_products, 1);
         let node = g.node(g.producer[y.idx()].unwrap());
         assert!(matches!(node.op, Op::MatMulFused { add: true, .. }), "{:?}", node.op);
@@ -432,7 +433,7 @@ fn a_residual_add_is_taken_by_the_rank_r_product() {
     let y = g.add(h, sum).unwrap();
     let keep: HashSet<_> = [y].into_iter().collect();
     let mut fused = g.clone();
-    let stats = matmul_epilogues(&mut fused, &keep);
+    let stats = matmul_epilogues(&mut fused, &keep, FuseOptions::default());
     assert_eq!((stats.added_products, stats.added_product_sums), (1, 1), "{stats:?}");
     let node = fused.node(fused.producer[y.idx()].unwrap());
     assert!(matches!(node.op, Op::MatMulFused { add: true, .. }), "{:?}", node.op);

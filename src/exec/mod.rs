@@ -100,6 +100,13 @@ fn fusion_enabled() -> bool {
     std::env::var("FERROTUNE_FUSE").map_or(true, |v| v != "0")
 }
 
+/// The opt-in rewrites: `FERROTUNE_FUSE_LOW_RANK_SWIGLU=1` turns on `swiglu_low_rank`.
+fn fusion_options() -> crate::graph::fuse::FuseOptions {
+    crate::graph::fuse::FuseOptions {
+        low_rank_swiglu: std::env::var("FERROTUNE_FUSE_LOW_RANK_SWIGLU").as_deref() == Ok("1"),
+    }
+}
+
 /// Follows reshapes back to the tensor that owns the memory.
 fn storage_root(g: &Graph, t: TensorId) -> TensorId {
     root_and_offset(g, t).0
@@ -215,7 +222,7 @@ impl Executor {
     ) -> Result<Self> {
         if fuse && backend.fuses_matmul_epilogues() {
             let keep: HashSet<TensorId> = specs.iter().flat_map(|s| s.outputs.iter().copied()).collect();
-            crate::graph::fuse::matmul_epilogues(&mut graph, &keep);
+            crate::graph::fuse::matmul_epilogues(&mut graph, &keep, fusion_options());
         }
         let g = &graph;
         let align = backend.alignment();

@@ -68,8 +68,17 @@ struct Product {
     alpha: f64,
 }
 
+/// Rewrites that are off unless asked for.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FuseOptions {
+    /// [`Op::SwigluLowRank`] for the SwiGLU of two LoRA outputs in 16-bit storage; off by
+    /// default until its CUDA kernel is measured faster than the products it replaces.
+    pub low_rank_swiglu: bool,
+}
+
 struct Pass<'g> {
     g: &'g mut Graph,
+    opts: FuseOptions,
     /// Readers of each tensor (node inputs, with repeats).
     readers: Vec<usize>,
     keep: &'g HashSet<TensorId>,
@@ -406,8 +415,7 @@ impl Pass<'_> {
     /// `swiglu(G + cg, U + cu)` and its backwards: [`Op::SwigluLowRank`] and
     /// [`Op::SwigluLowRankBackward`] over the base products and the rank-r factors.
     fn low_rank_swiglu(&mut self, n: usize, stats: &mut FuseStats) {
-        // Opt-in until its CUDA kernel is measured faster than the products it replaces.
-        if self.g.nodes[n].op != Op::Swiglu || std::env::var("FERROTUNE_FUSE_LOW_RANK_SWIGLU").as_deref() != Ok("1") {
+        if self.g.nodes[n].op != Op::Swiglu || !self.opts.low_rank_swiglu {
             return;
         }
         let (gate, up) = (self.g.nodes[n].inputs[0], self.g.nodes[n].inputs[1]);
@@ -492,7 +500,7 @@ impl Pass<'_> {
 
 /// Applies the rewrites above to every node of `g`, in order. `keep` holds the tensors
 /// that must stay computed (the outputs programs read back).
-pub fn matmul_epilogues(g: &mut Graph, keep: &HashSet<TensorId>) -> FuseStats {
+pub fn matmul_epilogues(g: &mut Graph, keep: &HashSet<TensorId>, opts: FuseOptions) -> FuseStats {
     let mut readers = vec![0usize; g.tensors.len()];
     for node in &g.nodes {
         for &t in &node.inputs {
@@ -507,6 +515,7 @@ pub fn matmul_epilogues(g: &mut Graph, keep: &HashSet<TensorId>) -> FuseStats {
     }
     let mut pass = Pass {
         g,
+        opts,
         readers,
         keep,
         writers,

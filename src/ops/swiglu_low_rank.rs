@@ -68,6 +68,17 @@ pub struct Factors<'a, T> {
     pub alpha: f64,
 }
 
+impl<'a, T> Factors<'a, T> {
+    /// The gate and up factors among an op's inputs, `(ug, bg, uu, bu)` from input `at` on.
+    pub fn pair<S: std::ops::Deref<Target = [T]>>(inputs: &'a [S], at: usize, alphas: (f64, f64)) -> [Self; 2] {
+        [(at, alphas.0), (at + 2, alphas.1)].map(|(k, alpha)| Factors {
+            u: &inputs[k],
+            b: &inputs[k + 1],
+            alpha,
+        })
+    }
+}
+
 impl<T: Real> Factors<'_, T> {
     /// `alpha * u[row] . b[col]`
     fn at(&self, r: usize, row: usize, col: usize) -> f64 {

@@ -313,16 +313,7 @@ impl CpuBackend {
                 let (n, f) = (i[0].info.shape[0], i[0].info.shape[1]);
                 let r = i[2].info.shape[1];
                 let src: Vec<_> = i.iter().map(|a| self.src::<T>(a)).collect();
-                let fg = swiglu_low_rank::Factors {
-                    u: &src[2],
-                    b: &src[3],
-                    alpha: *alpha_gate,
-                };
-                let fu = swiglu_low_rank::Factors {
-                    u: &src[4],
-                    b: &src[5],
-                    alpha: *alpha_up,
-                };
+                let [fg, fu] = swiglu_low_rank::Factors::pair(&src, 2, (*alpha_gate, *alpha_up));
                 let mut y = self.dst::<T>(&o[0]);
                 swiglu_low_rank::cpu(&src[0][..n * f], &src[1], &fg, &fu, f, r, y.get());
                 y.finish();
@@ -331,16 +322,7 @@ impl CpuBackend {
                 let (n, f) = (i[0].info.shape[0], i[0].info.shape[1]);
                 let r = i[3].info.shape[1];
                 let src: Vec<_> = i.iter().map(|a| self.src::<T>(a)).collect();
-                let fg = swiglu_low_rank::Factors {
-                    u: &src[3],
-                    b: &src[4],
-                    alpha: *alpha_gate,
-                };
-                let fu = swiglu_low_rank::Factors {
-                    u: &src[5],
-                    b: &src[6],
-                    alpha: *alpha_up,
-                };
+                let [fg, fu] = swiglu_low_rank::Factors::pair(&src, 3, (*alpha_gate, *alpha_up));
                 let (mut dg, mut dp) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]));
                 swiglu_low_rank::cpu_backward(&src[0][..n * f], &src[1], &src[2], &fg, &fu, f, r, dg.get(), dp.get());
                 dg.finish();
