@@ -58,9 +58,9 @@ extern "C" __global__ void swiglu_bwd(const void* g, int dtg, const void* u, int
 // G, U, dy, y, dg, dp: [n, f] in one 16-bit type DT; ug, uu: [n, r] in DT; bg, bu: [f, r] in DT or
 // f32 (rounded to DT, as the products round them). The corrections are recomputed here, never
 // stored: on the tensor cores, a warp owns LR_COLS columns and walks 16-row tiles, LR_TILES
-// m16n8k16 tiles per term, r in steps of 16 (zeros past r), the first step's B fragments held in registers for
-// all its rows; the corrections go through shared memory, and each lane then finishes eight
-// neighbouring elements of a row.
+// m16n8k16 tiles per term, r in steps of 16 (zeros past r), the first step's B fragments held
+// in registers for all its rows; the corrections go through shared memory, and each lane then
+// finishes eight neighbouring elements of a row.
 struct SwigluLr {
     const void *gate, *up, *dy;
     const u16 *ug, *uu;
@@ -136,7 +136,6 @@ __device__ __forceinline__ void lr_correction(const u16* u, const void* b, const
         }
     }
 }
-
 
 template <bool F16, bool BWD>
 __device__ __forceinline__ void swiglu_lr(const SwigluLr& p) {

@@ -49,11 +49,11 @@ type Run = (Vec<(f64, f64)>, Vec<Vec<f64>>);
 /// Three optimizer steps of two micro-batches each, from random weights (LoRA B nonzero so
 /// that A has a gradient), on the CPU; `fuse` picks the graph as built or the fused one.
 fn train(lora: bool, dropout: f64, fuse: bool) -> (Run, BTreeMap<&'static str, usize>) {
-    train_in(DType::F32, lora, dropout, fuse)
+    train_in(DType::F32, lora, dropout, fuse.then(FuseOptions::default))
 }
 
-/// [`train`] with weights and activations stored in `dt`.
-fn train_in(dt: DType, lora: bool, dropout: f64, fuse: bool) -> (Run, BTreeMap<&'static str, usize>) {
+/// [`train`] with weights and activations stored in `dt`, fused with these options if given.
+fn train_in(dt: DType, lora: bool, dropout: f64, fuse: Option<FuseOptions>) -> (Run, BTreeMap<&'static str, usize>) {
     let cfg = tiny();
     let opt = OptimizerOptions {
         weight_decay: 0.01,
@@ -225,11 +225,10 @@ fn lora_step_fused_equals_the_graph_as_built() {
 /// run: the fused one is no further from it than the graph as built (within 1%).
 #[test]
 fn bf16_lora_swiglu_recomputes_the_rank_r_terms() {
-    // The rewrite is opt-in (the executor reads the variable); only bf16 graphs (this
-    // test's) are affected by it.
-    std::env::set_var("FERROTUNE_FUSE_LOW_RANK_SWIGLU", "1");
-    let (plain, plain_ops) = train_in(DType::BF16, true, 0.0, false);
-    let (fused, ops) = train_in(DType::BF16, true, 0.0, true);
+    // The rewrite is opt-in.
+    let opts = FuseOptions { low_rank_swiglu: true };
+    let (plain, plain_ops) = train_in(DType::BF16, true, 0.0, None);
+    let (fused, ops) = train_in(DType::BF16, true, 0.0, Some(opts));
     let (reference, f32_ops) = train(true, 0.0, true);
     assert_eq!(count(&ops, "swiglu_low_rank"), 2, "{ops:?}");
     assert_eq!(count(&ops, "swiglu_low_rank_backward"), 2, "{ops:?}");
@@ -290,7 +289,7 @@ fn low_rank_swiglu_equals_swiglu_of_the_sums() {
     let d = g.apply(lrb, &[&[gate, up, dy][..], &factors].concat()).unwrap();
     let outs = [y_ref, d_ref[0], d_ref[1], y, d[0], d[1]];
     let spec = [ProgramSpec::new("out", &outs, &[])];
-    let mut ex = Executor::with_fusion(g.clone(), Box::new(CpuBackend::new()), &spec, false).unwrap();
+    let mut ex = Executor::with_fusion(g.clone(), Box::new(CpuBackend::new()), &spec, None).unwrap();
     let mut rr = rng(12);
     let inputs = [gate, up, dy, ug, bg, uu, bu];
     let vals: Vec<HostTensor> = inputs
@@ -364,7 +363,7 @@ fn program_outputs_are_kept() {
         rand_tensor(&mut r, &[3, 5], DType::F32),
     ];
     let spec = [ProgramSpec::new("out", &[s, y], &[])];
-    let mut ex = Executor::with_fusion(g, Box::new(CpuBackend::new()), &spec, true).unwrap();
+    let mut ex = Executor::with_fusion(g, Box::new(CpuBackend::new()), &spec, Some(FuseOptions::default())).unwrap();
     let out = ex.run(0, &[(x, &vals[0]), (w, &vals[1]), (c, &vals[2])]).unwrap();
     let (xv, wv, cv) = (vals[0].to_f64(), vals[1].to_f64(), vals[2].to_f64());
     for i in 0..3 {
@@ -450,7 +449,13 @@ fn a_residual_add_is_taken_by_the_rank_r_product() {
     let spec = [ProgramSpec::new("out", &[y], &[])];
     let mut outs = Vec::new();
     for fuse in [false, true] {
-        let mut ex = Executor::with_fusion(g.clone(), Box::new(CpuBackend::new()), &spec, fuse).unwrap();
+        let mut ex = Executor::with_fusion(
+            g.clone(),
+            Box::new(CpuBackend::new()),
+            &spec,
+            fuse.then(FuseOptions::default),
+        )
+        .unwrap();
         outs.push(ex.run(0, &feed).unwrap()[0].to_f64());
     }
     let (hv, xv, wv, uv, bv) = (

@@ -93,7 +93,7 @@ fn train_steps_with(
     let tg = TrainGraph::new(build_with_attention(cfg, opts, attn).unwrap(), &opt).unwrap();
     // The graph as built on every backend (the wgsl backend does not fuse product
     // epilogues; tests/fusion.rs checks the fused graph against this one on the CPU).
-    let mut ex = Executor::with_fusion(tg.model.graph.clone(), backend, &tg.programs(), false).unwrap();
+    let mut ex = Executor::with_fusion(tg.model.graph.clone(), backend, &tg.programs(), None).unwrap();
     load_base_weights(&mut ex, &tg.model, &weights(&tg, 3)).unwrap();
     let mut r = rng(5);
     for p in &tg.model.lora {

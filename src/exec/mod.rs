@@ -12,6 +12,7 @@ pub mod plan;
 pub use host::{HostCalls, NoHostCalls};
 
 use crate::backend::{Arg, Backend, BufferId, Loc};
+use crate::graph::fuse::FuseOptions;
 use crate::graph::{Graph, NodeId, Role, TensorId, TensorInfo};
 use crate::ops::Op;
 use crate::tensor::HostTensor;
@@ -101,8 +102,8 @@ fn fusion_enabled() -> bool {
 }
 
 /// The opt-in rewrites: `FERROTUNE_FUSE_LOW_RANK_SWIGLU=1` turns on `swiglu_low_rank`.
-fn fusion_options() -> crate::graph::fuse::FuseOptions {
-    crate::graph::fuse::FuseOptions {
+fn fusion_options() -> FuseOptions {
+    FuseOptions {
         low_rank_swiglu: std::env::var("FERROTUNE_FUSE_LOW_RANK_SWIGLU").as_deref() == Ok("1"),
     }
 }
@@ -209,20 +210,20 @@ fn check_fits(g: &Graph, t: TensorId, chunk: u64, backend: &'static str) -> Resu
 impl Executor {
     /// Plans memory for all programs, allocates it, and prepares every kernel.
     pub fn new(graph: Graph, backend: Box<dyn Backend>, specs: &[ProgramSpec]) -> Result<Self> {
-        Self::with_fusion(graph, backend, specs, fusion_enabled())
+        Self::with_fusion(graph, backend, specs, fusion_enabled().then(fusion_options))
     }
 
-    /// [`Executor::new`], fusing product epilogues (`graph::fuse`) only when `fuse` is set
-    /// and the backend runs the fused products.
+    /// [`Executor::new`], fusing product epilogues (`graph::fuse`, with these options) only
+    /// when `fuse` is given and the backend runs the fused products.
     pub fn with_fusion(
         mut graph: Graph,
         mut backend: Box<dyn Backend>,
         specs: &[ProgramSpec],
-        fuse: bool,
+        fuse: Option<FuseOptions>,
     ) -> Result<Self> {
-        if fuse && backend.fuses_matmul_epilogues() {
+        if let Some(opts) = fuse.filter(|_| backend.fuses_matmul_epilogues()) {
             let keep: HashSet<TensorId> = specs.iter().flat_map(|s| s.outputs.iter().copied()).collect();
-            crate::graph::fuse::matmul_epilogues(&mut graph, &keep, fusion_options());
+            crate::graph::fuse::matmul_epilogues(&mut graph, &keep, opts);
         }
         let g = &graph;
         let align = backend.alignment();

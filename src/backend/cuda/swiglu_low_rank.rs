@@ -30,8 +30,9 @@ struct SwigluLr {
     au: f32,
 }
 
-/// Warps per block (LR_WARPS in cuda/swiglu.cu) and the features of one warp (LR_COLS).
+/// Warps per block (LR_WARPS in cuda/swiglu.cu).
 const WARPS: u32 = 4;
+/// Features of one warp (LR_COLS in cuda/swiglu.cu).
 const WARP_COLS: u64 = 32;
 /// Rows per block (16 * LR_ROW_TILES in cuda/swiglu.cu).
 const ROWS: u64 = 128;
