@@ -75,11 +75,13 @@ fn run_op(be: &mut dyn Backend, op: &Op, inputs: &[HostTensor]) -> Vec<HostTenso
         .collect();
     be.launch(op, &ia, &oa).unwrap_or_else(|e| panic!("{}: {e}", op.name()));
     be.flush().unwrap();
-    let (locs, infos): (Vec<Loc>, Vec<&TensorInfo>) = if op.writes().is_empty() {
-        (out_locs.clone(), out_infos.iter().collect())
-    } else {
-        op.writes().iter().map(|&w| (in_locs[w], &in_infos[w])).unzip()
-    };
+    // The outputs, then the inputs written in place.
+    let (locs, infos): (Vec<Loc>, Vec<&TensorInfo>) = out_locs
+        .iter()
+        .copied()
+        .zip(&out_infos)
+        .chain(op.writes().iter().map(|&w| (in_locs[w], &in_infos[w])))
+        .unzip();
     let data = be.read(&locs).unwrap();
     data.into_iter()
         .zip(infos)
@@ -1199,6 +1201,38 @@ fn segment_tables_follow_each_new_packing() {
 /// SwiGLU over LoRA-corrected gate and up (tensor-core corrections) against the CPU: ranks
 /// that are and are not multiples of 16, rows past a 16-row tile, features past a 64-column
 /// warp block, an odd feature count (no paired loads), f32 and 16-bit B factors.
+/// Both factor gradients of a rank-r product: the tensor-core kernel (16-bit dy and u, f32 b
+/// and accumulator, r 16 or 32, f a multiple of 8; rows and features that do not fill its
+/// tiles) and the two products it stands for elsewhere.
+#[test]
+fn low_rank_grads_equal_the_two_products() {
+    let mut g = cuda();
+    let mut r = rng(35);
+    let cases = [
+        (DType::BF16, DType::F32, 200, 264, 16),
+        (DType::BF16, DType::F32, 64, 128, 32),
+        (DType::BF16, DType::F32, 1000, 1032, 16),
+        (DType::F16, DType::F32, 77, 136, 16),
+        (DType::F16, DType::F32, 50, 64, 32),
+        // The products: a rank the kernel does not take, features not a multiple of 8,
+        // f32 activations, a 16-bit b.
+        (DType::BF16, DType::F32, 40, 96, 8),
+        (DType::BF16, DType::F32, 40, 100, 16),
+        (DType::F32, DType::F32, 30, 48, 16),
+        (DType::BF16, DType::BF16, 33, 64, 16),
+    ];
+    for (dt, bt, n, f, rank) in cases {
+        let ins = [
+            t(&mut r, &[n, f], dt),
+            t(&mut r, &[n, rank], dt),
+            t(&mut r, &[f, rank], bt),
+            t(&mut r, &[f, rank], DType::F32),
+        ];
+        let what = format!("low_rank_grads {dt} (b {bt}) n {n} f {f} r {rank}");
+        compare(&mut g, &what, &Op::LowRankGrads { alpha: -1.5 }, &ins);
+    }
+}
+
 #[test]
 fn swiglu_low_rank_forward_and_backward() {
     let mut g = cuda();

@@ -190,7 +190,8 @@ fn lora_step_fused_equals_the_graph_as_built() {
         let (fused, ops) = train(true, dropout, true);
         assert_same(&format!("LoRA, dropout {dropout}"), &fused, &plain);
         // 2 layers x 7 projections: each LoRA output is the base product reading the rank-r one
-        // as C, and every A and B gradient is accumulated by its product.
+        // as C, every A gradient is accumulated by its product, and every B gradient by the
+        // op that also computes the gradient of x A^T (its accumulation node left merged).
         let loras = 2 * ALL_LINEAR.len();
         assert_eq!(count(&ops, "scale"), 0, "fused train program: {ops:?}");
         // Without dropout no add is left: the forward residual adds are taken by the rank-r
@@ -200,7 +201,22 @@ fn lora_step_fused_equals_the_graph_as_built() {
             assert_eq!(count(&ops, "add"), 0, "{ops:?}");
         }
         assert_eq!(count(&ops, "accumulate_grad"), 0, "{ops:?}");
-        assert_eq!(count(&ops, "matmul_accumulate"), 2 * loras, "{ops:?}");
+        assert_eq!(count(&ops, "matmul_accumulate"), loras, "{ops:?}");
+        assert_eq!(count(&ops, "low_rank_grads"), loras, "{ops:?}");
+        assert_eq!(count(&ops, "merged"), loras, "{ops:?}");
+        // Without that rewrite, both factor gradients are accumulated by products.
+        let separate = FuseOptions {
+            low_rank_grads: false,
+            ..FuseOptions::default()
+        };
+        let (apart, apart_ops) = train_in(DType::F32, true, dropout, Some(separate));
+        assert_same(
+            &format!("LoRA, dropout {dropout}, separate factor gradients"),
+            &apart,
+            &plain,
+        );
+        assert_eq!(count(&apart_ops, "matmul_accumulate"), 2 * loras, "{apart_ops:?}");
+        assert_eq!(count(&apart_ops, "low_rank_grads"), 0, "{apart_ops:?}");
         assert!(count(&ops, "matmul_fused") >= 2 * loras, "{ops:?}");
         assert!(count(&plain_ops, "scale") >= 2 * loras, "{plain_ops:?}");
         assert!(
@@ -226,7 +242,10 @@ fn lora_step_fused_equals_the_graph_as_built() {
 #[test]
 fn bf16_lora_swiglu_recomputes_the_rank_r_terms() {
     // The rewrite is opt-in.
-    let opts = FuseOptions { low_rank_swiglu: true };
+    let opts = FuseOptions {
+        low_rank_swiglu: true,
+        ..FuseOptions::default()
+    };
     let (plain, plain_ops) = train_in(DType::BF16, true, 0.0, None);
     let (fused, ops) = train_in(DType::BF16, true, 0.0, Some(opts));
     let (reference, f32_ops) = train(true, 0.0, true);
@@ -310,8 +329,12 @@ fn full_fine_tune_step_fused_equals_the_graph_as_built() {
     let (fused, ops) = train(false, 0.0, true);
     assert_same("full fine-tune", &fused, &plain);
     // Every projection weight (2 layers x 7) and the untied lm_head: gradient products
-    // accumulated in place.
-    assert_eq!(count(&ops, "matmul_accumulate"), 2 * ALL_LINEAR.len() + 1, "{ops:?}");
+    // accumulated in place, some (where the input is narrower than the output and its
+    // gradient is a product of its own) together with the input's gradient.
+    let weights = 2 * ALL_LINEAR.len() + 1;
+    let merged = count(&ops, "low_rank_grads");
+    assert!(merged > 0, "{ops:?}");
+    assert_eq!(count(&ops, "matmul_accumulate") + merged, weights, "{ops:?}");
     // Trained norm weights (2 layers x 2 and the final norm) keep their weight gradients.
     assert_eq!(count(&ops, "rms_norm_backward with dw"), 5, "{ops:?}");
 }

@@ -101,10 +101,13 @@ fn fusion_enabled() -> bool {
     std::env::var("FERROTUNE_FUSE").map_or(true, |v| v != "0")
 }
 
-/// The opt-in rewrites: `FERROTUNE_FUSE_LOW_RANK_SWIGLU=1` turns on `swiglu_low_rank`.
+/// The switchable rewrites: `FERROTUNE_FUSE_LOW_RANK_SWIGLU=1` turns on `swiglu_low_rank`,
+/// `FERROTUNE_FUSE_LOW_RANK_GRADS=0` turns off `low_rank_grads`.
 fn fusion_options() -> FuseOptions {
+    let var = |name: &str| std::env::var(name).ok();
     FuseOptions {
-        low_rank_swiglu: std::env::var("FERROTUNE_FUSE_LOW_RANK_SWIGLU").as_deref() == Ok("1"),
+        low_rank_swiglu: var("FERROTUNE_FUSE_LOW_RANK_SWIGLU").as_deref() == Some("1"),
+        low_rank_grads: var("FERROTUNE_FUSE_LOW_RANK_GRADS").as_deref() != Some("0"),
     }
 }
 

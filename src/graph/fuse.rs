@@ -17,6 +17,9 @@
 //!   or read back (the base products lose their C);
 //! - `accumulate_grad(acc, P)` or `accumulate_grad(acc, cast(P))`: `acc += alpha P` in place
 //!   ([`Op::MatMulAccumulate`]; the 16-bit product is summed in f32 unrounded);
+//! - `acc += alpha dy^T u` and an earlier `du = alpha dy b` (the two factor gradients of a
+//!   rank-r product `alpha u b^T`): [`Op::LowRankGrads`] at the place of `du`, which reads
+//!   `dy` once for both; the accumulation's node becomes [`Op::Merged`];
 //! - `add(c, dx)` (either order) of the `dx` of an RMSNorm backward without a weight
 //!   gradient: the backward adds `c` as it writes `dx` ([`Op::RmsNormBackward`] with `add`),
 //!   which in a residual block is the sum of the residual stream's two gradients.
@@ -44,6 +47,7 @@ pub struct FuseStats {
     pub accumulated_products: usize,
     pub added_norm_gradients: usize,
     pub low_rank_swiglus: usize,
+    pub low_rank_grads: usize,
 }
 
 impl FuseStats {
@@ -55,6 +59,7 @@ impl FuseStats {
             + self.accumulated_products
             + self.added_norm_gradients
             + self.low_rank_swiglus
+            + self.low_rank_grads
     }
 }
 
@@ -68,12 +73,23 @@ struct Product {
     alpha: f64,
 }
 
-/// Rewrites that are off unless asked for.
-#[derive(Clone, Copy, Debug, Default)]
+/// The rewrites that can be switched (the others always apply).
+#[derive(Clone, Copy, Debug)]
 pub struct FuseOptions {
     /// [`Op::SwigluLowRank`] for the SwiGLU of two LoRA outputs in 16-bit storage; off by
     /// default until its CUDA kernel is measured faster than the products it replaces.
     pub low_rank_swiglu: bool,
+    /// [`Op::LowRankGrads`] for the two factor gradients of a rank-r product; on by default.
+    pub low_rank_grads: bool,
+}
+
+impl Default for FuseOptions {
+    fn default() -> Self {
+        FuseOptions {
+            low_rank_swiglu: false,
+            low_rank_grads: true,
+        }
+    }
 }
 
 struct Pass<'g> {
@@ -496,6 +512,69 @@ impl Pass<'_> {
         self.rewrite(n, op, vec![p.a, p.b, acc]);
         stats.accumulated_products += 1;
     }
+
+    /// `acc += alpha dy^T u` (`acc [f, r]`, `r < f`) with an earlier `du = alpha dy b` (`b [f, r]`):
+    /// one [`Op::LowRankGrads`] where `du` was, when nothing reads or writes `acc` in between
+    /// and `u` already holds its value there.
+    fn low_rank_grads(&mut self, n: usize, stats: &mut FuseStats) {
+        let Op::MatMulAccumulate {
+            trans_a: true,
+            trans_b: false,
+            alpha,
+        } = self.g.nodes[n].op
+        else {
+            return;
+        };
+        if !self.opts.low_rank_grads {
+            return;
+        }
+        let (dy, u, acc) = {
+            let i = &self.g.nodes[n].inputs;
+            (i[0], i[1], i[2])
+        };
+        let (ds, us) = (self.g.shape(dy), self.g.shape(u));
+        // Rank r below the features of dy: `u` is the narrow factor.
+        if ds.len() != 2 || us.len() != 2 || us[1] >= ds[1] || self.g.dtype(u) != self.g.dtype(dy) {
+            return;
+        }
+        let fr = [ds[1], us[1]];
+        let du_product = |k: usize| {
+            let node = &self.g.nodes[k];
+            let am = match node.op {
+                Op::MatMul {
+                    trans_a: false,
+                    trans_b: false,
+                } => 1.0,
+                Op::MatMulFused {
+                    trans_a: false,
+                    trans_b: false,
+                    alpha,
+                    add: false,
+                } => alpha,
+                _ => return false,
+            };
+            // A product taken into a later node by another rewrite is no longer read.
+            let live = self.readers[node.outputs[0].idx()] > 0 || self.keep.contains(&node.outputs[0]);
+            live && am == alpha && node.inputs[0] == dy && self.g.shape(node.inputs[1]) == fr
+        };
+        let Some(m) = (0..n).rev().find(|&k| du_product(k)) else {
+            return;
+        };
+        let b = self.g.nodes[m].inputs[1];
+        let untouched = (m + 1..n).all(|k| !self.g.nodes[k].inputs.contains(&acc));
+        let u_ready = self.g.producer[u.idx()].is_none_or(|un| un.idx() < m) && self.unchanged(u, m, n);
+        let acc_ready = self.g.producer[acc.idx()].is_none_or(|an| an.idx() < m);
+        let b_type = matches!(self.g.dtype(b), DType::F32) || self.g.dtype(b) == self.g.dtype(dy);
+        if !(untouched && u_ready && acc_ready && b_type) {
+            return;
+        }
+        self.rewrite(m, Op::LowRankGrads { alpha }, vec![dy, u, b, acc]);
+        self.rewrite(n, Op::Merged, vec![]);
+        let w = self.writers.entry(acc).or_default();
+        w.retain(|&k| k != n);
+        w.push(m);
+        stats.low_rank_grads += 1;
+    }
 }
 
 /// Applies the rewrites above to every node of `g`, in order. `keep` holds the tensors
@@ -527,6 +606,7 @@ pub fn matmul_epilogues(g: &mut Graph, keep: &HashSet<TensorId>, opts: FuseOptio
         pass.added_product(n, &mut stats);
         pass.added_product_sum(n, &mut stats);
         pass.accumulated_product(n, &mut stats);
+        pass.low_rank_grads(n, &mut stats);
         pass.added_norm_gradient(n, &mut stats);
         pass.low_rank_swiglu(n, &mut stats);
     }

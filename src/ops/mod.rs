@@ -11,6 +11,7 @@ pub mod attn_mask;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
+pub mod low_rank_grads;
 pub mod mask_codegen;
 pub mod mask_expr;
 pub mod matmul;
@@ -56,6 +57,12 @@ pub enum Op {
     },
     /// In place: `(a, b, acc)`: `acc += alpha op(a) @ op(b)`; built by the fusion pass.
     MatMulAccumulate { trans_a: bool, trans_b: bool, alpha: f64 },
+    /// `(dy [n, f], u [n, r], b [f, r], acc [f, r]) -> du = alpha dy b`, and in place
+    /// `acc += alpha dy^T u`: both factor gradients of a rank-r product `alpha u b^T` (see
+    /// [`low_rank_grads`]); built by the fusion pass.
+    LowRankGrads { alpha: f64 },
+    /// A node whose work the fusion pass moved into another node: runs nothing.
+    Merged,
     /// `a + b`; `b` has `a`'s shape, a suffix of it (a bias), or one element.
     Add,
     /// `a * b` with the same broadcasting as `Add`.
@@ -145,6 +152,8 @@ impl Op {
             Op::MatMul { .. } => "matmul",
             Op::MatMulFused { .. } => "matmul_fused",
             Op::MatMulAccumulate { .. } => "matmul_accumulate",
+            Op::LowRankGrads { .. } => "low_rank_grads",
+            Op::Merged => "merged",
             Op::Add => "add",
             Op::Mul => "mul",
             Op::Scale { .. } => "scale",
@@ -185,6 +194,7 @@ impl Op {
             Op::AdamW(_) => &[0, 1, 2, 3],
             Op::AccumulateGrad | Op::CacheWrite => &[0],
             Op::MatMulAccumulate { .. } => &[2],
+            Op::LowRankGrads { .. } => &[3],
             _ => &[],
         }
     }
@@ -195,9 +205,10 @@ impl Op {
         matches!(self, Op::Reshape { .. } | Op::View { .. } | Op::CacheWrite)
     }
 
-    /// True for ops that change nothing at run time (their output is a view).
+    /// True for ops that change nothing at run time (their output is a view, or their work
+    /// was merged into another node).
     pub fn is_view(&self) -> bool {
-        matches!(self, Op::Reshape { .. } | Op::View { .. })
+        matches!(self, Op::Reshape { .. } | Op::View { .. } | Op::Merged)
     }
 
     /// Where an alias's output starts inside its input, in elements (a view's offset).
@@ -234,6 +245,8 @@ impl Op {
                 trans_a, trans_b, add, ..
             } => matmul_fused::infer(x, *trans_a, *trans_b, *add),
             Op::MatMulAccumulate { trans_a, trans_b, .. } => matmul_fused::infer_accumulate(x, *trans_a, *trans_b),
+            Op::LowRankGrads { .. } => low_rank_grads::infer(x),
+            Op::Merged => Ok(vec![]),
             Op::Add | Op::Mul => {
                 want(2)?;
                 elementwise::infer_binary(x[0], x[1])
@@ -450,6 +463,8 @@ impl Op {
             | Op::AdamW(_)
             | Op::AccumulateGrad
             | Op::MatMulAccumulate { .. }
+            | Op::LowRankGrads { .. }
+            | Op::Merged
             | Op::SwigluLowRank { .. }
             | Op::CacheWrite
             | Op::AttentionCached(_)

@@ -6,8 +6,8 @@
 
 use super::{Arg, Backend, BufferId, Loc};
 use crate::ops::{
-    attention, attn_eager, cross_entropy, elementwise, embedding, matmul, matmul_fused, optim, rmsnorm, rope, swiglu,
-    swiglu_low_rank, Op, Real,
+    attention, attn_eager, cross_entropy, elementwise, embedding, low_rank_grads, matmul, matmul_fused, optim, rmsnorm,
+    rope, swiglu, swiglu_low_rank, Op, Real,
 };
 use crate::tensor::{DType, HostTensor};
 use crate::{Error, Result};
@@ -221,6 +221,17 @@ impl CpuBackend {
                 let (a, b) = (self.src::<T>(&i[0]).into_owned(), self.src::<T>(&i[1]).into_owned());
                 let mut acc = self.inplace::<T>(&i[2]);
                 matmul_fused::cpu_accumulate(&a, &b, acc.get(), d, *trans_a, *trans_b, *alpha);
+                acc.finish();
+            }
+            Op::LowRankGrads { alpha } => {
+                let (n, f) = (i[0].info.shape[0], i[0].info.shape[1]);
+                let r = i[1].info.shape[1];
+                let (dy, u, b) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]), self.src::<T>(&i[2]));
+                let (dy, u, b) = (dy.into_owned(), u.into_owned(), b.into_owned());
+                let mut acc = self.inplace::<T>(&i[3]);
+                let mut du = self.dst::<T>(&o[0]);
+                low_rank_grads::cpu(&dy, &u, &b, acc.get(), du.get(), n, f, r, *alpha);
+                du.finish();
                 acc.finish();
             }
             Op::Add | Op::Mul => {
@@ -448,7 +459,7 @@ impl CpuBackend {
                 attention::cpu_cached(s, &q, &k, &v, self.ints(&i[3]), out.get(), cache_len);
                 out.finish();
             }
-            Op::Cast { .. } | Op::Reshape { .. } | Op::View { .. } | Op::HostCall { .. } => {
+            Op::Cast { .. } | Op::Reshape { .. } | Op::View { .. } | Op::Merged | Op::HostCall { .. } => {
                 unreachable!("handled before dispatch")
             }
         }
@@ -507,7 +518,7 @@ impl Backend for CpuBackend {
     }
     fn launch(&mut self, op: &Op, inputs: &[Arg], outputs: &[Arg]) -> Result<()> {
         match op {
-            Op::Reshape { .. } | Op::View { .. } => Ok(()),
+            Op::Reshape { .. } | Op::View { .. } | Op::Merged => Ok(()),
             Op::HostCall { .. } => Err(crate::Error::backend("cpu", "host calls are computed by the executor")),
             Op::Cast { .. } => {
                 self.cast(&inputs[0], &outputs[0]);

@@ -25,10 +25,11 @@ pub enum Family {
     Optim,
     Attention,
     FlashAttn,
+    LowRank,
 }
 
 impl Family {
-    pub const ALL: [Family; 8] = [
+    pub const ALL: [Family; 9] = [
         Family::Elementwise,
         Family::RmsNorm,
         Family::Rope,
@@ -37,6 +38,7 @@ impl Family {
         Family::Optim,
         Family::Attention,
         Family::FlashAttn,
+        Family::LowRank,
     ];
 
     pub fn file(self) -> &'static str {
@@ -49,6 +51,7 @@ impl Family {
             Family::Optim => "optim.cu",
             Family::Attention => "attention.cu",
             Family::FlashAttn => "flash_attn.cu",
+            Family::LowRank => "low_rank.cu",
         }
     }
 
@@ -62,6 +65,7 @@ impl Family {
             Family::Optim => include_str!("../../../cuda/optim.cu"),
             Family::Attention => include_str!("../../../cuda/attention.cu"),
             Family::FlashAttn => include_str!("../../../cuda/flash_attn.cu"),
+            Family::LowRank => include_str!("../../../cuda/low_rank.cu"),
         }
     }
 
@@ -69,7 +73,7 @@ impl Family {
     pub fn min_cc(self) -> (i32, i32) {
         match self {
             // mma.sync bf16, ldmatrix, cp.async
-            Family::FlashAttn => (8, 0),
+            Family::FlashAttn | Family::LowRank => (8, 0),
             _ => (7, 0),
         }
     }

@@ -21,6 +21,7 @@ pub mod bench;
 mod gpu;
 mod graphs;
 pub mod kernels;
+mod low_rank_grads;
 mod matmul;
 mod multi;
 mod ops;

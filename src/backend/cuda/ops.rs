@@ -94,6 +94,7 @@ impl CudaBackend {
             Op::MatMul { .. } => self.gemm_scratch(i[0], i[1], o[0], false)?,
             Op::MatMulFused { add, .. } => self.gemm_scratch(i[0], i[1], o[0], *add)?,
             Op::MatMulAccumulate { .. } => self.gemm_scratch(i[0], i[1], i[2], true)?,
+            Op::LowRankGrads { .. } => self.low_rank_grads_scratch(i, o)?,
             Op::ReduceSum { .. } => {
                 let (n, c) = (numel(i[0]), numel(o[0]));
                 if c == 1 {
@@ -133,12 +134,13 @@ impl CudaBackend {
             }
         }
         match op {
-            Op::Reshape { .. } | Op::View { .. } | Op::HostCall { .. } => {}
+            Op::Reshape { .. } | Op::View { .. } | Op::Merged | Op::HostCall { .. } => {}
             Op::MatMul { trans_a, trans_b } => self.prepare_gemm(i, o[0], *trans_a, *trans_b, false)?,
             Op::MatMulFused {
                 trans_a, trans_b, add, ..
             } => self.prepare_gemm(i, o[0], *trans_a, *trans_b, *add)?,
             Op::MatMulAccumulate { trans_a, trans_b, .. } => self.prepare_gemm(i, i[2], *trans_a, *trans_b, true)?,
+            Op::LowRankGrads { .. } => self.prepare_low_rank_grads(i, o)?,
             Op::RmsNorm { .. } | Op::RmsNormBackward { .. } => {
                 self.mods.load(Family::RmsNorm)?;
             }
@@ -209,7 +211,7 @@ impl CudaBackend {
     pub(super) fn dispatch(&mut self, op: &Op, i: &[Arg], o: &[Arg]) -> Result<()> {
         let p = |b: &Self, a: &Arg| b.ptr(a.loc);
         match op {
-            Op::Reshape { .. } | Op::View { .. } => Ok(()),
+            Op::Reshape { .. } | Op::View { .. } | Op::Merged => Ok(()),
             Op::HostCall { .. } => Err(Error::backend("cuda", "host calls are computed by the executor")),
             Op::Cast { .. } => {
                 let n = numel(i[0].info);
@@ -336,6 +338,7 @@ impl CudaBackend {
                 trans_b,
                 alpha,
             } => self.gemm(&i[0], &i[1], Epilogue::Accumulate(&i[2]), *trans_a, *trans_b, *alpha),
+            Op::LowRankGrads { alpha } => self.low_rank_grads(i, o, *alpha),
             Op::RmsNorm { eps } => {
                 let h = *i[0].info.shape.last().unwrap_or(&1) as u64;
                 let rows = numel(i[0].info) / h.max(1);
@@ -622,7 +625,15 @@ impl CudaBackend {
 
     /// `alpha op(a) op(b)` with its epilogue, one cuBLASLt call (plus operand casts where
     /// the storage types need them; see matmul.rs).
-    fn gemm(&mut self, a: &Arg, b: &Arg, epi: Epilogue, trans_a: bool, trans_b: bool, alpha: f64) -> Result<()> {
+    pub(super) fn gemm(
+        &mut self,
+        a: &Arg,
+        b: &Arg,
+        epi: Epilogue,
+        trans_a: bool,
+        trans_b: bool,
+        alpha: f64,
+    ) -> Result<()> {
         let d = mm::dims(&a.info.shape, &b.info.shape, trans_a, trans_b).map_err(|e| Error::backend("cuda", e))?;
         let out = epi.out();
         let prec = matmul::precision(a.info.dtype, b.info.dtype, out.info.dtype)?;
@@ -751,7 +762,7 @@ impl CudaBackend {
 
 /// What a product does with its result.
 #[derive(Clone, Copy)]
-enum Epilogue<'a> {
+pub(super) enum Epilogue<'a> {
     /// `d = alpha P`.
     Store(&'a Arg<'a>),
     /// `d = alpha P + c`.

@@ -354,7 +354,7 @@ pub(crate) fn plan(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg]) -> Result<()>
         check_len(op, a.info)?;
     }
     match op {
-        Op::Reshape { .. } | Op::View { .. } => Ok(()),
+        Op::Reshape { .. } | Op::View { .. } | Op::Merged => Ok(()),
         Op::HostCall { .. } => Err(Error::backend("wgsl", "host calls are computed by the executor")),
         Op::MatMul { trans_a, trans_b } => matmul_op::plan(b, op, i, o, *trans_a, *trans_b),
         Op::Add | Op::Mul => elementwise::binary(b, op, i, o),
@@ -390,6 +390,7 @@ pub(crate) fn plan(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg]) -> Result<()>
         Op::AdamW(s) => optim::adamw(b, op, s, i),
         Op::MatMulFused { .. }
         | Op::MatMulAccumulate { .. }
+        | Op::LowRankGrads { .. }
         | Op::SwigluLowRank { .. }
         | Op::SwigluLowRankBackward { .. } => Err(Error::backend(
             "wgsl",
