@@ -26,42 +26,58 @@ struct Params {
     pad: i32,
 }
 
-/// Rows of `dy` per block, features per staged tile, stages (LG_ROWS, LG_COLS, LG_STAGES).
-const ROWS: u64 = 64;
+/// Features per staged tile and stages (LG_COLS, LG_STAGES in cuda/low_rank.cu).
 const COLS: u32 = 128;
 const STAGES: u32 = 4;
-const THREADS: u32 = 128;
 
-/// The kernel for these inputs `(dy, u, b, acc)`, if it takes them.
-fn kernel_name(i: &[&TensorInfo]) -> Option<&'static str> {
+/// The kernel for these inputs `(dy, u, b, acc)` with blocks of `warps` warps, if it takes
+/// them.
+fn kernel_name(i: &[&TensorInfo], warps: u32) -> Option<&'static str> {
     let (dy, u, b, acc) = (i[0], i[1], i[2], i[3]);
     let same = u.dtype == dy.dtype && b.dtype == DType::F32 && acc.dtype == DType::F32;
     let f = dy.shape[1];
     if !same || !f.is_multiple_of(8) {
         return None;
     }
-    match (dy.dtype, u.shape[1]) {
-        (DType::BF16, 16) => Some("low_rank_grads_bf16_r16"),
-        (DType::BF16, 32) => Some("low_rank_grads_bf16_r32"),
-        (DType::F16, 16) => Some("low_rank_grads_f16_r16"),
-        (DType::F16, 32) => Some("low_rank_grads_f16_r32"),
-        _ => None,
-    }
+    Some(match (dy.dtype, u.shape[1], warps) {
+        (DType::BF16, 16, 4) => "low_rank_grads_bf16_r16_w4",
+        (DType::BF16, 32, 4) => "low_rank_grads_bf16_r32_w4",
+        (DType::F16, 16, 4) => "low_rank_grads_f16_r16_w4",
+        (DType::F16, 32, 4) => "low_rank_grads_f16_r32_w4",
+        (DType::BF16, 16, 8) => "low_rank_grads_bf16_r16_w8",
+        (DType::BF16, 32, 8) => "low_rank_grads_bf16_r32_w8",
+        (DType::F16, 16, 8) => "low_rank_grads_f16_r16_w8",
+        (DType::F16, 32, 8) => "low_rank_grads_f16_r32_w8",
+        _ => return None,
+    })
 }
 
-/// Dynamic shared memory of the kernel for rank `r` (cuda/low_rank.cu's LgLayout).
-fn smem_bytes(r: u32) -> u32 {
-    let dy = ROWS as u32 * (COLS + 8) * 2;
+/// Dynamic shared memory of the kernel for rank `r` and `warps` warps (cuda/low_rank.cu's
+/// LgLayout).
+fn smem_bytes(r: u32, warps: u32) -> u32 {
+    let dy = 16 * warps * (COLS + 8) * 2;
     let b = COLS * (r + 4) * 4;
     STAGES * (dy + b)
 }
 
 impl CudaBackend {
+    /// Warps per block: 8 (128 rows, half the atomics per row) when that still gives every
+    /// SM a block, else 4. `FERROTUNE_CUDA_LOW_RANK_WARPS` (4 or 8) overrides, for comparisons.
+    fn low_rank_warps(&self, rows: usize) -> u32 {
+        match std::env::var("FERROTUNE_CUDA_LOW_RANK_WARPS").as_deref() {
+            Ok("4") => 4,
+            Ok("8") => 8,
+            _ if rows.div_ceil(128) >= self.gpu.sms as usize => 8,
+            _ => 4,
+        }
+    }
+
     /// Compiles the kernel, or plans the two products it stands for.
     pub(super) fn prepare_low_rank_grads(&mut self, i: &[&TensorInfo], o: &[&TensorInfo]) -> Result<()> {
-        if let Some(name) = kernel_name(i) {
+        let warps = self.low_rank_warps(i[0].shape[0]);
+        if let Some(name) = kernel_name(i, warps) {
             self.mods
-                .get_with_smem(Family::LowRank, &[], name, smem_bytes(i[1].shape[1] as u32))?;
+                .get_with_smem(Family::LowRank, &[], name, smem_bytes(i[1].shape[1] as u32, warps))?;
             return Ok(());
         }
         self.prepare_gemm(&[i[0], i[2]], o[0], false, false, false)?;
@@ -70,7 +86,7 @@ impl CudaBackend {
 
     /// Scratch of the two products (none for the kernel).
     pub(super) fn low_rank_grads_scratch(&self, i: &[&TensorInfo], o: &[&TensorInfo]) -> Result<Vec<u64>> {
-        if kernel_name(i).is_some() {
+        if kernel_name(i, 4).is_some() {
             return Ok(vec![]);
         }
         let mut s = self.gemm_scratch(i[0], i[2], o[0], false)?;
@@ -81,8 +97,10 @@ impl CudaBackend {
     /// Inputs `(dy, u, b, acc)`, output `du`.
     pub(super) fn low_rank_grads(&mut self, i: &[Arg], o: &[Arg], alpha: f64) -> Result<()> {
         let infos = [i[0].info, i[1].info, i[2].info, i[3].info];
-        let aligned = [&i[0], &i[2]].iter().all(|a| self.ptr(a.loc).is_multiple_of(16));
-        let Some(name) = kernel_name(&infos).filter(|_| aligned) else {
+        let aligned =
+            [&i[0], &i[2]].iter().all(|a| self.ptr(a.loc).is_multiple_of(16)) && self.ptr(i[3].loc).is_multiple_of(8);
+        let warps = self.low_rank_warps(infos[0].shape[0]);
+        let Some(name) = kernel_name(&infos, warps).filter(|_| aligned) else {
             self.gemm(&i[0], &i[2], Epilogue::Store(&o[0]), false, false, alpha)?;
             return self.gemm(&i[0], &i[1], Epilogue::Accumulate(&i[3]), true, false, alpha);
         };
@@ -90,11 +108,11 @@ impl CudaBackend {
         if n == 0 || f == 0 {
             return Ok(());
         }
-        let blocks = n.div_ceil(ROWS);
+        let blocks = n.div_ceil(16 * warps as u64);
         if blocks > i32::MAX as u64 {
             return Err(Error::backend("cuda", format!("low_rank_grads: {n} rows is too many")));
         }
-        let smem = smem_bytes(i[1].info.shape[1] as u32);
+        let smem = smem_bytes(i[1].info.shape[1] as u32, warps);
         let k = self.mods.get_with_smem(Family::LowRank, &[], name, smem)?;
         let prm = Params {
             dy: self.ptr(i[0].loc),
@@ -107,6 +125,6 @@ impl CudaBackend {
             alpha: alpha as f32,
             pad: 0,
         };
-        self.run(&k, (blocks as u32, 1, 1), THREADS, smem, Args::new().blob(&prm))
+        self.run(&k, (blocks as u32, 1, 1), 32 * warps, smem, Args::new().blob(&prm))
     }
 }
