@@ -26,9 +26,8 @@ struct Params {
     pad: i32,
 }
 
-/// Features per staged tile and stages (LG_COLS, LG_STAGES in cuda/low_rank.cu).
-const COLS: u32 = 128;
-const STAGES: u32 = 4;
+/// Rows of dy per block (LG_ROWS in cuda/low_rank.cu).
+const ROWS: u64 = 64;
 
 /// The kernel for these inputs `(dy, u, b, acc)` with blocks of `warps` warps, if it takes
 /// them.
@@ -53,28 +52,27 @@ fn kernel_name(i: &[&TensorInfo], warps: u32) -> Option<&'static str> {
 }
 
 /// Dynamic shared memory of the kernel for rank `r` and `warps` warps (cuda/low_rank.cu's
-/// LgLayout).
+/// LgLayout: a stage holds 32 columns per warp of dy and b, 4 stages with 4 warps, else 3).
 fn smem_bytes(r: u32, warps: u32) -> u32 {
-    let dy = 16 * warps * (COLS + 8) * 2;
-    let b = COLS * (r + 4) * 4;
-    STAGES * (dy + b)
+    let cols = 32 * warps;
+    let stage = ROWS as u32 * (cols + 8) * 2 + cols * (r + 4) * 4;
+    let stages = if warps == 4 { 4 } else { 3 };
+    (stages * stage).max(warps * 32 * r / 2 * 4)
 }
 
 impl CudaBackend {
-    /// Warps per block: 8 (128 rows, half the atomics per row) when that still gives every
-    /// SM a block, else 4. `FERROTUNE_CUDA_LOW_RANK_WARPS` (4 or 8) overrides, for comparisons.
-    fn low_rank_warps(&self, rows: usize) -> u32 {
+    /// Warps per block: 8 (two column groups, more loads in flight per SM), or 4 with
+    /// `FERROTUNE_CUDA_LOW_RANK_WARPS=4` (for comparisons).
+    fn low_rank_warps(&self) -> u32 {
         match std::env::var("FERROTUNE_CUDA_LOW_RANK_WARPS").as_deref() {
             Ok("4") => 4,
-            Ok("8") => 8,
-            _ if rows.div_ceil(128) >= self.gpu.sms as usize => 8,
-            _ => 4,
+            _ => 8,
         }
     }
 
     /// Compiles the kernel, or plans the two products it stands for.
     pub(super) fn prepare_low_rank_grads(&mut self, i: &[&TensorInfo], o: &[&TensorInfo]) -> Result<()> {
-        let warps = self.low_rank_warps(i[0].shape[0]);
+        let warps = self.low_rank_warps();
         if let Some(name) = kernel_name(i, warps) {
             self.mods
                 .get_with_smem(Family::LowRank, &[], name, smem_bytes(i[1].shape[1] as u32, warps))?;
@@ -99,7 +97,7 @@ impl CudaBackend {
         let infos = [i[0].info, i[1].info, i[2].info, i[3].info];
         let aligned =
             [&i[0], &i[2]].iter().all(|a| self.ptr(a.loc).is_multiple_of(16)) && self.ptr(i[3].loc).is_multiple_of(8);
-        let warps = self.low_rank_warps(infos[0].shape[0]);
+        let warps = self.low_rank_warps();
         let Some(name) = kernel_name(&infos, warps).filter(|_| aligned) else {
             self.gemm(&i[0], &i[2], Epilogue::Store(&o[0]), false, false, alpha)?;
             return self.gemm(&i[0], &i[1], Epilogue::Accumulate(&i[3]), true, false, alpha);
@@ -108,7 +106,7 @@ impl CudaBackend {
         if n == 0 || f == 0 {
             return Ok(());
         }
-        let blocks = n.div_ceil(16 * warps as u64);
+        let blocks = n.div_ceil(ROWS);
         if blocks > i32::MAX as u64 {
             return Err(Error::backend("cuda", format!("low_rank_grads: {n} rows is too many")));
         }
