@@ -228,16 +228,6 @@ __device__ __forceinline__ bool visible(const FlashParams& p, i64 i, i64 j, int 
     return true;
 }
 
-// f32 atomic adds of two neighbours (one vector reduction on sm_90).
-__device__ __forceinline__ void red_add2(float* p, float a, float b) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
-#else
-    atomicAdd(p, a);
-    atomicAdd(p + 1, b);
-#endif
-}
-
 // Grid (tiles, heads, batch) walked tile-slowest: the hardware starts blocks roughly in
 // linear order, so every head's tile 0 runs in the first wave, tile 1 next, and so on. Each
 // kernel maps tile 0 to its longest causal work, so the last wave holds only short blocks

@@ -37,7 +37,7 @@ template <int R, int CG>
 struct LgLayout {
     static constexpr int W = 4 * CG;
     static constexpr int COLS = 128 * CG;
-    static constexpr int STAGES = CG == 1 ? 4 : 3;
+    static constexpr int STAGES = 3;
     static constexpr int MT = 2;  // 16-column tiles of acc per warp per stage
     static constexpr int DYS = COLS + 8;
     static constexpr int BS = R + 4;
@@ -70,17 +70,6 @@ __device__ __forceinline__ void lg_load(const LowRankGradsParams& p, u32 smem, i
         }
     }
     cp_async_commit();
-}
-
-// p[0] += a, p[1] += b (8-byte aligned): one vector reduction on sm_90, two before it. The
-// atomics are a large part of the kernel's memory traffic (the block's rows share each one).
-__device__ __forceinline__ void lg_add2(float* p, float a, float b) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
-#else
-    atomicAdd(p, a);
-    atomicAdd(p + 1, b);
-#endif
 }
 
 template <bool F16, int R, int CG>
@@ -154,8 +143,8 @@ __device__ void low_rank_grads(const LowRankGradsParams& p) {
             const i64 m = (i64)((j + rot) % tiles) * L::COLS + m0 + g;
             for (int t = 0; t < NT; ++t) {
                 const int n = t * 8 + 2 * q;
-                if (m < p.f) lg_add2(acc + m * R + n, p.alpha * dba[t][0], p.alpha * dba[t][1]);
-                if (m + 8 < p.f) lg_add2(acc + (m + 8) * R + n, p.alpha * dba[t][2], p.alpha * dba[t][3]);
+                if (m < p.f) red_add2(acc + m * R + n, p.alpha * dba[t][0], p.alpha * dba[t][1]);
+                if (m + 8 < p.f) red_add2(acc + (m + 8) * R + n, p.alpha * dba[t][2], p.alpha * dba[t][3]);
             }
         }
     }
@@ -185,13 +174,9 @@ __device__ void low_rank_grads(const LowRankGradsParams& p) {
     }
 }
 
-#define LG_ENTRY(name, F16, R, CG) \
-    extern "C" __global__ void __launch_bounds__(128 * CG) name(LowRankGradsParams p) { low_rank_grads<F16, R, CG>(p); }
-LG_ENTRY(low_rank_grads_bf16_r16_w4, false, 16, 1)
-LG_ENTRY(low_rank_grads_bf16_r32_w4, false, 32, 1)
-LG_ENTRY(low_rank_grads_f16_r16_w4, true, 16, 1)
-LG_ENTRY(low_rank_grads_f16_r32_w4, true, 32, 1)
-LG_ENTRY(low_rank_grads_bf16_r16_w8, false, 16, 2)
-LG_ENTRY(low_rank_grads_bf16_r32_w8, false, 32, 2)
-LG_ENTRY(low_rank_grads_f16_r16_w8, true, 16, 2)
-LG_ENTRY(low_rank_grads_f16_r32_w8, true, 32, 2)
+#define LG_ENTRY(name, F16, R) \
+    extern "C" __global__ void __launch_bounds__(256) name(LowRankGradsParams p) { low_rank_grads<F16, R, 2>(p); }
+LG_ENTRY(low_rank_grads_bf16_r16, false, 16)
+LG_ENTRY(low_rank_grads_bf16_r32, false, 32)
+LG_ENTRY(low_rank_grads_f16_r16, true, 16)
+LG_ENTRY(low_rank_grads_f16_r32, true, 32)

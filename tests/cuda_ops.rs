@@ -1198,9 +1198,6 @@ fn segment_tables_follow_each_new_packing() {
     }
 }
 
-/// SwiGLU over LoRA-corrected gate and up (tensor-core corrections) against the CPU: ranks
-/// that are and are not multiples of 16, rows past a 16-row tile, features past a 64-column
-/// warp block, an odd feature count (no paired loads), f32 and 16-bit B factors.
 /// Both factor gradients of a rank-r product: the tensor-core kernel (16-bit dy and u, f32 b
 /// and accumulator, r 16 or 32, f a multiple of 8; rows and features that do not fill its
 /// tiles) and the two products it stands for elsewhere.
@@ -1212,7 +1209,7 @@ fn low_rank_grads_equal_the_two_products() {
         (DType::BF16, DType::F32, 200, 264, 16),
         (DType::BF16, DType::F32, 64, 128, 32),
         (DType::BF16, DType::F32, 1000, 1032, 16),
-        // More blocks than SMs.
+        // More blocks than SMs (blocks adding into the same rows of acc).
         (DType::BF16, DType::F32, 17000, 136, 16),
         (DType::BF16, DType::F32, 17000, 72, 32),
         (DType::F16, DType::F32, 77, 136, 16),
@@ -1236,6 +1233,9 @@ fn low_rank_grads_equal_the_two_products() {
     }
 }
 
+/// SwiGLU over LoRA-corrected gate and up (tensor-core corrections) against the CPU: ranks
+/// that are and are not multiples of 16, rows past a 16-row tile, features past a 64-column
+/// warp block, an odd feature count (no paired loads), f32 and 16-bit B factors.
 #[test]
 fn swiglu_low_rank_forward_and_backward() {
     let mut g = cuda();

@@ -538,34 +538,22 @@ impl Pass<'_> {
             return;
         }
         let fr = [ds[1], us[1]];
+        // The latest live product `alpha dy b` with `b [f, r]` (a product taken into a later
+        // node by another rewrite is no longer read).
         let du_product = |k: usize| {
-            let node = &self.g.nodes[k];
-            let am = match node.op {
-                Op::MatMul {
-                    trans_a: false,
-                    trans_b: false,
-                } => 1.0,
-                Op::MatMulFused {
-                    trans_a: false,
-                    trans_b: false,
-                    alpha,
-                    add: false,
-                } => alpha,
-                _ => return false,
-            };
-            // A product taken into a later node by another rewrite is no longer read.
-            let live = self.readers[node.outputs[0].idx()] > 0 || self.keep.contains(&node.outputs[0]);
-            live && am == alpha && node.inputs[0] == dy && self.g.shape(node.inputs[1]) == fr
+            let t = *self.g.nodes[k].outputs.first()?;
+            let p = self.product(t, n)?;
+            let live = self.readers[t.idx()] > 0 || self.keep.contains(&t);
+            let fits = p.a == dy && !p.trans_a && !p.trans_b && p.alpha == alpha && self.g.shape(p.b) == fr;
+            (live && fits && self.g.producer[t.idx()]?.idx() == k).then_some(p.b)
         };
-        let Some(m) = (0..n).rev().find(|&k| du_product(k)) else {
+        let Some((m, b)) = (0..n).rev().find_map(|k| du_product(k).map(|b| (k, b))) else {
             return;
         };
-        let b = self.g.nodes[m].inputs[1];
         let untouched = (m + 1..n).all(|k| !self.g.nodes[k].inputs.contains(&acc));
         let u_ready = self.g.producer[u.idx()].is_none_or(|un| un.idx() < m) && self.unchanged(u, m, n);
         let acc_ready = self.g.producer[acc.idx()].is_none_or(|an| an.idx() < m);
-        let b_type = matches!(self.g.dtype(b), DType::F32) || self.g.dtype(b) == self.g.dtype(dy);
-        if !(untouched && u_ready && acc_ready && b_type) {
+        if !(untouched && u_ready && acc_ready) {
             return;
         }
         self.rewrite(m, Op::LowRankGrads { alpha }, vec![dy, u, b, acc]);

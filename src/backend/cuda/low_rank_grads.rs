@@ -26,56 +26,40 @@ struct Params {
     pad: i32,
 }
 
-/// Rows of dy per block (LG_ROWS in cuda/low_rank.cu).
+/// Rows of dy per block and warps (LG_ROWS, and 4 CG with CG = 2, in cuda/low_rank.cu).
 const ROWS: u64 = 64;
+const WARPS: u32 = 8;
 
-/// The kernel for these inputs `(dy, u, b, acc)` with blocks of `warps` warps, if it takes
-/// them.
-fn kernel_name(i: &[&TensorInfo], warps: u32) -> Option<&'static str> {
+/// The kernel for these inputs `(dy, u, b, acc)`, if it takes them. (Every tensor starts at
+/// a multiple of the backend's 256-byte alignment, so the 16-byte loads are aligned.)
+fn kernel_name(i: &[&TensorInfo]) -> Option<&'static str> {
     let (dy, u, b, acc) = (i[0], i[1], i[2], i[3]);
     let same = u.dtype == dy.dtype && b.dtype == DType::F32 && acc.dtype == DType::F32;
-    let f = dy.shape[1];
-    if !same || !f.is_multiple_of(8) {
+    if !same || !dy.shape[1].is_multiple_of(8) {
         return None;
     }
-    Some(match (dy.dtype, u.shape[1], warps) {
-        (DType::BF16, 16, 4) => "low_rank_grads_bf16_r16_w4",
-        (DType::BF16, 32, 4) => "low_rank_grads_bf16_r32_w4",
-        (DType::F16, 16, 4) => "low_rank_grads_f16_r16_w4",
-        (DType::F16, 32, 4) => "low_rank_grads_f16_r32_w4",
-        (DType::BF16, 16, 8) => "low_rank_grads_bf16_r16_w8",
-        (DType::BF16, 32, 8) => "low_rank_grads_bf16_r32_w8",
-        (DType::F16, 16, 8) => "low_rank_grads_f16_r16_w8",
-        (DType::F16, 32, 8) => "low_rank_grads_f16_r32_w8",
-        _ => return None,
-    })
+    match (dy.dtype, u.shape[1]) {
+        (DType::BF16, 16) => Some("low_rank_grads_bf16_r16"),
+        (DType::BF16, 32) => Some("low_rank_grads_bf16_r32"),
+        (DType::F16, 16) => Some("low_rank_grads_f16_r16"),
+        (DType::F16, 32) => Some("low_rank_grads_f16_r32"),
+        _ => None,
+    }
 }
 
-/// Dynamic shared memory of the kernel for rank `r` and `warps` warps (cuda/low_rank.cu's
-/// LgLayout: a stage holds 32 columns per warp of dy and b, 4 stages with 4 warps, else 3).
-fn smem_bytes(r: u32, warps: u32) -> u32 {
-    let cols = 32 * warps;
-    let stage = ROWS as u32 * (cols + 8) * 2 + cols * (r + 4) * 4;
-    let stages = if warps == 4 { 4 } else { 3 };
-    (stages * stage).max(warps * 32 * r / 2 * 4)
+/// Dynamic shared memory of the kernel for rank `r` (cuda/low_rank.cu's LgLayout: three
+/// stages of 32 columns per warp of dy and b).
+fn smem_bytes(r: u32) -> u32 {
+    let cols = 32 * WARPS;
+    3 * (ROWS as u32 * (cols + 8) * 2 + cols * (r + 4) * 4)
 }
 
 impl CudaBackend {
-    /// Warps per block: 8 (two column groups, more loads in flight per SM), or 4 with
-    /// `FERROTUNE_CUDA_LOW_RANK_WARPS=4` (for comparisons).
-    fn low_rank_warps(&self) -> u32 {
-        match std::env::var("FERROTUNE_CUDA_LOW_RANK_WARPS").as_deref() {
-            Ok("4") => 4,
-            _ => 8,
-        }
-    }
-
     /// Compiles the kernel, or plans the two products it stands for.
     pub(super) fn prepare_low_rank_grads(&mut self, i: &[&TensorInfo], o: &[&TensorInfo]) -> Result<()> {
-        let warps = self.low_rank_warps();
-        if let Some(name) = kernel_name(i, warps) {
+        if let Some(name) = kernel_name(i) {
             self.mods
-                .get_with_smem(Family::LowRank, &[], name, smem_bytes(i[1].shape[1] as u32, warps))?;
+                .get_with_smem(Family::LowRank, &[], name, smem_bytes(i[1].shape[1] as u32))?;
             return Ok(());
         }
         self.prepare_gemm(&[i[0], i[2]], o[0], false, false, false)?;
@@ -84,7 +68,7 @@ impl CudaBackend {
 
     /// Scratch of the two products (none for the kernel).
     pub(super) fn low_rank_grads_scratch(&self, i: &[&TensorInfo], o: &[&TensorInfo]) -> Result<Vec<u64>> {
-        if kernel_name(i, 4).is_some() {
+        if kernel_name(i).is_some() {
             return Ok(vec![]);
         }
         let mut s = self.gemm_scratch(i[0], i[2], o[0], false)?;
@@ -95,10 +79,7 @@ impl CudaBackend {
     /// Inputs `(dy, u, b, acc)`, output `du`.
     pub(super) fn low_rank_grads(&mut self, i: &[Arg], o: &[Arg], alpha: f64) -> Result<()> {
         let infos = [i[0].info, i[1].info, i[2].info, i[3].info];
-        let aligned =
-            [&i[0], &i[2]].iter().all(|a| self.ptr(a.loc).is_multiple_of(16)) && self.ptr(i[3].loc).is_multiple_of(8);
-        let warps = self.low_rank_warps();
-        let Some(name) = kernel_name(&infos, warps).filter(|_| aligned) else {
+        let Some(name) = kernel_name(&infos) else {
             self.gemm(&i[0], &i[2], Epilogue::Store(&o[0]), false, false, alpha)?;
             return self.gemm(&i[0], &i[1], Epilogue::Accumulate(&i[3]), true, false, alpha);
         };
@@ -110,7 +91,7 @@ impl CudaBackend {
         if blocks > i32::MAX as u64 {
             return Err(Error::backend("cuda", format!("low_rank_grads: {n} rows is too many")));
         }
-        let smem = smem_bytes(i[1].info.shape[1] as u32, warps);
+        let smem = smem_bytes(i[1].info.shape[1] as u32);
         let k = self.mods.get_with_smem(Family::LowRank, &[], name, smem)?;
         let prm = Params {
             dy: self.ptr(i[0].loc),
@@ -123,6 +104,6 @@ impl CudaBackend {
             alpha: alpha as f32,
             pad: 0,
         };
-        self.run(&k, (blocks as u32, 1, 1), 32 * warps, smem, Args::new().blob(&prm))
+        self.run(&k, (blocks as u32, 1, 1), 32 * WARPS, smem, Args::new().blob(&prm))
     }
 }
