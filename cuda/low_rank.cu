@@ -180,3 +180,144 @@ LG_ENTRY(low_rank_grads_bf16_r16, false, 16)
 LG_ENTRY(low_rank_grads_bf16_r32, false, 32)
 LG_ENTRY(low_rank_grads_f16_r16, true, 16)
 LG_ENTRY(low_rank_grads_f16_r32, true, 32)
+
+// ---------------------------------------------------------------------------------------
+// Expanding a rank-r product (the CPU reference is the plain product, src/ops/matmul.rs):
+//
+//   out [n, f] = alpha u w (+ c)     u [n, r] 16-bit; w [f, r] (w_t: LoRA's B in the forward
+//                                    product) or [r, f] (LoRA's A in the input gradient),
+//                                    f32 or u's type; c and out in u's type
+//
+// Bound by writing out (and reading c): each output element is r multiply-adds. cuBLASLt's
+// tiles for K = 16 leave much of DRAM's bandwidth unused at these shapes. A block takes
+// LE_ROWS rows and LE_COLS columns: w's columns are rounded to u's type (as the product
+// rounds them) into shared memory as [column][k]; each warp keeps its 16 rows of u as mma A
+// fragments and makes LE_CHUNK columns at a time on the tensor cores (mma.sync m16n8k16),
+// staged in shared memory so the stores (and c's loads) are 16 bytes wide.
+//
+// Needs f % 8 == 0, 16-byte aligned out and c, 4-byte aligned u and w.
+
+#define LE_ROWS 128
+#define LE_COLS 256
+#define LE_CHUNK 32
+
+struct LowRankExpandParams {
+    u64 u, w, c, out;
+    i64 n, f;
+    float alpha;
+    int w_t;    // 1: w is [f, r]; 0: [r, f]
+    int w_f32;  // 1: w is f32; 0: u's type
+    int add;    // 1: out = ... + c
+};
+
+// w[c0 .. c0 + LE_COLS, :] into ws as [column][k], rounded to u's type, zeros past f. Every
+// thread issues all its loads before the first store, so the block waits for memory once.
+template <bool F16, int R, bool WT, bool WF32>
+__device__ __forceinline__ void le_fill(const LowRankExpandParams& p, u16* ws, i64 c0) {
+    constexpr int WS = R + 8, PER = LE_COLS * R / 256;
+    constexpr int dt = F16 ? DT_F16 : DT_BF16;
+    float v[PER];
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+        const int e = threadIdx.x + 256 * j;
+        const int col = WT ? e / R : e % LE_COLS, k = WT ? e % R : e / LE_COLS;
+        const i64 gc = c0 + col, idx = WT ? gc * R + k : (i64)k * p.f + gc;
+        v[j] = gc >= p.f ? 0.f : WF32 ? ((const float*)p.w)[idx] : h16_to_f32(((const u16*)p.w)[idx], dt);
+    }
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+        const int e = threadIdx.x + 256 * j;
+        const int col = WT ? e / R : e % LE_COLS, k = WT ? e % R : e / LE_COLS;
+        ws[col * WS + k] = f32_to_h16(v[j], dt);
+    }
+}
+
+template <bool F16, int R>
+__device__ __forceinline__ void low_rank_expand(const LowRankExpandParams& p) {
+    constexpr int WS = R + 8;         // halves between staged columns of w: the B fragment
+                                      // reads (columns g, words q) hit 32 banks
+    constexpr int SS = LE_CHUNK + 4;  // floats between staged output rows
+    constexpr int dt = F16 ? DT_F16 : DT_BF16;
+    constexpr int PL = 16 * LE_CHUNK / 8 / 32;  // 8-column pieces of a chunk per lane
+    __shared__ __align__(16) u16 ws[LE_COLS * WS];
+    __shared__ __align__(16) float stage[8][16 * SS];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const i64 r0 = (i64)blockIdx.x * LE_ROWS + warp * 16;
+    const i64 c0 = (i64)blockIdx.y * LE_COLS;
+
+    // This warp's rows of u as A fragments (rows past n are zeros), loads issued first.
+    const u32* u = (const u32*)p.u;
+    u32 a[R / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < R / 16; ++ks) {
+        const int k = ks * 16 + 2 * q;
+        const i64 ra = r0 + g, rb = r0 + g + 8;
+        a[ks][0] = ra < p.n ? u[(ra * R + k) / 2] : 0u;
+        a[ks][1] = rb < p.n ? u[(rb * R + k) / 2] : 0u;
+        a[ks][2] = ra < p.n ? u[(ra * R + k + 8) / 2] : 0u;
+        a[ks][3] = rb < p.n ? u[(rb * R + k + 8) / 2] : 0u;
+    }
+    if (p.w_t) {
+        if (p.w_f32) le_fill<F16, R, true, true>(p, ws, c0);
+        else le_fill<F16, R, true, false>(p, ws, c0);
+    } else {
+        if (p.w_f32) le_fill<F16, R, false, true>(p, ws, c0);
+        else le_fill<F16, R, false, false>(p, ws, c0);
+    }
+    __syncthreads();
+    if (r0 >= p.n) return;
+
+    float* st = stage[warp];
+    for (int cc = 0; cc < LE_COLS && c0 + cc < p.f; cc += LE_CHUNK) {
+        // This lane's pieces: row rr, columns c8 .. c8 + 7 of the chunk; c's loads go first.
+        uint4 cv[PL];
+#pragma unroll
+        for (int j = 0; j < PL; ++j) {
+            const int e = lane + 32 * j, rr = e / (LE_CHUNK / 8), c8 = (e % (LE_CHUNK / 8)) * 8;
+            const i64 row = r0 + rr, col = c0 + cc + c8;
+            cv[j] = make_uint4(0, 0, 0, 0);
+            if (p.add && row < p.n && col < p.f) cv[j] = *(const uint4*)((const u16*)p.c + row * p.f + col);
+        }
+        float acc[LE_CHUNK / 8][4];
+#pragma unroll
+        for (int t = 0; t < LE_CHUNK / 8; ++t) {
+            acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < R / 16; ++ks) {
+                const u16* wp = ws + (cc + t * 8 + g) * WS + ks * 16 + 2 * q;
+                mma16816<F16>(acc[t], a[ks], *(const u32*)wp, *(const u32*)(wp + 8));
+            }
+            // c0, c1: row g, columns 2q, 2q + 1; c2, c3: row g + 8.
+            *(float2*)(st + g * SS + t * 8 + 2 * q) = make_float2(p.alpha * acc[t][0], p.alpha * acc[t][1]);
+            *(float2*)(st + (g + 8) * SS + t * 8 + 2 * q) = make_float2(p.alpha * acc[t][2], p.alpha * acc[t][3]);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int j = 0; j < PL; ++j) {
+            const int e = lane + 32 * j, rr = e / (LE_CHUNK / 8), c8 = (e % (LE_CHUNK / 8)) * 8;
+            const i64 row = r0 + rr, col = c0 + cc + c8;
+            if (row < p.n && col < p.f) {
+                const float4 lo = *(const float4*)(st + rr * SS + c8), hi = *(const float4*)(st + rr * SS + c8 + 4);
+                float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+                if (p.add) {
+                    float c[8];
+                    unpack8(cv[j], dt, c);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) v[i] += c[i];
+                }
+                // Hardware rounding of pairs (cvt.rn, one instruction per two values): the
+                // kernel is bound by issuing instructions, and this is most of them.
+                *(uint4*)((u16*)p.out + row * p.f + col) =
+                    make_uint4(pack2<F16>(v[0], v[1]), pack2<F16>(v[2], v[3]), pack2<F16>(v[4], v[5]), pack2<F16>(v[6], v[7]));
+            }
+        }
+        __syncwarp();
+    }
+}
+
+#define LE_ENTRY(name, F16, R) \
+    extern "C" __global__ void __launch_bounds__(256) name(LowRankExpandParams p) { low_rank_expand<F16, R>(p); }
+LE_ENTRY(low_rank_expand_bf16_r16, false, 16)
+LE_ENTRY(low_rank_expand_bf16_r32, false, 32)
+LE_ENTRY(low_rank_expand_f16_r16, true, 16)
+LE_ENTRY(low_rank_expand_f16_r32, true, 32)
