@@ -220,3 +220,161 @@ extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_fwd_bf1
 extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_bwd_bf16(SwigluLr p) { swiglu_lr<false, true>(p); }
 extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_fwd_f16(SwigluLr p) { swiglu_lr<true, false>(p); }
 extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_bwd_f16(SwigluLr p) { swiglu_lr<true, true>(p); }
+
+// The same, for f % 8 == 0 and r <= 16 KS, laid out as low_rank_expand (cuda/low_rank.cu): a
+// block takes S2_ROWS rows and S2_COLS columns; both B factors' columns are rounded to the
+// activations' type into shared memory as [column][k] (zeros past r); each warp keeps its 16
+// rows of ug and uu as mma A fragments and finishes S2_CHUNK columns at a time: the gate
+// correction is staged in shared memory and read back in row order (eight features a lane),
+// then the up correction, so the base tensors are read and the outputs written with 16-byte
+// accesses.
+#define S2_ROWS 128
+#define S2_COLS 128
+#define S2_CHUNK 32
+
+// b[c0 .. c0 + S2_COLS, :] ([f, r]) into ws as [column][k], rounded to DT; zeros past f or r.
+template <bool F16, int KS>
+__device__ __forceinline__ void s2_fill(const void* b, int dtb, i64 f, i64 r, u16* ws, i64 c0) {
+    constexpr int K = 16 * KS, WS = K + 8, PER = S2_COLS * K / 256;
+    constexpr int dt = F16 ? DT_F16 : DT_BF16;
+    float v[PER];
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+        const int e = threadIdx.x + 256 * j, col = e / K, k = e % K;
+        const i64 gc = c0 + col;
+        v[j] = gc >= f || k >= r ? 0.f
+               : dtb == DT_F32  ? ((const float*)b)[gc * r + k]
+                                : h16_to_f32(((const u16*)b)[gc * r + k], dt);
+    }
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+        const int e = threadIdx.x + 256 * j, col = e / K, k = e % K;
+        ws[col * WS + k] = f32_to_h16(v[j], dt);
+    }
+}
+
+// alpha u b^T for the warp's 16 rows and chunk columns cc .. cc + S2_CHUNK, staged in st as
+// [row][column] (stride S2_CHUNK + 4 floats).
+template <bool F16, int KS>
+__device__ __forceinline__ void s2_correction(const u32 (*a)[4], const u16* ws, int cc, float alpha, float* st) {
+    constexpr int WS = 16 * KS + 8, SS = S2_CHUNK + 4;
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int t = 0; t < S2_CHUNK / 8; ++t) {
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            const u16* wp = ws + (cc + t * 8 + g) * WS + ks * 16 + 2 * q;
+            mma16816<F16>(acc, a[ks], *(const u32*)wp, *(const u32*)(wp + 8));
+        }
+        *(float2*)(st + g * SS + t * 8 + 2 * q) = make_float2(alpha * acc[0], alpha * acc[1]);
+        *(float2*)(st + (g + 8) * SS + t * 8 + 2 * q) = make_float2(alpha * acc[2], alpha * acc[3]);
+    }
+}
+
+template <bool F16, int KS, bool BWD>
+__device__ __forceinline__ void swiglu_lr2(const SwigluLr& p) {
+    constexpr int WS = 16 * KS + 8, SS = S2_CHUNK + 4;
+    constexpr int PL = 16 * S2_CHUNK / 8 / 32;  // 8-feature pieces of a chunk per lane
+    constexpr int dt = F16 ? DT_F16 : DT_BF16;
+    __shared__ __align__(16) u16 wsg[S2_COLS * WS];
+    __shared__ __align__(16) u16 wsu[S2_COLS * WS];
+    __shared__ __align__(16) float stage[8][16 * SS];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const i64 r0 = (i64)blockIdx.x * S2_ROWS + warp * 16;
+    const i64 c0 = (i64)blockIdx.y * S2_COLS;
+
+    // This warp's rows of ug and uu as A fragments (zeros past n or r), loads issued first.
+    u32 ag[KS][4], au[KS][4];
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+        const i64 k = ks * 16 + 2 * q;
+        ag[ks][0] = lr_pair16(p.ug, p.n, p.r, r0 + g, k);
+        ag[ks][1] = lr_pair16(p.ug, p.n, p.r, r0 + g + 8, k);
+        ag[ks][2] = lr_pair16(p.ug, p.n, p.r, r0 + g, k + 8);
+        ag[ks][3] = lr_pair16(p.ug, p.n, p.r, r0 + g + 8, k + 8);
+        au[ks][0] = lr_pair16(p.uu, p.n, p.r, r0 + g, k);
+        au[ks][1] = lr_pair16(p.uu, p.n, p.r, r0 + g + 8, k);
+        au[ks][2] = lr_pair16(p.uu, p.n, p.r, r0 + g, k + 8);
+        au[ks][3] = lr_pair16(p.uu, p.n, p.r, r0 + g + 8, k + 8);
+    }
+    s2_fill<F16, KS>(p.bg, p.dtb, p.f, p.r, wsg, c0);
+    s2_fill<F16, KS>(p.bu, p.dtb, p.f, p.r, wsu, c0);
+    __syncthreads();
+    if (r0 >= p.n) return;
+
+    float* st = stage[warp];
+    for (int cc = 0; cc < S2_COLS && c0 + cc < p.f; cc += S2_CHUNK) {
+        // Lane pieces: row rr of the warp's 16, features c8 .. c8 + 7 of the chunk. The base
+        // tensors' loads go first, so they are in flight during the corrections.
+        uint4 gv[PL], uv[PL], dv[PL];
+        bool ok[PL];
+        i64 at[PL];
+#pragma unroll
+        for (int j = 0; j < PL; ++j) {
+            const int e = lane + 32 * j, rr = e / (S2_CHUNK / 8), c8 = (e % (S2_CHUNK / 8)) * 8;
+            const i64 row = r0 + rr, col = c0 + cc + c8;
+            ok[j] = row < p.n && col < p.f;
+            at[j] = row * p.f + col;
+            gv[j] = uv[j] = dv[j] = make_uint4(0, 0, 0, 0);
+            if (ok[j]) {
+                gv[j] = *(const uint4*)((const u16*)p.gate + at[j]);
+                uv[j] = *(const uint4*)((const u16*)p.up + at[j]);
+                if (BWD) dv[j] = *(const uint4*)((const u16*)p.dy + at[j]);
+            }
+        }
+        float gc[PL][8];
+        s2_correction<F16, KS>(ag, wsg, cc, p.ag, st);
+        __syncwarp();
+#pragma unroll
+        for (int j = 0; j < PL; ++j) {
+            const int e = lane + 32 * j, rr = e / (S2_CHUNK / 8), c8 = (e % (S2_CHUNK / 8)) * 8;
+            const float4 lo = *(const float4*)(st + rr * SS + c8), hi = *(const float4*)(st + rr * SS + c8 + 4);
+            float c[8];
+            unpack8(gv[j], dt, c);
+            gc[j][0] = c[0] + lo.x; gc[j][1] = c[1] + lo.y; gc[j][2] = c[2] + lo.z; gc[j][3] = c[3] + lo.w;
+            gc[j][4] = c[4] + hi.x; gc[j][5] = c[5] + hi.y; gc[j][6] = c[6] + hi.z; gc[j][7] = c[7] + hi.w;
+        }
+        __syncwarp();
+        s2_correction<F16, KS>(au, wsu, cc, p.au, st);
+        __syncwarp();
+#pragma unroll
+        for (int j = 0; j < PL; ++j) {
+            const int e = lane + 32 * j, rr = e / (S2_CHUNK / 8), c8 = (e % (S2_CHUNK / 8)) * 8;
+            const float4 lo = *(const float4*)(st + rr * SS + c8), hi = *(const float4*)(st + rr * SS + c8 + 4);
+            const float cu[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+            float uvf[8], dvf[8], o0[8], o1[8];
+            unpack8(uv[j], dt, uvf);
+            if (BWD) unpack8(dv[j], dt, dvf);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const float uc = uvf[i] + cu[i];
+                if (BWD) {
+                    swiglu_grad(gc[j][i], uc, dvf[i], &o0[i], &o1[i]);
+                } else {
+                    o0[i] = __fmul_rn(gc[j][i] * sigmoidf_(gc[j][i]), uc);
+                }
+            }
+            if (ok[j]) {
+                *(uint4*)((u16*)p.out0 + at[j]) = make_uint4(pack2<F16>(o0[0], o0[1]), pack2<F16>(o0[2], o0[3]),
+                                                             pack2<F16>(o0[4], o0[5]), pack2<F16>(o0[6], o0[7]));
+                if (BWD)
+                    *(uint4*)((u16*)p.out1 + at[j]) = make_uint4(pack2<F16>(o1[0], o1[1]), pack2<F16>(o1[2], o1[3]),
+                                                                 pack2<F16>(o1[4], o1[5]), pack2<F16>(o1[6], o1[7]));
+            }
+        }
+        // The next chunk's corrections overwrite what this chunk's epilogue read.
+        __syncwarp();
+    }
+}
+
+#define S2_ENTRY(name, F16, KS, BWD) \
+    extern "C" __global__ void __launch_bounds__(256) name(SwigluLr p) { swiglu_lr2<F16, KS, BWD>(p); }
+S2_ENTRY(swiglu_lr2_fwd_bf16_k1, false, 1, false)
+S2_ENTRY(swiglu_lr2_fwd_bf16_k2, false, 2, false)
+S2_ENTRY(swiglu_lr2_bwd_bf16_k1, false, 1, true)
+S2_ENTRY(swiglu_lr2_bwd_bf16_k2, false, 2, true)
+S2_ENTRY(swiglu_lr2_fwd_f16_k1, true, 1, false)
+S2_ENTRY(swiglu_lr2_fwd_f16_k2, true, 2, false)
+S2_ENTRY(swiglu_lr2_bwd_f16_k1, true, 1, true)
+S2_ENTRY(swiglu_lr2_bwd_f16_k2, true, 2, true)

@@ -1238,7 +1238,8 @@ fn low_rank_grads_equal_the_two_products() {
 
 /// SwiGLU over LoRA-corrected gate and up (tensor-core corrections) against the CPU: ranks
 /// that are and are not multiples of 16, rows past a 16-row tile, features past a 64-column
-/// warp block, an odd feature count (no paired loads), f32 and 16-bit B factors.
+/// warp block, an odd feature count (no paired loads), f32 and 16-bit B factors; the last
+/// three run on the swiglu_lr2 kernels (features in groups of 8, r <= 32).
 #[test]
 fn swiglu_low_rank_forward_and_backward() {
     let mut g = cuda();
@@ -1250,6 +1251,11 @@ fn swiglu_low_rank_forward_and_backward() {
         (DType::BF16, DType::BF16, 33, 300, 40),
         (DType::F16, DType::F32, 20, 70, 16),
         (DType::F16, DType::F16, 17, 64, 5),
+        // Features in groups of 8 and r <= 32 run on the swiglu_lr2 kernels: rows and
+        // features that do not fill their 128 x 128 blocks, one and two k-steps.
+        (DType::BF16, DType::F32, 200, 264, 32),
+        (DType::BF16, DType::BF16, 130, 136, 20),
+        (DType::F16, DType::F32, 129, 512, 16),
     ];
     for (dt, bt, n, f, rank) in cases {
         let (alpha_gate, alpha_up) = (2.0, -0.5);

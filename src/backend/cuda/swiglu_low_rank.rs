@@ -32,6 +32,9 @@ struct SwigluLr {
 
 /// Warps per block (LR_WARPS in cuda/swiglu.cu).
 const WARPS: u32 = 4;
+/// Rows and features per block of the `swiglu_lr2` kernels (S2_ROWS, S2_COLS; 8 warps).
+const S2_ROWS: u64 = 128;
+const S2_COLS: u64 = 128;
 /// Features of one warp (LR_COLS in cuda/swiglu.cu).
 const WARP_COLS: u64 = 32;
 /// Rows per block (16 * LR_ROW_TILES in cuda/swiglu.cu).
@@ -79,21 +82,39 @@ impl CudaBackend {
             ag: alphas.0 as f32,
             au: alphas.1 as f32,
         };
-        let name = match (backward, f16) {
-            (false, false) => "swiglu_lr_fwd_bf16",
-            (true, false) => "swiglu_lr_bwd_bf16",
-            (false, true) => "swiglu_lr_fwd_f16",
-            (true, true) => "swiglu_lr_bwd_f16",
+        // Features in 16-byte groups and r <= 32: the swiglu_lr2 kernels (every tensor starts
+        // 256-byte aligned); otherwise the general ones.
+        let fast = f % 8 == 0 && (1..=32).contains(&prm.r);
+        let (name, warps, rows, cols) = if fast {
+            let name = match (backward, f16, prm.r > 16) {
+                (false, false, false) => "swiglu_lr2_fwd_bf16_k1",
+                (false, false, true) => "swiglu_lr2_fwd_bf16_k2",
+                (true, false, false) => "swiglu_lr2_bwd_bf16_k1",
+                (true, false, true) => "swiglu_lr2_bwd_bf16_k2",
+                (false, true, false) => "swiglu_lr2_fwd_f16_k1",
+                (false, true, true) => "swiglu_lr2_fwd_f16_k2",
+                (true, true, false) => "swiglu_lr2_bwd_f16_k1",
+                (true, true, true) => "swiglu_lr2_bwd_f16_k2",
+            };
+            (name, 8, S2_ROWS, S2_COLS)
+        } else {
+            let name = match (backward, f16) {
+                (false, false) => "swiglu_lr_fwd_bf16",
+                (true, false) => "swiglu_lr_bwd_bf16",
+                (false, true) => "swiglu_lr_fwd_f16",
+                (true, true) => "swiglu_lr_bwd_f16",
+            };
+            (name, WARPS, ROWS, WARP_COLS * WARPS as u64)
         };
         let k = self.kernel(Family::Swiglu, name)?;
-        let cols = (f as u64).div_ceil(WARP_COLS * WARPS as u64);
-        if cols > 65535 {
+        let col_blocks = (f as u64).div_ceil(cols);
+        if col_blocks > 65535 {
             return Err(Error::backend(
                 "cuda",
                 format!("swiglu_low_rank: {f} features is too many"),
             ));
         }
-        let grid = ((n as u64).div_ceil(ROWS) as u32, cols as u32, 1);
-        self.run(&k, grid, 32 * WARPS, 0, Args::new().blob(&prm))
+        let grid = ((n as u64).div_ceil(rows) as u32, col_blocks as u32, 1);
+        self.run(&k, grid, 32 * warps, 0, Args::new().blob(&prm))
     }
 }
