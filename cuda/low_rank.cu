@@ -321,3 +321,230 @@ LE_ENTRY(low_rank_expand_bf16_r16, false, 16)
 LE_ENTRY(low_rank_expand_bf16_r32, false, 32)
 LE_ENTRY(low_rank_expand_f16_r16, true, 16)
 LE_ENTRY(low_rank_expand_f16_r32, true, 32)
+
+// ---------------------------------------------------------------------------------------
+// low_rank_grads on Hopper, with fewer atomics (same contract as low_rank_grads above).
+//
+// There, a block takes 64 rows of dy across all f columns, and every 64 rows add their part
+// of acc with f32 atomics: the atomics move half as many bytes as dy. Here a block takes
+// L2_ROWS = 256 rows and a quarter of the column tiles, so acc gets one atomic per 256 rows;
+// the four blocks of a row range form a thread-block cluster, and sum their partial du in
+// each other's shared memory (distributed shared memory) at the end, so du needs neither
+// atomics nor another launch. Stages of L2_SC columns of dy (and the matching rows of b)
+// are staged by cp.async; the block's rows of u are staged once. Per stage, warp w:
+//   du[rows 32w .. 32w + 31, :] += dy[those rows, stage] b[stage, :]    (registers, all stages)
+//   acc[stage column tile w % 4, rank half w / 4] += dy[256 rows, tile]^T u[256 rows, half]
+// the second added to acc with f32 vector atomics after each stage.
+#if __CUDA_ARCH__ >= 900
+
+#define L2_ROWS 256
+#define L2_SC 64
+#define L2_CLUSTER 4
+#define L2_STAGES 3
+
+template <int R>
+struct L2Layout {
+    static constexpr int DYS = L2_SC + 8;  // halves between staged dy rows (ldmatrix: no conflicts)
+    static constexpr int BS = R + 4;       // floats between staged b rows
+    static constexpr int US = R + 8;       // halves between staged u rows (ldmatrix: no conflicts)
+    static constexpr int DY_BYTES = L2_ROWS * DYS * 2;
+    static constexpr int STAGE_BYTES = DY_BYTES + L2_SC * BS * 4;
+    static constexpr int U_BYTES = L2_ROWS * US * 2;
+    static constexpr int SMEM = L2_STAGES * STAGE_BYTES + U_BYTES;
+};
+
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// The address of shared-memory address `a` in the block of cluster rank `rank`.
+__device__ __forceinline__ u32 cluster_addr(u32 a, u32 rank) {
+    u32 r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+    return r;
+}
+__device__ __forceinline__ float4 ld_cluster4(u32 a) {
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(a));
+    return v;
+}
+
+// Stage step j of this block (column tile t0 + (j + rot) % nt): dy[r0 .. r0 + L2_ROWS, tile]
+// and b[tile, :], zeros past n or f; commits a group even past the last tile.
+template <int R>
+__device__ __forceinline__ void l2_load(const LowRankGradsParams& p, u32 smem, int j, int nt, int t0, int rot, i64 r0) {
+    typedef L2Layout<R> L;
+    if (j < nt) {
+        const u32 st = smem + (j % L2_STAGES) * L::STAGE_BYTES;
+        const i64 c0 = (i64)(t0 + (j + rot) % nt) * L2_SC;
+        const u16* dy = (const u16*)p.dy;
+        const float* b = (const float*)p.b;
+#pragma unroll
+        for (int c = threadIdx.x; c < L2_ROWS * L2_SC / 8; c += 256) {
+            const int row = c / (L2_SC / 8), cc = (c % (L2_SC / 8)) * 8;
+            const i64 gr = r0 + row, gc = c0 + cc;
+            const bool ok = gr < p.n && gc < p.f;
+            cp_async16(st + (row * L::DYS + cc) * 2, dy + (ok ? gr * p.f + gc : 0), ok ? 16 : 0);
+        }
+        const u32 bst = st + L::DY_BYTES;
+        for (int c = threadIdx.x; c < L2_SC * R / 4; c += 256) {
+            const int row = c / (R / 4), cc = (c % (R / 4)) * 4;
+            const bool ok = c0 + row < p.f;
+            cp_async16(bst + (row * L::BS + cc) * 4, b + (ok ? (c0 + row) * R + cc : 0), ok ? 16 : 0);
+        }
+    }
+    cp_async_commit();
+}
+
+template <bool F16, int R>
+__device__ void low_rank_grads2(const LowRankGradsParams& p) {
+    typedef L2Layout<R> L;
+    constexpr int NT = R / 8;      // n tiles of 8 ranks
+    constexpr int NH = NT / 2;     // n tiles of a warp's half of the ranks in acc
+    extern __shared__ __align__(16) unsigned char l2_smem[];
+    const u32 smem = smem_addr(l2_smem);
+    const u32 us = smem + L2_STAGES * L::STAGE_BYTES;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+    const u32 rank = cluster_rank();
+    const i64 r0 = (i64)blockIdx.x * L2_ROWS;
+    // This block's column tiles: the rank-th quarter of them, walked from a tile that
+    // depends on the row range (blocks adding into the same rows of acc at the same time
+    // would serialize on the atomics).
+    const int tiles = (int)((p.f + L2_SC - 1) / L2_SC);
+    const int t0 = (int)((i64)tiles * rank / L2_CLUSTER), nt = (int)((i64)tiles * (rank + 1) / L2_CLUSTER) - t0;
+    const int rot = nt > 0 ? (int)(blockIdx.x % nt) : 0;
+
+    // u's rows: with the first stage's group.
+    {
+        const u16* u = (const u16*)p.u;
+        for (int c = threadIdx.x; c < L2_ROWS * R / 8; c += 256) {
+            const int row = c / (R / 8), cc = (c % (R / 8)) * 8;
+            const bool ok = r0 + row < p.n;
+            cp_async16(us + (row * L::US + cc) * 2, u + (ok ? (r0 + row) * R + cc : 0), ok ? 16 : 0);
+        }
+    }
+    for (int s = 0; s < L2_STAGES - 1; ++s) l2_load<R>(p, smem, s, nt, t0, rot, r0);
+
+    float dua[2][NT][4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int t = 0; t < NT; ++t) dua[m][t][0] = dua[m][t][1] = dua[m][t][2] = dua[m][t][3] = 0.f;
+    const int mt = warp & 3, nh = warp >> 2;  // acc: column tile of the stage, half of the ranks
+    float* acc = (float*)p.acc;
+
+    for (int j = 0; j < nt; ++j) {
+        cp_async_wait<L2_STAGES - 2>();
+        __syncthreads();
+        l2_load<R>(p, smem, j + L2_STAGES - 1, nt, t0, rot, r0);
+        const u32 st = smem + (j % L2_STAGES) * L::STAGE_BYTES;
+        const float* bt = (const float*)(l2_smem + (j % L2_STAGES) * L::STAGE_BYTES + L::DY_BYTES);
+
+        // du[rows 32 warp ..] += dy[rows, stage] b[stage, :]
+#pragma unroll
+        for (int ks = 0; ks < L2_SC / 16; ++ks) {
+            u32 bf[NT][2];
+            const int k = ks * 16 + 2 * q;
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+                const int n = t * 8 + g;
+                bf[t][0] = pack2<F16>(bt[k * L::BS + n], bt[(k + 1) * L::BS + n]);
+                bf[t][1] = pack2<F16>(bt[(k + 8) * L::BS + n], bt[(k + 9) * L::BS + n]);
+            }
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+                u32 a[4];
+                const int row = warp * 32 + m * 16 + (lane & 15), col = ks * 16 + (lane >> 4) * 8;
+                ldsm_x4(st + (row * L::DYS + col) * 2, a[0], a[1], a[2], a[3]);
+#pragma unroll
+                for (int t = 0; t < NT; ++t) mma16816<F16>(dua[m][t], a, bf[t][0], bf[t][1]);
+            }
+        }
+
+        // acc[stage columns 16 mt .., ranks of half nh] += dy[all rows, those columns]^T u
+        float dba[NH][4];
+#pragma unroll
+        for (int t = 0; t < NH; ++t) dba[t][0] = dba[t][1] = dba[t][2] = dba[t][3] = 0.f;
+#pragma unroll 4
+        for (int ks = 0; ks < L2_ROWS / 16; ++ks) {
+            u32 a[4];
+            const int row = ks * 16 + (lane & 7) + ((lane >> 4) << 3);
+            const int col = mt * 16 + ((lane >> 3) & 1) * 8;
+            ldsm_x4_t(st + (row * L::DYS + col) * 2, a[0], a[1], a[2], a[3]);
+            // B fragments of u (k = row, n = rank) by ldmatrix.trans: matrices (rows 0-7,
+            // ranks n0..), (rows 8-15, n0..), then the same for ranks n0 + 8.
+#pragma unroll
+            for (int t2 = 0; t2 < NH; t2 += 2) {
+                const int n0 = (nh * NH + t2) * 8;
+                const int urow = ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, ucol = n0 + (lane >> 4) * 8;
+                u32 b[4];
+                if (NH >= 2) {
+                    ldsm_x4_t(us + (urow * L::US + ucol) * 2, b[0], b[1], b[2], b[3]);
+                    mma16816<F16>(dba[t2], a, b[0], b[1]);
+                    mma16816<F16>(dba[t2 + 1], a, b[2], b[3]);
+                } else {
+                    // One n tile: lanes 16-31 repeat the addresses of lanes 0-15.
+                    const int urow1 = ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                    ldsm_x4_t(us + (urow1 * L::US + n0) * 2, b[0], b[1], b[2], b[3]);
+                    mma16816<F16>(dba[t2], a, b[0], b[1]);
+                }
+            }
+        }
+        const i64 m = (i64)(t0 + (j + rot) % nt) * L2_SC + mt * 16 + g;
+#pragma unroll
+        for (int t = 0; t < NH; ++t) {
+            const int n = (nh * NH + t) * 8 + 2 * q;
+            if (m < p.f) red_add2(acc + m * R + n, p.alpha * dba[t][0], p.alpha * dba[t][1]);
+            if (m + 8 < p.f) red_add2(acc + (m + 8) * R + n, p.alpha * dba[t][2], p.alpha * dba[t][3]);
+        }
+    }
+    cp_async_wait_all();
+    __syncthreads();
+
+    // Partial du of this block into its shared memory as [row][rank] f32, then each block
+    // of the cluster sums a quarter of the rows over all four and writes them.
+    float* part = (float*)l2_smem;
+#pragma unroll
+    for (int mm = 0; mm < 2; ++mm)
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            const int row = warp * 32 + mm * 16 + g, n = t * 8 + 2 * q;
+            *(float2*)(part + row * R + n) = make_float2(dua[mm][t][0], dua[mm][t][1]);
+            *(float2*)(part + (row + 8) * R + n) = make_float2(dua[mm][t][2], dua[mm][t][3]);
+        }
+    cluster_sync();
+    constexpr int QROWS = L2_ROWS / L2_CLUSTER;
+    u32* du = (u32*)p.du;
+    for (int e = threadIdx.x; e < QROWS * R / 4; e += 256) {
+        const int row = rank * QROWS + e / (R / 4), n = (e % (R / 4)) * 4;
+        const u32 off = smem + (row * R + n) * 4;
+        float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (u32 c = 0; c < L2_CLUSTER; ++c) {
+            const float4 v = ld_cluster4(cluster_addr(off, c));
+            s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+        }
+        const i64 gr = r0 + row;
+        if (gr < p.n) {
+            du[(gr * R + n) / 2] = pack2<F16>(p.alpha * s.x, p.alpha * s.y);
+            du[(gr * R + n) / 2 + 1] = pack2<F16>(p.alpha * s.z, p.alpha * s.w);
+        }
+    }
+    // No block leaves while another may still read its shared memory.
+    cluster_sync();
+}
+
+#define L2_ENTRY(name, F16, R) \
+    extern "C" __global__ void __cluster_dims__(1, L2_CLUSTER, 1) __launch_bounds__(256) name(LowRankGradsParams p) { low_rank_grads2<F16, R>(p); }
+L2_ENTRY(low_rank_grads2_bf16_r16, false, 16)
+L2_ENTRY(low_rank_grads2_bf16_r32, false, 32)
+L2_ENTRY(low_rank_grads2_f16_r16, true, 16)
+L2_ENTRY(low_rank_grads2_f16_r32, true, 32)
+
+#endif

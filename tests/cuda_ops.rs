@@ -1201,12 +1201,18 @@ fn segment_tables_follow_each_new_packing() {
     }
 }
 
-/// Both factor gradients of a rank-r product: the tensor-core kernel (16-bit dy and u, f32 b
-/// and accumulator, r 16 or 32, f a multiple of 8; rows and features that do not fill its
-/// tiles) and the two products it stands for elsewhere.
+/// Both factor gradients of a rank-r product: the tensor-core kernels (16-bit dy and u, f32 b
+/// and accumulator, r 16 or 32, f a multiple of 8; rows and features that do not fill their
+/// tiles, fewer column tiles than a cluster has blocks) and the two products they stand for
+/// elsewhere; each case on the 64-row kernel and, on Hopper, on the cluster kernel.
 #[test]
 fn low_rank_grads_equal_the_two_products() {
-    let mut g = cuda();
+    let mut plain = cuda();
+    let mut clusters = CudaBackend::with_options(CudaOptions {
+        low_rank_grads_clusters: true,
+        ..Default::default()
+    })
+    .expect("a second CUDA backend");
     let mut r = rng(35);
     let cases = [
         (DType::BF16, DType::F32, 200, 264, 16),
@@ -1223,6 +1229,7 @@ fn low_rank_grads_equal_the_two_products() {
         (DType::BF16, DType::F32, 40, 100, 16),
         (DType::F32, DType::F32, 30, 48, 16),
         (DType::BF16, DType::BF16, 33, 64, 16),
+        (DType::BF16, DType::F32, 2100, 2048, 32),
     ];
     for (dt, bt, n, f, rank) in cases {
         let ins = [
@@ -1231,8 +1238,10 @@ fn low_rank_grads_equal_the_two_products() {
             t(&mut r, &[f, rank], bt),
             t(&mut r, &[f, rank], DType::F32),
         ];
-        let what = format!("low_rank_grads {dt} (b {bt}) n {n} f {f} r {rank}");
-        compare(&mut g, &what, &Op::LowRankGrads { alpha: -1.5 }, &ins);
+        for (g, kernel) in [(&mut plain, "64 rows"), (&mut clusters, "clusters")] {
+            let what = format!("low_rank_grads ({kernel}) {dt} (b {bt}) n {n} f {f} r {rank}");
+            compare(g, &what, &Op::LowRankGrads { alpha: -1.5 }, &ins);
+        }
     }
 }
 

@@ -76,6 +76,10 @@ pub struct CudaOptions {
     /// `low_rank_expand.rs` instead of cuBLASLt (`FERROTUNE_CUDA_LOW_RANK_EXPAND=1`: on; off
     /// until it is measured faster on a GPU).
     pub low_rank_expand: bool,
+    /// On Hopper, run `Op::LowRankGrads` on the cluster kernel (`low_rank_grads2`: 256 rows a
+    /// block, a quarter of the columns, partial `du` summed across the cluster) instead of
+    /// the 64-row one (`FERROTUNE_CUDA_LOW_RANK_GRADS2=1`: on; off until measured faster).
+    pub low_rank_grads_clusters: bool,
 }
 
 impl Default for CudaOptions {
@@ -101,6 +105,7 @@ impl Default for CudaOptions {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(32),
             low_rank_expand: env("FERROTUNE_CUDA_LOW_RANK_EXPAND").as_deref() == Some("1"),
+            low_rank_grads_clusters: env("FERROTUNE_CUDA_LOW_RANK_GRADS2").as_deref() == Some("1"),
         }
     }
 }
