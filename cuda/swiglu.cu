@@ -272,6 +272,15 @@ __device__ __forceinline__ void s2_correction(const u32 (*a)[4], const u16* ws, 
     }
 }
 
+// The eight staged values of piece e (row e / 4 of the warp's 16, features 8 (e % 4) ..).
+__device__ __forceinline__ void s2_staged(const float* st, int e, float* v) {
+    constexpr int SS = S2_CHUNK + 4;
+    const int rr = e / (S2_CHUNK / 8), c8 = (e % (S2_CHUNK / 8)) * 8;
+    const float4 lo = *(const float4*)(st + rr * SS + c8), hi = *(const float4*)(st + rr * SS + c8 + 4);
+    v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w;
+    v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
+}
+
 template <bool F16, int KS, bool BWD>
 __device__ __forceinline__ void swiglu_lr2(const SwigluLr& p) {
     constexpr int WS = 16 * KS + 8, SS = S2_CHUNK + 4;
@@ -328,22 +337,19 @@ __device__ __forceinline__ void swiglu_lr2(const SwigluLr& p) {
         __syncwarp();
 #pragma unroll
         for (int j = 0; j < PL; ++j) {
-            const int e = lane + 32 * j, rr = e / (S2_CHUNK / 8), c8 = (e % (S2_CHUNK / 8)) * 8;
-            const float4 lo = *(const float4*)(st + rr * SS + c8), hi = *(const float4*)(st + rr * SS + c8 + 4);
             float c[8];
-            unpack8(gv[j], dt, c);
-            gc[j][0] = c[0] + lo.x; gc[j][1] = c[1] + lo.y; gc[j][2] = c[2] + lo.z; gc[j][3] = c[3] + lo.w;
-            gc[j][4] = c[4] + hi.x; gc[j][5] = c[5] + hi.y; gc[j][6] = c[6] + hi.z; gc[j][7] = c[7] + hi.w;
+            s2_staged(st, lane + 32 * j, c);
+            unpack8(gv[j], dt, gc[j]);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) gc[j][i] += c[i];
         }
         __syncwarp();
         s2_correction<F16, KS>(au, wsu, cc, p.au, st);
         __syncwarp();
 #pragma unroll
         for (int j = 0; j < PL; ++j) {
-            const int e = lane + 32 * j, rr = e / (S2_CHUNK / 8), c8 = (e % (S2_CHUNK / 8)) * 8;
-            const float4 lo = *(const float4*)(st + rr * SS + c8), hi = *(const float4*)(st + rr * SS + c8 + 4);
-            const float cu[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-            float uvf[8], dvf[8], o0[8], o1[8];
+            float cu[8], uvf[8], dvf[8], o0[8], o1[8];
+            s2_staged(st, lane + 32 * j, cu);
             unpack8(uv[j], dt, uvf);
             if (BWD) unpack8(dv[j], dt, dvf);
 #pragma unroll
