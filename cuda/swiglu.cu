@@ -221,13 +221,13 @@ extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_bwd_bf1
 extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_fwd_f16(SwigluLr p) { swiglu_lr<true, false>(p); }
 extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_bwd_f16(SwigluLr p) { swiglu_lr<true, true>(p); }
 
-// The same, for f % 8 == 0 and r <= 16 KS, laid out as low_rank_expand (cuda/low_rank.cu): a
-// block takes S2_ROWS rows and S2_COLS columns; both B factors' columns are rounded to the
-// activations' type into shared memory as [column][k] (zeros past r); each warp keeps its 16
-// rows of ug and uu as mma A fragments and finishes S2_CHUNK columns at a time: the gate
-// correction is staged in shared memory and read back in row order (eight features a lane),
-// then the up correction, so the base tensors are read and the outputs written with 16-byte
-// accesses.
+// The same, for f % 8 == 0 and r <= 16 KS: a block takes S2_ROWS rows and S2_COLS columns;
+// both B factors' columns are rounded to the activations' type into shared memory once per
+// block, as [column][k] (zeros past r); each warp keeps its 16 rows of ug and uu as mma A
+// fragments in registers and finishes S2_CHUNK columns at a time: the gate correction is
+// staged in shared memory and read back in row order (eight features a lane), then the up
+// correction, so the base tensors are read and the outputs written with 16-byte accesses
+// (the general kernel above reloads B fragments and reads the staged values one by one).
 #define S2_ROWS 128
 #define S2_COLS 128
 #define S2_CHUNK 32

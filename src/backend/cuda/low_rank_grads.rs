@@ -29,9 +29,6 @@ struct Params {
 /// Rows of dy per block and warps (LG_ROWS, and 4 CG with CG = 2, in cuda/low_rank.cu).
 const ROWS: u64 = 64;
 const WARPS: u32 = 8;
-/// The cluster kernel's rows per block and blocks per cluster (L2_ROWS, L2_CLUSTER).
-const CLUSTER_ROWS: u64 = 256;
-const CLUSTER: u32 = 4;
 
 /// The kernel for these inputs `(dy, u, b, acc)`, if it takes them. (Every tensor starts at
 /// a multiple of the backend's 256-byte alignment, so the 16-byte loads are aligned.)
@@ -57,40 +54,12 @@ fn smem_bytes(r: u32) -> u32 {
     3 * (ROWS as u32 * (cols + 8) * 2 + cols * (r + 4) * 4)
 }
 
-/// The same for the cluster kernel (L2Layout: three stages of 64 columns of 256 rows of dy
-/// and of b, and the block's rows of u).
-fn cluster_smem_bytes(r: u32) -> u32 {
-    let (rows, cols) = (CLUSTER_ROWS as u32, 64);
-    3 * (rows * (cols + 8) * 2 + cols * (r + 4) * 4) + rows * (r + 8) * 2
-}
-
-/// The cluster kernel standing for `name`, and its shared memory.
-fn cluster_kernel(name: &str, r: u32) -> Option<(&'static str, u32)> {
-    let k = match name {
-        "low_rank_grads_bf16_r16" => "low_rank_grads2_bf16_r16",
-        "low_rank_grads_bf16_r32" => "low_rank_grads2_bf16_r32",
-        "low_rank_grads_f16_r16" => "low_rank_grads2_f16_r16",
-        "low_rank_grads_f16_r32" => "low_rank_grads2_f16_r32",
-        _ => return None,
-    };
-    Some((k, cluster_smem_bytes(r)))
-}
-
 impl CudaBackend {
-    /// The cluster kernel (and its shared memory) when it runs instead of `name`: on Hopper
-    /// and later, when asked for.
-    fn use_clusters(&self, name: &str, r: u32) -> Option<(&'static str, u32)> {
-        (self.opts.low_rank_grads_clusters && self.gpu.cc.0 >= 9)
-            .then(|| cluster_kernel(name, r))
-            .flatten()
-    }
-
     /// Compiles the kernel, or plans the two products it stands for.
     pub(super) fn prepare_low_rank_grads(&mut self, i: &[&TensorInfo], o: &[&TensorInfo]) -> Result<()> {
         if let Some(name) = kernel_name(i) {
-            let r = i[1].shape[1] as u32;
-            let (name, smem) = self.use_clusters(name, r).unwrap_or((name, smem_bytes(r)));
-            self.mods.get_with_smem(Family::LowRank, &[], name, smem)?;
+            self.mods
+                .get_with_smem(Family::LowRank, &[], name, smem_bytes(i[1].shape[1] as u32))?;
             return Ok(());
         }
         self.prepare_gemm(&[i[0], i[2]], o[0], false, false, false)?;
@@ -118,14 +87,11 @@ impl CudaBackend {
         if n == 0 || f == 0 {
             return Ok(());
         }
-        let r = i[1].info.shape[1] as u32;
-        let (name, smem, grid) = match self.use_clusters(name, r) {
-            Some((name, smem)) => (name, smem, (n.div_ceil(CLUSTER_ROWS), CLUSTER)),
-            None => (name, smem_bytes(r), (n.div_ceil(ROWS), 1)),
-        };
-        if grid.0 > i32::MAX as u64 {
+        let blocks = n.div_ceil(ROWS);
+        if blocks > i32::MAX as u64 {
             return Err(Error::backend("cuda", format!("low_rank_grads: {n} rows is too many")));
         }
+        let smem = smem_bytes(i[1].info.shape[1] as u32);
         let k = self.mods.get_with_smem(Family::LowRank, &[], name, smem)?;
         let prm = Params {
             dy: self.ptr(i[0].loc),
@@ -138,6 +104,6 @@ impl CudaBackend {
             alpha: alpha as f32,
             pad: 0,
         };
-        self.run(&k, (grid.0 as u32, grid.1, 1), 32 * WARPS, smem, Args::new().blob(&prm))
+        self.run(&k, (blocks as u32, 1, 1), 32 * WARPS, smem, Args::new().blob(&prm))
     }
 }

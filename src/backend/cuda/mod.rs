@@ -21,9 +21,7 @@ pub mod bench;
 mod gpu;
 mod graphs;
 pub mod kernels;
-mod low_rank_expand;
 mod low_rank_grads;
-pub use low_rank_expand::low_rank_expand_kernel;
 mod matmul;
 mod multi;
 mod ops;
@@ -72,14 +70,6 @@ pub struct CudaOptions {
     /// How many of cuBLASLt's heuristic candidates are timed per shape
     /// (`FERROTUNE_CUDA_TUNE_CANDIDATES`, default 32).
     pub tune_candidates: usize,
-    /// Run products of inner size 16 or 32 (LoRA's rank-r expansions) on the kernel of
-    /// `low_rank_expand.rs` instead of cuBLASLt (`FERROTUNE_CUDA_LOW_RANK_EXPAND=1`: on; off
-    /// until it is measured faster on a GPU).
-    pub low_rank_expand: bool,
-    /// On Hopper, run `Op::LowRankGrads` on the cluster kernel (`low_rank_grads2`: 256 rows a
-    /// block, a quarter of the columns, partial `du` summed across the cluster) instead of
-    /// the 64-row one (`FERROTUNE_CUDA_LOW_RANK_GRADS2=1`: on; off until measured faster).
-    pub low_rank_grads_clusters: bool,
 }
 
 impl Default for CudaOptions {
@@ -104,8 +94,6 @@ impl Default for CudaOptions {
             tune_candidates: env("FERROTUNE_CUDA_TUNE_CANDIDATES")
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(32),
-            low_rank_expand: env("FERROTUNE_CUDA_LOW_RANK_EXPAND").as_deref() == Some("1"),
-            low_rank_grads_clusters: env("FERROTUNE_CUDA_LOW_RANK_GRADS2").as_deref() == Some("1"),
         }
     }
 }

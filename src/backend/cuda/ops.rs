@@ -48,7 +48,7 @@ pub fn blocks(n: u64, per: u64) -> u32 {
     n.div_ceil(per.max(1)).clamp(1, u32::MAX as u64) as u32
 }
 
-pub(super) fn numel(i: &TensorInfo) -> u64 {
+fn numel(i: &TensorInfo) -> u64 {
     i.numel() as u64
 }
 
@@ -634,9 +634,6 @@ impl CudaBackend {
         trans_b: bool,
         alpha: f64,
     ) -> Result<()> {
-        if self.try_low_rank_expand(a, b, epi, trans_a, trans_b, alpha)? {
-            return Ok(());
-        }
         let d = mm::dims(&a.info.shape, &b.info.shape, trans_a, trans_b).map_err(|e| Error::backend("cuda", e))?;
         let out = epi.out();
         let prec = matmul::precision(a.info.dtype, b.info.dtype, out.info.dtype)?;
@@ -756,11 +753,7 @@ impl CudaBackend {
         let p = matmul::precision(i[0].dtype, i[1].dtype, out.dtype)?;
         if d.m > 0 && d.n > 0 && d.k > 0 {
             let c = if direct_c { out.dtype } else { p.compute };
-            // Planned even when the rank-r kernel takes the product: it is the fallback.
             self.plan(matmul::key(d, trans_a, trans_b, p.compute, p.compute, c))?;
-        }
-        if let Some(name) = self.expand_name(i[0], i[1], out, trans_a, trans_b) {
-            self.kernel(Family::LowRank, name)?;
         }
         self.mods.load(Family::Elementwise)?;
         Ok(())
