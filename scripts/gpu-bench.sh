@@ -11,6 +11,9 @@
 #                                    CASES="llama-3.2-1b:2048:4[:MODE[:gc]] ..." picks the shapes;
 #                                    MODE lora (default) or full; gc turns on gradient
 #                                    checkpointing in the transformers reference.
+#   DIR/gpu-ab.sh DIR "label:VAR=V,..." ...   (on the GPU machine) alternates build switches
+#                                    and prints the train program's device time of each
+#                                    (scripts/gpu-ab.sh says how).
 set -uo pipefail
 mode="${1:-}"
 dir="${2:-target/gpu-bundle}"
@@ -23,7 +26,7 @@ if [ "$mode" = build ]; then
   cargo build --release --features cuda --bin ferrotune
   strip -o "$dir/ferrotune" "$CARGO_TARGET_DIR/release/ferrotune"
   cp configs/bench/*.json "$dir/configs/"
-  cp scripts/bench/hf_baseline.py "$0" "$dir/"
+  cp scripts/bench/hf_baseline.py scripts/gpu-ab.sh "$0" "$dir/"
   echo "built $dir/ferrotune ($(du -h "$dir/ferrotune" | cut -f1))"
   exit 0
 fi
