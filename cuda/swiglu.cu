@@ -231,6 +231,8 @@ extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_bwd_f16
 #define S2_ROWS 128
 #define S2_COLS 128
 #define S2_CHUNK 32
+// Floats between staged rows of corrections (S2_CHUNK + 4: 16-byte aligned row reads).
+#define S2_SS (S2_CHUNK + 4)
 
 // b[c0 .. c0 + S2_COLS, :] ([f, r]) into ws as [column][k], rounded to DT; zeros past f or r.
 template <bool F16, int KS>
@@ -254,10 +256,10 @@ __device__ __forceinline__ void s2_fill(const void* b, int dtb, i64 f, i64 r, u1
 }
 
 // alpha u b^T for the warp's 16 rows and chunk columns cc .. cc + S2_CHUNK, staged in st as
-// [row][column] (stride S2_CHUNK + 4 floats).
+// [row][column] (stride S2_SS floats).
 template <bool F16, int KS>
 __device__ __forceinline__ void s2_correction(const u32 (*a)[4], const u16* ws, int cc, float alpha, float* st) {
-    constexpr int WS = 16 * KS + 8, SS = S2_CHUNK + 4;
+    constexpr int WS = 16 * KS + 8, SS = S2_SS;
     const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
 #pragma unroll
     for (int t = 0; t < S2_CHUNK / 8; ++t) {
@@ -274,7 +276,7 @@ __device__ __forceinline__ void s2_correction(const u32 (*a)[4], const u16* ws, 
 
 // The eight staged values of piece e (row e / 4 of the warp's 16, features 8 (e % 4) ..).
 __device__ __forceinline__ void s2_staged(const float* st, int e, float* v) {
-    constexpr int SS = S2_CHUNK + 4;
+    constexpr int SS = S2_SS;
     const int rr = e / (S2_CHUNK / 8), c8 = (e % (S2_CHUNK / 8)) * 8;
     const float4 lo = *(const float4*)(st + rr * SS + c8), hi = *(const float4*)(st + rr * SS + c8 + 4);
     v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w;
@@ -283,7 +285,7 @@ __device__ __forceinline__ void s2_staged(const float* st, int e, float* v) {
 
 template <bool F16, int KS, bool BWD>
 __device__ __forceinline__ void swiglu_lr2(const SwigluLr& p) {
-    constexpr int WS = 16 * KS + 8, SS = S2_CHUNK + 4;
+    constexpr int WS = 16 * KS + 8, SS = S2_SS;
     constexpr int PL = 16 * S2_CHUNK / 8 / 32;  // 8-feature pieces of a chunk per lane
     constexpr int dt = F16 ? DT_F16 : DT_BF16;
     __shared__ __align__(16) u16 wsg[S2_COLS * WS];

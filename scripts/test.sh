@@ -29,6 +29,8 @@ cargo test --release --lib --bins --tests --examples -- --skip coop_matmul_match
 # The CUDA backend loads its libraries at run time: it compiles without a GPU, and its
 # tests (which need one) run with scripts/gpu-test.sh on a machine that has it.
 cargo build --release --features cuda --all-targets
+# The CUDA backend's unit tests need no GPU (which kernel a shape takes, and the like).
+cargo test --release --features cuda --lib backend::cuda
 # NVRTC needs no GPU, so every CUDA kernel source is compiled here for sm_80 and sm_90 with
 # NVRTC from NVIDIA's PyPI wheel (the version the GPU machine's CUDA 13.0 has).
 nvrtc=target/nvrtc-wheel

@@ -1236,8 +1236,10 @@ fn low_rank_grads_equal_the_two_products() {
 
 /// SwiGLU over LoRA-corrected gate and up (tensor-core corrections) against the CPU: ranks
 /// that are and are not multiples of 16, rows past a 16-row tile, features past a 64-column
-/// warp block, an odd feature count (no paired loads), f32 and 16-bit B factors; the last
-/// three run on the swiglu_lr2 kernels (features in groups of 8, r <= 32).
+/// warp block, an odd feature count (no paired loads), f32 and 16-bit B factors; the cases
+/// with features in groups of 8 and r <= 32 (f 256, 64, 264, 136, 512) run on the swiglu_lr2
+/// kernels, the others on the general ones (the unit test of `launch` in
+/// `backend/cuda/swiglu_low_rank.rs` holds which is which).
 #[test]
 fn swiglu_low_rank_forward_and_backward() {
     let mut g = cuda();

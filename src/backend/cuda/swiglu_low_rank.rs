@@ -40,6 +40,50 @@ const WARP_COLS: u64 = 32;
 /// Rows per block (16 * LR_ROW_TILES in cuda/swiglu.cu).
 const ROWS: u64 = 128;
 
+/// The kernel of a call and its block shape.
+#[derive(Debug, PartialEq)]
+struct Launch {
+    name: &'static str,
+    warps: u32,
+    rows: u64,
+    cols: u64,
+}
+
+/// Features in 16-byte groups and r <= 32: a `swiglu_lr2` kernel (every tensor starts 256-byte
+/// aligned); otherwise the general one.
+fn launch(backward: bool, f16: bool, f: i64, r: i64) -> Launch {
+    if f % 8 == 0 && (1..=32).contains(&r) {
+        let name = match (backward, f16, r > 16) {
+            (false, false, false) => "swiglu_lr2_fwd_bf16_k1",
+            (false, false, true) => "swiglu_lr2_fwd_bf16_k2",
+            (true, false, false) => "swiglu_lr2_bwd_bf16_k1",
+            (true, false, true) => "swiglu_lr2_bwd_bf16_k2",
+            (false, true, false) => "swiglu_lr2_fwd_f16_k1",
+            (false, true, true) => "swiglu_lr2_fwd_f16_k2",
+            (true, true, false) => "swiglu_lr2_bwd_f16_k1",
+            (true, true, true) => "swiglu_lr2_bwd_f16_k2",
+        };
+        return Launch {
+            name,
+            warps: 8,
+            rows: S2_ROWS,
+            cols: S2_COLS,
+        };
+    }
+    let name = match (backward, f16) {
+        (false, false) => "swiglu_lr_fwd_bf16",
+        (true, false) => "swiglu_lr_bwd_bf16",
+        (false, true) => "swiglu_lr_fwd_f16",
+        (true, true) => "swiglu_lr_bwd_f16",
+    };
+    Launch {
+        name,
+        warps: WARPS,
+        rows: ROWS,
+        cols: WARP_COLS * WARPS as u64,
+    }
+}
+
 impl CudaBackend {
     /// Forward (`dy` None, inputs `gate, up, ug, bg, uu, bu`) or backward (inputs `gate, up,
     /// dy, ug, bg, uu, bu`).
@@ -82,30 +126,12 @@ impl CudaBackend {
             ag: alphas.0 as f32,
             au: alphas.1 as f32,
         };
-        // Features in 16-byte groups and r <= 32: the swiglu_lr2 kernels (every tensor starts
-        // 256-byte aligned); otherwise the general ones.
-        let fast = f % 8 == 0 && (1..=32).contains(&prm.r);
-        let (name, warps, rows, cols) = if fast {
-            let name = match (backward, f16, prm.r > 16) {
-                (false, false, false) => "swiglu_lr2_fwd_bf16_k1",
-                (false, false, true) => "swiglu_lr2_fwd_bf16_k2",
-                (true, false, false) => "swiglu_lr2_bwd_bf16_k1",
-                (true, false, true) => "swiglu_lr2_bwd_bf16_k2",
-                (false, true, false) => "swiglu_lr2_fwd_f16_k1",
-                (false, true, true) => "swiglu_lr2_fwd_f16_k2",
-                (true, true, false) => "swiglu_lr2_bwd_f16_k1",
-                (true, true, true) => "swiglu_lr2_bwd_f16_k2",
-            };
-            (name, 8, S2_ROWS, S2_COLS)
-        } else {
-            let name = match (backward, f16) {
-                (false, false) => "swiglu_lr_fwd_bf16",
-                (true, false) => "swiglu_lr_bwd_bf16",
-                (false, true) => "swiglu_lr_fwd_f16",
-                (true, true) => "swiglu_lr_bwd_f16",
-            };
-            (name, WARPS, ROWS, WARP_COLS * WARPS as u64)
-        };
+        let Launch {
+            name,
+            warps,
+            rows,
+            cols,
+        } = launch(backward, f16, f, prm.r);
         let k = self.kernel(Family::Swiglu, name)?;
         let col_blocks = (f as u64).div_ceil(cols);
         if col_blocks > 65535 {
@@ -116,5 +142,29 @@ impl CudaBackend {
         }
         let grid = ((n as u64).div_ceil(rows) as u32, col_blocks as u32, 1);
         self.run(&k, grid, 32 * warps, 0, Args::new().blob(&prm))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::launch;
+
+    /// Which kernel the shapes of `tests/cuda_ops.rs::swiglu_low_rank_forward_and_backward`
+    /// run on (that GPU test covers both kinds only if these hold).
+    #[test]
+    fn features_in_groups_of_8_and_rank_up_to_32_take_the_lr2_kernels() {
+        for (f, r, name) in [
+            (256, 16, "swiglu_lr2_bwd_bf16_k1"),
+            (264, 32, "swiglu_lr2_bwd_bf16_k2"),
+            (136, 20, "swiglu_lr2_bwd_bf16_k2"),
+            (64, 5, "swiglu_lr2_bwd_bf16_k1"),
+            (130, 8, "swiglu_lr_bwd_bf16"),
+            (129, 24, "swiglu_lr_bwd_bf16"),
+            (300, 40, "swiglu_lr_bwd_bf16"),
+        ] {
+            assert_eq!(launch(true, false, f, r).name, name, "f {f} r {r}");
+        }
+        assert_eq!(launch(false, true, 512, 16).name, "swiglu_lr2_fwd_f16_k1");
+        assert_eq!(launch(false, true, 70, 16).name, "swiglu_lr_fwd_f16");
     }
 }
