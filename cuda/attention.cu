@@ -253,24 +253,29 @@ __device__ void attn_cached(const void* q, const void* kc, const void* vc, int d
 #define ATTN_ENTRIES(DC)                                                                                            \
     extern "C" __global__ void attn_fwd_##DC(const void* q, const void* k, const void* v, int dt, const int* seg,     \
                                              void* o, int dto, void* lse, int dtl, AttnDims a) {                      \
+        grid_dep_wait();                                                                                              \
         attn_fwd<DC>(q, k, v, dt, seg, o, dto, lse, dtl, a);                                                          \
     }                                                                                                                 \
     extern "C" __global__ void attn_bwd_dot_##DC(const void* o, int dto, const void* d_o, int dtdo, float* Di,        \
                                                  AttnDims a) {                                                        \
+        grid_dep_wait();                                                                                              \
         attn_bwd_dot<DC>(o, dto, d_o, dtdo, Di, a);                                                                   \
     }                                                                                                                 \
     extern "C" __global__ void attn_bwd_dq_##DC(const void* q, const void* k, const void* v, int dt, const int* seg,  \
                                                 const void* lse, int dtl, const void* d_o, int dtdo, const float* Di, \
                                                 void* dq, int dtq, AttnDims a) {                                      \
+        grid_dep_wait();                                                                                              \
         attn_bwd_dq<DC>(q, k, v, dt, seg, lse, dtl, d_o, dtdo, Di, dq, dtq, a);                                       \
     }                                                                                                                 \
     extern "C" __global__ void attn_bwd_dkv_##DC(const void* q, const void* k, const void* v, int dt, const int* seg, \
                                                  const void* lse, int dtl, const void* d_o, int dtdo, const float* Di,\
                                                  void* dk, int dtk, void* dv, int dtv, AttnDims a) {                  \
+        grid_dep_wait();                                                                                              \
         attn_bwd_dkv<DC>(q, k, v, dt, seg, lse, dtl, d_o, dtdo, Di, dk, dtk, dv, dtv, a);                             \
     }                                                                                                                 \
     extern "C" __global__ void attn_cached_##DC(const void* q, const void* kc, const void* vc, int dt, const int* pos, \
                                                 void* o, int dto, i64 L, AttnDims a) {                                \
+        grid_dep_wait();                                                                                              \
         attn_cached<DC>(q, kc, vc, dt, pos, o, dto, L, a);                                                            \
     }
 
@@ -293,6 +298,7 @@ ATTN_ENTRIES(8)
 // loads; D % 8 == 0), D / 8 threads per head row, summed with shuffles.
 extern "C" __global__ void attn_bwd_prep(const void* o, int dto, const void* d_o, int dtdo, float* Di, float* dq_acc,
                                          i64 B, i64 T, int Hq, int D) {
+    grid_dep_wait();
     const int per = D / 8;  // threads per (token, head); a power of two dividing 32
     i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     i64 row = t / per;  // (b, i, h) in the layout of o: [B, T, Hq, D]
@@ -319,6 +325,7 @@ extern "C" __global__ void attn_bwd_prep(const void* o, int dto, const void* d_o
 }
 
 extern "C" __global__ void split_heads(const void* x, int dtx, void* y, int dty, i64 n, i64 T, int H, int r, int D) {
+    grid_dep_wait();
     i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= n) return;
     i64 dd = e % D, row = e / D, i = row % T, bh = row / T;
@@ -327,6 +334,7 @@ extern "C" __global__ void split_heads(const void* x, int dtx, void* y, int dty,
 }
 
 extern "C" __global__ void merge_heads(const void* x, int dtx, void* y, int dty, i64 n, i64 T, int H, int r, int D) {
+    grid_dep_wait();
     i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= n) return;
     i64 dd = e % D, rest = e / D, hd = rest % H, row = rest / H, i = row % T, b = row / T;
@@ -347,6 +355,7 @@ __device__ __forceinline__ float block_max(float v, float* red) {
 
 extern "C" __global__ void masked_softmax(const void* x, int dtx, const int* seg, void* y, int dty, i64 T, int H,
                                           int causal, int window) {
+    grid_dep_wait();
     __shared__ float red[32];
     i64 row = blockIdx.x, b = row / ((i64)H * T), i = row % T, base = row * T;
     int si = seg[b * T + i];
@@ -368,6 +377,7 @@ extern "C" __global__ void masked_softmax(const void* x, int dtx, const int* seg
 
 extern "C" __global__ void softmax_backward(const void* p, int dtp, const void* dp, int dtdp, void* ds, int dts,
                                             i64 cols) {
+    grid_dep_wait();
     __shared__ float red[32];
     i64 base = (i64)blockIdx.x * cols;
     float dot = 0.f;

@@ -201,3 +201,15 @@ __device__ __forceinline__ void red_add2(float* p, float a, float b) {
     atomicAdd(p + 1, b);
 #endif
 }
+
+// Programmatic dependent launch (Hopper): the backend may launch a kernel while the one
+// before it in the stream is still running (`Gpu::pdl`). Every kernel calls this first,
+// before it reads or writes memory: it waits until the grids it depends on have finished
+// and their writes are visible, then lets the next kernel in the stream be scheduled (its
+// blocks wait here in turn). Without a programmatic launch, or before sm_90, it does nothing.
+__device__ __forceinline__ void grid_dep_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}

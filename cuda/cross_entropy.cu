@@ -33,6 +33,7 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
 
 extern "C" __global__ void ce_fwd(const void* logits, int dtl, const int* labels, i64 V, int ignore, int vec, void* lse,
                                   int dtlse, float* row_loss, float* row_count) {
+    grid_dep_wait();
     __shared__ float sm[32], ss[32];
     const i64 r = blockIdx.x;
     const i64 base = r * V;
@@ -80,6 +81,7 @@ extern "C" __global__ void ce_fwd(const void* logits, int dtl, const int* labels
 // One block: loss_sum = sum(row_loss), count = sum(row_count), in f64.
 extern "C" __global__ void ce_sum(const float* row_loss, const float* row_count, i64 N, void* loss, int dtloss,
                                   void* count, int dtcount) {
+    grid_dep_wait();
     __shared__ double red[32];
     double a = 0.0, b = 0.0;
     for (i64 i = threadIdx.x; i < N; i += blockDim.x) {
@@ -96,6 +98,7 @@ extern "C" __global__ void ce_sum(const float* row_loss, const float* row_count,
 
 extern "C" __global__ void ce_bwd(const void* logits, int dtl, const int* labels, const void* lse, int dtlse,
                                   const void* dloss, int dtdl, i64 V, int ignore, int vec, void* d, int dtd) {
+    grid_dep_wait();
     const i64 r = blockIdx.x;
     const i64 base = r * V;
     int y = labels[r];

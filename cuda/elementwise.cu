@@ -16,6 +16,7 @@
 
 extern "C" __global__ void binary_kernel(const void* a, int dta, const void* b, int dtb, void* y, int dty, i64 n,
                                          i64 nb, int op) {
+    grid_dep_wait();
     i64 i0 = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * EPT;
     if (i0 >= n) return;
     float va[EPT], vb[EPT];
@@ -43,6 +44,7 @@ extern "C" __global__ void binary_kernel(const void* a, int dta, const void* b, 
 }
 
 extern "C" __global__ void scale_kernel(const void* x, int dtx, void* y, int dty, i64 n, float f) {
+    grid_dep_wait();
     i64 i0 = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * EPT;
     if (i0 >= n) return;
     float v[EPT];
@@ -57,6 +59,7 @@ extern "C" __global__ void scale_kernel(const void* x, int dtx, void* y, int dty
 }
 
 extern "C" __global__ void cast_kernel(const void* x, int dtx, void* y, int dty, i64 n) {
+    grid_dep_wait();
     i64 i0 = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * EPT;
     if (i0 >= n) return;
     float v[EPT];
@@ -74,12 +77,14 @@ struct CastChunk {
 };
 
 extern "C" __global__ void cast_multi(const CastChunk* chunks) {
+    grid_dep_wait();
     CastChunk c = chunks[blockIdx.x];
     for (i64 i = c.start + threadIdx.x; i < c.start + c.len; i += blockDim.x)
         stf((void*)c.dst, (int)c.dtd, i, ldf((const void*)c.src, (int)c.dts, i));
 }
 
 extern "C" __global__ void broadcast_kernel(const void* x, int dtx, i64 nx, void* y, int dty, i64 n) {
+    grid_dep_wait();
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) stf(y, dty, i, ldf(x, dtx, i % nx));
 }
@@ -87,6 +92,7 @@ extern "C" __global__ void broadcast_kernel(const void* x, int dtx, i64 nx, void
 // Stage 1 of a column sum over x [R, C] with C > 1: block (bx, by) sums rows
 // [by * rows_per_chunk, ...) of columns bx * 256 + tid into partial[by * C + col].
 extern "C" __global__ void colsum_partial(const void* x, int dtx, i64 R, i64 C, i64 rows_per_chunk, float* partial) {
+    grid_dep_wait();
     i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     i64 r0 = (i64)blockIdx.y * rows_per_chunk;
@@ -98,6 +104,7 @@ extern "C" __global__ void colsum_partial(const void* x, int dtx, i64 R, i64 C, 
 
 // Stage 2: y[c] = sum over chunks of partial[chunk * C + c], summed in f64.
 extern "C" __global__ void colsum_final(const float* partial, i64 chunks, i64 C, void* y, int dty) {
+    grid_dep_wait();
     i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     double s = 0.0;
@@ -107,6 +114,7 @@ extern "C" __global__ void colsum_final(const float* partial, i64 chunks, i64 C,
 
 // Full sum, stage 1: each block sums a grid-strided share of x into partial[blockIdx.x].
 extern "C" __global__ void sum_partial(const void* x, int dtx, i64 n, float* partial) {
+    grid_dep_wait();
     __shared__ float red[32];
     float s = 0.f;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
@@ -117,6 +125,7 @@ extern "C" __global__ void sum_partial(const void* x, int dtx, i64 n, float* par
 
 // Full sum, stage 2 (one block): y[0] = sum of the partials, in f64.
 extern "C" __global__ void sum_final(const float* partial, int count, void* y, int dty) {
+    grid_dep_wait();
     __shared__ double red[32];
     double s = 0.0;
     for (int i = threadIdx.x; i < count; i += blockDim.x) s += (double)partial[i];
@@ -138,6 +147,7 @@ __device__ __forceinline__ u32 hash32(u32 x) {
 // the launch with the same pointers).
 extern "C" __global__ void dropout_kernel(const void* x, int dtx, const u32* seed, const float* pp, u32 salt, void* y,
                                           int dty, i64 n) {
+    grid_dep_wait();
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float p = pp[0];
@@ -148,6 +158,7 @@ extern "C" __global__ void dropout_kernel(const void* x, int dtx, const u32* see
 }
 
 extern "C" __global__ void accumulate_kernel(void* acc, int dta, const void* g, int dtg, i64 n) {
+    grid_dep_wait();
     i64 i0 = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * EPT;
     if (i0 >= n) return;
     float va[EPT], vg[EPT];
@@ -166,6 +177,7 @@ extern "C" __global__ void accumulate_kernel(void* acc, int dta, const void* g, 
 // range. One thread per output element.
 extern "C" __global__ void embedding_kernel(const void* table, int dtt, const int* ids, void* y, int dty, i64 N, i64 H,
                                             i64 V) {
+    grid_dep_wait();
     i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= N * H) return;
     i64 i = e / H, h = e - i * H;
@@ -177,6 +189,7 @@ extern "C" __global__ void embedding_kernel(const void* table, int dtt, const in
 // Embedding backward: dtable[ids[i], :] += dy[i, :] into a zeroed f32 accumulator.
 extern "C" __global__ void embedding_backward_kernel(const void* dy, int dtd, const int* ids, float* acc, i64 N, i64 H,
                                                      i64 V) {
+    grid_dep_wait();
     i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= N * H) return;
     i64 i = e / H, h = e - i * H;
@@ -188,6 +201,7 @@ extern "C" __global__ void embedding_backward_kernel(const void* dy, int dtd, co
 // out-of-range slots are skipped (src/ops/attention.rs cpu_cache_write).
 extern "C" __global__ void cache_write_kernel(void* cache, int dtc, i64 rows, const void* x, int dtx, const int* slot,
                                               i64 N, i64 W) {
+    grid_dep_wait();
     i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= N * W) return;
     i64 i = e / W, c = e % W;

@@ -170,6 +170,7 @@ __device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_
 
 // Min and max segment id of each GRAN tokens of each row: out[b * ngr + g].
 extern "C" __global__ void flash_seg_ranges(const int* seg, i64 B, i64 T, int ngr, int2* out) {
+    grid_dep_wait();
     i64 k = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (k >= B * ngr) return;
     i64 b = k / ngr, g = k - b * ngr;
@@ -1174,11 +1175,13 @@ __device__ void flash_bwd_pairs(const FlashParams& p) {
 // query-side buffers: 1 for flash_bwd_pairs with BM = 128 above head dim 64, else 2.
 #define FLASH_FWD_ENTRY_(D, MW, BN, F16, NAME)                                                         \
     extern "C" __global__ void __launch_bounds__(128) flash_fwd_##NAME##_##D##_m##MW##_n##BN(FlashParams p) { \
+        grid_dep_wait();                                                                                      \
         flash_fwd<D, MW, BN, F16>(p);                                                                  \
     }
 #define FLASH_BWD_ENTRY_(D, NW, BM, F16, NAME, PAIRS)                                                  \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                              \
         flash_bwd_##NAME##_##D##_w##NW##_m##BM##_p##PAIRS(FlashParams p) {                             \
+        grid_dep_wait();                                                                               \
         if constexpr (PAIRS) flash_bwd_pairs<D, NW, BM, F16>(p);                                       \
         else flash_bwd<D, NW, BM, F16>(p);                                                             \
     }

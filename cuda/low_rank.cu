@@ -175,7 +175,7 @@ __device__ void low_rank_grads(const LowRankGradsParams& p) {
 }
 
 #define LG_ENTRY(name, F16, R) \
-    extern "C" __global__ void __launch_bounds__(256) name(LowRankGradsParams p) { low_rank_grads<F16, R, 2>(p); }
+    extern "C" __global__ void __launch_bounds__(256) name(LowRankGradsParams p) { grid_dep_wait(); low_rank_grads<F16, R, 2>(p); }
 LG_ENTRY(low_rank_grads_bf16_r16, false, 16)
 LG_ENTRY(low_rank_grads_bf16_r32, false, 32)
 LG_ENTRY(low_rank_grads_f16_r16, true, 16)

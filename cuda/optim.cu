@@ -19,6 +19,7 @@ struct SqChunk {
 };
 
 extern "C" __global__ void sumsq_partial(const SqChunk* chunks, float* partial) {
+    grid_dep_wait();
     __shared__ float red[32];
     SqChunk c = chunks[blockIdx.x];
     float s = 0.f;
@@ -31,6 +32,7 @@ extern "C" __global__ void sumsq_partial(const SqChunk* chunks, float* partial) 
 }
 
 extern "C" __global__ void sumsq_final(const float* partial, int count, void* out, int dto) {
+    grid_dep_wait();
     __shared__ double red[32];
     double s = 0.0;
     for (int i = threadIdx.x; i < count; i += blockDim.x) s += (double)partial[i];
@@ -40,6 +42,7 @@ extern "C" __global__ void sumsq_final(const float* partial, int count, void* ou
 
 extern "C" __global__ void clip_coef_kernel(const void* sumsq, int dts, double max_norm, void* norm, int dtn, void* coef,
                                             int dtc) {
+    grid_dep_wait();
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     double n = sqrt((double)ldf(sumsq, dts, 0));
     double c = max_norm / (n + 1e-6);
@@ -68,6 +71,7 @@ __device__ __forceinline__ void adam_one(float& p, float& g, float& m, float& v,
 }
 
 extern "C" __global__ void adamw_kernel(const AdamChunk* chunks) {
+    grid_dep_wait();
     const AdamChunk c = chunks[blockIdx.x];
     const float* h = (const float*)c.hyper;
     float lr = h[0], bc1 = h[1], bc2s = h[2];

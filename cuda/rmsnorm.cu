@@ -67,10 +67,12 @@ __device__ void rmsnorm_fwd(const void* x, int dtx, const void* w, int dtw, void
 
 extern "C" __global__ void __launch_bounds__(512) rmsnorm_fwd_v8(const void* x, int dtx, const void* w, int dtw, void* y,
                                                                  int dty, int H, float eps) {
+    grid_dep_wait();
     rmsnorm_fwd<8>(x, dtx, w, dtw, y, dty, H, eps);
 }
 extern "C" __global__ void __launch_bounds__(512) rmsnorm_fwd_v1(const void* x, int dtx, const void* w, int dtw, void* y,
                                                                  int dty, int H, float eps) {
+    grid_dep_wait();
     rmsnorm_fwd<1>(x, dtx, w, dtw, y, dty, H, eps);
 }
 
@@ -143,6 +145,7 @@ __device__ void rmsnorm_bwd(const void* x, int dtx, const void* w, int dtw, cons
     extern "C" __global__ void __launch_bounds__(512)                                                         \
         NAME(const void* x, int dtx, const void* w, int dtw, const void* dy, int dtd, const void* acc, int dta, \
              void* dx, int dtdx, float* partial, i64 R, int H, float eps) {                                     \
+        grid_dep_wait();                                                                                        \
         rmsnorm_bwd<V, C>(x, dtx, w, dtw, dy, dtd, acc, dta, dx, dtdx, partial, R, H, eps);                     \
     }
 RMSNORM_BWD_ENTRY(rmsnorm_bwd_v8, 8, MAXC)
@@ -152,6 +155,7 @@ RMSNORM_BWD_ENTRY(rmsnorm_bwd_v1, 1, MAXC)
 
 // dw[j] = sum over blocks of partial[b, j], in f64.
 extern "C" __global__ void rmsnorm_dw_final(const float* partial, int blocks, int H, void* dw, int dtw) {
+    grid_dep_wait();
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= H) return;
     double s = 0.0;

@@ -63,9 +63,11 @@ __device__ void rope(const void* x, int dtx, const int* pos, const float* inv_fr
 
 extern "C" __global__ void rope_v8(const void* x, int dtx, const int* pos, const float* inv_freq, void* y, int dty,
                                    i64 N, int heads, int hd, int inverse, double scale) {
+    grid_dep_wait();
     rope<8>(x, dtx, pos, inv_freq, y, dty, N, heads, hd, inverse, scale);
 }
 extern "C" __global__ void rope_v1(const void* x, int dtx, const int* pos, const float* inv_freq, void* y, int dty,
                                    i64 N, int heads, int hd, int inverse, double scale) {
+    grid_dep_wait();
     rope<1>(x, dtx, pos, inv_freq, y, dty, N, heads, hd, inverse, scale);
 }

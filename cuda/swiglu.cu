@@ -7,6 +7,7 @@
 __device__ __forceinline__ float sigmoidf_(float g) { return 1.0f / (1.0f + expf(-g)); }
 
 extern "C" __global__ void swiglu_fwd(const void* g, int dtg, const void* u, int dtu, void* y, int dty, i64 n) {
+    grid_dep_wait();
     i64 i0 = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (i0 >= n) return;
     if (i0 + 8 <= n) {
@@ -32,6 +33,7 @@ __device__ __forceinline__ void swiglu_grad(float g, float u, float d, float* dg
 
 extern "C" __global__ void swiglu_bwd(const void* g, int dtg, const void* u, int dtu, const void* dy, int dtd, void* dg,
                                       int dtdg, void* du, int dtdu, i64 n) {
+    grid_dep_wait();
     i64 i0 = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (i0 >= n) return;
     if (i0 + 8 <= n) {
@@ -216,10 +218,10 @@ __device__ __forceinline__ void swiglu_lr(const SwigluLr& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_fwd_bf16(SwigluLr p) { swiglu_lr<false, false>(p); }
-extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_bwd_bf16(SwigluLr p) { swiglu_lr<false, true>(p); }
-extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_fwd_f16(SwigluLr p) { swiglu_lr<true, false>(p); }
-extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_bwd_f16(SwigluLr p) { swiglu_lr<true, true>(p); }
+extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_fwd_bf16(SwigluLr p) { grid_dep_wait(); swiglu_lr<false, false>(p); }
+extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_bwd_bf16(SwigluLr p) { grid_dep_wait(); swiglu_lr<false, true>(p); }
+extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_fwd_f16(SwigluLr p) { grid_dep_wait(); swiglu_lr<true, false>(p); }
+extern "C" __global__ void __launch_bounds__(32 * LR_WARPS, 8) swiglu_lr_bwd_f16(SwigluLr p) { grid_dep_wait(); swiglu_lr<true, true>(p); }
 
 // The same, for f % 8 == 0 and r <= 16 KS: a block takes S2_ROWS rows and S2_COLS columns;
 // both B factors' columns are rounded to the activations' type into shared memory once per
@@ -377,7 +379,7 @@ __device__ __forceinline__ void swiglu_lr2(const SwigluLr& p) {
 }
 
 #define S2_ENTRY(name, F16, KS, BWD) \
-    extern "C" __global__ void __launch_bounds__(256) name(SwigluLr p) { swiglu_lr2<F16, KS, BWD>(p); }
+    extern "C" __global__ void __launch_bounds__(256) name(SwigluLr p) { grid_dep_wait(); swiglu_lr2<F16, KS, BWD>(p); }
 S2_ENTRY(swiglu_lr2_fwd_bf16_k1, false, 1, false)
 S2_ENTRY(swiglu_lr2_fwd_bf16_k2, false, 2, false)
 S2_ENTRY(swiglu_lr2_bwd_bf16_k1, false, 1, true)

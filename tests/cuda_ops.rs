@@ -804,12 +804,26 @@ fn attention_case(g: &mut CudaBackend, r: &mut ChaCha8Rng, dt: DType, spec: Attn
     let cpu_out = run_op(&mut CpuBackend::new(), &Op::Attention(spec.clone()), &ins);
     let _ = out;
     let d_o = t(r, &[n, spec.n_heads * spec.head_dim], dt);
+    let bwd_in = vec![q, k, v, seg, cpu_out[0].clone(), cpu_out[1].clone(), d_o];
     compare(
         g,
         &format!("{what} backward"),
-        &Op::AttentionBackward(spec),
-        &[q, k, v, seg, cpu_out[0].clone(), cpu_out[1].clone(), d_o],
+        &Op::AttentionBackward(spec.clone()),
+        &bwd_in,
     );
+    // The same with dq rotated by a RoPE backward as it is written.
+    let hd = spec.head_dim;
+    let pos = HostTensor::from_i32(&[n], &(0..n).map(|_| r.random_range(0..4096)).collect::<Vec<_>>());
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 10000f32.powf(-((2 * i) as f32) / hd as f32))
+        .collect();
+    let op = Op::AttentionBackwardRope {
+        attn: spec,
+        inverse: true,
+        scale: 1.25,
+    };
+    let rope_in = [pos, HostTensor::from_f32(&[hd / 2], &inv)];
+    compare(g, &format!("{what} backward, dq rotated"), &op, &[bwd_in, rope_in.to_vec()].concat());
 }
 
 fn spec(hq: usize, hkv: usize, hd: usize, t: usize, causal: bool, window: Option<usize>) -> AttnSpec {

@@ -268,6 +268,28 @@ fn bf16_lora_swiglu_recomputes_the_rank_r_terms() {
     }
 }
 
+/// The RoPE backward of each layer's `dq` joins its attention backward: the train program
+/// loses one rope per layer and gives the same losses, gradient norms and weights (with and
+/// without LoRA; full fine-tuning trains the q projection through the same `dq`).
+#[test]
+fn roped_dq_joins_the_attention_backward() {
+    let opts = FuseOptions {
+        roped_dq: true,
+        ..FuseOptions::default()
+    };
+    for lora in [true, false] {
+        let (plain, plain_ops) = train_in(DType::F32, lora, 0.0, Some(FuseOptions::default()));
+        let (fused, ops) = train_in(DType::F32, lora, 0.0, Some(opts));
+        assert_eq!(count(&plain_ops, "attention_backward_rope"), 0, "{plain_ops:?}");
+        assert_eq!(count(&ops, "attention_backward_rope"), 2, "{ops:?}");
+        assert_eq!(count(&ops, "attention_backward"), 0, "{ops:?}");
+        // Per layer: q and k forward, dq and dk backward.
+        assert_eq!(count(&plain_ops, "rope"), 8, "{plain_ops:?}");
+        assert_eq!(count(&ops, "rope"), 6, "{ops:?}");
+        assert_same(&format!("roped dq, lora {lora}"), &fused, &plain);
+    }
+}
+
 /// The CPU reference of the fused SwiGLU equals SwiGLU of the explicitly summed terms, in
 /// f64, forward and backward (rank 3, odd sizes).
 #[test]

@@ -102,12 +102,14 @@ fn fusion_enabled() -> bool {
 }
 
 /// The switchable rewrites: `FERROTUNE_FUSE_LOW_RANK_SWIGLU=1` turns on `swiglu_low_rank`,
-/// `FERROTUNE_FUSE_LOW_RANK_GRADS=0` turns off `low_rank_grads`.
+/// `FERROTUNE_FUSE_ROPED_DQ=1` turns on `roped_dq`, `FERROTUNE_FUSE_LOW_RANK_GRADS=0` turns
+/// off `low_rank_grads`.
 fn fusion_options() -> FuseOptions {
     let var = |name: &str| std::env::var(name).ok();
     FuseOptions {
         low_rank_swiglu: var("FERROTUNE_FUSE_LOW_RANK_SWIGLU").as_deref() == Some("1"),
         low_rank_grads: var("FERROTUNE_FUSE_LOW_RANK_GRADS").as_deref() != Some("0"),
+        roped_dq: var("FERROTUNE_FUSE_ROPED_DQ").as_deref() == Some("1"),
     }
 }
 

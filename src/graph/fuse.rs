@@ -20,6 +20,9 @@
 //! - `acc += alpha dy^T u` and an earlier `du = alpha dy b` (the two factor gradients of a
 //!   rank-r product `alpha u b^T`): [`Op::LowRankGrads`] at the place of `du`, which reads
 //!   `dy` once for both; the accumulation's node becomes [`Op::Merged`];
+//! - `rope(dq)` of the `dq` of an attention backward: [`Op::AttentionBackwardRope`] rotates
+//!   `dq` as it writes it (on CUDA the flash kernel's f32 accumulator goes through the
+//!   rotation in place of a separate scale, and `dq` is written and read once less);
 //! - `add(c, dx)` (either order) of the `dx` of an RMSNorm backward without a weight
 //!   gradient: the backward adds `c` as it writes `dx` ([`Op::RmsNormBackward`] with `add`),
 //!   which in a residual block is the sum of the residual stream's two gradients.
@@ -48,6 +51,7 @@ pub struct FuseStats {
     pub added_norm_gradients: usize,
     pub low_rank_swiglus: usize,
     pub low_rank_grads: usize,
+    pub roped_dq: usize,
 }
 
 impl FuseStats {
@@ -60,6 +64,7 @@ impl FuseStats {
             + self.added_norm_gradients
             + self.low_rank_swiglus
             + self.low_rank_grads
+            + self.roped_dq
     }
 }
 
@@ -81,6 +86,9 @@ pub struct FuseOptions {
     pub low_rank_swiglu: bool,
     /// [`Op::LowRankGrads`] for the two factor gradients of a rank-r product; on by default.
     pub low_rank_grads: bool,
+    /// [`Op::AttentionBackwardRope`] for the RoPE backward of the attention's `dq`; off by
+    /// default until it is measured faster than the two ops it replaces.
+    pub roped_dq: bool,
 }
 
 impl Default for FuseOptions {
@@ -88,6 +96,7 @@ impl Default for FuseOptions {
         FuseOptions {
             low_rank_swiglu: false,
             low_rank_grads: true,
+            roped_dq: false,
         }
     }
 }
@@ -388,6 +397,48 @@ impl Pass<'_> {
         }
     }
 
+    /// `rope(dq)` of a private `dq` from an [`Op::AttentionBackward`]: that node becomes
+    /// [`Op::AttentionBackwardRope`] (its `dq` output now holds the rotated gradient) and the
+    /// RoPE node a reshape of it, so the rotation's output keeps its id.
+    fn roped_dq(&mut self, n: usize, stats: &mut FuseStats) {
+        let Op::Rope {
+            head_dim,
+            inverse,
+            scale,
+        } = self.g.nodes[n].op
+        else {
+            return;
+        };
+        if !self.opts.roped_dq {
+            return;
+        }
+        let (dq, pos, inv_freq) = {
+            let i = &self.g.nodes[n].inputs;
+            (i[0], i[1], i[2])
+        };
+        let Some(m) = self.g.producer[dq.idx()].map(|m| m.idx()) else {
+            return;
+        };
+        let node = &self.g.nodes[m];
+        let Op::AttentionBackward(attn) = &node.op else {
+            return;
+        };
+        let ready = |t: TensorId| self.g.producer[t.idx()].is_none_or(|p| p.idx() < m) && self.unchanged(t, m, n);
+        if node.outputs[0] != dq || attn.head_dim != head_dim || !self.private(dq) || !ready(pos) || !ready(inv_freq) {
+            return;
+        }
+        let op = Op::AttentionBackwardRope {
+            attn: attn.clone(),
+            inverse,
+            scale,
+        };
+        let inputs = node.inputs.iter().copied().chain([pos, inv_freq]).collect();
+        self.rewrite(m, op, inputs);
+        let shape = self.g.shape(dq).to_vec();
+        self.rewrite(n, Op::Reshape { shape }, vec![dq]);
+        stats.roped_dq += 1;
+    }
+
     /// For a SwiGLU input `t = alpha P + d` with `d = a u b^T` a private rank-r product in
     /// `t`'s 16-bit type: the base product's node, its operands, and `(u, b, a)`.
     fn low_rank_input(&self, t: TensorId, at: usize) -> Option<(usize, Product, (TensorId, TensorId, f64))> {
@@ -597,6 +648,7 @@ pub fn matmul_epilogues(g: &mut Graph, keep: &HashSet<TensorId>, opts: FuseOptio
         pass.low_rank_grads(n, &mut stats);
         pass.added_norm_gradient(n, &mut stats);
         pass.low_rank_swiglu(n, &mut stats);
+        pass.roped_dq(n, &mut stats);
     }
     stats
 }

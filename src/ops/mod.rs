@@ -104,6 +104,11 @@ pub enum Op {
     Attention(AttnSpec),
     /// `(q, k, v, seg, o, lse, do[, prefix]) -> (dq, dk, dv)`
     AttentionBackward(AttnSpec),
+    /// `(q, k, v, seg, o, lse, do[, prefix], pos, inv_freq) -> (rope(dq), dk, dv)`:
+    /// [`Op::AttentionBackward`] whose `dq` is rotated by the [`Op::Rope`] that read it
+    /// (`inverse`, `scale` are that op's), so the backend may apply the rotation as it
+    /// writes `dq`; built by the fusion pass (`graph::fuse`).
+    AttentionBackwardRope { attn: AttnSpec, inverse: bool, scale: f64 },
     /// Eager attention's head split: `x [B*T, H*D] -> [B, H*repeat, T, D]`; see [`attn_eager`].
     SplitHeads(HeadLayout),
     /// The adjoint of `SplitHeads`: `[B, H*repeat, T, D] -> [B*T, H*D]`, summing the repeats.
@@ -171,6 +176,7 @@ impl Op {
             Op::Dropout { .. } => "dropout",
             Op::Attention(_) => "attention",
             Op::AttentionBackward(_) => "attention_backward",
+            Op::AttentionBackwardRope { .. } => "attention_backward_rope",
             Op::SplitHeads(_) => "split_heads",
             Op::MergeHeads(_) => "merge_heads",
             Op::MaskedSoftmax(_) => "masked_softmax",
@@ -299,6 +305,14 @@ impl Op {
             }
             Op::Attention(s) => s.infer(x),
             Op::AttentionBackward(s) => s.infer_backward(x),
+            Op::AttentionBackwardRope { attn, .. } => {
+                let Some((attn_in, rope_in)) = x.split_last_chunk::<2>() else {
+                    return Err("takes the attention backward's inputs, then pos and inv_freq".into());
+                };
+                let out = attn.infer_backward(attn_in)?;
+                rope::infer(attn_in[0], rope_in[0], rope_in[1], attn.head_dim)?;
+                Ok(out)
+            }
             Op::SplitHeads(l) => {
                 want(1)?;
                 l.infer_split(x[0])
@@ -457,6 +471,7 @@ impl Op {
             | Op::SwigluBackward
             | Op::SwigluLowRankBackward { .. }
             | Op::AttentionBackward(_)
+            | Op::AttentionBackwardRope { .. }
             | Op::SoftmaxBackward
             | Op::CrossEntropyBackward { .. }
             | Op::ClipCoef { .. }

@@ -7,7 +7,7 @@
 use super::{Arg, Backend, BufferId, Loc};
 use crate::ops::{
     attention, attn_eager, cross_entropy, elementwise, embedding, low_rank_grads, matmul, matmul_fused, optim, rmsnorm,
-    rope, swiglu, swiglu_low_rank, Op, Real,
+    rope, swiglu, swiglu_low_rank, AttnSpec, Op, Real,
 };
 use crate::tensor::{DType, HostTensor};
 use crate::{Error, Result};
@@ -158,6 +158,30 @@ impl CpuBackend {
         let c = h.cast(y.info.dtype);
         // SAFETY: `y` is this op's planned output range of exactly `c.data.len()` bytes.
         unsafe { std::ptr::copy_nonoverlapping(c.data.as_ptr(), self.ptr(y.loc), c.data.len()) };
+    }
+
+    /// `(q, k, v, seg, o, lse, do[, prefix]) -> (dq, dk, dv)`.
+    fn attention_backward<T: CpuFloat>(&self, s: &AttnSpec, i: &[Arg], o: &[Arg]) {
+        let (mut dq, mut dk, mut dv) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]), self.dst::<T>(&o[2]));
+        let (q, k, v) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]), self.src::<T>(&i[2]));
+        let (out, lse, d_o) = (self.src::<T>(&i[4]), self.src::<T>(&i[5]), self.src::<T>(&i[6]));
+        attention::cpu_backward(
+            s,
+            &q,
+            &k,
+            &v,
+            self.ints(&i[3]),
+            i.get(7).map(|p| self.ints(p)),
+            &out,
+            &lse,
+            &d_o,
+            dq.get(),
+            dk.get(),
+            dv.get(),
+        );
+        dq.finish();
+        dk.finish();
+        dv.finish();
     }
 
     fn run<T: CpuFloat>(&self, op: &Op, i: &[Arg], o: &[Arg]) -> Result<()> {
@@ -347,27 +371,17 @@ impl CpuBackend {
                 out.finish();
                 lse.finish();
             }
-            Op::AttentionBackward(s) => {
-                let (mut dq, mut dk, mut dv) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]), self.dst::<T>(&o[2]));
-                let (q, k, v) = (self.src::<T>(&i[0]), self.src::<T>(&i[1]), self.src::<T>(&i[2]));
-                let (out, lse, d_o) = (self.src::<T>(&i[4]), self.src::<T>(&i[5]), self.src::<T>(&i[6]));
-                attention::cpu_backward(
-                    s,
-                    &q,
-                    &k,
-                    &v,
-                    self.ints(&i[3]),
-                    i.get(7).map(|p| self.ints(p)),
-                    &out,
-                    &lse,
-                    &d_o,
-                    dq.get(),
-                    dk.get(),
-                    dv.get(),
-                );
-                dq.finish();
-                dk.finish();
-                dv.finish();
+            Op::AttentionBackward(s) => self.attention_backward::<T>(s, i, o),
+            Op::AttentionBackwardRope { attn, inverse, scale } => {
+                let (ai, ri) = i.split_at(i.len() - 2);
+                self.attention_backward::<T>(attn, ai, o);
+                // The rotation of the dq just written (rounded to its type, as an Op::Rope
+                // reading it would see it).
+                let dq: Vec<T> = self.src::<T>(&o[0]).into_owned();
+                let inv: Vec<f32> = self.src::<f32>(&ri[1]).into_owned();
+                let mut y = self.dst::<T>(&o[0]);
+                rope::cpu(&dq, self.ints(&ri[0]), &inv, y.get(), attn.head_dim, *inverse, *scale);
+                y.finish();
             }
             Op::SplitHeads(l) | Op::MergeHeads(l) => {
                 let mut y = self.dst::<T>(&o[0]);

@@ -4,7 +4,7 @@
 
 use super::gpu::Args;
 use super::kernels::Family;
-use super::ops::{blocks, dt_code};
+use super::ops::{blocks, dt_code, Rotation};
 use super::CudaBackend;
 use crate::backend::Arg;
 use crate::graph::TensorInfo;
@@ -504,7 +504,9 @@ impl CudaBackend {
         self.run(&k, (blocks(warps, 4), 1, 1), 128, 0, args)
     }
 
-    pub(super) fn attention_bwd(&mut self, s: &AttnSpec, i: &[Arg], o: &[Arg]) -> Result<()> {
+    /// The attention backward; with `rope`, `dq` is written rotated by it (the scaled f32
+    /// accumulator of the flash kernel goes through the rotation in place of a plain scale).
+    pub(super) fn attention_bwd(&mut self, s: &AttnSpec, i: &[Arg], o: &[Arg], rope: Option<Rotation>) -> Result<()> {
         let infos: Vec<&TensorInfo> = i.iter().map(|a| a.info).collect();
         let oinfos: Vec<&TensorInfo> = o.iter().map(|a| a.info).collect();
         if i[3].info.dtype != DType::I32 {
@@ -590,8 +592,19 @@ impl CudaBackend {
             if self.opts.sync_each_launch {
                 self.gpu.sync()?;
             }
-            // dq = scale * dq_acc, in dq's type.
-            return self.scale_raw(dq_acc, DType::F32, dq, o[0].info.dtype, qn, s.scale as f32);
+            return match rope {
+                // dq = rope(scale * dq_acc), in dq's type: the rotation is linear, so the
+                // softmax scale joins its own.
+                Some(r) => {
+                    let r = Rotation {
+                        scale: r.scale * s.scale,
+                        ..r
+                    };
+                    self.rope_raw(&r, &o[0].info.shape, (dq_acc, DType::F32), (dq, o[0].info.dtype))
+                }
+                // dq = scale * dq_acc, in dq's type.
+                None => self.scale_raw(dq_acc, DType::F32, dq, o[0].info.dtype, qn, s.scale as f32),
+            };
         }
         let dt = dt_code(i[0].info.dtype)?;
         let (dtl, dtdo) = (dt_code(i[5].info.dtype)?, dt_code(i[6].info.dtype)?);
@@ -611,6 +624,10 @@ impl CudaBackend {
             .i32(dt_code(o[0].info.dtype)?)
             .blob(&a);
         self.run(&kq, (blocks(rows, 4), 1, 1), 128, 0, args)?;
+        if let Some(r) = rope {
+            let dt = o[0].info.dtype;
+            self.rope_raw(&r, &o[0].info.shape, (dq, dt), (dq, dt))?;
+        }
         let kk = self.kernel(Family::Attention, generic_name("dkv", c))?;
         let kv_rows = (a.b * a.hkv as i64 * a.t) as u64;
         let args = Args::new()

@@ -76,6 +76,11 @@ pub struct Gpu {
     /// Largest dynamic shared memory a block may opt into.
     pub smem_optin: i32,
     pub driver_version: i32,
+    /// Launch kernels with programmatic stream serialization (Hopper's programmatic
+    /// dependent launch): a kernel's blocks may be scheduled while the kernel before it in
+    /// the stream finishes, and wait in `grid_dep_wait()` (cuda/common.cuh), which every
+    /// kernel calls before it touches memory, until that kernel's writes are visible.
+    pub pdl: bool,
 }
 
 impl Gpu {
@@ -128,6 +133,7 @@ impl Gpu {
             sms,
             smem_optin,
             driver_version,
+            pdl: false,
         })
     }
 
@@ -227,23 +233,44 @@ impl Gpu {
             return Ok(());
         }
         let mut ptrs = args.pointers();
-        // SAFETY: the argument list matches the kernel's parameters (each kernel's caller
-        // builds it from the .cu signature); the pointers outlive this call, and the driver
-        // copies the values at launch.
-        let r = unsafe {
-            sys::cuLaunchKernel(
-                k.f,
-                grid.0,
-                grid.1,
-                grid.2,
-                block.0,
-                block.1,
-                block.2,
-                smem,
-                self.stream,
-                ptrs.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
+        let r = if self.pdl {
+            // SAFETY: a plain-old-data union; the one field set is the one the id names.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let config = sys::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: block.0,
+                blockDimY: block.1,
+                blockDimZ: block.2,
+                sharedMemBytes: smem,
+                hStream: self.stream,
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            // SAFETY: as below; `attr` outlives the call.
+            unsafe { sys::cuLaunchKernelEx(&config, k.f, ptrs.as_mut_ptr(), std::ptr::null_mut()) }
+        } else {
+            // SAFETY: the argument list matches the kernel's parameters (each kernel's caller
+            // builds it from the .cu signature); the pointers outlive this call, and the driver
+            // copies the values at launch.
+            unsafe {
+                sys::cuLaunchKernel(
+                    k.f,
+                    grid.0,
+                    grid.1,
+                    grid.2,
+                    block.0,
+                    block.1,
+                    block.2,
+                    smem,
+                    self.stream,
+                    ptrs.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
         };
         r.result().map_err(|e| {
             drv(

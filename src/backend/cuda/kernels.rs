@@ -357,3 +357,32 @@ impl Drop for Modules {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Family;
+
+    /// Kernels are launched with programmatic dependent launch (`Gpu::pdl`), which is only
+    /// correct when each one waits for the kernels before it before touching memory: every
+    /// `__global__` body must begin with `grid_dep_wait();`.
+    #[test]
+    fn every_kernel_waits_for_the_grids_before_it() {
+        let mut kernels = 0;
+        for f in Family::ALL {
+            let src = f.body();
+            for (at, _) in src.match_indices("__global__") {
+                let open = at + src[at..].find('{').expect("a kernel body");
+                let first = src[open + 1..].trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
+                let name_end = src[..open].rfind('(').unwrap_or(open);
+                assert!(
+                    first.starts_with("grid_dep_wait();"),
+                    "{}: the kernel at `{}` does not begin with grid_dep_wait()",
+                    f.file(),
+                    src[at..name_end].trim()
+                );
+                kernels += 1;
+            }
+        }
+        assert!(kernels >= 40, "found only {kernels} kernels");
+    }
+}

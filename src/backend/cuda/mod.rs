@@ -70,6 +70,9 @@ pub struct CudaOptions {
     /// How many of cuBLASLt's heuristic candidates are timed per shape
     /// (`FERROTUNE_CUDA_TUNE_CANDIDATES`, default 32).
     pub tune_candidates: usize,
+    /// Programmatic dependent launch of our kernels on compute capability 9.0 and up
+    /// (`FERROTUNE_CUDA_PDL=0` turns it off; see [`gpu::Gpu::pdl`]).
+    pub pdl: bool,
 }
 
 impl Default for CudaOptions {
@@ -94,6 +97,7 @@ impl Default for CudaOptions {
             tune_candidates: env("FERROTUNE_CUDA_TUNE_CANDIDATES")
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(32),
+            pdl: env("FERROTUNE_CUDA_PDL").as_deref() != Some("0"),
         }
     }
 }
@@ -150,7 +154,8 @@ impl CudaBackend {
                 ),
             ));
         }
-        let gpu = Gpu::open(opts.device)?;
+        let mut gpu = Gpu::open(opts.device)?;
+        gpu.pdl = opts.pdl && gpu.cc.0 >= 9;
         let handle = cudarc::cublaslt::result::create_handle()
             .map_err(|e| Error::backend("cuda", format!("cuBLASLt handle: {e:?}")))?;
         let lt_workspace = gpu.alloc(matmul::WORKSPACE_BYTES)?;

@@ -27,6 +27,17 @@ pub fn dt_code(d: DType) -> Result<i32> {
     }
 }
 
+/// The rotation of an [`Op::Rope`]: positions and inverse frequencies (device pointers to
+/// `[N]` i32 and `[head_dim / 2]` f32) and the op's parameters.
+#[derive(Clone, Copy)]
+pub(super) struct Rotation {
+    pub pos: u64,
+    pub inv_freq: u64,
+    pub head_dim: usize,
+    pub inverse: bool,
+    pub scale: f64,
+}
+
 fn code(a: &Arg) -> Result<i32> {
     dt_code(a.info.dtype)
 }
@@ -112,6 +123,9 @@ impl CudaBackend {
             Op::CrossEntropy { .. } => vec![i[0].shape[0] as u64 * 4; 2],
             Op::SumSquares => vec![super::multi::sumsq_chunks(i) * 4],
             Op::Attention(s) if self.flash_ok_fwd(s, i, o) => vec![Self::seg_range_bytes(s, i[0].shape[0])],
+            Op::AttentionBackwardRope { attn, .. } => {
+                self.scratch_sizes(&Op::AttentionBackward(attn.clone()), &i[..i.len() - 2], o)?
+            }
             Op::AttentionBackward(s) => {
                 let n = i[0].shape[0] as u64;
                 let di = n / s.seq_len as u64 * s.n_heads as u64 * s.seq_len as u64 * 4;
@@ -164,6 +178,11 @@ impl CudaBackend {
                 s.require_plain_mask("cuda")?;
                 self.prepare_attention(s, i, o, true)?
             }
+            Op::AttentionBackwardRope { attn, .. } => {
+                attn.require_plain_mask("cuda")?;
+                self.prepare_attention(attn, &i[..i.len() - 2], o, true)?;
+                self.mods.load(Family::Rope)?;
+            }
             Op::MaskedSoftmax(s) => {
                 s.require_plain_mask("cuda")?;
                 self.mods.load(Family::Attention)?;
@@ -206,6 +225,35 @@ impl CudaBackend {
             .i64(n as i64)
             .f32(f);
         self.elementwise("scale_kernel", n, args)
+    }
+
+    /// `y = rope(x)` ([`Op::Rope`]) for raw pointers: `x` and `y` are `shape` =
+    /// `[N, heads * head_dim]`, each in its own type (`x` may be `y`).
+    pub(super) fn rope_raw(&mut self, r: &Rotation, shape: &[usize], x: (u64, DType), y: (u64, DType)) -> Result<()> {
+        let n = shape[0] as u64;
+        let heads = shape[1] / r.head_dim;
+        let args = Args::new()
+            .ptr(x.0)
+            .i32(dt_code(x.1)?)
+            .ptr(r.pos)
+            .ptr(r.inv_freq)
+            .ptr(y.0)
+            .i32(dt_code(y.1)?)
+            .i64(n as i64)
+            .i32(heads as i32)
+            .i32(r.head_dim as i32)
+            .i32(r.inverse as i32)
+            .f64(r.scale);
+        // Threads as cuda/rope.cu lays them out: (token, pair group, head group).
+        let half = r.head_dim as u64 / 2;
+        let (name, per) = if half.is_multiple_of(8) {
+            ("rope_v8", 8)
+        } else {
+            ("rope_v1", 1)
+        };
+        let threads = n * (half / per) * (heads as u64).div_ceil(ROPE_HEADS_PER_THREAD);
+        let k = self.kernel(Family::Rope, name)?;
+        self.run(&k, (blocks(threads, BLOCK as u64), 1, 1), BLOCK, 0, args)
     }
 
     pub(super) fn dispatch(&mut self, op: &Op, i: &[Arg], o: &[Arg]) -> Result<()> {
@@ -403,30 +451,15 @@ impl CudaBackend {
             } => {
                 want(&i[1], DType::I32, "rope positions")?;
                 want(&i[2], DType::F32, "rope inverse frequencies")?;
-                let n = i[0].info.shape[0] as u64;
-                let heads = i[0].info.shape[1] / head_dim;
-                let args = Args::new()
-                    .ptr(p(self, &i[0]))
-                    .i32(code(&i[0])?)
-                    .ptr(p(self, &i[1]))
-                    .ptr(p(self, &i[2]))
-                    .ptr(p(self, &o[0]))
-                    .i32(code(&o[0])?)
-                    .i64(n as i64)
-                    .i32(heads as i32)
-                    .i32(*head_dim as i32)
-                    .i32(*inverse as i32)
-                    .f64(*scale);
-                // Threads as cuda/rope.cu lays them out: (token, pair group, head group).
-                let half = *head_dim as u64 / 2;
-                let (name, per) = if half.is_multiple_of(8) {
-                    ("rope_v8", 8)
-                } else {
-                    ("rope_v1", 1)
+                let rot = Rotation {
+                    pos: p(self, &i[1]),
+                    inv_freq: p(self, &i[2]),
+                    head_dim: *head_dim,
+                    inverse: *inverse,
+                    scale: *scale,
                 };
-                let threads = n * (half / per) * (heads as u64).div_ceil(ROPE_HEADS_PER_THREAD);
-                let k = self.kernel(Family::Rope, name)?;
-                self.run(&k, (blocks(threads, BLOCK as u64), 1, 1), BLOCK, 0, args)
+                let (x, y) = ((p(self, &i[0]), i[0].info.dtype), (p(self, &o[0]), o[0].info.dtype));
+                self.rope_raw(&rot, &i[0].info.shape, x, y)
             }
             Op::Swiglu => {
                 let n = numel(i[0].info);
@@ -526,7 +559,20 @@ impl CudaBackend {
             }
             Op::AdamW(spec) => self.queue_adamw(spec, i),
             Op::Attention(s) => self.attention_fwd(s, i, o),
-            Op::AttentionBackward(s) => self.attention_bwd(s, i, o),
+            Op::AttentionBackward(s) => self.attention_bwd(s, i, o, None),
+            Op::AttentionBackwardRope { attn, inverse, scale } => {
+                let (ai, ri) = i.split_at(i.len() - 2);
+                want(&ri[0], DType::I32, "rope positions")?;
+                want(&ri[1], DType::F32, "rope inverse frequencies")?;
+                let rot = Rotation {
+                    pos: p(self, &ri[0]),
+                    inv_freq: p(self, &ri[1]),
+                    head_dim: attn.head_dim,
+                    inverse: *inverse,
+                    scale: *scale,
+                };
+                self.attention_bwd(attn, ai, o, Some(rot))
+            }
             Op::AttentionCached(s) => self.attention_cached(s, i, o),
             Op::SplitHeads(l) => self.head_layout(l, false, &i[0], &o[0]),
             Op::MergeHeads(l) => self.head_layout(l, true, &i[0], &o[0]),

@@ -392,7 +392,8 @@ pub(crate) fn plan(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg]) -> Result<()>
         | Op::MatMulAccumulate { .. }
         | Op::LowRankGrads { .. }
         | Op::SwigluLowRank { .. }
-        | Op::SwigluLowRankBackward { .. } => Err(Error::backend(
+        | Op::SwigluLowRankBackward { .. }
+        | Op::AttentionBackwardRope { .. } => Err(Error::backend(
             "wgsl",
             format!(
                 "{} is not implemented here (the executor fuses product epilogues only on \
