@@ -53,12 +53,26 @@ fn run_op(be: &mut dyn Backend, op: &Op, inputs: &[HostTensor]) -> Vec<HostTenso
         }
     };
     let in_locs: Vec<Loc> = inputs.iter().map(|t| place(be, t.data.len() as u64)).collect();
-    let out_locs: Vec<Loc> = out_infos.iter().map(|t| place(be, t.bytes() as u64)).collect();
+    // An output that is the first input's buffer (Op::is_alias) is placed there, as the
+    // executor places it.
+    let out_locs: Vec<Loc> = out_infos
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            if op.is_alias(k) {
+                in_locs[0]
+            } else {
+                place(be, t.bytes() as u64)
+            }
+        })
+        .collect();
     for (l, t) in in_locs.iter().zip(inputs) {
         be.write(*l, &t.data).unwrap();
     }
-    for (l, t) in out_locs.iter().zip(&out_infos) {
-        be.write(*l, &vec![0xff; t.bytes()]).unwrap();
+    for (k, (l, t)) in out_locs.iter().zip(&out_infos).enumerate() {
+        if !op.is_alias(k) {
+            be.write(*l, &vec![0xff; t.bytes()]).unwrap();
+        }
     }
     let out_refs: Vec<&TensorInfo> = out_infos.iter().collect();
     be.prepare(op, &refs, &out_refs)
@@ -504,12 +518,30 @@ fn cross_entropy_with_ignored_labels() {
         );
         let dloss = HostTensor::from_f32(&[1], &[0.37]);
         let op = Op::CrossEntropyBackward { ignore_index: -100 };
-        compare(
+        let grad = compare(
             &mut g,
             &format!("cross_entropy backward {dt} V {v}"),
             &op,
-            &[logits, lab, out[2].clone(), dloss],
+            &[logits.clone(), lab.clone(), out[2].clone(), dloss.clone()],
         );
+        // Both in one op, the gradient written over the logits: its outputs are the forward's,
+        // the gradient (the logits' buffer) and the logits written in place.
+        let op = Op::CrossEntropyWithGrad { ignore_index: -100 };
+        let both = compare(
+            &mut g,
+            &format!("cross_entropy with its gradient {dt} V {v}"),
+            &op,
+            &[logits, lab, dloss],
+        );
+        assert_eq!(both.len(), 5);
+        for (k, want) in out.iter().chain(&grad).enumerate() {
+            let err = rel_err(&both[k].to_f64(), &want.to_f64());
+            assert!(
+                err <= 1e-6,
+                "{dt} V {v}: output {k} differs from the two ops' by {err:.2e}"
+            );
+        }
+        assert_eq!(both[3].data, both[4].data, "the gradient is the logits' buffer");
     }
 }
 
@@ -823,7 +855,12 @@ fn attention_case(g: &mut CudaBackend, r: &mut ChaCha8Rng, dt: DType, spec: Attn
         scale: 1.25,
     };
     let rope_in = [pos, HostTensor::from_f32(&[hd / 2], &inv)];
-    compare(g, &format!("{what} backward, dq rotated"), &op, &[bwd_in, rope_in.to_vec()].concat());
+    compare(
+        g,
+        &format!("{what} backward, dq rotated"),
+        &op,
+        &[bwd_in, rope_in.to_vec()].concat(),
+    );
 }
 
 fn spec(hq: usize, hkv: usize, hd: usize, t: usize, causal: bool, window: Option<usize>) -> AttnSpec {

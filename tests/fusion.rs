@@ -290,6 +290,54 @@ fn roped_dq_joins_the_attention_backward() {
     }
 }
 
+/// The cross-entropy and its backward become one op that writes the logits' gradient over
+/// them: the same losses, gradient norms and weights, and (with a vocabulary large enough
+/// for the logits to dominate the step) a transient arena smaller by about one logits tensor.
+#[test]
+fn cross_entropy_with_grad_overwrites_the_logits() {
+    let opts = FuseOptions {
+        cross_entropy_with_grad: true,
+        ..FuseOptions::default()
+    };
+    for lora in [true, false] {
+        let (plain, plain_ops) = train_in(DType::F32, lora, 0.0, Some(FuseOptions::default()));
+        let (fused, ops) = train_in(DType::F32, lora, 0.0, Some(opts));
+        assert_eq!(count(&plain_ops, "cross_entropy_backward"), 1, "{plain_ops:?}");
+        assert_eq!(count(&ops, "cross_entropy_with_grad"), 1, "{ops:?}");
+        assert_eq!(
+            count(&ops, "cross_entropy") + count(&ops, "cross_entropy_backward"),
+            0,
+            "{ops:?}"
+        );
+        assert_same(&format!("cross-entropy with its gradient, lora {lora}"), &fused, &plain);
+    }
+    let json = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64, "tie_word_embeddings": true}"#;
+    let cfg = ModelConfig::parse(json, "test").unwrap();
+    let tg = TrainGraph::new(
+        build(&cfg, &options(true, 0.0, DType::F32)).unwrap(),
+        &OptimizerOptions::default(),
+    )
+    .unwrap();
+    let arena = |fuse| {
+        let ex = Executor::with_fusion(
+            tg.model.graph.clone(),
+            Box::new(CpuBackend::new()),
+            &tg.programs(),
+            Some(fuse),
+        )
+        .unwrap();
+        ex.plan().transient_bytes
+    };
+    let logits = (2 * 8 * 4096 * 4) as u64;
+    let (before, after) = (arena(FuseOptions::default()), arena(opts));
+    assert!(
+        before >= after + logits * 9 / 10,
+        "transient arena {before} B as built, {after} B fused; one logits tensor is {logits} B"
+    );
+}
+
 /// The CPU reference of the fused SwiGLU equals SwiGLU of the explicitly summed terms, in
 /// f64, forward and backward (rank 3, odd sizes).
 #[test]

@@ -102,14 +102,15 @@ fn fusion_enabled() -> bool {
 }
 
 /// The switchable rewrites: `FERROTUNE_FUSE_LOW_RANK_SWIGLU=1` turns on `swiglu_low_rank`,
-/// `FERROTUNE_FUSE_ROPED_DQ=1` turns on `roped_dq`, `FERROTUNE_FUSE_LOW_RANK_GRADS=0` turns
-/// off `low_rank_grads`.
+/// `FERROTUNE_FUSE_ROPED_DQ=1` turns on `roped_dq`, `FERROTUNE_FUSE_CE_WITH_GRAD=1` turns on
+/// `cross_entropy_with_grad`, `FERROTUNE_FUSE_LOW_RANK_GRADS=0` turns off `low_rank_grads`.
 fn fusion_options() -> FuseOptions {
     let var = |name: &str| std::env::var(name).ok();
     FuseOptions {
         low_rank_swiglu: var("FERROTUNE_FUSE_LOW_RANK_SWIGLU").as_deref() == Some("1"),
         low_rank_grads: var("FERROTUNE_FUSE_LOW_RANK_GRADS").as_deref() != Some("0"),
         roped_dq: var("FERROTUNE_FUSE_ROPED_DQ").as_deref() == Some("1"),
+        cross_entropy_with_grad: var("FERROTUNE_FUSE_CE_WITH_GRAD").as_deref() == Some("1"),
     }
 }
 
@@ -124,7 +125,8 @@ fn root_and_offset(g: &Graph, mut t: TensorId) -> (TensorId, u64) {
     let mut offset = 0u64;
     while let Some(n) = g.producer[t.idx()] {
         let node = g.node(n);
-        if !node.op.is_alias() {
+        let k = node.outputs.iter().position(|&o| o == t).unwrap_or(0);
+        if !node.op.is_alias(k) {
             break;
         }
         t = node.inputs[0];

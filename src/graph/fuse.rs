@@ -23,6 +23,9 @@
 //! - `rope(dq)` of the `dq` of an attention backward: [`Op::AttentionBackwardRope`] rotates
 //!   `dq` as it writes it (on CUDA the flash kernel's f32 accumulator goes through the
 //!   rotation in place of a separate scale, and `dq` is written and read once less);
+//! - `cross_entropy_backward` of a `cross_entropy` whose logits nothing else reads:
+//!   [`Op::CrossEntropyWithGrad`] at the forward's place writes `dlogits` over the logits
+//!   (their buffer is not doubled, and a GPU reads them while they are in cache);
 //! - `add(c, dx)` (either order) of the `dx` of an RMSNorm backward without a weight
 //!   gradient: the backward adds `c` as it writes `dx` ([`Op::RmsNormBackward`] with `add`),
 //!   which in a residual block is the sum of the residual stream's two gradients.
@@ -35,7 +38,7 @@
 //! stay valid; the nodes it no longer reads from are left unreachable, and the executor
 //! schedules only reachable nodes.
 
-use super::{Graph, Node, TensorId};
+use super::{Graph, Node, NodeId, TensorId};
 use crate::ops::Op;
 use crate::tensor::DType;
 use std::collections::{HashMap, HashSet};
@@ -52,6 +55,7 @@ pub struct FuseStats {
     pub low_rank_swiglus: usize,
     pub low_rank_grads: usize,
     pub roped_dq: usize,
+    pub cross_entropy_with_grad: usize,
 }
 
 impl FuseStats {
@@ -65,6 +69,7 @@ impl FuseStats {
             + self.low_rank_swiglus
             + self.low_rank_grads
             + self.roped_dq
+            + self.cross_entropy_with_grad
     }
 }
 
@@ -89,6 +94,9 @@ pub struct FuseOptions {
     /// [`Op::AttentionBackwardRope`] for the RoPE backward of the attention's `dq`; off by
     /// default until it is measured faster than the two ops it replaces.
     pub roped_dq: bool,
+    /// [`Op::CrossEntropyWithGrad`] for a cross-entropy and its backward (the gradient
+    /// written over the logits); off by default until it is measured on a GPU.
+    pub cross_entropy_with_grad: bool,
 }
 
 impl Default for FuseOptions {
@@ -97,6 +105,7 @@ impl Default for FuseOptions {
             low_rank_swiglu: false,
             low_rank_grads: true,
             roped_dq: false,
+            cross_entropy_with_grad: false,
         }
     }
 }
@@ -439,6 +448,48 @@ impl Pass<'_> {
         stats.roped_dq += 1;
     }
 
+    /// `cross_entropy_backward(logits, labels, lse, dloss)` of a `cross_entropy(logits,
+    /// labels)` whose logits nothing else reads, with `dloss` ready before it: the forward
+    /// node becomes [`Op::CrossEntropyWithGrad`], which also produces `dlogits` (over the
+    /// logits' buffer), and the backward node is left merged.
+    fn cross_entropy_with_grad(&mut self, n: usize, stats: &mut FuseStats) {
+        let Op::CrossEntropyBackward { ignore_index } = self.g.nodes[n].op else {
+            return;
+        };
+        if !self.opts.cross_entropy_with_grad {
+            return;
+        }
+        let (logits, labels, lse, dloss) = {
+            let i = &self.g.nodes[n].inputs;
+            (i[0], i[1], i[2], i[3])
+        };
+        let dlogits = self.g.nodes[n].outputs[0];
+        let Some(m) = self.g.producer[lse.idx()].map(|m| m.idx()) else {
+            return;
+        };
+        let fwd = &self.g.nodes[m];
+        let same =
+            fwd.op == (Op::CrossEntropy { ignore_index }) && fwd.inputs == [logits, labels] && fwd.outputs[2] == lse;
+        // The logits are read by the two nodes alone, and nothing writes them in place.
+        let logits_free =
+            self.readers[logits.idx()] == 2 && !self.keep.contains(&logits) && !self.writers.contains_key(&logits);
+        let dloss_ready = self.g.producer[dloss.idx()].is_none_or(|p| p.idx() < m) && self.unchanged(dloss, m, n);
+        if !(same && logits_free && dloss_ready && self.unchanged(labels, m, n)) {
+            return;
+        }
+        self.rewrite(
+            m,
+            Op::CrossEntropyWithGrad { ignore_index },
+            vec![logits, labels, dloss],
+        );
+        self.g.nodes[m].outputs.push(dlogits);
+        self.g.producer[dlogits.idx()] = Some(NodeId(m as u32));
+        self.rewrite(n, Op::Merged, vec![]);
+        self.g.nodes[n].outputs.clear();
+        self.writers.entry(logits).or_default().push(m);
+        stats.cross_entropy_with_grad += 1;
+    }
+
     /// For a SwiGLU input `t = alpha P + d` with `d = a u b^T` a private rank-r product in
     /// `t`'s 16-bit type: the base product's node, its operands, and `(u, b, a)`.
     fn low_rank_input(&self, t: TensorId, at: usize) -> Option<(usize, Product, (TensorId, TensorId, f64))> {
@@ -649,6 +700,7 @@ pub fn matmul_epilogues(g: &mut Graph, keep: &HashSet<TensorId>, opts: FuseOptio
         pass.added_norm_gradient(n, &mut stats);
         pass.low_rank_swiglu(n, &mut stats);
         pass.roped_dq(n, &mut stats);
+        pass.cross_entropy_with_grad(n, &mut stats);
     }
     stats
 }

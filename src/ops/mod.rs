@@ -121,6 +121,10 @@ pub enum Op {
     CrossEntropy { ignore_index: i32 },
     /// `(logits, labels, lse, dloss [1]) -> dlogits`
     CrossEntropyBackward { ignore_index: i32 },
+    /// `(logits, labels, dloss) -> (loss_sum, count, lse, dlogits)`: [`Op::CrossEntropy`] and
+    /// its backward in one op, `dlogits` written over `logits` (its fourth output is `logits`'
+    /// buffer); built by the fusion pass when nothing else reads the logits.
+    CrossEntropyWithGrad { ignore_index: i32 },
     /// `(x_1, .., x_n) -> [1]`: the sum of squares of every element of every input.
     SumSquares,
     /// `(sumsq [1]) -> (norm [1], coef [1])`, `coef = min(1, max_norm / (norm + 1e-6))`.
@@ -183,6 +187,7 @@ impl Op {
             Op::SoftmaxBackward => "softmax_backward",
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::CrossEntropyBackward { .. } => "cross_entropy_backward",
+            Op::CrossEntropyWithGrad { .. } => "cross_entropy_with_grad",
             Op::SumSquares => "sum_squares",
             Op::ClipCoef { .. } => "clip_coef",
             Op::AdamW(_) => "adamw",
@@ -198,17 +203,21 @@ impl Op {
     pub fn writes(&self) -> &'static [usize] {
         match self {
             Op::AdamW(_) => &[0, 1, 2, 3],
-            Op::AccumulateGrad | Op::CacheWrite => &[0],
+            Op::AccumulateGrad | Op::CacheWrite | Op::CrossEntropyWithGrad { .. } => &[0],
             Op::MatMulAccumulate { .. } => &[2],
             Op::LowRankGrads { .. } => &[3],
             _ => &[],
         }
     }
 
-    /// True for ops whose output is their first input's buffer (a reshape, or a cache
-    /// written in place).
-    pub fn is_alias(&self) -> bool {
-        matches!(self, Op::Reshape { .. } | Op::View { .. } | Op::CacheWrite)
+    /// True when output `k` is the op's first input's buffer (a reshape, a cache written in
+    /// place, or the logits overwritten by their gradient).
+    pub fn is_alias(&self, k: usize) -> bool {
+        match self {
+            Op::Reshape { .. } | Op::View { .. } | Op::CacheWrite => k == 0,
+            Op::CrossEntropyWithGrad { .. } => k == 3,
+            _ => false,
+        }
     }
 
     /// True for ops that change nothing at run time (their output is a view, or their work
@@ -333,6 +342,15 @@ impl Op {
             Op::CrossEntropyBackward { .. } => {
                 want(4)?;
                 cross_entropy::infer_backward(x[0], x[1], x[2], x[3])
+            }
+            Op::CrossEntropyWithGrad { .. } => {
+                want(3)?;
+                let mut out = cross_entropy::infer(x[0], x[1])?;
+                if x[2].numel() != 1 {
+                    return Err("dloss must be one element".into());
+                }
+                out.push((x[0].shape.clone(), x[0].dtype));
+                Ok(out)
             }
             Op::SumSquares => optim::infer_sum_squares(x),
             Op::ClipCoef { .. } => {
@@ -474,6 +492,7 @@ impl Op {
             | Op::AttentionBackwardRope { .. }
             | Op::SoftmaxBackward
             | Op::CrossEntropyBackward { .. }
+            | Op::CrossEntropyWithGrad { .. }
             | Op::ClipCoef { .. }
             | Op::AdamW(_)
             | Op::AccumulateGrad

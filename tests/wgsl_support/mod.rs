@@ -164,23 +164,21 @@ pub fn run_at(be: &mut dyn Backend, op: &Op, inputs: &[HostTensor], misalign: u6
             info: t,
         })
         .collect();
-    let out_args: Vec<Arg> = if op.is_alias() {
-        // The output is the first input's memory (a cache written in place).
-        outs.iter()
-            .map(|t| Arg {
-                loc: loc(in_offs[0], t.bytes()),
-                info: t,
-            })
-            .collect()
-    } else {
-        outs.iter()
-            .zip(&out_offs)
-            .map(|(t, &o)| Arg {
-                loc: loc(o, t.bytes()),
-                info: t,
-            })
-            .collect()
-    };
+    // An output that is the first input's memory (Op::is_alias: a cache written in place)
+    // is placed there.
+    let placed: Vec<u64> = out_offs
+        .iter()
+        .enumerate()
+        .map(|(k, &o)| if op.is_alias(k) { in_offs[0] } else { o })
+        .collect();
+    let out_args: Vec<Arg> = outs
+        .iter()
+        .zip(&placed)
+        .map(|(t, &o)| Arg {
+            loc: loc(o, t.bytes()),
+            info: t,
+        })
+        .collect();
     be.launch(op, &in_args, &out_args)?;
     be.flush()?;
     let whole = be.read(&[loc(0, total as usize)])?.remove(0);
@@ -207,13 +205,8 @@ pub fn run_at(be: &mut dyn Backend, op: &Op, inputs: &[HostTensor], misalign: u6
         dtype: t.dtype,
         data: whole[o as usize..o as usize + t.bytes()].to_vec(),
     };
-    let out_offs = if op.is_alias() {
-        vec![in_offs[0]; outs.len()]
-    } else {
-        out_offs
-    };
     Ok(Run {
-        outputs: outs.iter().zip(&out_offs).map(|(t, &o)| take(t, o)).collect(),
+        outputs: outs.iter().zip(&placed).map(|(t, &o)| take(t, o)).collect(),
         inputs: ins.iter().zip(&in_offs).map(|(t, &o)| take(t, o)).collect(),
     })
 }

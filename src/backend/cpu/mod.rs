@@ -422,6 +422,28 @@ impl CpuBackend {
                 cross_entropy::cpu_backward(&logits, self.ints(&i[1]), &lse, dloss, d.get(), *ignore_index);
                 d.finish();
             }
+            Op::CrossEntropyWithGrad { ignore_index } => {
+                // The forward, then the backward over the logits it read, as the two ops do.
+                let logits: Vec<T> = self.src::<T>(&i[0]).into_owned();
+                let (mut loss, mut count, mut lse) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]), self.dst::<T>(&o[2]));
+                let (l, c) = cross_entropy::cpu(&logits, self.ints(&i[1]), lse.get(), *ignore_index);
+                loss.get()[0] = T::of(l);
+                count.get()[0] = T::of(c);
+                loss.finish();
+                count.finish();
+                lse.finish();
+                let lse = self.src::<T>(&o[2]);
+                let mut d = self.inplace::<T>(&i[0]);
+                cross_entropy::cpu_backward(
+                    &logits,
+                    self.ints(&i[1]),
+                    &lse,
+                    self.scalar(&i[2]),
+                    d.get(),
+                    *ignore_index,
+                );
+                d.finish();
+            }
             Op::SumSquares => {
                 let total: f64 = i.iter().map(|a| optim::sum_squares(&self.src::<T>(a))).sum();
                 let mut y = self.dst::<T>(&o[0]);

@@ -71,7 +71,8 @@ pub struct CudaOptions {
     /// (`FERROTUNE_CUDA_TUNE_CANDIDATES`, default 32).
     pub tune_candidates: usize,
     /// Programmatic dependent launch of our kernels on compute capability 9.0 and up
-    /// (`FERROTUNE_CUDA_PDL=0` turns it off; see [`gpu::Gpu::pdl`]).
+    /// (`FERROTUNE_CUDA_PDL=1`; see [`gpu::Gpu::pdl`]). Off by default until the GPU tests
+    /// have run with it and it is measured faster.
     pub pdl: bool,
 }
 
@@ -97,7 +98,7 @@ impl Default for CudaOptions {
             tune_candidates: env("FERROTUNE_CUDA_TUNE_CANDIDATES")
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(32),
-            pdl: env("FERROTUNE_CUDA_PDL").as_deref() != Some("0"),
+            pdl: env("FERROTUNE_CUDA_PDL").as_deref() == Some("1"),
         }
     }
 }

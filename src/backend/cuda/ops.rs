@@ -120,7 +120,7 @@ impl CudaBackend {
                 let rows = numel(i[0]) / h.max(1);
                 vec![rms_bwd_launch(h, rows, sms)?.2 * h * 4]
             }
-            Op::CrossEntropy { .. } => vec![i[0].shape[0] as u64 * 4; 2],
+            Op::CrossEntropy { .. } | Op::CrossEntropyWithGrad { .. } => vec![i[0].shape[0] as u64 * 4; 2],
             Op::SumSquares => vec![super::multi::sumsq_chunks(i) * 4],
             Op::Attention(s) if self.flash_ok_fwd(s, i, o) => vec![Self::seg_range_bytes(s, i[0].shape[0])],
             Op::AttentionBackwardRope { attn, .. } => {
@@ -164,7 +164,7 @@ impl CudaBackend {
             Op::Swiglu | Op::SwigluBackward | Op::SwigluLowRank { .. } | Op::SwigluLowRankBackward { .. } => {
                 self.mods.load(Family::Swiglu)?;
             }
-            Op::CrossEntropy { .. } | Op::CrossEntropyBackward { .. } => {
+            Op::CrossEntropy { .. } | Op::CrossEntropyBackward { .. } | Op::CrossEntropyWithGrad { .. } => {
                 self.mods.load(Family::CrossEntropy)?;
             }
             Op::SumSquares | Op::ClipCoef { .. } | Op::AdamW(_) => {
@@ -254,6 +254,20 @@ impl CudaBackend {
         let threads = n * (half / per) * (heads as u64).div_ceil(ROPE_HEADS_PER_THREAD);
         let k = self.kernel(Family::Rope, name)?;
         self.run(&k, (blocks(threads, BLOCK as u64), 1, 1), BLOCK, 0, args)
+    }
+
+    /// `loss = sum(row_loss)`, `count = sum(row_count)` (f32 rows at `rows`), in f64 by one block.
+    fn ce_sum(&mut self, rows: (u64, u64), n: u64, loss: &Arg, count: &Arg) -> Result<()> {
+        let args = Args::new()
+            .ptr(rows.0)
+            .ptr(rows.1)
+            .i64(n as i64)
+            .ptr(self.ptr(loss.loc))
+            .i32(dt_code(loss.info.dtype)?)
+            .ptr(self.ptr(count.loc))
+            .i32(dt_code(count.info.dtype)?);
+        let k = self.kernel(Family::CrossEntropy, "ce_sum")?;
+        self.run(&k, (1, 1, 1), 1024, 0, args)
     }
 
     pub(super) fn dispatch(&mut self, op: &Op, i: &[Arg], o: &[Arg]) -> Result<()> {
@@ -500,7 +514,6 @@ impl CudaBackend {
                 let (n, v) = (i[0].info.shape[0] as u64, i[0].info.shape[1] as u64);
                 let sizes = self.scratch_sizes(op, &[i[0].info, i[1].info], &[o[0].info, o[1].info, o[2].info])?;
                 let sc = self.carve(&sizes)?;
-                let threads = ce_threads(v);
                 let args = Args::new()
                     .ptr(p(self, &i[0]))
                     .i32(code(&i[0])?)
@@ -513,17 +526,33 @@ impl CudaBackend {
                     .ptr(sc[0])
                     .ptr(sc[1]);
                 let k = self.kernel(Family::CrossEntropy, "ce_fwd")?;
-                self.run(&k, (blocks(n, 1), 1, 1), threads, 0, args)?;
+                self.run(&k, (blocks(n, 1), 1, 1), ce_threads(v), 0, args)?;
+                self.ce_sum((sc[0], sc[1]), n, &o[0], &o[1])
+            }
+            Op::CrossEntropyWithGrad { ignore_index } => {
+                want(&i[1], DType::I32, "labels")?;
+                let (n, v) = (i[0].info.shape[0] as u64, i[0].info.shape[1] as u64);
+                let sizes = self.scratch_sizes(op, &[i[0].info, i[1].info], &[o[0].info, o[1].info, o[2].info])?;
+                let sc = self.carve(&sizes)?;
                 let args = Args::new()
+                    .ptr(p(self, &i[0]))
+                    .i32(code(&i[0])?)
+                    .ptr(p(self, &i[1]))
+                    .i64(n as i64)
+                    .i64(v as i64)
+                    .i32(*ignore_index)
+                    .i32(v.is_multiple_of(8) as i32)
+                    .ptr(p(self, &o[2]))
+                    .i32(code(&o[2])?)
                     .ptr(sc[0])
                     .ptr(sc[1])
-                    .i64(n as i64)
-                    .ptr(p(self, &o[0]))
-                    .i32(code(&o[0])?)
-                    .ptr(p(self, &o[1]))
-                    .i32(code(&o[1])?);
-                let k = self.kernel(Family::CrossEntropy, "ce_sum")?;
-                self.run(&k, (1, 1, 1), 1024, 0, args)
+                    .ptr(p(self, &i[2]))
+                    .i32(code(&i[2])?);
+                // One block of 1024 threads per SM walks the rows (cuda/cross_entropy.cu).
+                let k = self.kernel(Family::CrossEntropy, "ce_with_grad")?;
+                let grid = n.min(self.gpu.sms.max(1) as u64);
+                self.run(&k, (grid as u32, 1, 1), 1024, 0, args)?;
+                self.ce_sum((sc[0], sc[1]), n, &o[0], &o[1])
             }
             Op::CrossEntropyBackward { ignore_index } => {
                 want(&i[1], DType::I32, "labels")?;

@@ -393,7 +393,8 @@ pub(crate) fn plan(b: &mut Builder, op: &Op, i: &[Arg], o: &[Arg]) -> Result<()>
         | Op::LowRankGrads { .. }
         | Op::SwigluLowRank { .. }
         | Op::SwigluLowRankBackward { .. }
-        | Op::AttentionBackwardRope { .. } => Err(Error::backend(
+        | Op::AttentionBackwardRope { .. }
+        | Op::CrossEntropyWithGrad { .. } => Err(Error::backend(
             "wgsl",
             format!(
                 "{} is not implemented here (the executor fuses product epilogues only on \
