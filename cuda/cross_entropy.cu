@@ -150,7 +150,7 @@ extern "C" __global__ void ce_bwd(const void* logits, int dtl, const int* labels
 // Forward and backward in one pass per row, the gradient written over the logits: rows are
 // shared out among the blocks (one block per SM), so each row is reread while it is still in
 // L2 and the logits cross DRAM twice (read, write) instead of three times.
-extern "C" __global__ void ce_with_grad(void* logits, int dtl, const int* labels, i64 N, i64 V, int ignore, int vec,
+extern "C" __global__ void __launch_bounds__(1024) ce_with_grad(void* logits, int dtl, const int* labels, i64 N, i64 V, int ignore, int vec,
                                         void* lse, int dtlse, float* row_loss, float* row_count, const void* dloss,
                                         int dtdl) {
     grid_dep_wait();

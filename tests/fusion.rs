@@ -320,14 +320,18 @@ fn cross_entropy_with_grad_overwrites_the_logits() {
         &OptimizerOptions::default(),
     )
     .unwrap();
+    let specs = tg.programs();
     let arena = |fuse| {
-        let ex = Executor::with_fusion(
-            tg.model.graph.clone(),
-            Box::new(CpuBackend::new()),
-            &tg.programs(),
-            Some(fuse),
-        )
-        .unwrap();
+        let ex =
+            Executor::with_fusion(tg.model.graph.clone(), Box::new(CpuBackend::new()), &specs, Some(fuse)).unwrap();
+        // The eval program keeps a forward of its own: it neither runs the fused op nor
+        // needs the backward's seed.
+        let eval = specs.iter().find(|s| s.name == "eval").unwrap();
+        let nodes = select_nodes(ex.graph(), eval).unwrap();
+        let g = ex.graph();
+        assert!(nodes.iter().any(|&k| g.node(k).op.name() == "cross_entropy"));
+        assert!(nodes.iter().all(|&k| g.node(k).op.name() != "cross_entropy_with_grad"));
+        assert!(nodes.iter().all(|&k| !g.node(k).inputs.contains(&tg.loss_scale)));
         ex.plan().transient_bytes
     };
     let logits = (2 * 8 * 4096 * 4) as u64;

@@ -3,7 +3,9 @@
 
 use super::progress::gib;
 use super::BenchCommand;
+use ferrotune::backend::plan::PlanBackend;
 use ferrotune::backend::select::create_backend;
+use ferrotune::backend::Backend;
 use ferrotune::config::DeviceChoice;
 use ferrotune::exec::Executor;
 use ferrotune::graph::TensorId;
@@ -29,10 +31,14 @@ pub fn run(what: BenchCommand) -> Result<()> {
             steps,
             device,
             json,
+            plan_only,
         } => {
             let cfg = ModelConfig::from_file(&model_config)?;
             let device: DeviceChoice = serde_yaml::from_str(&device)
                 .map_err(|_| Error::Config(format!("--device {device}: expected auto, cpu, wgsl or cuda")))?;
+            if plan_only {
+                return plan(&cfg, seq_len, batch, (!full).then_some(lora_r), device, json);
+            }
             train(
                 &cfg,
                 seq_len,
@@ -90,26 +96,21 @@ impl WeightSource for RandomWeights {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train(
+/// The training graph of the shape for `backend`: bf16 weights and activations on cuda, f32
+/// activations on wgsl, f32 on cpu; LoRA of rank `lora_r` on every linear layer, or full.
+fn train_graph(
     cfg: &ModelConfig,
     seq: usize,
     rows: usize,
     lora_r: Option<usize>,
-    warmup: usize,
-    steps: usize,
-    device: DeviceChoice,
-    json: bool,
-) -> Result<()> {
-    let (backend, notices) = create_backend(device)?;
-    notices.iter().for_each(|n| eprintln!("{n}"));
-    let half = backend.name() != "cpu";
+    backend: &dyn Backend,
+) -> Result<(TrainGraph, Option<LoraOptions>)> {
     let precision = match backend.name() {
         "cuda" => Precision {
             weights: DType::BF16,
             activations: DType::BF16,
         },
-        "wgsl" if half => Precision {
+        "wgsl" => Precision {
             weights: backend.preferred_weight_dtype(),
             activations: DType::F32,
         },
@@ -132,7 +133,68 @@ fn train(
         modules_to_save: vec![],
         loss_rows: None,
     };
-    let tg = TrainGraph::new(build(cfg, &opts)?, &OptimizerOptions::default())?;
+    Ok((TrainGraph::new(build(cfg, &opts)?, &OptimizerOptions::default())?, lora))
+}
+
+/// `bench train --plan-only`: the step's memory plan on `device`, planned against a backend
+/// that allocates nothing (for cuda, without opening a GPU).
+fn plan(
+    cfg: &ModelConfig,
+    seq: usize,
+    rows: usize,
+    lora_r: Option<usize>,
+    device: DeviceChoice,
+    json: bool,
+) -> Result<()> {
+    let (tg, planner) = match device {
+        // The CUDA backend's arena alignment; its largest buffer is the device's memory.
+        DeviceChoice::Cuda => {
+            let planner = PlanBackend::new("cuda", 256, u64::MAX);
+            (train_graph(cfg, seq, rows, lora_r, &planner)?.0, planner)
+        }
+        _ => {
+            let (backend, notices) = create_backend(device)?;
+            notices.iter().for_each(|n| eprintln!("{n}"));
+            let tg = train_graph(cfg, seq, rows, lora_r, backend.as_ref())?.0;
+            (tg, PlanBackend::like(backend.as_ref()))
+        }
+    };
+    let name = planner.name();
+    let ex = Executor::new(tg.model.graph.clone(), Box::new(planner), &tg.programs())?;
+    let p = ex.plan();
+    if json {
+        let v = serde_json::json!({"device": name, "seq": seq, "batch": rows, "plan": p});
+        println!("{v}");
+        return Ok(());
+    }
+    let b = &p.persistent;
+    println!(
+        "{name} {} seq {seq} x {rows}: planned peak {} = frozen weights {} + trainable {} + optimizer state {} + constants {} + transient {} (the executor's plan; a backend's own buffers, such as cuda's scratch, its cuBLASLt workspace and bf16 weight copies, come on top)",
+        if lora_r.is_some() { "LoRA" } else { "full" },
+        gib(p.total_bytes),
+        gib(b.frozen_weights),
+        gib(b.trainable_parameters),
+        gib(b.optimizer_state),
+        gib(b.constants),
+        gib(p.transient_bytes),
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train(
+    cfg: &ModelConfig,
+    seq: usize,
+    rows: usize,
+    lora_r: Option<usize>,
+    warmup: usize,
+    steps: usize,
+    device: DeviceChoice,
+    json: bool,
+) -> Result<()> {
+    let (backend, notices) = create_backend(device)?;
+    notices.iter().for_each(|n| eprintln!("{n}"));
+    let (tg, lora) = train_graph(cfg, seq, rows, lora_r, backend.as_ref())?;
     let device_info = backend.device_info();
     let t0 = now();
     let mut ex = Executor::new(tg.model.graph.clone(), backend, &tg.programs())?;

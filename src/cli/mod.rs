@@ -260,6 +260,10 @@ pub enum BenchCommand {
         device: String,
         #[arg(long)]
         json: bool,
+        /// Print the step's memory plan for the device and stop: nothing is allocated or
+        /// run (`--device cuda` needs no GPU for this).
+        #[arg(long)]
+        plan_only: bool,
     },
 }
 

@@ -230,7 +230,11 @@ impl Executor {
     ) -> Result<Self> {
         if let Some(opts) = fuse.filter(|_| backend.fuses_matmul_epilogues()) {
             let keep: HashSet<TensorId> = specs.iter().flat_map(|s| s.outputs.iter().copied()).collect();
-            crate::graph::fuse::matmul_epilogues(&mut graph, &keep, opts);
+            let programs = specs
+                .iter()
+                .map(|s| Ok(select_nodes(&graph, s)?.iter().map(|n| n.idx()).collect()))
+                .collect::<Result<Vec<HashSet<usize>>>>()?;
+            crate::graph::fuse::matmul_epilogues_in(&mut graph, &keep, &programs, opts);
         }
         let g = &graph;
         let align = backend.alignment();

@@ -116,6 +116,8 @@ struct Pass<'g> {
     /// Readers of each tensor (node inputs, with repeats).
     readers: Vec<usize>,
     keep: &'g HashSet<TensorId>,
+    /// The nodes each program runs (empty: one program runs every node).
+    programs: &'g [HashSet<usize>],
     /// The nodes that write each tensor in place.
     writers: HashMap<TensorId, Vec<usize>>,
 }
@@ -470,11 +472,22 @@ impl Pass<'_> {
         let fwd = &self.g.nodes[m];
         let same =
             fwd.op == (Op::CrossEntropy { ignore_index }) && fwd.inputs == [logits, labels] && fwd.outputs[2] == lse;
-        // The logits are read by the two nodes alone, and nothing writes them in place.
-        let logits_free =
-            self.readers[logits.idx()] == 2 && !self.keep.contains(&logits) && !self.writers.contains_key(&logits);
+        // Every program that runs one of the two runs both (an eval program that needs only
+        // the loss has a forward of its own).
+        let together = self.programs.iter().all(|p| p.contains(&m) == p.contains(&n));
+        // The logits own their buffer (not a view of another tensor's), nothing writes them in
+        // place, and no other reader runs in a program with the two.
+        let owned = self.g.producer[logits.idx()].is_some_and(|p| {
+            let node = self.g.node(p);
+            let k = node.outputs.iter().position(|&o| o == logits).unwrap_or(0);
+            !node.op.is_alias(k)
+        });
+        let others_apart = (0..self.g.nodes.len())
+            .filter(|&r| r != m && r != n && self.g.nodes[r].inputs.contains(&logits))
+            .all(|r| !self.programs.is_empty() && self.programs.iter().all(|p| !(p.contains(&r) && p.contains(&m))));
+        let logits_free = owned && others_apart && !self.keep.contains(&logits) && !self.writers.contains_key(&logits);
         let dloss_ready = self.g.producer[dloss.idx()].is_none_or(|p| p.idx() < m) && self.unchanged(dloss, m, n);
-        if !(same && logits_free && dloss_ready && self.unchanged(labels, m, n)) {
+        if !(same && together && logits_free && dloss_ready && self.unchanged(labels, m, n)) {
             return;
         }
         self.rewrite(
@@ -670,6 +683,18 @@ impl Pass<'_> {
 /// Applies the rewrites above to every node of `g`, in order. `keep` holds the tensors
 /// that must stay computed (the outputs programs read back).
 pub fn matmul_epilogues(g: &mut Graph, keep: &HashSet<TensorId>, opts: FuseOptions) -> FuseStats {
+    matmul_epilogues_in(g, keep, &[], opts)
+}
+
+/// [`matmul_epilogues`] for a graph whose programs run the given node sets (indices into
+/// `g.nodes`): a rewrite that makes one node do another's work applies only where every
+/// program that runs one runs both.
+pub fn matmul_epilogues_in(
+    g: &mut Graph,
+    keep: &HashSet<TensorId>,
+    programs: &[HashSet<usize>],
+    opts: FuseOptions,
+) -> FuseStats {
     let mut readers = vec![0usize; g.tensors.len()];
     for node in &g.nodes {
         for &t in &node.inputs {
@@ -687,6 +712,7 @@ pub fn matmul_epilogues(g: &mut Graph, keep: &HashSet<TensorId>, opts: FuseOptio
         opts,
         readers,
         keep,
+        programs,
         writers,
     };
     let mut stats = FuseStats::default();

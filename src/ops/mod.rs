@@ -199,7 +199,8 @@ impl Op {
         }
     }
 
-    /// Indices of inputs this op writes in place. Such ops have no outputs.
+    /// Indices of inputs this op writes in place (an output that is the written input's
+    /// buffer says so through [`Op::is_alias`]).
     pub fn writes(&self) -> &'static [usize] {
         match self {
             Op::AdamW(_) => &[0, 1, 2, 3],

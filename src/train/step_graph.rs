@@ -87,6 +87,10 @@ pub struct TrainGraph {
     pub frozen_shards: Vec<FrozenShard>,
     /// What the graph's host calls do (`Op::HostCall` ids index this).
     pub host_calls: Vec<ShardCall>,
+    /// The eval program's loss sum and label count: the model's loss computed by a node of its
+    /// own, so the training step's loss node may be fused with its backward
+    /// (`graph::fuse`, `cross_entropy_with_grad`) without the eval program running it.
+    pub eval_loss: (TensorId, TensorId),
     micro_effects: Vec<NodeId>,
     opt_effects: Vec<NodeId>,
 }
@@ -299,7 +303,14 @@ impl TrainGraph {
             )?;
             opt_effects.push(NodeId(g.nodes.len() as u32 - 1));
         }
+        let loss_node = g
+            .node(g.producer[model.loss_sum.idx()].expect("the loss is computed"))
+            .clone();
+        let eval = g.apply(loss_node.op, &loss_node.inputs)?;
+        g.set_name(eval[0], "eval_loss_sum");
+        g.set_name(eval[1], "eval_label_count");
         Ok(TrainGraph {
+            eval_loss: (eval[0], eval[1]),
             model,
             loss_scale,
             hyper,
@@ -327,7 +338,7 @@ impl TrainGraph {
         let mut v = vec![
             ProgramSpec::new(TRAIN, &[m.loss_sum, m.label_count], &self.micro_effects),
             ProgramSpec::new(OPTIMIZER, &[self.grad_norm], &self.opt_effects),
-            ProgramSpec::new(EVAL, &[m.loss_sum, m.label_count], &[]),
+            ProgramSpec::new(EVAL, &[self.eval_loss.0, self.eval_loss.1], &[]),
         ];
         if let Some(s) = self.local_sumsq {
             v.push(ProgramSpec::new(GRAD_SUMSQ, &[s], &[]));

@@ -156,7 +156,8 @@ impl CudaBackend {
             ));
         }
         let mut gpu = Gpu::open(opts.device)?;
-        gpu.pdl = opts.pdl && gpu.cc.0 >= 9;
+        // Programmatic launches need sm_90, and CUDA 12.3's driver to be captured in graphs.
+        gpu.pdl = opts.pdl && gpu.cc.0 >= 9 && gpu.driver_version >= 12030;
         let handle = cudarc::cublaslt::result::create_handle()
             .map_err(|e| Error::backend("cuda", format!("cuBLASLt handle: {e:?}")))?;
         let lt_workspace = gpu.alloc(matmul::WORKSPACE_BYTES)?;
