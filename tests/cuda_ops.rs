@@ -534,10 +534,13 @@ fn cross_entropy_with_ignored_labels() {
             &[logits, lab, dloss],
         );
         assert_eq!(both.len(), 5);
+        // The row sums run over other thread counts, so a 16-bit gradient may round a few
+        // elements the other way.
+        let tol = if dt == DType::F32 { 1e-6 } else { 1e-3 };
         for (k, want) in out.iter().chain(&grad).enumerate() {
             let err = rel_err(&both[k].to_f64(), &want.to_f64());
             assert!(
-                err <= 1e-6,
+                err <= tol,
                 "{dt} V {v}: output {k} differs from the two ops' by {err:.2e}"
             );
         }
