@@ -123,12 +123,7 @@ fn storage_root(g: &Graph, t: TensorId) -> TensorId {
 /// inside their input).
 fn root_and_offset(g: &Graph, mut t: TensorId) -> (TensorId, u64) {
     let mut offset = 0u64;
-    while let Some(n) = g.producer[t.idx()] {
-        let node = g.node(n);
-        let k = node.outputs.iter().position(|&o| o == t).unwrap_or(0);
-        if !node.op.is_alias(k) {
-            break;
-        }
+    while let Some(node) = g.alias_producer(t) {
         t = node.inputs[0];
         offset += (node.op.alias_offset() * g.dtype(t).size()) as u64;
     }

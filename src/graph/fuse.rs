@@ -133,6 +133,12 @@ impl Pass<'_> {
         self.readers[t.idx()] == 1 && !self.keep.contains(&t)
     }
 
+    /// True when every program that runs node `a` or node `b` runs both, so one of them may
+    /// take over the other's work.
+    fn run_together(&self, a: usize, b: usize) -> bool {
+        self.programs.iter().all(|p| p.contains(&a) == p.contains(&b))
+    }
+
     /// True when nothing writes `t` in place between nodes `from` and `to`, so reading it at
     /// `to` instead of `from` reads the same values.
     fn unchanged(&self, t: TensorId, from: usize, to: usize) -> bool {
@@ -435,7 +441,8 @@ impl Pass<'_> {
             return;
         };
         let ready = |t: TensorId| self.g.producer[t.idx()].is_none_or(|p| p.idx() < m) && self.unchanged(t, m, n);
-        if node.outputs[0] != dq || attn.head_dim != head_dim || !self.private(dq) || !ready(pos) || !ready(inv_freq) {
+        let fits = node.outputs[0] == dq && attn.head_dim == head_dim && self.private(dq);
+        if !(fits && ready(pos) && ready(inv_freq) && self.run_together(m, n)) {
             return;
         }
         let op = Op::AttentionBackwardRope {
@@ -472,22 +479,16 @@ impl Pass<'_> {
         let fwd = &self.g.nodes[m];
         let same =
             fwd.op == (Op::CrossEntropy { ignore_index }) && fwd.inputs == [logits, labels] && fwd.outputs[2] == lse;
-        // Every program that runs one of the two runs both (an eval program that needs only
-        // the loss has a forward of its own).
-        let together = self.programs.iter().all(|p| p.contains(&m) == p.contains(&n));
-        // The logits own their buffer (not a view of another tensor's), nothing writes them in
-        // place, and no other reader runs in a program with the two.
-        let owned = self.g.producer[logits.idx()].is_some_and(|p| {
-            let node = self.g.node(p);
-            let k = node.outputs.iter().position(|&o| o == logits).unwrap_or(0);
-            !node.op.is_alias(k)
-        });
+        // The logits own their buffer (a computed tensor, not a view of another's), nothing
+        // writes them in place, and no other reader runs in a program with the two (an eval
+        // program that needs only the loss has a forward of its own).
+        let owned = self.g.producer[logits.idx()].is_some() && self.g.alias_producer(logits).is_none();
         let others_apart = (0..self.g.nodes.len())
             .filter(|&r| r != m && r != n && self.g.nodes[r].inputs.contains(&logits))
             .all(|r| !self.programs.is_empty() && self.programs.iter().all(|p| !(p.contains(&r) && p.contains(&m))));
         let logits_free = owned && others_apart && !self.keep.contains(&logits) && !self.writers.contains_key(&logits);
         let dloss_ready = self.g.producer[dloss.idx()].is_none_or(|p| p.idx() < m) && self.unchanged(dloss, m, n);
-        if !(same && together && logits_free && dloss_ready && self.unchanged(labels, m, n)) {
+        if !(same && self.run_together(m, n) && logits_free && dloss_ready && self.unchanged(labels, m, n)) {
             return;
         }
         self.rewrite(

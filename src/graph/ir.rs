@@ -169,6 +169,14 @@ impl Graph {
         }
     }
 
+    /// The node whose input 0's buffer `t` is (`Op::is_alias` for the output `t` is), or
+    /// `None` when `t` owns its memory.
+    pub fn alias_producer(&self, t: TensorId) -> Option<&Node> {
+        let node = self.node(self.producer[t.idx()]?);
+        let k = node.outputs.iter().position(|&o| o == t).unwrap_or(0);
+        node.op.is_alias(k).then_some(node)
+    }
+
     /// Renames a tensor (model code names activations it wants to find again).
     pub fn set_name(&mut self, t: TensorId, name: impl Into<String>) {
         self.tensors[t.idx()].name = name.into();

@@ -160,6 +160,17 @@ impl CpuBackend {
         unsafe { std::ptr::copy_nonoverlapping(c.data.as_ptr(), self.ptr(y.loc), c.data.len()) };
     }
 
+    /// `(logits, labels) -> (loss_sum, count, lse)` into `o[..3]`.
+    fn cross_entropy<T: CpuFloat>(&self, logits: &[T], labels: &Arg, o: &[Arg], ignore_index: i32) {
+        let (mut loss, mut count, mut lse) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]), self.dst::<T>(&o[2]));
+        let (l, c) = cross_entropy::cpu(logits, self.ints(labels), lse.get(), ignore_index);
+        loss.get()[0] = T::of(l);
+        count.get()[0] = T::of(c);
+        loss.finish();
+        count.finish();
+        lse.finish();
+    }
+
     /// `(q, k, v, seg, o, lse, do[, prefix]) -> (dq, dk, dv)`.
     fn attention_backward<T: CpuFloat>(&self, s: &AttnSpec, i: &[Arg], o: &[Arg]) {
         let (mut dq, mut dk, mut dv) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]), self.dst::<T>(&o[2]));
@@ -407,13 +418,7 @@ impl CpuBackend {
                 y.finish();
             }
             Op::CrossEntropy { ignore_index } => {
-                let (mut loss, mut count, mut lse) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]), self.dst::<T>(&o[2]));
-                let (l, c) = cross_entropy::cpu(&self.src::<T>(&i[0]), self.ints(&i[1]), lse.get(), *ignore_index);
-                loss.get()[0] = T::of(l);
-                count.get()[0] = T::of(c);
-                loss.finish();
-                count.finish();
-                lse.finish();
+                self.cross_entropy::<T>(&self.src::<T>(&i[0]), &i[1], o, *ignore_index);
             }
             Op::CrossEntropyBackward { ignore_index } => {
                 let dloss = self.scalar(&i[3]);
@@ -425,23 +430,11 @@ impl CpuBackend {
             Op::CrossEntropyWithGrad { ignore_index } => {
                 // The forward, then the backward over the logits it read, as the two ops do.
                 let logits: Vec<T> = self.src::<T>(&i[0]).into_owned();
-                let (mut loss, mut count, mut lse) = (self.dst::<T>(&o[0]), self.dst::<T>(&o[1]), self.dst::<T>(&o[2]));
-                let (l, c) = cross_entropy::cpu(&logits, self.ints(&i[1]), lse.get(), *ignore_index);
-                loss.get()[0] = T::of(l);
-                count.get()[0] = T::of(c);
-                loss.finish();
-                count.finish();
-                lse.finish();
+                self.cross_entropy::<T>(&logits, &i[1], o, *ignore_index);
                 let lse = self.src::<T>(&o[2]);
                 let mut d = self.inplace::<T>(&i[0]);
-                cross_entropy::cpu_backward(
-                    &logits,
-                    self.ints(&i[1]),
-                    &lse,
-                    self.scalar(&i[2]),
-                    d.get(),
-                    *ignore_index,
-                );
+                let dloss = self.scalar(&i[2]);
+                cross_entropy::cpu_backward(&logits, self.ints(&i[1]), &lse, dloss, d.get(), *ignore_index);
                 d.finish();
             }
             Op::SumSquares => {

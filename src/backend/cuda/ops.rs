@@ -227,6 +227,20 @@ impl CudaBackend {
         self.elementwise("scale_kernel", n, args)
     }
 
+    /// The rotation of an [`Op::Rope`] with these positions and inverse frequencies, after
+    /// checking their types.
+    fn rotation(&self, (pos, inv_freq): (&Arg, &Arg), head_dim: usize, inverse: bool, scale: f64) -> Result<Rotation> {
+        want(pos, DType::I32, "rope positions")?;
+        want(inv_freq, DType::F32, "rope inverse frequencies")?;
+        Ok(Rotation {
+            pos: self.ptr(pos.loc),
+            inv_freq: self.ptr(inv_freq.loc),
+            head_dim,
+            inverse,
+            scale,
+        })
+    }
+
     /// `y = rope(x)` ([`Op::Rope`]) for raw pointers: `x` and `y` are `shape` =
     /// `[N, heads * head_dim]`, each in its own type (`x` may be `y`).
     pub(super) fn rope_raw(&mut self, r: &Rotation, shape: &[usize], x: (u64, DType), y: (u64, DType)) -> Result<()> {
@@ -463,15 +477,7 @@ impl CudaBackend {
                 inverse,
                 scale,
             } => {
-                want(&i[1], DType::I32, "rope positions")?;
-                want(&i[2], DType::F32, "rope inverse frequencies")?;
-                let rot = Rotation {
-                    pos: p(self, &i[1]),
-                    inv_freq: p(self, &i[2]),
-                    head_dim: *head_dim,
-                    inverse: *inverse,
-                    scale: *scale,
-                };
+                let rot = self.rotation((&i[1], &i[2]), *head_dim, *inverse, *scale)?;
                 let (x, y) = ((p(self, &i[0]), i[0].info.dtype), (p(self, &o[0]), o[0].info.dtype));
                 self.rope_raw(&rot, &i[0].info.shape, x, y)
             }
@@ -591,15 +597,7 @@ impl CudaBackend {
             Op::AttentionBackward(s) => self.attention_bwd(s, i, o, None),
             Op::AttentionBackwardRope { attn, inverse, scale } => {
                 let (ai, ri) = i.split_at(i.len() - 2);
-                want(&ri[0], DType::I32, "rope positions")?;
-                want(&ri[1], DType::F32, "rope inverse frequencies")?;
-                let rot = Rotation {
-                    pos: p(self, &ri[0]),
-                    inv_freq: p(self, &ri[1]),
-                    head_dim: attn.head_dim,
-                    inverse: *inverse,
-                    scale: *scale,
-                };
+                let rot = self.rotation((&ri[0], &ri[1]), attn.head_dim, *inverse, *scale)?;
                 self.attention_bwd(attn, ai, o, Some(rot))
             }
             Op::AttentionCached(s) => self.attention_cached(s, i, o),
